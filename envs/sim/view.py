@@ -1,0 +1,81 @@
+"""The read-only cluster-state view: the one contract between schedulers and the world.
+
+The simulator, the Gymnasium envs and the deploy gateway all hand policies objects that satisfy
+these protocols; a policy that only reads them runs unchanged in simulation and against live vLLM
+engines. The simulator passes its own live objects (no copies, for speed), so policies must treat
+everything here as read-only.
+
+Times are seconds on the owner's clock (simulated time, or the gateway's monotonic clock).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@runtime_checkable
+class CallView(Protocol):
+    """One LLM call that is ready (its stage's predecessors finished) or already placed."""
+
+    call_id: int
+    workflow_id: int
+    tenant: str
+    step: str  # normalised CHESS step name, e.g. "generate_candidate"
+    stage_index: int  # position of the call's stage inside its workflow
+    fanout: int  # calls in the same stage (siblings + itself)
+    input_tokens: int
+    output_tokens: int  # requested max tokens (the simulator knows the true length; a gateway knows max_tokens)
+    ready_time_s: float  # when the call became ready for dispatch
+    deadline_s: float  # absolute deadline: the paper's proportional slice of the workflow's remaining budget
+    priority: int  # tenant priority, lower is more important
+
+
+@runtime_checkable
+class EngineView(Protocol):
+    """One serving engine (a vLLM instance): a model on a GPU type with a TP degree."""
+
+    engine_id: int  # index in ClusterView.engines
+    name: str
+    gpu: str  # GPU type name from the catalog, e.g. "A100-80G"
+    healthy: bool
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # calls queued at the engine, not yet admitted
+    kv_usage: float  # share of KV-cache blocks in use, 0..1
+    outstanding_work_s: float  # expected solo seconds of calls placed here and not yet finished
+    assigned_work_s: float  # cumulative expected solo seconds ever placed here (the paper's W_e)
+    assigned_calls: int  # cumulative calls ever placed here
+    price_per_hour: float
+    max_num_seqs: int
+
+    def expected_latency_s(self, step: str) -> float:
+        """Expected latency of one call of `step` alone on this engine (the paper's T_e(s))."""
+        ...
+
+
+@runtime_checkable
+class WorkflowView(Protocol):
+    workflow_id: int
+    tenant: str
+    arrival_time_s: float
+    slo_s: float
+    deadline_s: float  # arrival + SLO
+    calls_done: int
+    expected_remaining_s: float  # expected solo seconds of the standard workflow still ahead
+
+
+@runtime_checkable
+class ClusterView(Protocol):
+    now_s: float
+    engines: Sequence[EngineView]
+
+    def workflow(self, workflow_id: int) -> WorkflowView: ...
+
+    def base_latency_s(self, step: str) -> float:
+        """Expected latency of `step` on the cluster's reference (base) engine type."""
+        ...
+
+    @property
+    def recent_arrival_rate_qps(self) -> float: ...
+
+    @property
+    def slo_attainment_so_far(self) -> float: ...

@@ -1,0 +1,1 @@
+"""One policy interface for heuristics, tuned heuristics and trained networks."""

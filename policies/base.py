@@ -1,0 +1,41 @@
+"""The `Policy` interface: what the simulator, the envs and the gateway call.
+
+A policy makes the two decisions of the paper's hierarchy:
+- `dispatch`: which engine gets a call that just became ready (global);
+- `queue_key`: the order in which an engine admits its waiting calls (local). Smaller keys are
+  admitted first. Keys must not depend on the current time, so queues can be heaps: every
+  urgency rule of the form "now + something - deadline" orders the same way at every instant.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from envs.sim.view import CallView, ClusterView, EngineView
+
+
+class PolicyError(ValueError):
+    """A policy name, file or knob value that cannot be used; the message says which and how to fix it."""
+
+
+class Policy(ABC):
+    name: str = "policy"
+
+    @abstractmethod
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        """Index into `cluster.engines` of the (healthy) engine that gets `call`."""
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        """Admission order at an engine; default FCFS by readiness time."""
+        return call.ready_time_s
+
+    def on_interval(self, cluster: ClusterView) -> None:
+        """Periodic hook (control interval) for policies that adapt knobs; default does nothing."""
+
+    def reset(self) -> None:
+        """Forget per-episode state (round-robin pointers, cumulative work)."""
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON/YAML-serialisable description that `policies.load_policy` turns back into this policy."""
+        return {"name": self.name}
