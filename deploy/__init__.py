@@ -1,0 +1,1 @@
+"""Deploy: run scheduling policies against live vLLM engines (gateway, engines, replay, calibration)."""

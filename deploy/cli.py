@@ -1,0 +1,70 @@
+"""`agentsched` commands of the deploy area: engines, make-tiny-model, serve, replay, calibrate.
+
+Heavy imports (FastAPI, httpx, numpy) stay inside the command functions so `agentsched --help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+engines_app = typer.Typer(help="Start and stop local vLLM CPU engines listed in a cluster file.", no_args_is_help=True)
+
+
+@engines_app.command("up")
+def engines_up_cmd(
+    cluster: Path = typer.Option(..., "--cluster", help="cluster YAML, e.g. deploy/clusters/local-cpu.yaml"),
+    engine: Optional[list[str]] = typer.Option(None, "--engine", help="only these engine names (repeatable)"),
+    no_warmup: bool = typer.Option(False, "--no-warmup", help="skip the warm-up bursts"),
+) -> None:
+    """Start the cluster's local engines, wait for /health, warm them up."""
+    from deploy.cluster import load_cluster
+    from deploy.engines import engines_up
+
+    procs = engines_up(load_cluster(cluster), names=engine or None, warmup=not no_warmup)
+    for p in procs:
+        typer.echo(f"{p.spec.name}\t{p.spec.base_url}\tpid {p.pid}\tlog {p.log_path}")
+
+
+@engines_app.command("down")
+def engines_down_cmd(
+    cluster: Path = typer.Option(..., "--cluster", help="cluster YAML used for `engines up`"),
+    engine: Optional[list[str]] = typer.Option(None, "--engine", help="only these engine names (repeatable)"),
+) -> None:
+    """Stop the cluster's local engines (SIGTERM, then SIGKILL)."""
+    from deploy.cluster import load_cluster
+    from deploy.engines import engines_down
+
+    stopped = engines_down(load_cluster(cluster), names=engine or None)
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def make_tiny_model_cmd(
+    out_dir: Path = typer.Argument(..., help="folder to write config, weights and tokenizer to"),
+    hidden: int = typer.Option(128, min=16),
+    layers: int = typer.Option(2, min=1),
+    heads: int = typer.Option(4, min=1),
+    kv_heads: int = typer.Option(2, min=1),
+    seed: int = typer.Option(0),
+    python: Optional[Path] = typer.Option(None, help="python with transformers; default .venv-vllm/bin/python"),
+) -> None:
+    """Build a deterministic tiny random Llama + locally trained BPE tokenizer that vLLM can serve."""
+    from deploy.cluster import repo_root
+    from deploy.engines import run_tiny_model_builder
+
+    if hidden % heads:
+        from envs.sim.errors import UserError
+
+        raise UserError(f"--hidden {hidden} must be a multiple of --heads {heads} (pick e.g. --heads 4)")
+    exe = python or (repo_root() / ".venv-vllm" / "bin" / "python")
+    run_tiny_model_builder(out_dir, exe, ["--hidden", str(hidden), "--layers", str(layers), "--heads", str(heads),
+                                          "--kv-heads", str(kv_heads), "--seed", str(seed)])
+    typer.echo(str(out_dir))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(engines_app, name="engines")
+    app.command("make-tiny-model")(make_tiny_model_cmd)
