@@ -65,6 +65,24 @@ def make_tiny_model_cmd(
     typer.echo(str(out_dir))
 
 
+def serve_cmd(
+    cluster: Path = typer.Option(..., "--cluster", help="cluster YAML listing the engines"),
+    policy: str = typer.Option(..., "--policy", help="heuristic name (rr, hexgen, ...), policy file or trained policy dir"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AGENTSCHED_API_KEY",
+                                          help="require 'Authorization: Bearer KEY'"),
+    log_level: str = typer.Option("warning", "--log-level"),
+) -> None:
+    """Run the workflow-aware gateway (OpenAI-compatible) in front of the cluster's engines."""
+    from deploy.cluster import load_cluster
+    from deploy.gateway.server import resolve_policy, run_gateway
+
+    spec = load_cluster(cluster)
+    run_gateway(spec, resolve_policy(policy), host=host, port=port, api_key=api_key, log_level=log_level)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
     app.add_typer(engines_app, name="engines")
     app.command("make-tiny-model")(make_tiny_model_cmd)

@@ -1,0 +1,1 @@
+"""The workflow-aware gateway: live state view, urgency queues, OpenAI-compatible HTTP API."""

@@ -1,0 +1,382 @@
+"""The gateway's engine room: dispatch, per-engine urgency queues, health, scraping, retries.
+
+Flow of one call: the HTTP layer builds a `CallState` (`new_call`), then `submit` asks the policy
+for an engine (`policy.dispatch(call, cluster)`), queues the call in that engine's heap ordered by
+`policy.queue_key(call, engine)`, and waits until the engine has an in-flight slot. Only then is
+the call sent to vLLM, so the policy's local ordering decides which waiting call the engine gets
+next (vLLM itself serves what it receives FCFS). A failed attempt (connection error, 5xx, engine
+marked down while queued) goes back to `dispatch` with the failed engine excluded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.cluster import Cluster
+from deploy.gateway.state import CallState, ClusterState, EngineState, WorkflowState, build_cluster_state
+from deploy.http1 import ConnectionPool, UpstreamError
+from policies.base import Policy
+
+log = logging.getLogger("agentsched.gateway")
+
+# vLLM metric sample names the scraper keeps (everything else on /metrics is skipped before parsing)
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
+VLLM_CACHE_INFO = "vllm:cache_config_info"
+_SCRAPED_PREFIXES = (VLLM_RUNNING + "{", VLLM_WAITING + "{", VLLM_KV_USAGE, "vllm:num_preemptions", VLLM_CACHE_INFO)
+DECISION_BUCKETS_S = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+
+
+class QueueFull(Exception):
+    """The chosen engine's queue is at its bound; the client gets 429 + Retry-After."""
+
+
+class NoEngine(Exception):
+    """No healthy engine for longer than `no_engine_wait_s`; the client gets 503."""
+
+
+@dataclass(order=True)
+class _Pending:
+    key: float
+    seq: int
+    call: CallState = field(compare=False)
+    admitted: asyncio.Future = field(compare=False)
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """Pick the engine-state samples out of a vLLM /metrics page with prometheus_client's parser.
+
+    Lines of metrics we do not use (histograms are most of the page) are dropped before parsing:
+    that keeps a 100 ms scrape loop cheap on a 2-core machine.
+    """
+    kept = [line for line in text.splitlines() if line.startswith(_SCRAPED_PREFIXES)]
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families("\n".join(kept) + "\n"):
+        for sample in family.samples:
+            if sample.name == VLLM_CACHE_INFO:
+                tokens = sample.labels.get("kv_cache_size_tokens")
+                if tokens and tokens.isdigit():
+                    out["kv_cache_size_tokens"] = float(tokens)
+                continue
+            if sample.name in (VLLM_RUNNING, VLLM_WAITING, VLLM_KV_USAGE, VLLM_PREEMPTIONS):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value  # sum over engine/model labels
+    return out
+
+
+class GatewayMetrics:
+    """The gateway's own Prometheus metrics (its /metrics endpoint)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.routed = Counter("agentsched_routed_calls", "Calls sent to each engine", ["engine"], registry=r)
+        self.retries = Counter("agentsched_retried_calls", "Attempts that failed and were re-dispatched", ["engine"], registry=r)
+        self.rejected = Counter("agentsched_rejected_calls", "Calls refused", ["reason"], registry=r)
+        self.queue_len = Gauge("agentsched_queue_length", "Calls held in the gateway queue per engine", ["engine"], registry=r)
+        self.inflight = Gauge("agentsched_inflight", "Calls in flight at each engine", ["engine"], registry=r)
+        self.healthy = Gauge("agentsched_engine_healthy", "1 if the engine is up", ["engine"], registry=r)
+        self.kv_usage = Gauge("agentsched_engine_kv_usage", "Scraped KV-cache usage 0..1", ["engine"], registry=r)
+        self.decision = Histogram("agentsched_decision_seconds", "Time of one policy dispatch decision",
+                                  buckets=DECISION_BUCKETS_S, registry=r)
+        self.wf_finished = Counter("agentsched_workflows_finished", "Finished workflows", ["tenant"], registry=r)
+        self.wf_met = Counter("agentsched_workflows_met_slo", "Workflows finished within their SLO", ["tenant"], registry=r)
+        self.slo_attainment = Gauge("agentsched_slo_attainment", "Share of finished workflows within SLO", ["tenant"], registry=r)
+
+
+class Gateway:
+    """Owns the live state, the policy, the upstream pools and the background loops."""
+
+    def __init__(self, cluster: Cluster, policy: Policy) -> None:
+        self.cluster = cluster
+        self.config = cluster.gateway
+        self.policy = policy
+        self.state: ClusterState = build_cluster_state(cluster)
+        self.pools = [ConnectionPool(spec.base_url) for spec in cluster.engines]
+        self.queues: list[list[_Pending]] = [[] for _ in cluster.engines]
+        self.metrics = GatewayMetrics()
+        self._seq = itertools.count()
+        self._call_ids = itertools.count()
+        self._workflow_ids = itertools.count()
+        self._workflow_keys: dict[str, int] = {}
+        self._health_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._tenant_counts: dict[str, list[int]] = {}
+        for e in self.state.engines:
+            self.metrics.healthy.labels(e.name).set(1)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.policy.reset()
+        self._tasks = [asyncio.create_task(self._scrape_loop(i)) for i in range(len(self.state.engines))]
+        self._tasks.append(asyncio.create_task(self._control_loop()))
+        self._tasks.append(asyncio.create_task(self._gc_loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pool in self.pools:
+            pool.close()
+
+    # ------------------------------------------------------------------ workflows and calls
+    def _workflow(self, key: str | None, tenant: str, slo_s: float | None, now: float) -> WorkflowState:
+        st = self.state
+        if key is not None and key in self._workflow_keys:
+            wf = st._workflows.get(self._workflow_keys[key])
+            if wf is not None:
+                return wf
+        wid = next(self._workflow_ids)
+        slo = slo_s if slo_s and slo_s > 0 else self.config.slo_scale * st.slo.base_slo_s
+        wf = WorkflowState(wid, key or f"single-{wid}", tenant, now, slo, now + slo,
+                           expected_remaining_s=st.slo.base_slo_s, last_seen_s=now)
+        st._workflows[wid] = wf
+        if key is not None:
+            self._workflow_keys[key] = wid
+        st.note_arrival(now)
+        return wf
+
+    def new_call(self, *, workflow_key: str | None, step: str, tenant: str, input_tokens: int, output_tokens: int,
+                 stream: bool, slo_s: float | None = None, stage_index: int | None = None, fanout: int = 1,
+                 priority: int = 0, last: bool = False) -> CallState:
+        """Register a call (and its workflow on first sight); compute its deadline the simulator's way."""
+        st = self.state
+        now = st.now_s
+        wf = self._workflow(workflow_key, tenant, slo_s, now)
+        position = st.slo.position(step, wf.position)
+        wf.position = position + 1
+        wf.expected_remaining_s = st.slo.remaining_after(position)
+        wf.last_seen_s = now
+        wf.inflight += 1
+        wf.closing = wf.closing or last or workflow_key is None
+        deadline = st.slo.call_deadline_s(now, wf.deadline_s, step, position)
+        return CallState(
+            call_id=next(self._call_ids), workflow_id=wf.workflow_id, tenant=tenant, step=step,
+            stage_index=stage_index if stage_index is not None else position, fanout=fanout,
+            input_tokens=input_tokens, output_tokens=output_tokens, ready_time_s=now, deadline_s=deadline,
+            priority=priority, stream=stream,
+        )
+
+    def call_finished(self, call: CallState, ok: bool) -> None:
+        st = self.state
+        wf = st._workflows.get(call.workflow_id)
+        if wf is None:
+            return
+        wf.inflight -= 1
+        if ok:
+            wf.calls_done += 1
+        if wf.closing and wf.inflight == 0 and not wf.finished:
+            self._finish_workflow(wf, st.now_s)
+
+    def _finish_workflow(self, wf: WorkflowState, now: float) -> None:
+        wf.finished = True
+        met = now <= wf.deadline_s
+        st = self.state
+        st.finished_workflows += 1
+        st.met_slo_workflows += int(met)
+        counts = self._tenant_counts.setdefault(wf.tenant, [0, 0])
+        counts[0] += 1
+        counts[1] += int(met)
+        self.metrics.wf_finished.labels(wf.tenant).inc()
+        if met:
+            self.metrics.wf_met.labels(wf.tenant).inc()
+        self.metrics.slo_attainment.labels(wf.tenant).set(counts[1] / counts[0])
+        st._workflows.pop(wf.workflow_id, None)
+        self._workflow_keys.pop(wf.key, None)
+
+    # ------------------------------------------------------------------ dispatch and queues
+    def _choose(self, call: CallState, exclude: set[int]) -> EngineState | None:
+        engines = self.state.engines
+        healthy = [e for e in engines if e.healthy and e.engine_id not in exclude]
+        if not healthy:
+            healthy = [e for e in engines if e.healthy]
+            if not healthy:
+                return None
+        t0 = time.perf_counter()
+        try:
+            idx = self.policy.dispatch(call, self.state)
+        finally:
+            self.metrics.decision.observe(time.perf_counter() - t0)
+        chosen = engines[idx] if 0 <= idx < len(engines) else None
+        if chosen is None or chosen not in healthy:
+            # the policy picked a down (or just-failed) engine: least outstanding work among the rest
+            chosen = min(healthy, key=lambda e: (e.outstanding_work_s, e.inflight + e.queued))
+        return chosen
+
+    def _pump(self, engine: EngineState) -> None:
+        """Admit queued calls, most urgent first, while the engine has in-flight room."""
+        queue = self.queues[engine.engine_id]
+        while queue and engine.inflight < engine.inflight_cap and engine.healthy:
+            pending = heapq.heappop(queue)
+            engine.queued -= 1
+            if pending.admitted.done():  # client went away
+                continue
+            engine.inflight += 1
+            pending.admitted.set_result(True)
+
+    def _enqueue(self, call: CallState, engine: EngineState) -> asyncio.Future:
+        if engine.queued >= self.config.max_queue_per_engine:
+            raise QueueFull(engine.name)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        key = self.policy.queue_key(call, engine)
+        heapq.heappush(self.queues[engine.engine_id], _Pending(key, next(self._seq), call, fut))
+        engine.queued += 1
+        call.engine_id = engine.engine_id
+        call.expected_s = engine.expected_latency_s(call.step)
+        engine.outstanding_work_s += call.expected_s
+        engine.assigned_work_s += call.expected_s
+        engine.assigned_calls += 1
+        self._pump(engine)
+        return fut
+
+    def _release(self, call: CallState, engine: EngineState, admitted: bool) -> None:
+        if admitted:
+            engine.inflight -= 1
+        engine.outstanding_work_s = max(0.0, engine.outstanding_work_s - call.expected_s)
+        self._pump(engine)
+
+    async def acquire(self, call: CallState, exclude: set[int]) -> EngineState:
+        """Dispatch + wait for an in-flight slot. Returns the engine; the caller must `release`."""
+        waited_since = time.monotonic()
+        while True:
+            engine = self._choose(call, exclude)
+            if engine is None:
+                remaining = self.config.no_engine_wait_s - (time.monotonic() - waited_since)
+                if remaining <= 0:
+                    raise NoEngine("no healthy engine")
+                self._health_event.clear()
+                try:
+                    await asyncio.wait_for(self._health_event.wait(), min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            fut = self._enqueue(call, engine)
+            try:
+                ok = await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.result():
+                    self._release(call, engine, admitted=True)
+                else:
+                    fut.cancel()
+                    self._release(call, engine, admitted=False)
+                raise
+            if ok:
+                self.metrics.routed.labels(engine.name).inc()
+                return engine
+            # engine went down while the call was queued: try elsewhere
+            self._release(call, engine, admitted=False)
+            exclude.add(engine.engine_id)
+
+    def release(self, call: CallState, engine: EngineState) -> None:
+        self._release(call, engine, admitted=True)
+
+    def attempt_failed(self, call: CallState, engine: EngineState, exc: Exception) -> None:
+        """An upstream attempt failed: count it, and suspect the engine so health checks confirm."""
+        self.metrics.retries.labels(engine.name).inc()
+        if isinstance(exc, UpstreamError):
+            engine.scrape_failures = max(engine.scrape_failures, self.config.unhealthy_after_failures - 1)
+        log.warning("call %s failed on %s: %s", call.call_id, engine.name, exc)
+
+    # ------------------------------------------------------------------ health and scraping
+    def _mark(self, engine: EngineState, healthy: bool) -> None:
+        if engine.healthy == healthy:
+            return
+        engine.healthy = healthy
+        self.metrics.healthy.labels(engine.name).set(int(healthy))
+        log.warning("engine %s is %s", engine.name, "up" if healthy else "DOWN")
+        if healthy:
+            self._health_event.set()
+            self._pump(engine)
+        else:
+            # hand queued calls back to dispatch (their waiters see False and re-route)
+            queue = self.queues[engine.engine_id]
+            while queue:
+                pending = heapq.heappop(queue)
+                engine.queued -= 1
+                if not pending.admitted.done():
+                    pending.admitted.set_result(False)
+
+    async def _scrape_loop(self, index: int) -> None:
+        engine = self.state.engines[index]
+        pool = ConnectionPool(engine.spec.base_url, max_idle=2, connect_timeout_s=1.0)
+        interval = self.config.scrape_interval_s
+        while True:
+            t0 = time.monotonic()
+            try:
+                path = "/metrics" if engine.healthy else "/health"
+                resp = await pool.fetch("GET", path, timeout_s=max(1.0, self.config.health_interval_s))
+                if resp.status != 200:
+                    raise UpstreamError(f"{path} answered {resp.status}")
+                if path == "/metrics":
+                    self._apply_scrape(engine, parse_vllm_metrics(resp.body.decode("utf-8", "replace")))
+                engine.scrape_failures = 0
+                self._mark(engine, True)
+            except UpstreamError as exc:
+                engine.scrape_failures += 1
+                if engine.scrape_failures >= self.config.unhealthy_after_failures:
+                    self._mark(engine, False)
+                log.debug("scrape %s failed: %s", engine.name, exc)
+            except Exception:  # noqa: BLE001 - a parse bug must not kill the loop
+                log.exception("scrape of %s failed", engine.name)
+            self.metrics.queue_len.labels(engine.name).set(engine.queued)
+            self.metrics.inflight.labels(engine.name).set(engine.inflight)
+            self.metrics.kv_usage.labels(engine.name).set(engine.kv_usage)
+            pause = interval if engine.healthy else self.config.health_interval_s
+            await asyncio.sleep(max(0.0, pause - (time.monotonic() - t0)))
+
+    def _apply_scrape(self, engine: EngineState, values: dict[str, float]) -> None:
+        engine.scraped_running = int(values.get(VLLM_RUNNING, 0))
+        engine.scraped_waiting = int(values.get(VLLM_WAITING, 0))
+        engine.kv_usage = float(values.get(VLLM_KV_USAGE, 0.0))
+        engine.preemptions_total = float(values.get(VLLM_PREEMPTIONS, engine.preemptions_total))
+        if "kv_cache_size_tokens" in values:
+            engine.kv_cache_tokens = int(values["kv_cache_size_tokens"])
+        engine.last_scrape_s = self.state.now_s
+
+    async def _control_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.control_interval_s)
+            try:
+                self.policy.on_interval(self.state)
+            except Exception:  # noqa: BLE001
+                log.exception("policy.on_interval failed")
+
+    async def _gc_loop(self) -> None:
+        """Finish workflows that went quiet (clients that never flagged their last call)."""
+        while True:
+            await asyncio.sleep(min(10.0, self.config.workflow_idle_s))
+            now = self.state.now_s
+            for wf in list(self.state._workflows.values()):
+                if wf.inflight == 0 and now - wf.last_seen_s > self.config.workflow_idle_s:
+                    self._finish_workflow(wf, wf.last_seen_s)
+
+    # ------------------------------------------------------------------ introspection
+    def info(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "policy": self.policy.spec(),
+            "base_slo_s": st.slo.base_slo_s,
+            "slo_scale": self.config.slo_scale,
+            "token_scale": self.config.token_scale,
+            "engines": [
+                {"name": e.name, "gpu": e.gpu, "url": e.spec.base_url, "healthy": e.healthy, "inflight": e.inflight,
+                 "queued": e.queued, "num_running": e.num_running, "num_waiting": e.num_waiting,
+                 "kv_usage": e.kv_usage, "preemptions_total": e.preemptions_total, "kv_cache_tokens": e.kv_cache_tokens,
+                 "assigned_calls": e.assigned_calls, "outstanding_work_s": e.outstanding_work_s,
+                 "latency_s": e.latency_table}
+                for e in st.engines
+            ],
+            "workflows_open": len(st._workflows),
+            "workflows_finished": st.finished_workflows,
+            "slo_attainment": st.slo_attainment_so_far,
+        }

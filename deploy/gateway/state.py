@@ -1,0 +1,217 @@
+"""Live cluster state as the read-only view policies see (envs/sim/view.py), kept by the gateway.
+
+The classes here are plain objects with exactly the attributes of `CallView`, `EngineView`,
+`WorkflowView` and `ClusterView`, so a policy written against the simulator runs unchanged. The
+gateway mutates them; policies only read them. Times are seconds on the gateway's monotonic
+clock (`time.monotonic() - start`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from deploy.cluster import Cluster, EngineSpec
+from envs.sim.errors import UserError
+from envs.sim.slo import REFERENCE_PATH, SLOModel
+from envs.sim.workload import normalise_step
+
+ARRIVAL_RATE_WINDOW_S = 60.0  # recent_arrival_rate_qps looks back this far
+DEFAULT_MAX_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill budget when the profile does not say
+
+
+def reference_data() -> dict:
+    with open(REFERENCE_PATH) as handle:
+        return json.load(handle)
+
+
+def stage_tokens(token_scale: float) -> dict[str, tuple[int, int]]:
+    """Mean (input, output) tokens per CHESS step, scaled like the replay scales its prompts."""
+    ref = reference_data()["stage_mean_tokens"]
+    return {
+        step: (max(1, round(t["input_tokens"] * token_scale)), max(1, round(t["output_tokens"] * token_scale)))
+        for step, t in ref.items()
+    }
+
+
+def engine_latency_table(spec: EngineSpec, cluster: Cluster) -> dict[str, float]:
+    """Expected solo latency per step on this engine (the paper's T_e(s)).
+
+    Sources, first that applies: the engine's explicit `latency_s`; its calibrated `profile`
+    evaluated at the standard step sizes times the gateway's token scale; the reference table of
+    its `gpu` type (real GPUs, unscaled tokens).
+    """
+    if spec.latency_s:
+        return dict(spec.latency_s)
+    if spec.profile:
+        path = cluster.path(spec.profile)
+        if path.exists():
+            from envs.sim.perf import PerfProfile, ProfileModel, solo_call_latency_s
+
+            profile = PerfProfile.load(path)
+            model = ProfileModel(profile)
+            overhead = profile.fit.get("request_overhead_s", 0.0)
+            batched = profile.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS
+            return {
+                step: overhead + solo_call_latency_s(model, n_in, n_out, batched)
+                for step, (n_in, n_out) in stage_tokens(cluster.gateway.token_scale).items()
+            }
+    ref = reference_data()["latency_s"]
+    if spec.gpu in ref:
+        return dict(ref[spec.gpu])
+    raise UserError(
+        f"engine {spec.name!r}: no latency source (add `profile:` written by `agentsched calibrate`, "
+        f"`latency_s:` per step, or a gpu type among {sorted(ref)})"
+    )
+
+
+@dataclass(slots=True)
+class CallState:
+    """One call passing through the gateway (satisfies CallView)."""
+
+    call_id: int
+    workflow_id: int
+    tenant: str
+    step: str
+    stage_index: int
+    fanout: int
+    input_tokens: int
+    output_tokens: int
+    ready_time_s: float
+    deadline_s: float
+    priority: int
+    stream: bool = False
+    attempts: int = 0
+    engine_id: int = -1
+    expected_s: float = 0.0
+
+
+@dataclass(slots=True)
+class WorkflowState:
+    """One workflow (satisfies WorkflowView) plus the gateway's bookkeeping."""
+
+    workflow_id: int
+    key: str
+    tenant: str
+    arrival_time_s: float
+    slo_s: float
+    deadline_s: float
+    calls_done: int = 0
+    expected_remaining_s: float = 0.0
+    position: int = 0  # pointer into the standard workflow
+    inflight: int = 0
+    last_seen_s: float = 0.0
+    closing: bool = False  # the client said the last stage has been sent
+    finished: bool = False
+
+
+class EngineState:
+    """One engine (satisfies EngineView): own in-flight accounting merged with scraped /metrics."""
+
+    def __init__(self, engine_id: int, spec: EngineSpec, latency_s: Mapping[str, float]) -> None:
+        self.engine_id = engine_id
+        self.spec = spec
+        self.name = spec.name
+        self.gpu = spec.gpu
+        self.healthy = True
+        self.price_per_hour = spec.price_per_hour
+        self.max_num_seqs = spec.batch_limit
+        self.inflight_cap = spec.inflight_cap
+        self._latency_s = dict(latency_s)
+        self._default_latency_s = sum(self._latency_s.values()) / max(1, len(self._latency_s))
+        # own accounting
+        self.inflight = 0  # calls the gateway has sent and not yet seen finish
+        self.queued = 0  # calls held in the gateway's urgency queue for this engine
+        self.outstanding_work_s = 0.0
+        self.assigned_work_s = 0.0
+        self.assigned_calls = 0
+        # scraped from the engine's /metrics
+        self.scraped_running = 0
+        self.scraped_waiting = 0
+        self.kv_usage = 0.0
+        self.preemptions_total = 0.0
+        self.kv_cache_tokens: int | None = None
+        self.last_scrape_s: float | None = None
+        self.scrape_failures = 0
+
+    @property
+    def num_running(self) -> int:
+        # the scrape lags by up to one interval; our own count is exact for what we sent
+        return max(self.scraped_running, min(self.inflight, self.max_num_seqs)) if self.last_scrape_s else min(self.inflight, self.max_num_seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        upstream_waiting = max(self.scraped_waiting, self.inflight - self.max_num_seqs, 0)
+        return upstream_waiting + self.queued
+
+    def expected_latency_s(self, step: str) -> float:
+        return self._latency_s.get(step, self._default_latency_s)
+
+    @property
+    def latency_table(self) -> dict[str, float]:
+        return dict(self._latency_s)
+
+
+class ClusterState:
+    """The ClusterView of the live cluster."""
+
+    def __init__(self, engines: Sequence[EngineState], slo_model: SLOModel, base_latency_s: Mapping[str, float]) -> None:
+        self.engines: list[EngineState] = list(engines)
+        self.slo = slo_model
+        self._base_latency_s = dict(base_latency_s)
+        self._t0 = time.monotonic()
+        self._workflows: dict[int, WorkflowState] = {}
+        self._arrivals: deque[float] = deque()
+        self.finished_workflows = 0
+        self.met_slo_workflows = 0
+
+    @property
+    def now_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def workflow(self, workflow_id: int) -> WorkflowState:
+        return self._workflows[workflow_id]
+
+    def base_latency_s(self, step: str) -> float:
+        return self._base_latency_s.get(step, self.slo.expected(step))
+
+    def note_arrival(self, now_s: float) -> None:
+        self._arrivals.append(now_s)
+        self._trim(now_s)
+
+    def _trim(self, now_s: float) -> None:
+        while self._arrivals and self._arrivals[0] < now_s - ARRIVAL_RATE_WINDOW_S:
+            self._arrivals.popleft()
+
+    @property
+    def recent_arrival_rate_qps(self) -> float:
+        now = self.now_s
+        self._trim(now)
+        window = min(ARRIVAL_RATE_WINDOW_S, max(now, 1e-3))
+        return len(self._arrivals) / window
+
+    @property
+    def slo_attainment_so_far(self) -> float:
+        return self.met_slo_workflows / self.finished_workflows if self.finished_workflows else 1.0
+
+
+def build_cluster_state(cluster: Cluster) -> ClusterState:
+    tables = [engine_latency_table(spec, cluster) for spec in cluster.engines]
+    engines = [EngineState(i, spec, table) for i, (spec, table) in enumerate(zip(cluster.engines, tables))]
+    by_type: dict[str, dict[str, float]] = {}
+    for spec, table in zip(cluster.engines, tables):
+        by_type.setdefault(spec.gpu, table)
+    slo_model = SLOModel.from_engine_latencies(list(by_type.values()))
+    # the reference (base) engine type: the slowest type, the one the SLO must be feasible on
+    base = max(by_type.values(), key=lambda t: sum(t.values()))
+    return ClusterState(engines, slo_model, base)
+
+
+__all__ = [
+    "CallState", "WorkflowState", "EngineState", "ClusterState", "build_cluster_state",
+    "engine_latency_table", "stage_tokens", "normalise_step",
+]

@@ -1,0 +1,1 @@
+"""agentsched environments: the discrete-event cluster simulator (envs.sim) and Gymnasium envs."""

@@ -1,0 +1,364 @@
+"""The discrete-event cluster simulator.
+
+Events: workflow arrivals, engine iteration/segment ends, engine failures and recoveries, and
+control-interval ticks. Whenever a call becomes ready (its stage's predecessors are done) the
+simulator stops and asks for a dispatch decision; `run()` answers with a policy, the Gymnasium
+env answers with the agent's action, through the same `next_decision()` / `dispatch()` pair, so
+both paths produce identical runs for identical decisions.
+
+The simulator object itself is the `ClusterView` handed to policies.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from envs.sim.catalog import load_catalog
+from envs.sim.config import ClusterConfig
+from envs.sim.engine import Engine, LLMCall
+from envs.sim.slo import SLOModel, standard_workflow
+from envs.sim.workload import WorkflowSpec, step_mean_tokens
+
+if TYPE_CHECKING:
+    from policies.base import Policy
+
+EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK = range(5)
+ARRIVAL_RATE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str = "default"
+    slo_scale: float = 1.0  # multiplies the scenario's SLO scale
+    priority: int = 0  # lower is more important
+    share: float = 1.0  # share of arrivals
+
+
+@dataclass(frozen=True)
+class Failure:
+    engine: int
+    at_s: float
+    duration_s: float
+
+
+class Workflow:
+    """A query in flight. Satisfies `WorkflowView`."""
+
+    __slots__ = ("workflow_id", "tenant", "priority", "arrival_time_s", "slo_s", "deadline_s", "stages",
+                 "stage_index", "pending_in_stage", "calls_done", "finish_time_s", "failed", "pointer",
+                 "expected_remaining_s", "n_calls")
+
+    def __init__(self, workflow_id: int, tenant: Tenant, arrival_time_s: float, slo_s: float,
+                 stages: list[list[LLMCall]]):
+        self.workflow_id = workflow_id
+        self.tenant = tenant.name
+        self.priority = tenant.priority
+        self.arrival_time_s = arrival_time_s
+        self.slo_s = slo_s
+        self.deadline_s = arrival_time_s + slo_s
+        self.stages = stages
+        self.stage_index = -1
+        self.pending_in_stage = 0
+        self.calls_done = 0
+        self.finish_time_s = math.nan
+        self.failed = False
+        self.pointer = 0  # position reached in the standard workflow (deadline rule)
+        self.expected_remaining_s = 0.0
+        self.n_calls = sum(len(s) for s in stages)
+
+    @property
+    def done(self) -> bool:
+        return not math.isnan(self.finish_time_s)
+
+    @property
+    def met_slo(self) -> bool:
+        return self.done and not self.failed and self.finish_time_s - self.arrival_time_s <= self.slo_s + 1e-9
+
+
+class SimulationError(RuntimeError):
+    """A decision the simulator cannot carry out (e.g. dispatch to a failed engine)."""
+
+
+class ClusterSimulator:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        workflows: Sequence[WorkflowSpec],
+        arrival_times_s: Sequence[float],
+        slo_scale: float,
+        queue_key: Callable[[LLMCall, Engine], float] | None = None,
+        tenants: Sequence[Tenant] = (Tenant(),),
+        failures: Sequence[Failure] = (),
+        step_tokens: dict[str, tuple[float, float]] | None = None,
+        standard: Sequence[str] | None = None,
+        tenant_seed: int = 0,
+        record_timeline: bool = False,
+        tick_interval_s: float | None = None,
+        on_tick: Callable[["ClusterSimulator"], None] | None = None,
+    ):
+        if len(arrival_times_s) != len(workflows):
+            raise ValueError("one arrival time per workflow")
+        catalog = load_catalog()
+        self.config = cluster
+        self.step_tokens = step_tokens or step_mean_tokens(workflows)
+        self.engines: list[Engine] = []
+        for i, spec in enumerate(cluster.expanded()):
+            engine = Engine(i, spec, catalog.gpu(spec.gpu), catalog.model(spec.model), self.step_tokens)
+            if record_timeline:
+                engine.timeline = []
+            self.engines.append(engine)
+        # the paper's SLO: averaged over distinct engine types
+        by_type: dict[tuple, Engine] = {}
+        for engine in self.engines:
+            by_type.setdefault((engine.gpu, engine.tp, engine.config.weight_bits, engine.config.profile), engine)
+        steps = list(self.step_tokens)
+        self.slo = SLOModel.from_engine_latencies(
+            [{s: e.expected_latency_s(s) for s in steps} for e in by_type.values()],
+            standard if standard is not None else standard_workflow())
+        self.slo_scale = slo_scale
+        # reference engine for the paper's T_base / W_base: the fastest engine type
+        self.base_engine = min(self.engines, key=lambda e: e.expected_latency_s(steps[0]) if steps else 0.0)
+        self.queue_key = queue_key or (lambda call, engine: call.ready_time_s)
+        self.tenants = list(tenants)
+        self.now_s = 0.0
+        self._events: list[tuple[float, int, int, int, int]] = []
+        self._seq = 0
+        self._ready: deque[LLMCall] = deque()
+        self._parked: list[LLMCall] = []  # ready calls waiting for any healthy engine
+        self.workflows: list[Workflow] = []
+        self.calls: list[LLMCall] = []
+        self._specs = list(workflows)
+        self._arrivals = np.asarray(arrival_times_s, dtype=float)
+        rng = np.random.default_rng(tenant_seed)
+        shares = np.array([t.share for t in self.tenants], dtype=float)
+        self._tenant_of = rng.choice(len(self.tenants), size=len(workflows), p=shares / shares.sum())
+        self._next_arrival = 0
+        self._recent_arrivals: deque[float] = deque()
+        self.finished_workflows = 0
+        self.met_workflows = 0
+        self.failed_calls = 0
+        self.decisions = 0
+        self.wall_s = 0.0
+        self._on_tick = on_tick
+        self._tick_interval_s = tick_interval_s
+        if len(workflows):
+            self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
+        for f in failures:
+            if not 0 <= f.engine < len(self.engines):
+                raise ValueError(f"failures: engine {f.engine} does not exist (cluster has {len(self.engines)})")
+            self._push(f.at_s, EV_FAIL, f.engine, 0)
+            self._push(f.at_s + f.duration_s, EV_RECOVER, f.engine, 0)
+        if tick_interval_s:
+            self._push(tick_interval_s, EV_TICK, 0, 0)
+
+    # ---- ClusterView ------------------------------------------------------------------------
+    def workflow(self, workflow_id: int) -> Workflow:
+        return self.workflows[workflow_id]
+
+    def base_latency_s(self, step: str) -> float:
+        return self.base_engine.expected_latency_s(step)
+
+    @property
+    def recent_arrival_rate_qps(self) -> float:
+        window = self._recent_arrivals
+        while window and window[0] < self.now_s - ARRIVAL_RATE_WINDOW_S:
+            window.popleft()
+        span = min(ARRIVAL_RATE_WINDOW_S, self.now_s) or 1.0
+        return len(window) / span
+
+    @property
+    def slo_attainment_so_far(self) -> float:
+        return self.met_workflows / self.finished_workflows if self.finished_workflows else 1.0
+
+    @property
+    def done(self) -> bool:
+        return not self._ready and not self._events and not self._parked
+
+    # ---- event plumbing ------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, a: int, b: int) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, a, b))
+
+    def next_decision(self, until_s: float = math.inf) -> LLMCall | None:
+        """Process events until a call needs a dispatch decision (returned), or until `until_s`
+        or the end of the simulation (None)."""
+        started = time.perf_counter()
+        events = self._events
+        ready = self._ready
+        try:
+            while not ready:
+                if not events or events[0][0] > until_s:
+                    if until_s != math.inf and until_s > self.now_s:
+                        self.now_s = until_s
+                    return None
+                t, _, kind, a, b = heapq.heappop(events)
+                self.now_s = t
+                if kind == EV_ENGINE:
+                    engine = self.engines[a]
+                    if b != engine.version:
+                        continue  # superseded plan
+                    self._engine_done(engine, t)
+                elif kind == EV_ARRIVAL:
+                    self._arrive(a, t)
+                elif kind == EV_FAIL:
+                    self._fail(self.engines[a], t)
+                elif kind == EV_RECOVER:
+                    self._recover(self.engines[a], t)
+                elif kind == EV_TICK:
+                    if self._on_tick is not None:
+                        self._on_tick(self)
+                    if self._tick_interval_s and (events or ready):
+                        self._push(t + self._tick_interval_s, EV_TICK, 0, 0)
+                if ready and not any(e.healthy for e in self.engines):
+                    while ready:  # nowhere to send them: hold until an engine recovers
+                        self._parked.append(ready.popleft())
+            return ready[0]
+        finally:
+            self.wall_s += time.perf_counter() - started
+
+    def dispatch(self, call: LLMCall, engine_id: int) -> None:
+        """Place the ready call at the head of the queue on an engine."""
+        if not self._ready or self._ready[0] is not call:
+            raise SimulationError("dispatch() must answer the call returned by next_decision()")
+        if not 0 <= engine_id < len(self.engines):
+            raise SimulationError(f"engine {engine_id} does not exist (cluster has {len(self.engines)})")
+        engine = self.engines[engine_id]
+        if not engine.healthy:
+            raise SimulationError(f"engine {engine_id} ({engine.name}) is down; dispatch to a healthy engine")
+        self._ready.popleft()
+        self.decisions += 1
+        now = self.now_s
+        call.engine_id = engine_id
+        call.dispatch_time_s = now
+        call.attempts += 1
+        if not engine.fits(call):
+            # like vLLM rejecting a prompt longer than the engine's KV/max_model_len
+            self._call_failed(call, now)
+            return
+        expected = engine.expected_latency_s(call.step)
+        call.expected_s = expected
+        engine.outstanding_work_s += expected
+        engine.assigned_work_s += expected
+        engine.assigned_calls += 1
+        engine.enqueue(call, self.queue_key(call, engine))
+        self._kick(engine, now)
+
+    def healthy_engines(self) -> list[int]:
+        return [e.engine_id for e in self.engines if e.healthy]
+
+    def run(self, policy: "Policy") -> None:
+        """Run to the end, answering every dispatch decision with `policy`."""
+        while True:
+            call = self.next_decision()
+            if call is None:
+                return
+            self.dispatch(call, policy.dispatch(call, self))
+
+    # ---- transitions ---------------------------------------------------------------------------
+    def _kick(self, engine: Engine, now: float) -> None:
+        """New work at an engine: start it if idle, or cut a long decode segment short."""
+        if math.isnan(engine.busy_until_s):
+            end = engine.plan(now, self._on_preempt)
+            if end is not None:
+                self._push(end, EV_ENGINE, engine.engine_id, engine.version)
+        else:
+            end = engine.interrupt(now)
+            if end is not None:
+                engine.version += 1
+                self._push(end, EV_ENGINE, engine.engine_id, engine.version)
+
+    def _on_preempt(self, call: LLMCall) -> None:
+        pass  # counted on the call and the engine
+
+    def _engine_done(self, engine: Engine, now: float) -> None:
+        finished = engine.complete(now)
+        for call in finished:
+            engine.outstanding_work_s -= call.expected_s
+            self._call_finished(call, now)
+        if math.isnan(engine.busy_until_s) and engine.healthy:
+            end = engine.plan(now, self._on_preempt)
+            if end is not None:
+                self._push(end, EV_ENGINE, engine.engine_id, engine.version)
+
+    def _arrive(self, index: int, now: float) -> None:
+        spec = self._specs[index]
+        tenant = self.tenants[int(self._tenant_of[index])]
+        wid = len(self.workflows)
+        stages: list[list[LLMCall]] = []
+        for si, stage in enumerate(spec.stages):
+            calls = []
+            for c in stage:
+                call = LLMCall(len(self.calls), wid, tenant.name, c.step, si, len(stage), c.input_tokens,
+                               c.output_tokens, tenant.priority)
+                self.calls.append(call)
+                calls.append(call)
+            stages.append(calls)
+        slo_s = self.slo.base_slo_s * self.slo_scale * tenant.slo_scale
+        workflow = Workflow(wid, tenant, now, slo_s, stages)
+        self.workflows.append(workflow)
+        self._recent_arrivals.append(now)
+        self._start_next_stage(workflow, now)
+        self._next_arrival = index + 1
+        if self._next_arrival < len(self._specs):
+            self._push(float(self._arrivals[self._next_arrival]), EV_ARRIVAL, self._next_arrival, 0)
+
+    def _start_next_stage(self, workflow: Workflow, now: float) -> None:
+        workflow.stage_index += 1
+        if workflow.stage_index >= len(workflow.stages):
+            workflow.finish_time_s = now
+            self.finished_workflows += 1
+            if workflow.met_slo:
+                self.met_workflows += 1
+            return
+        stage = workflow.stages[workflow.stage_index]
+        workflow.pending_in_stage = len(stage)
+        position = self.slo.position(stage[0].step, workflow.pointer)
+        workflow.pointer = position + 1
+        workflow.expected_remaining_s = self.slo.remaining_after(position)
+        deadline = self.slo.call_deadline_s(now, workflow.deadline_s, stage[0].step, position)
+        for call in stage:
+            call.ready_time_s = now
+            call.deadline_s = deadline
+            call.position = position
+            self._ready.append(call)
+
+    def _call_finished(self, call: LLMCall, now: float) -> None:
+        workflow = self.workflows[call.workflow_id]
+        workflow.calls_done += 1
+        workflow.pending_in_stage -= 1
+        if workflow.pending_in_stage == 0 and not workflow.failed:
+            self._start_next_stage(workflow, now)
+
+    def _call_failed(self, call: LLMCall, now: float) -> None:
+        call.finish_time_s = math.nan
+        self.failed_calls += 1
+        workflow = self.workflows[call.workflow_id]
+        if not workflow.failed:
+            workflow.failed = True
+            workflow.finish_time_s = now
+            self.finished_workflows += 1
+
+    def _fail(self, engine: Engine, now: float) -> None:
+        engine.healthy = False
+        for call in engine.drain():
+            call.ready_time_s = now  # back to dispatch, keeping its deadline
+            self._ready.append(call)
+
+    def _recover(self, engine: Engine, now: float) -> None:
+        engine.healthy = True
+        engine.version += 1
+        parked, self._parked = self._parked, []
+        self._ready.extend(parked)
+
+    def park(self, call: LLMCall) -> None:
+        """No healthy engine: hold the ready call until one recovers."""
+        if self._ready and self._ready[0] is call:
+            self._ready.popleft()
+        self._parked.append(call)

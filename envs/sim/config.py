@@ -1,0 +1,84 @@
+"""Validated configuration of clusters and engines, loaded from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from envs.sim.errors import UserError
+
+CLUSTER_DIR = Path(__file__).resolve().parent.parent / "data" / "clusters"
+
+
+class EngineConfig(BaseModel):
+    """One engine type (and how many of it): a model on a GPU type with a TP degree, served by a
+    vLLM-like scheduler with these limits."""
+
+    model_config = ConfigDict(extra="forbid")
+    gpu: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    tp: Literal[1, 2, 4, 8] = 1
+    count: PositiveInt = 1
+    weight_bits: Literal[4, 8, 16] = 16
+    kv_bits: Literal[8, 16] = 16
+    max_num_seqs: PositiveInt = 256
+    max_num_batched_tokens: PositiveInt = 8192
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    block_size_tokens: PositiveInt = 16
+    activation_reserve_gb: float = Field(2.0, ge=0.0)  # per GPU, for activations and CUDA graphs
+    profile: str | None = None  # a measured performance profile (YAML) that replaces the roofline
+    name: str | None = None
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "cluster"
+    engines: list[EngineConfig] = Field(min_length=1)
+
+    @field_validator("engines")
+    @classmethod
+    def _one_model(cls, engines: list[EngineConfig]) -> list[EngineConfig]:
+        models = {e.model for e in engines}
+        if len(models) > 1:
+            raise ValueError(f"all engines must serve the same model, got {sorted(models)}")
+        return engines
+
+    def expanded(self) -> list[EngineConfig]:
+        """One entry per engine (count expanded), each with a unique name."""
+        out = []
+        for spec in self.engines:
+            for i in range(spec.count):
+                name = spec.name or f"{spec.gpu}"
+                out.append(spec.model_copy(update={"count": 1, "name": f"{name}-{len(out)}"}))
+        return out
+
+
+def load_cluster(name_or_path: str | Path) -> ClusterConfig:
+    """A shipped cluster name (`paper`, `mixed-16`, `llama8b`) or a YAML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        shipped = CLUSTER_DIR / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml")))
+            raise UserError(f"cluster: {name_or_path} is neither a file nor a shipped cluster (shipped: {names})")
+        path = shipped
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"cluster: {path} is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"cluster: {path} must be a YAML mapping with an 'engines' list")
+    try:
+        config = ClusterConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"cluster: {path.name}: {loc}: {err['msg']} (fix this field)") from None
+    base = path.parent
+    for engine in config.engines:
+        if engine.profile and not Path(engine.profile).is_absolute():
+            engine.profile = str((base / engine.profile).resolve())
+    return config

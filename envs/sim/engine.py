@@ -1,0 +1,384 @@
+"""One serving engine, modelled on vLLM's (v1) scheduler.
+
+Iteration-level continuous batching with a token budget per iteration (`max_num_batched_tokens`)
+and a cap on running sequences (`max_num_seqs`); chunked prefill (running requests first, then
+waiting ones in the local policy's order); a paged KV cache whose block count comes from the
+memory left after weights; preemption by recompute (the lowest-priority running request frees
+its blocks and goes back to the queue) when a block cannot be allocated.
+
+The engine does not step token by token: when an iteration would contain only decodes and no
+waiting request can be admitted, it plans a *decode segment* of k identical iterations (k = until
+the first sequence finishes or the KV cache fills) whose duration is closed-form. An arrival
+interrupts a segment at the end of the iteration in progress, exactly as in vLLM, where a new
+request joins the batch at the next iteration.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Callable
+
+from envs.sim.catalog import GPUSpec, ModelSpec
+from envs.sim.config import EngineConfig
+from envs.sim.perf import DecodeSegmentCost, IterationModel, PerfProfile, ProfileModel, RooflineModel
+
+GB = 1e9
+
+
+def _key_of(call: "LLMCall") -> float:
+    return call.key
+
+
+class LLMCall:
+    """A call of a workflow, with its runtime state. Satisfies `CallView`."""
+
+    __slots__ = (
+        "call_id", "workflow_id", "tenant", "step", "stage_index", "fanout", "input_tokens", "output_tokens",
+        "ready_time_s", "deadline_s", "priority", "position",
+        # placement and timing
+        "engine_id", "dispatch_time_s", "admit_time_s", "first_token_time_s", "finish_time_s",
+        "expected_s", "key", "preemptions", "attempts",
+        # engine-side progress
+        "prefill_left", "generated", "kv_tokens", "blocks",
+    )
+
+    def __init__(self, call_id: int, workflow_id: int, tenant: str, step: str, stage_index: int, fanout: int,
+                 input_tokens: int, output_tokens: int, priority: int):
+        self.call_id = call_id
+        self.workflow_id = workflow_id
+        self.tenant = tenant
+        self.step = step
+        self.stage_index = stage_index
+        self.fanout = fanout
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.priority = priority
+        self.position = 0
+        self.ready_time_s = math.nan
+        self.deadline_s = math.inf
+        self.engine_id = -1
+        self.dispatch_time_s = math.nan
+        self.admit_time_s = math.nan
+        self.first_token_time_s = math.nan
+        self.finish_time_s = math.nan
+        self.expected_s = 0.0
+        self.key = 0.0
+        self.preemptions = 0
+        self.attempts = 0
+        self.reset_progress()
+
+    def reset_progress(self) -> None:
+        self.prefill_left = self.input_tokens
+        self.generated = 0
+        self.kv_tokens = 0
+        self.blocks = 0
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"
+
+
+class Engine:
+    """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue()."""
+
+    def __init__(self, engine_id: int, config: EngineConfig, gpu: GPUSpec, model: ModelSpec,
+                 step_mean_tokens: dict[str, tuple[float, float]]):
+        self.engine_id = engine_id
+        self.name = config.name or f"engine-{engine_id}"
+        self.gpu = gpu.name
+        self.config = config
+        self.tp = config.tp
+        self.price_per_hour = gpu.price_per_hour * config.tp
+        profile = PerfProfile.load(config.profile) if config.profile else None
+        self.perf: IterationModel = (ProfileModel(profile) if profile
+                                     else RooflineModel(gpu, model, config.tp, config.weight_bits, config.kv_bits))
+        self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
+        self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
+                                       else config.max_num_batched_tokens)
+        self.block_size = config.block_size_tokens
+        if profile and profile.kv_capacity_tokens:
+            kv_tokens = profile.kv_capacity_tokens
+        else:
+            usable = gpu.memory_gb * GB * config.gpu_memory_utilization * config.tp
+            weights = model.parameters * config.weight_bits / 8.0
+            reserve = config.activation_reserve_gb * GB * config.tp
+            kv_tokens = int((usable - weights - reserve) / model.kv_bytes_per_token(config.kv_bits))
+        self.total_blocks = max(0, kv_tokens // self.block_size)
+        self.kv_capacity_tokens = self.total_blocks * self.block_size
+        self._latency_cache: dict[str, float] = {}
+        self.step_mean_tokens = step_mean_tokens
+        # dynamic state
+        self.healthy = True
+        self.waiting: list[tuple[float, int, LLMCall]] = []  # heap by (queue key, arrival order)
+        self.running: list[LLMCall] = []
+        self.free_blocks = self.total_blocks
+        self.outstanding_work_s = 0.0
+        self.assigned_work_s = 0.0
+        self.assigned_calls = 0
+        self.busy_s = 0.0
+        self.kv_block_seconds = 0.0
+        self.preemptions = 0
+        self.version = 0  # bumps invalidate a scheduled completion event
+        self.busy_until_s = math.nan  # end of the planned iteration/segment, nan when idle
+        self._enqueue_seq = 0
+        # the plan in flight
+        self._seg_start_s = 0.0
+        self._seg_k = 0
+        self._seg_cost: DecodeSegmentCost | None = None
+        self._plan_prefills: list[tuple[LLMCall, int]] = []
+        self._plan_decodes: list[LLMCall] = []
+        self.timeline: list[tuple[float, float, int, int]] | None = None  # (start, dur, prefill tokens, decodes)
+
+    # ---- EngineView -----------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
+
+    def expected_latency_s(self, step: str) -> float:
+        cached = self._latency_cache.get(step)
+        if cached is None:
+            from envs.sim.perf import solo_call_latency_s
+
+            mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
+            cached = solo_call_latency_s(self.perf, int(round(mean_in)), max(1, int(round(mean_out))),
+                                         self.max_num_batched_tokens)
+            self._latency_cache[step] = cached
+        return cached
+
+    def fits(self, call: LLMCall) -> bool:
+        """Whether the call's whole context can ever fit in this engine's KV cache."""
+        return call.input_tokens + call.output_tokens <= self.kv_capacity_tokens
+
+    # ---- driving -----------------------------------------------------------------------------
+    def enqueue(self, call: LLMCall, key: float) -> None:
+        call.key = key
+        self._enqueue_seq += 1
+        heapq.heappush(self.waiting, (key, self._enqueue_seq, call))
+
+    def interrupt(self, now_s: float) -> float | None:
+        """Cut a planned decode segment at the end of the iteration in progress; the new end time,
+        or None if the plan stays as it is."""
+        if self._seg_k <= 1 or self._seg_cost is None:
+            return None
+        done = self._seg_cost.iterations_within(now_s - self._seg_start_s, self._seg_k)
+        new_k = done + 1
+        if new_k >= self._seg_k:
+            return None
+        self._seg_k = new_k
+        self.busy_until_s = self._seg_start_s + self._seg_cost.total_s(new_k)
+        return self.busy_until_s
+
+    def plan(self, now_s: float, on_preempt: Callable[[LLMCall], None]) -> float | None:
+        """Plan the next iteration (or decode segment) starting now; returns its end time, or None
+        when there is nothing to run."""
+        running = self.running
+        waiting = self.waiting
+        if not running and not waiting:
+            self.busy_until_s = math.nan
+            self._seg_k = 0
+            return None
+        budget = self.max_num_batched_tokens
+        bs = self.block_size
+        prefills: list[tuple[LLMCall, int]] = []
+        decodes: list[LLMCall] = []
+        any_preempted = False
+        # 1) running requests, in admission order; allocate KV, preempting from the back if needed
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            if seq.prefill_left > 0:
+                chunk = min(seq.prefill_left, budget)
+                if chunk <= 0:
+                    i += 1
+                    continue
+                need = 0  # a prompt's blocks are all allocated when it is admitted
+            else:
+                if budget <= 0:
+                    i += 1
+                    continue
+                chunk = 0
+                need = 1 if seq.kv_tokens + 1 > seq.blocks * bs else 0
+            preempted_self = False
+            while need > self.free_blocks:
+                # vLLM preempts the lowest-priority running request (largest queue key, latest
+                # admitted on ties) among those not yet scheduled in this iteration
+                victim = max(reversed(running[i:]), key=_key_of)
+                self._preempt(victim)
+                on_preempt(victim)
+                any_preempted = True
+                if victim is seq:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                any_preempted = True
+                continue
+            self.free_blocks -= need
+            seq.blocks += need
+            if chunk:
+                prefills.append((seq, chunk))
+                budget -= chunk
+            else:
+                decodes.append(seq)
+                budget -= 1
+            i += 1
+        # 2) admit waiting requests in the local policy's order (not in an iteration that had to
+        #    preempt: memory is short). Admission reserves the whole prompt's blocks, so a
+        #    half-prefilled prompt never has to evict others to continue.
+        while waiting and budget > 0 and len(running) < self.max_num_seqs and not any_preempted:
+            seq = waiting[0][2]
+            chunk = min(seq.prefill_left, budget)
+            need = -(-seq.prefill_left // bs)
+            if need > self.free_blocks:
+                break
+            heapq.heappop(waiting)
+            if math.isnan(seq.admit_time_s):
+                seq.admit_time_s = now_s
+            running.append(seq)
+            self.free_blocks -= need
+            seq.blocks += need
+            prefills.append((seq, chunk))
+            budget -= chunk
+        self._seg_start_s = now_s
+        self._plan_prefills = prefills
+        self._plan_decodes = decodes
+        if not prefills and not decodes:
+            self.busy_until_s = math.nan
+            self._seg_k = 0
+            return None
+        if prefills:
+            p_tokens = 0
+            p_ctx = 0
+            pairs = 0.0
+            for seq, chunk in prefills:
+                p_tokens += chunk
+                p_ctx += seq.kv_tokens + chunk
+                pairs += chunk * (seq.kv_tokens + (chunk + 1) * 0.5)
+            d_ctx = 0
+            for seq in decodes:
+                d_ctx += seq.kv_tokens + 1
+            dur = self.perf.iteration_s(p_tokens, p_ctx, pairs, len(decodes), d_ctx)
+            self._seg_k = 1
+            self._seg_cost = None
+        else:
+            # pure decode: how many identical iterations until something changes?
+            k = min(seq.output_tokens - seq.generated for seq in decodes)
+            ctx0 = 0
+            for seq in decodes:
+                ctx0 += seq.kv_tokens + 1
+            if k > 1:
+                k = self._kv_limited_iterations(decodes, k)
+            cost = self.perf.decode_segment(len(decodes), ctx0)
+            dur = cost.total_s(k)
+            self._seg_k = k
+            self._seg_cost = cost
+        self.busy_until_s = now_s + dur
+        return self.busy_until_s
+
+    def _kv_limited_iterations(self, decodes: list[LLMCall], k: int) -> int:
+        """Largest k' <= k such that the blocks the first k' iterations allocate fit (the first
+        iteration's block is already allocated by plan())."""
+        bs = self.block_size
+        free = self.free_blocks
+
+        def extra(kk: int) -> int:
+            total = 0
+            for seq in decodes:
+                more = -(-(seq.kv_tokens + kk) // bs) - seq.blocks
+                if more > 0:
+                    total += more
+            return total
+
+        # cheap bound: each sequence needs at most ceil(kk/bs) new blocks
+        if len(decodes) * (-(-k // bs)) <= free or extra(k) <= free:
+            return k
+        lo, hi = 1, k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if extra(mid) <= free:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def complete(self, now_s: float) -> list[LLMCall]:
+        """Apply the planned iteration/segment that ends now; returns the calls that finished."""
+        duration = now_s - self._seg_start_s
+        self.busy_s += duration
+        self.kv_block_seconds += (self.total_blocks - self.free_blocks) * duration
+        if self.timeline is not None:
+            self.timeline.append((self._seg_start_s, duration,
+                                  sum(c for _, c in self._plan_prefills), len(self._plan_decodes)))
+        finished: list[LLMCall] = []
+        bs = self.block_size
+        k = self._seg_k
+        for seq, chunk in self._plan_prefills:
+            seq.kv_tokens += chunk
+            seq.prefill_left -= chunk
+            if seq.prefill_left == 0:
+                seq.generated += 1
+                if math.isnan(seq.first_token_time_s):
+                    seq.first_token_time_s = now_s
+                if seq.generated >= seq.output_tokens:
+                    finished.append(seq)
+        for seq in self._plan_decodes:
+            seq.kv_tokens += k
+            seq.generated += k
+            if k > 1:
+                blocks = -(-seq.kv_tokens // bs)
+                if blocks > seq.blocks:
+                    self.free_blocks -= blocks - seq.blocks
+                    seq.blocks = blocks
+            if seq.generated >= seq.output_tokens:
+                finished.append(seq)
+        if finished:
+            done = set(map(id, finished))
+            self.running = [s for s in self.running if id(s) not in done]
+            for seq in finished:
+                self.free_blocks += seq.blocks
+                seq.blocks = 0
+                seq.finish_time_s = now_s
+        self._plan_prefills = []
+        self._plan_decodes = []
+        self._seg_k = 0
+        self._seg_cost = None
+        self.busy_until_s = math.nan
+        return finished
+
+    def _preempt(self, seq: LLMCall) -> None:
+        self.running.remove(seq)
+        self.free_blocks += seq.blocks
+        seq.blocks = 0
+        # recompute: the prompt and what was generated so far are prefilled again
+        seq.prefill_left = seq.input_tokens + seq.generated
+        seq.kv_tokens = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._enqueue_seq += 1
+        heapq.heappush(self.waiting, (seq.key, -self._enqueue_seq, seq))
+
+    def drain(self) -> list[LLMCall]:
+        """Take every running and waiting call off the engine (failure); progress is lost."""
+        calls = list(self.running) + [entry[2] for entry in self.waiting]
+        for seq in calls:
+            seq.reset_progress()
+            seq.admit_time_s = math.nan
+            seq.first_token_time_s = math.nan
+        self.running = []
+        self.waiting = []
+        self.free_blocks = self.total_blocks
+        self.outstanding_work_s = 0.0
+        self._plan_prefills = []
+        self._plan_decodes = []
+        self._seg_k = 0
+        self._seg_cost = None
+        self.busy_until_s = math.nan
+        self.version += 1
+        return calls

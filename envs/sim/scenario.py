@@ -1,0 +1,113 @@
+"""One simulation run described as data: workload, cluster, load, SLO, seed. Used by
+`agentsched simulate`, the benchmark harness and the Gymnasium envs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from envs.sim.cluster import ClusterSimulator, Failure, Tenant
+from envs.sim.config import ClusterConfig, load_cluster
+from envs.sim.metrics import records_from_simulator, summarize
+from envs.sim.workload import (ArrivalProcess, GammaArrivals, PoissonArrivals, TraceGenerator, WorkflowSpec,
+                               draw_workflows, load_trace, resolve_trace_path)
+
+
+class TenantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("default", min_length=1)
+    slo_scale: PositiveFloat = 1.0
+    priority: int = 0
+    share: PositiveFloat = 1.0
+
+
+class FailureSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    engine: int = Field(ge=0)
+    at_s: float = Field(ge=0.0)
+    duration_s: PositiveFloat
+
+
+class RunSpec(BaseModel):
+    """A fully specified simulation run."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace: str = "chess_trace1"
+    cluster: str | ClusterConfig = "paper"
+    rate_qps: PositiveFloat = 0.5
+    slo_scale: PositiveFloat = 3.0
+    seed: int = 0
+    queries: PositiveInt | None = None  # default: the whole trace; more draws from the fitted generator
+    arrivals: ArrivalProcess | None = Field(None, discriminator="kind")  # default: Poisson at rate_qps
+    burstiness_cv: PositiveFloat = 1.0  # >1: Gamma arrivals with this CV (when `arrivals` is not given)
+    tenants: list[TenantSpec] = [TenantSpec()]
+    failures: list[FailureSpec] = []
+
+    def cluster_config(self) -> ClusterConfig:
+        return self.cluster if isinstance(self.cluster, ClusterConfig) else load_cluster(self.cluster)
+
+    def arrival_process(self) -> Any:
+        if self.arrivals is not None:
+            return self.arrivals
+        if self.burstiness_cv != 1.0:
+            return GammaArrivals(rate_qps=self.rate_qps, cv=self.burstiness_cv)
+        return PoissonArrivals(rate_qps=self.rate_qps)
+
+
+@lru_cache(maxsize=16)
+def _trace(path: str) -> tuple[WorkflowSpec, ...]:
+    return tuple(load_trace(path))
+
+
+@lru_cache(maxsize=16)
+def _generator(path: str) -> TraceGenerator:
+    return TraceGenerator.fit(_trace(path), name=f"gen({path.rsplit('/', 1)[-1]})")
+
+
+def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
+    """Workflows and arrival times of a run; seeded, independent streams for each."""
+    path = str(resolve_trace_path(spec.trace))
+    trace = _trace(path)
+    wf_rng = np.random.default_rng([spec.seed, 1])
+    arr_rng = np.random.default_rng([spec.seed, 2])
+    workflows = draw_workflows(trace, spec.queries, wf_rng, _generator(path) if spec.queries and spec.queries > len(trace) else None)
+    times = spec.arrival_process().times(len(workflows), arr_rng)
+    return workflows, times
+
+
+def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_timeline: bool = False,
+                    **kwargs: Any) -> ClusterSimulator:
+    workflows, times = workload_for(spec)
+    path = str(resolve_trace_path(spec.trace))
+    from envs.sim.workload import step_mean_tokens
+
+    return ClusterSimulator(
+        spec.cluster_config(), workflows, times, spec.slo_scale, queue_key=queue_key,
+        tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
+        failures=[Failure(f.engine, f.at_s, f.duration_s) for f in spec.failures],
+        step_tokens=step_mean_tokens(_trace(path)), tenant_seed=spec.seed, record_timeline=record_timeline, **kwargs)
+
+
+def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:
+    """Run `policy` on `spec`; the result dict of `agentsched simulate` and the finished simulator."""
+    policy.reset()
+    sim = build_simulator(spec, queue_key=policy.queue_key, record_timeline=record_timeline,
+                          **_tick_kwargs(policy))
+    sim.run(policy)
+    wfs, calls, engines = records_from_simulator(sim)
+    result = summarize(wfs, calls, engines, sim_wall_s=sim.wall_s,
+                       extra={"policy": policy.spec(), "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
+                              "seed": spec.seed, "trace": spec.trace,
+                              "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
+                              "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+    return result, sim
+
+
+def _tick_kwargs(policy: Any) -> dict[str, Any]:
+    interval = getattr(policy, "interval_s", None)
+    if interval:
+        return {"tick_interval_s": float(interval), "on_tick": policy.on_interval}
+    return {}

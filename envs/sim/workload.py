@@ -1,0 +1,380 @@
+"""Workflows: CHESS traces, YAML workflow specs, a generator fitted to a trace, arrival processes.
+
+A workflow is a chain of stages; a stage is one or more LLM calls that run in parallel (fan-out)
+and must all finish before the next stage becomes ready.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from envs.sim.errors import UserError
+
+TRACE_DIR = Path(__file__).resolve().parent.parent / "data" / "traces"
+FANOUT_STEP_PREFIXES = ("generate_candidate", "evaluate")
+
+
+def normalise_step(step: str) -> str:
+    """`generate_candidate_llama-agent` and friends become `generate_candidate`."""
+    return "generate_candidate" if step.startswith("generate_candidate") else step
+
+
+def is_fanout_step(step: str) -> bool:
+    return step.startswith(FANOUT_STEP_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class CallSpec:
+    step: str
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSpec:
+    """The shape and token counts of one query: stages of parallel calls."""
+
+    stages: tuple[tuple[CallSpec, ...], ...]
+    source: str = ""
+
+    @property
+    def n_calls(self) -> int:
+        return sum(len(stage) for stage in self.stages)
+
+    def steps(self) -> list[str]:
+        return [c.step for stage in self.stages for c in stage]
+
+
+def stages_from_calls(calls: Sequence[CallSpec]) -> tuple[tuple[CallSpec, ...], ...]:
+    """Consecutive calls of a fan-out step form one parallel stage; all others are sequential."""
+    stages: list[list[CallSpec]] = []
+    for call in calls:
+        if stages and is_fanout_step(call.step) and stages[-1][0].step == call.step:
+            stages[-1].append(call)
+        else:
+            stages.append([call])
+    return tuple(tuple(s) for s in stages)
+
+
+def resolve_trace_path(path_or_name: str | Path) -> Path:
+    """A path, or the name of a shipped trace (`chess_trace1`)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = TRACE_DIR / f"{path_or_name}.json"
+    if shipped.is_file():
+        return shipped
+    shipped_names = ", ".join(sorted(p.stem for p in TRACE_DIR.glob("*.json")))
+    raise UserError(f"trace: {path_or_name} is neither a file nor a shipped trace (shipped: {shipped_names})")
+
+
+def load_trace(path_or_name: str | Path) -> list[WorkflowSpec]:
+    """Load a CHESS trace: a JSON list of {"Text2SQLRequest": [{step, input_length, output_length}]}."""
+    path = resolve_trace_path(path_or_name)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"trace: {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"trace: {path} must be a non-empty JSON list of queries")
+    workflows = []
+    for qi, query in enumerate(raw):
+        if not isinstance(query, dict) or not isinstance(query.get("Text2SQLRequest"), list) or not query["Text2SQLRequest"]:
+            raise UserError(f"trace: query {qi} in {path.name} needs a non-empty 'Text2SQLRequest' list")
+        calls = []
+        for ci, call in enumerate(query["Text2SQLRequest"]):
+            where = f"query {qi} call {ci} in {path.name}"
+            if not isinstance(call, dict):
+                raise UserError(f"trace: {where} must be an object with step, input_length, output_length")
+            for key in ("step", "input_length", "output_length"):
+                if key not in call:
+                    raise UserError(f"trace: {where} is missing '{key}'")
+            if not isinstance(call["step"], str) or not call["step"]:
+                raise UserError(f"trace: {where}: 'step' must be a non-empty string")
+            for key in ("input_length", "output_length"):
+                value = call[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "input_length" else 1):
+                    raise UserError(f"trace: {where}: '{key}' must be a positive integer, got {value!r}")
+            calls.append(CallSpec(normalise_step(call["step"]), call["input_length"], call["output_length"]))
+        workflows.append(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}"))
+    return workflows
+
+
+def step_mean_tokens(workflows: Sequence[WorkflowSpec]) -> dict[str, tuple[float, float]]:
+    """Mean (input, output) tokens per step: what a scheduler may know about a step in advance."""
+    sums: dict[str, list[float]] = {}
+    for wf in workflows:
+        for stage in wf.stages:
+            for c in stage:
+                acc = sums.setdefault(c.step, [0.0, 0.0, 0.0])
+                acc[0] += c.input_tokens
+                acc[1] += c.output_tokens
+                acc[2] += 1
+    return {step: (a[0] / a[2], a[1] / a[2]) for step, a in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# A generator fitted to a trace: unlimited new queries that look like the trace.
+
+
+@dataclass
+class _StepTokenFit:
+    """Bivariate log-normal of (input, output) tokens of one step."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    min_tokens: tuple[int, int]
+    max_tokens: tuple[int, int]
+
+
+@dataclass
+class TraceGenerator:
+    """Draws workflow shapes from the trace's empirical shape distribution (so the workflow-length
+    and fan-out distributions match) and token counts from per-step log-normal fits (so each query
+    is new). Fitted once, then sampled with any seed."""
+
+    shapes: list[tuple[tuple[str, int], ...]]  # per workflow: (step, fan-out width) per stage
+    token_fits: dict[str, _StepTokenFit] = field(default_factory=dict)
+    name: str = "generator"
+
+    @classmethod
+    def fit(cls, workflows: Sequence[WorkflowSpec], name: str = "generator") -> "TraceGenerator":
+        shapes = [tuple((stage[0].step, len(stage)) for stage in wf.stages) for wf in workflows]
+        per_step: dict[str, list[tuple[int, int]]] = {}
+        for wf in workflows:
+            for stage in wf.stages:
+                for c in stage:
+                    per_step.setdefault(c.step, []).append((c.input_tokens, c.output_tokens))
+        fits = {}
+        for step, pairs in per_step.items():
+            arr = np.log(np.asarray(pairs, dtype=float))
+            cov = np.cov(arr.T) if len(pairs) > 2 else np.diag([0.01, 0.01])
+            cov = np.atleast_2d(cov) + np.eye(2) * 1e-6
+            raw = np.asarray(pairs)
+            fits[step] = _StepTokenFit(arr.mean(axis=0), cov, (int(raw[:, 0].min()), int(raw[:, 1].min())),
+                                       (int(raw[:, 0].max()), int(raw[:, 1].max())))
+        return cls(shapes=shapes, token_fits=fits, name=name)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
+        out = []
+        for qi in range(n):
+            shape = self.shapes[int(rng.integers(len(self.shapes)))]
+            stages = []
+            for step, width in shape:
+                fit = self.token_fits[step]
+                draws = np.exp(rng.multivariate_normal(fit.mean, fit.cov, size=width))
+                stage = tuple(
+                    CallSpec(step,
+                             int(np.clip(round(d[0]), fit.min_tokens[0], fit.max_tokens[0])),
+                             int(np.clip(round(d[1]), fit.min_tokens[1], fit.max_tokens[1])))
+                    for d in draws
+                )
+                stages.append(stage)
+            out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML workflow specs for other agentic workflows.
+
+
+class TokenDist(BaseModel):
+    """Token count distribution: a constant, or a log-normal given by its median and sigma."""
+
+    model_config = ConfigDict(extra="forbid")
+    median: PositiveFloat
+    sigma: float = Field(0.0, ge=0.0)
+    min: PositiveInt = 1
+    max: PositiveInt = 131072
+
+    def sample(self, rng: np.random.Generator) -> int:
+        value = self.median * math.exp(self.sigma * rng.standard_normal()) if self.sigma > 0 else self.median
+        return int(min(self.max, max(self.min, round(value))))
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: str = Field(min_length=1)
+    fanout: PositiveInt = 1
+    input_tokens: TokenDist
+    output_tokens: TokenDist
+
+
+class LoopSpec(BaseModel):
+    """Repeat stages[start..end] (inclusive) again with probability repeat_prob, up to max_repeats."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    repeat_prob: float = Field(ge=0.0, le=1.0)
+    max_repeats: PositiveInt = 3
+
+
+class WorkflowTemplate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "workflow"
+    stages: list[StageSpec] = Field(min_length=1)
+    loops: list[LoopSpec] = []
+
+    @model_validator(mode="after")
+    def _loops_in_range(self) -> "WorkflowTemplate":
+        for i, loop in enumerate(self.loops):
+            if not loop.start <= loop.end < len(self.stages):
+                raise ValueError(f"loops[{i}]: need 0 <= start <= end < {len(self.stages)} (number of stages)")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WorkflowTemplate":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"workflow: {path} is not valid YAML ({exc.__class__.__name__})") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise UserError(f"workflow: {path.name}: {loc}: {err['msg']}") from None
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
+        out = []
+        for qi in range(n):
+            order: list[int] = []
+            idx = 0
+            repeats = [0] * len(self.loops)
+            while idx < len(self.stages):
+                order.append(idx)
+                jumped = False
+                for li, loop in enumerate(self.loops):
+                    if idx == loop.end and repeats[li] < loop.max_repeats and rng.random() < loop.repeat_prob:
+                        repeats[li] += 1
+                        idx = loop.start
+                        jumped = True
+                        break
+                if not jumped:
+                    idx += 1
+            stages = []
+            for si in order:
+                spec = self.stages[si]
+                stages.append(tuple(CallSpec(spec.step, spec.input_tokens.sample(rng), spec.output_tokens.sample(rng))
+                                    for _ in range(spec.fanout)))
+            out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrival processes (seeded): times in seconds from 0.
+
+
+class PoissonArrivals(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["poisson"] = "poisson"
+    rate_qps: PositiveFloat
+
+    def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return np.cumsum(rng.exponential(1.0 / self.rate_qps, size=n))
+
+
+class GammaArrivals(BaseModel):
+    """Gamma inter-arrival times with mean 1/rate and coefficient of variation `cv` (cv=1: Poisson,
+    cv>1: bursty)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["gamma"] = "gamma"
+    rate_qps: PositiveFloat
+    cv: PositiveFloat = 1.0
+
+    def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        shape = 1.0 / (self.cv ** 2)
+        scale = 1.0 / (self.rate_qps * shape)
+        return np.cumsum(rng.gamma(shape, scale, size=n))
+
+
+class RateSegment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    duration_s: PositiveFloat
+    rate_qps: float = Field(ge=0.0)
+
+
+class PiecewiseArrivals(BaseModel):
+    """A Poisson process whose rate is constant in segments (load steps); repeats after the last
+    segment. `diurnal(...)` builds a sine-shaped day curve out of such segments."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["piecewise"] = "piecewise"
+    segments: list[RateSegment] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _some_load(self) -> "PiecewiseArrivals":
+        if all(s.rate_qps == 0 for s in self.segments):
+            raise ValueError("segments: at least one segment needs rate_qps > 0")
+        return self
+
+    @classmethod
+    def diurnal(cls, mean_rate_qps: float, amplitude: float, period_s: float, steps: int = 24) -> "PiecewiseArrivals":
+        segs = [RateSegment(duration_s=period_s / steps,
+                            rate_qps=max(0.0, mean_rate_qps * (1 + amplitude * math.sin(2 * math.pi * (i + 0.5) / steps))))
+                for i in range(steps)]
+        return cls(segments=segs)
+
+    def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        # time change: unit-rate Poisson points mapped through the inverse cumulative rate
+        unit = np.cumsum(rng.exponential(1.0, size=n))
+        out = np.empty(n)
+        t0, cum, seg_i, k = 0.0, 0.0, 0, 0
+        segs = self.segments
+        while k < n:
+            seg = segs[seg_i % len(segs)]
+            seg_mass = seg.rate_qps * seg.duration_s
+            while k < n and unit[k] <= cum + seg_mass:
+                out[k] = t0 + (unit[k] - cum) / seg.rate_qps
+                k += 1
+            cum += seg_mass
+            t0 += seg.duration_s
+            seg_i += 1
+        return out
+
+    @property
+    def mean_rate_qps(self) -> float:
+        total = sum(s.duration_s for s in self.segments)
+        return sum(s.rate_qps * s.duration_s for s in self.segments) / total
+
+
+class ReplayArrivals(BaseModel):
+    """Given timestamps (seconds), replayed as they are; fewer timestamps than queries is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["replay"] = "replay"
+    timestamps_s: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "ReplayArrivals":
+        if any(b < a for a, b in zip(self.timestamps_s, self.timestamps_s[1:])):
+            raise ValueError("timestamps_s: must be non-decreasing")
+        return self
+
+    def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if n > len(self.timestamps_s):
+            raise UserError(f"arrivals.timestamps_s: {len(self.timestamps_s)} timestamps for {n} queries (give more timestamps or fewer queries)")
+        return np.asarray(self.timestamps_s[:n], dtype=float)
+
+
+ArrivalProcess = PoissonArrivals | GammaArrivals | PiecewiseArrivals | ReplayArrivals
+
+
+def draw_workflows(trace: Sequence[WorkflowSpec], n: int | None, rng: np.random.Generator,
+                   generator: TraceGenerator | None = None) -> list[WorkflowSpec]:
+    """The trace in order if it has enough queries; beyond it, new queries from the fitted generator."""
+    if n is None or n <= len(trace):
+        return list(trace[: n if n is not None else len(trace)])
+    generator = generator or TraceGenerator.fit(trace)
+    return list(trace) + generator.sample(n - len(trace), rng)

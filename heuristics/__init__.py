@@ -1,0 +1,1 @@
+"""Scheduling heuristics: global dispatchers and local queue orders over the read-only state view."""

@@ -1,0 +1,75 @@
+"""A heuristic policy: a dispatcher and a local order, with knob values."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from envs.sim.view import CallView, ClusterView, EngineView
+from heuristics import registry
+from heuristics.base import Dispatcher, LocalOrder
+from policies.base import Policy, PolicyError
+
+
+def _construct(factory: Any, kind: str, name: str, knobs: dict[str, Any]) -> Any:
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(knobs) - set(params))
+    if unknown:
+        allowed = ", ".join(params) or "none"
+        raise PolicyError(f"policy knobs: {kind} {name!r} has no knob {unknown[0]!r} (knobs: {allowed})")
+    try:
+        return factory(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"policy knobs: {kind} {name!r}: {exc}") from None
+
+
+class HeuristicPolicy(Policy):
+    def __init__(self, dispatcher: Dispatcher, local: LocalOrder, name: str | None = None):
+        self.dispatcher = dispatcher
+        self.local = local
+        self.name = name or f"{dispatcher.name}+{local.name}"
+        self._key = local.key
+        self._dispatch = dispatcher.dispatch
+
+    @classmethod
+    def build(cls, dispatch: str, local: str, dispatch_knobs: dict[str, Any] | None = None,
+              local_knobs: dict[str, Any] | None = None, name: str | None = None) -> "HeuristicPolicy":
+        if dispatch not in registry.DISPATCHERS:
+            raise PolicyError(f"policy dispatch: unknown dispatcher {dispatch!r} (known: {', '.join(registry.DISPATCHERS)})")
+        if local not in registry.LOCAL_ORDERS:
+            raise PolicyError(f"policy local: unknown local order {local!r} (known: {', '.join(registry.LOCAL_ORDERS)})")
+        d = _construct(registry.DISPATCHERS[dispatch], "dispatcher", dispatch, dispatch_knobs or {})
+        l = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs or {})
+        return cls(d, l, name=name)
+
+    @classmethod
+    def named(cls, name: str, dispatch_knobs: dict[str, Any] | None = None,
+              local_knobs: dict[str, Any] | None = None) -> "HeuristicPolicy":
+        if name not in registry.NAMED:
+            raise PolicyError(f"policy: unknown policy name {name!r} (known: {', '.join(registry.NAMED)}; or give a policy file)")
+        dispatch, local = registry.NAMED[name]
+        return cls.build(dispatch, local, dispatch_knobs, local_knobs, name=name)
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        return self._dispatch(call, cluster)
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        return self._key(call, engine)
+
+    def reset(self) -> None:
+        self.dispatcher.reset()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": "heuristic",
+            "name": self.name,
+            "dispatch": {"name": self._registry_name(registry.DISPATCHERS, self.dispatcher), **self.dispatcher.get_knobs()},
+            "local": {"name": self._registry_name(registry.LOCAL_ORDERS, self.local), **self.local.get_knobs()},
+        }
+
+    @staticmethod
+    def _registry_name(table: dict[str, Any], obj: Any) -> str:
+        for key, factory in table.items():
+            if type(obj) is factory:
+                return key
+        return type(obj).__name__
