@@ -84,5 +84,27 @@ def serve_cmd(
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
+    app.command("calibrate")(calibrate_cmd)
     app.add_typer(engines_app, name="engines")
     app.command("make-tiny-model")(make_tiny_model_cmd)
+
+
+def calibrate_cmd(
+    engine: str = typer.Option(..., "--engine", help="base URL of a live vLLM engine, e.g. http://127.0.0.1:8101"),
+    out: Path = typer.Option(Path("profile.yaml"), "--out", help="profile YAML to write (envs/sim/perf.py format)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model name; default: the engine's first model"),
+    max_num_seqs: int = typer.Option(32, "--max-num-seqs", min=1, help="the engine's --max-num-seqs"),
+) -> None:
+    """Measure prefill and decode iteration times of a live engine; write a performance profile."""
+    from deploy.calibrate import calibrate
+
+    if not engine.startswith(("http://", "https://")):
+        from envs.sim.errors import UserError
+
+        raise UserError(f"--engine {engine!r} must be a URL like http://127.0.0.1:8101")
+    profile, _ = calibrate(engine, out, model=model, max_num_seqs=max_num_seqs)
+    c = profile.iteration
+    typer.echo(f"wrote {out}: base {c.base_s*1e3:.2f} ms, decode/seq {c.decode_seq_s*1e6:.1f} us, "
+               f"ctx/token {c.context_token_s*1e9:.2f} ns, prefill/token {c.prefill_token_s*1e6:.2f} us, "
+               f"overhead {profile.fit['request_overhead_s']*1e3:.2f} ms; fit errors decode "
+               f"{profile.fit['decode_median_abs_rel_err']:.1%} prefill {profile.fit['prefill_median_abs_rel_err']:.1%}")

@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   - create .venv, install everything, run the default benchmark on the embedded scenario
+#   make test  - same set-up (plus the vLLM CPU engines' venv), then the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+
+.PHONY: install run test bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,tiny-model]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+-include deploy/vllm.mk
+
+run: install
+	$(VENV)/bin/agentsched bench --out runs/default-bench
+
+test: install $(if $(wildcard deploy/vllm.mk),vllm-venv,)
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
