@@ -129,11 +129,16 @@ async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: in
             # all B decode together after the last stream's first token and before the first stream ends
             start = max(s[0] for s in streams if s)
             end = min(s[-1] for s in streams if s)
-            gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= start and b <= end]
-            if len(gaps) < 3:
+            # per stream: span / tokens inside the window (robust to events read together)
+            rates = []
+            for s in streams:
+                inside = [t for t in s if start <= t <= end]
+                if len(inside) >= 4:
+                    rates.append((inside[-1] - inside[0]) / (len(inside) - 1))
+            if not rates:
                 continue
             context = batch * (ctx + plan.decode_tokens / 2)
-            samples.decode.append((batch, int(context), statistics.median(gaps)))
+            samples.decode.append((batch, int(context), statistics.median(rates)))
     return samples
 
 
