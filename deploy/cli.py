@@ -82,7 +82,38 @@ def serve_cmd(
     run_gateway(spec, resolve_policy(policy), host=host, port=port, api_key=api_key, log_level=log_level)
 
 
+def replay_cmd(
+    gateway: str = typer.Option(..., "--gateway", help="gateway base URL, e.g. http://127.0.0.1:8000"),
+    trace: str = typer.Option(..., "--trace", help="CHESS trace JSON or shipped name (chess_trace1)"),
+    rate: float = typer.Option(..., "--rate", help="workflow arrival rate, queries per second"),
+    slo_scale: float = typer.Option(..., "--slo-scale", help="SLO = scale x base SLO of the gateway's cluster"),
+    token_scale: float = typer.Option(1.0, "--token-scale", help="multiply input/output lengths (tiny CPU engines: 0.05)"),
+    queries: Optional[int] = typer.Option(None, "--queries", min=1, help="number of workflows (default: whole trace)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="result JSON (same keys as `agentsched simulate`)"),
+    seed: int = typer.Option(0, "--seed"),
+    tenant: str = typer.Option("default", "--tenant"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AGENTSCHED_API_KEY"),
+    records: bool = typer.Option(False, "--records", help="also write per-call and per-workflow records"),
+) -> None:
+    """Run a trace's workflows for real through a gateway; write the simulator's result JSON."""
+    import json
+
+    from deploy.replay import ReplayConfig, replay
+
+    if not gateway.startswith("http://"):
+        from envs.sim.errors import UserError
+
+        raise UserError(f"--gateway {gateway!r} must be a URL like http://127.0.0.1:8000")
+    cfg = ReplayConfig(gateway=gateway, trace=trace, rate_qps=rate, slo_scale=slo_scale, token_scale=token_scale,
+                       queries=queries, seed=seed, tenant=tenant, api_key=api_key)
+    result, _ = replay(cfg, out=out, with_records=records)
+    keys = ("n_workflows", "n_calls", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
+            "latency_p95_s", "latency_p99_s", "call_latency_p50_s", "sim_wall_s")
+    typer.echo(json.dumps({k: result.get(k) for k in keys}, indent=1))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("replay")(replay_cmd)
     app.command("serve")(serve_cmd)
     app.command("calibrate")(calibrate_cmd)
     app.add_typer(engines_app, name="engines")

@@ -10,6 +10,7 @@ responses, so a small client that parses exactly that is enough. Anything unusua
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -30,12 +31,16 @@ class Response:
     body: bytes
 
 
+IDLE_REUSE_S = 3.0  # uvicorn (vLLM's server) closes keep-alive connections idle for 5 s
+
+
 class _Conn:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("reader", "writer", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = 0.0
 
     def close(self) -> None:
         try:
@@ -111,10 +116,21 @@ class ConnectionPool:
         self._idle: deque[_Conn] = deque()
 
     def _put(self, conn: _Conn) -> None:
-        if len(self._idle) < self.max_idle:
+        if len(self._idle) < self.max_idle and not conn.reader.at_eof():
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
+
+    def _take_idle(self) -> _Conn | None:
+        """Most recently used live connection; stale ones (server may have closed them) are dropped."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < IDLE_REUSE_S and not conn.reader.at_eof():
+                return conn
+            conn.close()
+        return None
 
     async def _connect(self) -> _Conn:
         try:
@@ -144,8 +160,10 @@ class ConnectionPool:
             head.append(f"{name}: {value}".encode())
         payload = b"\r\n".join(head) + b"\r\n\r\n" + body
         for attempt in range(2):
-            reused = bool(self._idle)
-            conn = self._idle.pop() if reused else await self._connect()
+            conn = self._take_idle() if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
             try:
                 conn.writer.write(payload)
                 status_line = await conn.reader.readline()
@@ -166,6 +184,7 @@ class ConnectionPool:
             except (OSError, ConnectionResetError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
                 conn.close()
                 if reused and attempt == 0:
+                    self.close()  # its siblings are likely stale too
                     continue
                 raise UpstreamError(f"{method} {self.host}:{self.port}{path} failed: {exc!r}") from None
         raise UpstreamError("unreachable")  # pragma: no cover

@@ -369,7 +369,7 @@ class Gateway:
             "slo_scale": self.config.slo_scale,
             "token_scale": self.config.token_scale,
             "engines": [
-                {"name": e.name, "gpu": e.gpu, "url": e.spec.base_url, "healthy": e.healthy, "inflight": e.inflight,
+                {"name": e.name, "gpu": e.gpu, "url": e.spec.base_url, "price_per_hour": e.price_per_hour, "healthy": e.healthy, "inflight": e.inflight,
                  "queued": e.queued, "num_running": e.num_running, "num_waiting": e.num_waiting,
                  "kv_usage": e.kv_usage, "preemptions_total": e.preemptions_total, "kv_cache_tokens": e.kv_cache_tokens,
                  "assigned_calls": e.assigned_calls, "outstanding_work_s": e.outstanding_work_s,

@@ -1,0 +1,169 @@
+"""Replay a CHESS trace through a live gateway, for real, and summarise it like the simulator.
+
+Each workflow arrives at its Poisson arrival time and runs its stages in order; the calls of a
+stage (fan-out) are sent in parallel and the next stage starts when all of them finished. A call
+is a /v1/completions request whose prompt is `input_length x token_scale` random token ids (no
+prefix-cache luck) and whose output is exactly `output_length x token_scale` tokens
+(`ignore_eos` + `max_tokens`), so the tiny CPU engines see the trace's shape at a size they keep
+up with. The result is `envs.sim.metrics.summarize` over the same records the simulator fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.http1 import ConnectionPool, UpstreamError
+from envs.sim.errors import UserError
+from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
+from envs.sim.workload import PoissonArrivals, WorkflowSpec, draw_workflows, load_trace
+
+TOKEN_ID_RANGE = (10, 1000)
+CLIENT_RETRY_STATUS = {429, 502, 503}
+CLIENT_MAX_TRIES = 20
+CLIENT_BACKOFF_S = 0.2
+
+
+@dataclass
+class ReplayConfig:
+    gateway: str
+    trace: str
+    rate_qps: float
+    slo_scale: float
+    token_scale: float = 1.0
+    queries: int | None = None
+    seed: int = 0
+    tenant: str = "default"
+    api_key: str | None = None
+    start_delay_s: float = 0.05
+
+
+def scaled_tokens(n: int, scale: float) -> int:
+    return max(1, int(round(n * scale)))
+
+
+class Replayer:
+    def __init__(self, cfg: ReplayConfig) -> None:
+        self.cfg = cfg
+        self.pool = ConnectionPool(cfg.gateway.rstrip("/"), max_idle=1024, connect_timeout_s=5.0)
+        self.rng = random.Random(cfg.seed)
+        self.calls: list[CallRecord] = []
+        self.workflows: list[WorkflowRecord] = []
+        self._call_ids = 0
+        self._t0 = 0.0
+        self._auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    async def info(self) -> dict[str, Any]:
+        try:
+            resp = await self.pool.fetch("GET", "/v1/agentsched/info", headers=self._auth, timeout_s=10)
+        except UpstreamError as exc:
+            raise UserError(f"cannot reach gateway {self.cfg.gateway}: {exc} (start it with `agentsched serve`)") from None
+        if resp.status != 200:
+            raise UserError(f"{self.cfg.gateway} is not an agentsched gateway (GET /v1/agentsched/info -> {resp.status})")
+        return json.loads(resp.body)
+
+    async def _call(self, wf_key: str, wf_id: int, slo_s: float, stage_index: int, fanout: int, last: bool,
+                    step: str, n_in: int, n_out: int) -> CallRecord:
+        call_id = self._call_ids
+        self._call_ids += 1
+        body = json.dumps({"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
+                           "max_tokens": n_out, "ignore_eos": True, "temperature": 0}).encode()
+        headers = {"X-Workflow-Id": wf_key, "X-Workflow-Step": step, "X-Tenant": self.cfg.tenant,
+                   "X-Workflow-SLO-S": f"{slo_s:.6f}", "X-Stage-Index": str(stage_index), "X-Fanout": str(fanout),
+                   **self._auth}
+        if last:
+            headers["X-Workflow-Last"] = "1"
+        ready = self.now()
+        engine, out_tokens, finish, tries = "", n_out, math.nan, 0
+        while tries < CLIENT_MAX_TRIES:
+            tries += 1
+            try:
+                resp = await self.pool.fetch("POST", "/v1/completions", body, headers=headers, timeout_s=600)
+            except UpstreamError:
+                await asyncio.sleep(CLIENT_BACKOFF_S)
+                continue
+            if resp.status == 200:
+                finish = self.now()
+                engine = resp.headers.get("x-agentsched-engine", "")
+                usage = json.loads(resp.body).get("usage") or {}
+                out_tokens = int(usage.get("completion_tokens", n_out))
+                break
+            if resp.status in CLIENT_RETRY_STATUS:
+                await asyncio.sleep(float(resp.headers.get("retry-after", CLIENT_BACKOFF_S)))
+                continue
+            raise UserError(f"gateway answered {resp.status}: {resp.body[:200]!r}")
+        rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, math.nan, finish,
+                         0, tries)
+        self.calls.append(rec)
+        return rec
+
+    async def _workflow(self, wf_id: int, spec: WorkflowSpec, arrival_s: float, slo_s: float) -> None:
+        await asyncio.sleep(max(0.0, arrival_s - self.now()))
+        arrival = self.now()
+        key = f"replay-{self.cfg.seed}-{wf_id}"
+        failed = False
+        n_stages = len(spec.stages)
+        for si, stage in enumerate(spec.stages):
+            records = await asyncio.gather(*(
+                self._call(key, wf_id, slo_s, si, len(stage), si == n_stages - 1, c.step,
+                           scaled_tokens(c.input_tokens, self.cfg.token_scale),
+                           scaled_tokens(c.output_tokens, self.cfg.token_scale))
+                for c in stage))
+            if any(math.isnan(r.finish_s) for r in records):
+                failed = True
+                break
+        finish = self.now() if not failed else math.nan
+        self.workflows.append(WorkflowRecord(wf_id, self.cfg.tenant, arrival, finish, slo_s, spec.n_calls, failed))
+
+    async def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        info = await self.info()
+        trace = load_trace(cfg.trace)
+        rng = np.random.default_rng(cfg.seed)
+        specs = draw_workflows(trace, cfg.queries, rng)
+        arrivals = PoissonArrivals(rate_qps=cfg.rate_qps).times(len(specs), rng)
+        arrivals = arrivals - arrivals[0] + cfg.start_delay_s
+        slo_s = cfg.slo_scale * float(info["base_slo_s"])
+        wall0 = time.perf_counter()
+        self._t0 = time.perf_counter()
+        await asyncio.gather(*(self._workflow(i, s, float(a), slo_s) for i, (s, a) in enumerate(zip(specs, arrivals))))
+        wall = time.perf_counter() - wall0
+        after = await self.info()
+        # busy time is not observable from outside the engine: reported as 0
+        engines = [EngineRecord(e["name"], e["gpu"], e.get("price_per_hour", 0.0), 0.0, e.get("kv_usage", 0.0),
+                                sum(1 for c in self.calls if c.engine == e["name"]), int(e.get("preemptions_total", 0)))
+                   for e in after["engines"]]
+        self.pool.close()
+        return summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
+            "mode": "replay", "gateway": cfg.gateway, "trace": cfg.trace, "rate_qps": cfg.rate_qps,
+            "slo_scale": cfg.slo_scale, "token_scale": cfg.token_scale, "base_slo_s": info["base_slo_s"],
+            "policy": info.get("policy"), "seed": cfg.seed,
+        })
+
+
+def replay(cfg: ReplayConfig, out: str | Path | None = None, with_records: bool = False) -> tuple[dict[str, Any], Replayer]:
+    if cfg.rate_qps <= 0:
+        raise UserError(f"--rate {cfg.rate_qps} must be > 0 queries per second")
+    if cfg.token_scale <= 0:
+        raise UserError(f"--token-scale {cfg.token_scale} must be > 0")
+    replayer = Replayer(cfg)
+    result = asyncio.run(replayer.run())
+    if with_records:
+        result["call_records"] = [asdict(c) for c in replayer.calls]
+        result["workflow_records"] = [asdict(w) for w in replayer.workflows]
+    if out is not None:
+        p = Path(out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(result, indent=1, default=float))
+    return result, replayer

@@ -1,0 +1,256 @@
+"""Gateway against two real vLLM CPU engines (session fixture `live_cluster`, tests/deploy_fixtures.py).
+
+No mocks: every call below goes through the gateway to a real vLLM engine serving a tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+
+import httpx
+import pytest
+
+from policies.base import Policy, PolicyError
+from tests.deploy_fixtures import thread_gateway
+
+pytestmark = pytest.mark.engines
+
+
+class RoundRobin(Policy):
+    """Test policy: alternate engines; FCFS locally."""
+
+    name = "test-rr"
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def dispatch(self, call, cluster) -> int:
+        healthy = [e.engine_id for e in cluster.engines if e.healthy]
+        self.next += 1
+        return healthy[self.next % len(healthy)]
+
+    def reset(self) -> None:
+        self.next = 0
+
+
+class EarliestDeadline(RoundRobin):
+    """Test policy: local order by the call's deadline (the urgent call goes first)."""
+
+    name = "test-edf"
+
+    def queue_key(self, call, engine) -> float:
+        return call.deadline_s
+
+
+def completion(n_in: int = 16, n_out: int = 4, **extra) -> dict:
+    return {"model": "tiny", "prompt": list(range(10, 10 + n_in)), "max_tokens": n_out, "ignore_eos": True, **extra}
+
+
+def load_named(name: str) -> Policy:
+    from policies import load_policy
+
+    try:
+        return load_policy(name)
+    except PolicyError as exc:
+        pytest.skip(f"policy {name} not available yet: {exc}")
+
+
+def test_routes_with_rr_policy_and_streams(live_cluster, tmp_path):
+    with thread_gateway(live_cluster.cluster(tmp_path), load_named("rr")) as gw:
+        engines = []
+        with httpx.Client(base_url=gw.url, timeout=60) as client:
+            for i in range(6):
+                r = client.post("/v1/completions", json=completion(n_out=3),
+                                headers={"X-Workflow-Id": "wf-a", "X-Workflow-Step": "Information Retriever", "X-Tenant": "t1"})
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["completion_tokens"] == 3
+                engines.append(r.headers["x-agentsched-engine"])
+            # chat + streaming through the gateway
+            with client.stream("POST", "/v1/chat/completions",
+                               json={"messages": [{"role": "user", "content": "count rows"}], "max_tokens": 5,
+                                     "ignore_eos": True, "stream": True}) as s:
+                assert s.status_code == 200
+                events = [line for line in s.iter_lines() if line.startswith("data:")]
+            metrics = client.get("/metrics").text
+        assert set(engines) == {"fast", "slow"}, engines
+        assert engines[0] != engines[1]  # round robin alternates
+        assert events[-1].strip() == "data: [DONE]"
+        assert sum(1 for e in events[:-1] if '"content"' in e) >= 5
+        routed = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("agentsched_routed_calls_total{")}
+        assert routed["fast"] >= 3 and routed["slow"] >= 3
+        assert "agentsched_decision_seconds_bucket" in metrics
+
+
+def test_routes_with_hexgen_policy(live_cluster, tmp_path):
+    """hexgen reads expected latencies and outstanding work from the live state view."""
+    policy = load_named("hexgen")
+    with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
+        async def burst() -> list[str]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=120) as client:
+                async def one(i: int) -> str:
+                    r = await client.post("/v1/completions", json=completion(n_in=200, n_out=16),
+                                          headers={"X-Workflow-Id": f"wf-{i}", "X-Workflow-Step": "generate_candidate"})
+                    assert r.status_code == 200, r.text
+                    return r.headers["x-agentsched-engine"]
+                return await asyncio.gather(*(one(i) for i in range(24)))
+
+        engines = asyncio.run(burst())
+        info = httpx.get(gw.url + "/v1/agentsched/info").json()
+    assert info["policy"]["name"] == policy.spec()["name"]
+    assert len(engines) == 24
+    # hexgen balances expected work: the faster engine takes at least its share
+    assert engines.count("fast") >= engines.count("slow") > 0 or engines.count("fast") == 24
+
+
+def test_short_replay_writes_simulator_metrics(live_cluster, tmp_path):
+    from deploy.replay import ReplayConfig, replay
+
+    with thread_gateway(live_cluster.cluster(tmp_path), load_named("rr")) as gw:
+        out = tmp_path / "result.json"
+        result, _ = replay(ReplayConfig(gateway=gw.url, trace="chess_trace1", rate_qps=2.0, slo_scale=3.0,
+                                        token_scale=0.05, queries=4, seed=1), out=out)
+    saved = json.loads(out.read_text())
+    for key in ("slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s", "latency_p95_s",
+                "latency_p99_s", "n_workflows", "n_calls", "sim_wall_s", "cost_usd"):
+        assert key in saved, key
+    assert saved["n_workflows"] == 4 and saved["n_finished"] == 4 and saved["n_failed"] == 0
+    assert saved["n_calls"] == sum(1 for _ in range(1)) * 0 + result["n_calls"] >= 4 * 15
+    assert 0.0 <= saved["slo_attainment"] <= 1.0
+    assert saved["latency_p50_s"] > 0 and saved["throughput_qps"] > 0
+
+
+def test_urgent_call_overtakes_lax_calls_under_load(live_cluster, tmp_path):
+    """One engine, one call in flight: queued calls are admitted by the policy's queue_key."""
+    cluster = live_cluster.cluster(tmp_path, only=["fast"], engine_overrides={"fast": {"max_inflight": 1}})
+    order: list[str] = []
+    lock = threading.Lock()
+    with thread_gateway(cluster, EarliestDeadline()) as gw:
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=120) as client:
+                async def call(tag: str, slo_s: float, delay_s: float) -> None:
+                    await asyncio.sleep(delay_s)
+                    r = await client.post("/v1/completions", json=completion(n_in=32, n_out=24),
+                                          headers={"X-Workflow-Id": tag, "X-Workflow-Step": "revise",
+                                                   "X-Workflow-SLO-S": str(slo_s)})
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        order.append(tag)
+                lax = [call(f"lax-{i}", 1000.0, 0.0) for i in range(8)]
+                urgent = call("urgent", 2.0, 0.3)  # arrives last, while lax calls are queued
+                await asyncio.gather(*lax, urgent)
+
+        asyncio.run(run())
+    position = order.index("urgent")
+    # at most the call in flight (and one admitted in the same instant) finish before it
+    assert position <= 2, order
+
+
+def test_bad_requests_auth_and_backpressure(live_cluster, tmp_path):
+    key = "s3cret"
+    cluster = live_cluster.cluster(tmp_path, only=["fast"], engine_overrides={"fast": {"max_inflight": 1}},
+                                   max_queue_per_engine=2, retry_after_s=3)
+    with thread_gateway(cluster, load_named("rr"), api_key=key) as gw:
+        auth = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=gw.url, timeout=60) as client:
+            r = client.post("/v1/completions", json=completion())
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json=completion(), headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401
+            r = client.post("/v1/completions", content=b"{not json", headers=auth)
+            assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json={"model": "tiny", "max_tokens": 3}, headers=auth)
+            assert r.status_code == 400 and "'prompt'" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json=completion(max_tokens=-1), headers=auth)
+            assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+            r = client.post("/v1/chat/completions", json={"messages": "hi"}, headers=auth)
+            assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json=completion(), headers={**auth, "X-Workflow-SLO-S": "soon"})
+            assert r.status_code == 400
+            assert client.post("/v1/completions", json=completion(), headers=auth).status_code == 200
+
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=120, headers=auth) as client:
+                return await asyncio.gather(*(client.post("/v1/completions", json=completion(n_out=32))
+                                              for _ in range(12)))
+
+        responses = asyncio.run(flood())
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) >= 3  # 1 in flight + 2 queued always get through
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited, codes
+    assert all(r.headers["retry-after"] == "3" for r in limited)
+
+
+def test_metrics_scraped_under_kv_pressure(live_cluster, tmp_path):
+    """Long calls overfill the slow engine's 32 MB KV cache; the gateway's scraped view shows it."""
+    cluster = live_cluster.cluster(tmp_path, only=["slow"], engine_overrides={"slow": {"max_inflight": 64}})
+    samples: list[dict] = []
+    with thread_gateway(cluster, load_named("rr")) as gw:
+        stop = threading.Event()
+
+        def watch() -> None:
+            with httpx.Client(base_url=gw.url, timeout=10) as c:
+                while not stop.is_set():
+                    samples.append(c.get("/v1/agentsched/info").json()["engines"][0])
+                    time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=300) as client:
+                rs = await asyncio.gather(*(client.post("/v1/completions", json=completion(n_in=1500, n_out=160))
+                                            for _ in range(24)))
+                return [r.status_code for r in rs]
+
+        try:
+            codes = asyncio.run(load())
+        finally:
+            stop.set()
+            watcher.join()
+        gauge = httpx.get(gw.url + "/metrics").text
+    assert codes == [200] * 24
+    kv_cache_tokens = max(s["kv_cache_tokens"] or 0 for s in samples)
+    assert 0 < kv_cache_tokens < 24 * 1660  # the load does not fit in the KV cache at once
+    assert max(s["kv_usage"] for s in samples) >= 0.6
+    assert max(s["num_waiting"] for s in samples) > 0
+    assert max(s["num_running"] for s in samples) <= 16  # the engine's --max-num-seqs
+    assert 'agentsched_engine_kv_usage{engine="slow"}' in gauge
+
+
+def test_engine_death_mid_replay_loses_no_workflow(live_cluster, tmp_path):
+    """Kill one engine during a replay: every workflow still finishes; the engine is used again after restart."""
+    from deploy.replay import ReplayConfig, replay
+
+    cluster = live_cluster.cluster(tmp_path, health_interval_s=0.3)
+    result: dict = {}
+    with thread_gateway(cluster, load_named("rr")) as gw:
+        def run_replay() -> None:
+            result.update(replay(ReplayConfig(gateway=gw.url, trace="chess_trace1", rate_qps=2.0, slo_scale=3.0,
+                                              token_scale=0.05, queries=6, seed=2))[0])
+
+        t = threading.Thread(target=run_replay)
+        t.start()
+        time.sleep(2.5)
+        live_cluster.kill("slow")
+        t.join(timeout=240)
+        assert not t.is_alive()
+        info = httpx.get(gw.url + "/v1/agentsched/info").json()
+        slow_state = next(e for e in info["engines"] if e["name"] == "slow")
+        assert slow_state["healthy"] is False
+        assert result["n_workflows"] == 6 and result["n_finished"] == 6 and result["n_failed"] == 0
+        assert not math.isnan(result["latency_p99_s"])
+
+        live_cluster.restart("slow")
+        deadline = time.monotonic() + 30
+        while not next(e for e in httpx.get(gw.url + "/v1/agentsched/info").json()["engines"] if e["name"] == "slow")["healthy"]:
+            assert time.monotonic() < deadline, "gateway never saw the engine come back"
+            time.sleep(0.2)
+        with httpx.Client(base_url=gw.url, timeout=60) as client:
+            used = {client.post("/v1/completions", json=completion()).headers["x-agentsched-engine"] for _ in range(4)}
+    assert "slow" in used
