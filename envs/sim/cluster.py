@@ -348,8 +348,7 @@ class ClusterSimulator:
     def _fail(self, engine: Engine, now: float) -> None:
         engine.healthy = False
         for call in engine.drain():
-            call.ready_time_s = now  # back to dispatch, keeping its deadline
-            self._ready.append(call)
+            self._ready.append(call)  # back to dispatch, keeping its readiness time and deadline
 
     def _recover(self, engine: Engine, now: float) -> None:
         engine.healthy = True

@@ -103,6 +103,13 @@ class Engine:
             weights = model.parameters * config.weight_bits / 8.0
             reserve = config.activation_reserve_gb * GB * config.tp
             kv_tokens = int((usable - weights - reserve) / model.kv_bytes_per_token(config.kv_bits))
+        if kv_tokens < self.max_num_batched_tokens:
+            from envs.sim.errors import UserError
+
+            raise UserError(
+                f"engines: {model.name} with {config.weight_bits}-bit weights leaves room for only {max(kv_tokens, 0)} KV "
+                f"tokens on {gpu.name} x tp{config.tp} (need at least max_num_batched_tokens={self.max_num_batched_tokens}); "
+                f"raise tp, lower weight_bits or raise gpu_memory_utilization")
         self.total_blocks = max(0, kv_tokens // self.block_size)
         self.kv_capacity_tokens = self.total_blocks * self.block_size
         self._latency_cache: dict[str, float] = {}
@@ -128,6 +135,8 @@ class Engine:
         self._plan_prefills: list[tuple[LLMCall, int]] = []
         self._plan_decodes: list[LLMCall] = []
         self.timeline: list[tuple[float, float, int, int]] | None = None  # (start, dur, prefill tokens, decodes)
+        # cap on iterations per decode segment; 1 turns fast-forward off (tests compare both)
+        self.max_segment_iterations: int | None = None
 
     # ---- EngineView -----------------------------------------------------------------------
     @property
@@ -273,6 +282,8 @@ class Engine:
             ctx0 = 0
             for seq in decodes:
                 ctx0 += seq.kv_tokens + 1
+            if self.max_segment_iterations is not None:
+                k = min(k, self.max_segment_iterations)
             if k > 1:
                 k = self._kv_limited_iterations(decodes, k)
             cost = self.perf.decode_segment(len(decodes), ctx0)

@@ -41,6 +41,7 @@ class RunSpec(BaseModel):
     slo_scale: PositiveFloat = 3.0
     seed: int = 0
     queries: PositiveInt | None = None  # default: the whole trace; more draws from the fitted generator
+    generated: bool = False  # every query from the generator fitted to the trace (needs `queries`)
     arrivals: ArrivalProcess | None = Field(None, discriminator="kind")  # default: Poisson at rate_qps
     burstiness_cv: PositiveFloat = 1.0  # >1: Gamma arrivals with this CV (when `arrivals` is not given)
     tenants: list[TenantSpec] = [TenantSpec()]
@@ -73,7 +74,11 @@ def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
     trace = _trace(path)
     wf_rng = np.random.default_rng([spec.seed, 1])
     arr_rng = np.random.default_rng([spec.seed, 2])
-    workflows = draw_workflows(trace, spec.queries, wf_rng, _generator(path) if spec.queries and spec.queries > len(trace) else None)
+    if spec.generated:
+        workflows = _generator(path).sample(spec.queries or len(trace), wf_rng)
+    else:
+        workflows = draw_workflows(trace, spec.queries, wf_rng,
+                                   _generator(path) if spec.queries and spec.queries > len(trace) else None)
     times = spec.arrival_process().times(len(workflows), arr_rng)
     return workflows, times
 

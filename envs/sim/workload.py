@@ -164,20 +164,28 @@ class TraceGenerator:
         return cls(shapes=shapes, token_fits=fits, name=name)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
+        shapes = [self.shapes[int(i)] for i in rng.integers(len(self.shapes), size=n)]
+        # draw every step's token pairs in one vectorised batch, then hand them out in order
+        counts: dict[str, int] = {}
+        for shape in shapes:
+            for step, width in shape:
+                counts[step] = counts.get(step, 0) + width
+        pools: dict[str, list[tuple[int, int]]] = {}
+        for step in sorted(counts):
+            fit = self.token_fits[step]
+            chol = np.linalg.cholesky(fit.cov)
+            draws = np.exp(fit.mean + rng.standard_normal((counts[step], 2)) @ chol.T)
+            ins = np.clip(np.rint(draws[:, 0]), fit.min_tokens[0], fit.max_tokens[0]).astype(int).tolist()
+            outs = np.clip(np.rint(draws[:, 1]), fit.min_tokens[1], fit.max_tokens[1]).astype(int).tolist()
+            pools[step] = list(zip(ins, outs))
+        cursor = dict.fromkeys(pools, 0)
         out = []
-        for qi in range(n):
-            shape = self.shapes[int(rng.integers(len(self.shapes)))]
+        for qi, shape in enumerate(shapes):
             stages = []
             for step, width in shape:
-                fit = self.token_fits[step]
-                draws = np.exp(rng.multivariate_normal(fit.mean, fit.cov, size=width))
-                stage = tuple(
-                    CallSpec(step,
-                             int(np.clip(round(d[0]), fit.min_tokens[0], fit.max_tokens[0])),
-                             int(np.clip(round(d[1]), fit.min_tokens[1], fit.max_tokens[1])))
-                    for d in draws
-                )
-                stages.append(stage)
+                at = cursor[step]
+                cursor[step] = at + width
+                stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
             out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
         return out
 
