@@ -125,3 +125,17 @@ def test_arrival_processes_are_seeded_and_have_their_rate() -> None:
     assert np.array_equal(ReplayArrivals(timestamps_s=[0.0, 1.0, 5.0]).times(3, rng()), [0.0, 1.0, 5.0])
     with pytest.raises(UserError, match="timestamps"):
         ReplayArrivals(timestamps_s=[0.0]).times(3, rng())
+
+
+def test_yaml_workflow_template_runs_and_bad_template_is_one_line(tmp_path: Path) -> None:
+    from envs.sim.scenario import RunSpec, simulate
+    from policies import load_policy
+
+    result, sim = simulate(RunSpec(trace="react-agent.yaml", cluster="paper", rate_qps=0.2, slo_scale=3.0, queries=30),
+                           load_policy("rr"))
+    assert result["n_workflows"] == 30
+    assert {c.step for c in sim.calls} == {"plan", "act", "reflect", "answer"}
+    assert sim.slo.standard[:2] == ["plan", "act"]
+    bad = tmp_path / "w.yaml"
+    bad.write_text("stages:\n  - step: a\n    input_tokens: {median: -3}\n    output_tokens: {median: 5}\n")
+    assert_one_line_error(run_cli("simulate", "--trace", str(bad)), "stages.0.input_tokens.median")

@@ -13,7 +13,8 @@ from envs.sim.cluster import ClusterSimulator, Failure, Tenant
 from envs.sim.config import ClusterConfig, load_cluster
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.workload import (ArrivalProcess, GammaArrivals, PoissonArrivals, TraceGenerator, WorkflowSpec,
-                               draw_workflows, load_trace, resolve_trace_path)
+                               WorkflowTemplate, draw_workflows, load_trace, resolve_trace_path, resolve_workflow_path,
+                               step_mean_tokens)
 
 
 class TenantSpec(BaseModel):
@@ -68,12 +69,28 @@ def _generator(path: str) -> TraceGenerator:
     return TraceGenerator.fit(_trace(path), name=f"gen({path.rsplit('/', 1)[-1]})")
 
 
+DEFAULT_TEMPLATE_QUERIES = 100  # queries drawn from a YAML workflow template when --queries is not given
+
+
+def is_template(trace: str) -> bool:
+    return trace.endswith((".yaml", ".yml"))
+
+
+@lru_cache(maxsize=16)
+def _template(path: str) -> WorkflowTemplate:
+    return WorkflowTemplate.load(path)
+
+
 def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
-    """Workflows and arrival times of a run; seeded, independent streams for each."""
-    path = str(resolve_trace_path(spec.trace))
-    trace = _trace(path)
+    """Workflows and arrival times of a run; seeded, independent streams for each. `trace` is a
+    CHESS trace (replayed, then extended by its fitted generator) or a YAML workflow template."""
     wf_rng = np.random.default_rng([spec.seed, 1])
     arr_rng = np.random.default_rng([spec.seed, 2])
+    if is_template(spec.trace):
+        workflows = _template(str(resolve_workflow_path(spec.trace))).sample(spec.queries or DEFAULT_TEMPLATE_QUERIES, wf_rng)
+        return workflows, spec.arrival_process().times(len(workflows), arr_rng)
+    path = str(resolve_trace_path(spec.trace))
+    trace = _trace(path)
     if spec.generated:
         workflows = _generator(path).sample(spec.queries or len(trace), wf_rng)
     else:
@@ -86,14 +103,19 @@ def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
 def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_timeline: bool = False,
                     **kwargs: Any) -> ClusterSimulator:
     workflows, times = workload_for(spec)
-    path = str(resolve_trace_path(spec.trace))
-    from envs.sim.workload import step_mean_tokens
-
+    if is_template(spec.trace):
+        # what a scheduler may know in advance: the template's mean tokens per step; the standard
+        # workflow of the SLO rule is the template's own stage sequence
+        template = _template(str(resolve_workflow_path(spec.trace)))
+        step_tokens = step_mean_tokens(template.sample(200, np.random.default_rng(0)))
+        kwargs.setdefault("standard", [stage.step for stage in template.stages for _ in range(stage.fanout)])
+    else:
+        step_tokens = step_mean_tokens(_trace(str(resolve_trace_path(spec.trace))))
     return ClusterSimulator(
         spec.cluster_config(), workflows, times, spec.slo_scale, queue_key=queue_key,
         tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
         failures=[Failure(f.engine, f.at_s, f.duration_s) for f in spec.failures],
-        step_tokens=step_mean_tokens(_trace(path)), tenant_seed=spec.seed, record_timeline=record_timeline, **kwargs)
+        step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline, **kwargs)
 
 
 def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:

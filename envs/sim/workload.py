@@ -76,6 +76,21 @@ def resolve_trace_path(path_or_name: str | Path) -> Path:
     raise UserError(f"trace: {path_or_name} is neither a file nor a shipped trace (shipped: {shipped_names})")
 
 
+WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "data" / "workflows"
+
+
+def resolve_workflow_path(path_or_name: str | Path) -> Path:
+    """A YAML workflow template path, or the name of a shipped one (`react-agent.yaml`)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = WORKFLOW_DIR / path.name
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.name for p in WORKFLOW_DIR.glob("*.yaml")))
+    raise UserError(f"trace: workflow template {path_or_name} not found (shipped: {names})")
+
+
 def load_trace(path_or_name: str | Path) -> list[WorkflowSpec]:
     """Load a CHESS trace: a JSON list of {"Text2SQLRequest": [{step, input_length, output_length}]}."""
     path = resolve_trace_path(path_or_name)
