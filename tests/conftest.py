@@ -9,3 +9,5 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+pytest_plugins = ["tests.deploy_fixtures"]
