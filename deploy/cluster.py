@@ -62,6 +62,7 @@ class LaunchSpec(_Strict):
     max_num_seqs: int = Field(32, ge=1)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     enforce_eager: bool = True
+    enable_prefix_caching: bool = False  # off: replayed prompts are random, and the simulator has no prefix cache
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(240.0, gt=0)

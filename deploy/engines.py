@@ -91,6 +91,7 @@ def engine_command(cluster: Cluster, spec: EngineSpec, model_dir: Path) -> list[
     ]
     if launch.enforce_eager:
         cmd.append("--enforce-eager")
+    cmd.append("--enable-prefix-caching" if launch.enable_prefix_caching else "--no-enable-prefix-caching")
     return cmd + list(launch.extra_args)
 
 

@@ -46,8 +46,10 @@ class EarliestDeadline(RoundRobin):
         return call.deadline_s
 
 
-def completion(n_in: int = 16, n_out: int = 4, **extra) -> dict:
-    return {"model": "tiny", "prompt": list(range(10, 10 + n_in)), "max_tokens": n_out, "ignore_eos": True, **extra}
+def completion(n_in: int = 16, n_out: int = 4, seed: int = 0, **extra) -> dict:
+    """A call with exact sizes; distinct seeds give distinct prompts (no prefix-cache sharing)."""
+    prompt = [10 + (seed * 7919 + i * 104729) % 900 for i in range(n_in)]
+    return {"model": "tiny", "prompt": prompt, "max_tokens": n_out, "ignore_eos": True, **extra}
 
 
 def load_named(name: str) -> Policy:
@@ -204,8 +206,8 @@ def test_metrics_scraped_under_kv_pressure(live_cluster, tmp_path):
 
         async def load() -> list[int]:
             async with httpx.AsyncClient(base_url=gw.url, timeout=300) as client:
-                rs = await asyncio.gather(*(client.post("/v1/completions", json=completion(n_in=1500, n_out=160))
-                                            for _ in range(24)))
+                rs = await asyncio.gather(*(client.post("/v1/completions", json=completion(n_in=1500, n_out=160, seed=i))
+                                            for i in range(24)))
                 return [r.status_code for r in rs]
 
         try:
