@@ -1,9 +1,18 @@
-"""Global dispatchers."""
+"""Global dispatchers: which engine gets a call that just became ready.
+
+Every dispatcher only reads the `ClusterView`/`EngineView` protocols, never picks an engine with
+`healthy=False`, and breaks score ties by the lowest engine index (deterministic), unless its
+definition says otherwise (llm-d picks randomly among ties, seeded here).
+"""
 
 from __future__ import annotations
 
+import math
+import random
+from typing import Any
+
 from envs.sim.view import CallView, ClusterView
-from heuristics.base import Dispatcher
+from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_unit_interval
 
 
 class RoundRobin(Dispatcher):
@@ -25,4 +34,185 @@ class RoundRobin(Dispatcher):
             self._next = i + 1
             if engines[i].healthy:
                 return i
-        raise RuntimeError("no healthy engine")
+        raise NoHealthyEngine("no healthy engine")
+
+
+class RandomDispatch(Dispatcher):
+    """Uniformly random healthy engine: the no-information baseline. Seeded so runs repeat."""
+
+    name = "random"
+    knobs = ("seed",)
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = check_int("seed", seed)
+        self._rng = random.Random(self.seed)
+
+    def reset(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        healthy = [i for i, e in enumerate(cluster.engines) if e.healthy]
+        if not healthy:
+            raise NoHealthyEngine("no healthy engine")
+        return healthy[self._rng.randrange(len(healthy))]
+
+
+class LeastOutstandingRequests(Dispatcher):
+    """Fewest calls on the engine (running + waiting): Vidur's and vLLM production-stack's
+    load-aware router. Blind to engine speed and to how long each call is."""
+
+    name = "least-outstanding"
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        best, best_n = -1, 1 << 62
+        for i, e in enumerate(cluster.engines):
+            if e.healthy:
+                n = e.num_running + e.num_waiting
+                if n < best_n:
+                    best, best_n = i, n
+        if best < 0:
+            raise NoHealthyEngine("no healthy engine")
+        return best
+
+
+class LeastWork(Dispatcher):
+    """Earliest expected finish: the engine minimising outstanding work + this call's latency.
+
+    `outstanding_work_s` is already in that engine's own solo seconds (each call's T_e(s) when it
+    was placed), so it is normalised by the engine's speed: a call of 10 s on an A6000 counts
+    twice what it counts on an A100. Solo seconds over-estimate the drain time of a batching
+    engine, but by the same factor on every engine, so the ranking holds.
+    """
+
+    name = "least-work"
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        step = call.step
+        best, best_s = -1, math.inf
+        for i, e in enumerate(cluster.engines):
+            if e.healthy:
+                finish_s = e.outstanding_work_s + e.expected_latency_s(step)
+                if finish_s < best_s:
+                    best, best_s = i, finish_s
+        if best < 0:
+            raise NoHealthyEngine("no healthy engine")
+        return best
+
+
+class WeightedScoring(Dispatcher):
+    """llm-d's inference scheduler with its default scorers: queue depth and KV-cache use.
+
+    score(e) = w_queue * (max_q - q_e) / (max_q - min_q) + w_kv * (1 - kv_usage_e), where q is the
+    engine's waiting queue and the queue scorer is min-max normalised over the candidate engines
+    (all ones when the queues are equal), like llm-d's queue-scorer; the highest score wins, ties
+    broken at random (llm-d's max-score picker), seeded here.
+    """
+
+    name = "weighted-scoring"
+    knobs = ("queue_weight", "kv_weight", "seed")
+    search_space = {"queue_weight": ("float", 0.0, 4.0), "kv_weight": ("float", 0.0, 4.0)}
+
+    def __init__(self, queue_weight: float = 2.0, kv_weight: float = 2.0, seed: int = 0) -> None:
+        for knob, value in (("queue_weight", queue_weight), ("kv_weight", kv_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"{knob} must be a number >= 0, got {value!r}")
+        self.queue_weight = float(queue_weight)
+        self.kv_weight = float(kv_weight)
+        self.seed = check_int("seed", seed)
+        self._rng = random.Random(self.seed)
+
+    def reset(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        healthy = [(i, e) for i, e in enumerate(cluster.engines) if e.healthy]
+        if not healthy:
+            raise NoHealthyEngine("no healthy engine")
+        queues = [e.num_waiting for _, e in healthy]
+        lo, hi = min(queues), max(queues)
+        span = hi - lo
+        best: list[int] = []
+        best_score = -math.inf
+        for (i, e), q in zip(healthy, queues):
+            queue_score = (hi - q) / span if span else 1.0
+            score = self.queue_weight * queue_score + self.kv_weight * (1.0 - e.kv_usage)
+            if score > best_score + 1e-12:
+                best, best_score = [i], score
+            elif score >= best_score - 1e-12:
+                best.append(i)
+        return best[0] if len(best) == 1 else best[self._rng.randrange(len(best))]
+
+
+class WorkloadBalanced(Dispatcher):
+    """HexGen-Text2SQL's workload-balanced dispatcher.
+
+    For a call of step s, pick the healthy engine maximising
+        alpha * T_base(s) / T_e(s)  -  (1 - alpha) * W_e / W_base
+    where T_e(s) is the expected solo latency of step s on e, W_e the work on e, and "base" the
+    reference engine: the healthy engine with the smallest T_e(s) (the simulator's base type is the
+    fastest one too; `cluster.base_latency_s` gives T_base). alpha=1 sends everything to the fastest
+    engine; alpha=0 balances work only.
+
+    `work="assigned"` is the paper: W_e = cumulative expected seconds ever assigned to e. It
+    balances *shares* of the total work, so it never notices that an engine has drained (or that
+    one just recovered from a failure with a low W: it floods it), and the load term weakens as
+    W grows. `work="outstanding"` uses the expected seconds placed on e and not yet finished: the
+    current backlog, which reacts to the actual state. In both, W_base is floored at T_base(s) so
+    that an idle base engine does not divide by zero (and one call's worth of work stays the
+    natural unit).
+    """
+
+    name = "workload-balanced"
+    knobs = ("alpha", "work")
+    search_space = {"alpha": ("float", 0.0, 1.0)}
+
+    def __init__(self, alpha: float = 0.2, work: str = "assigned") -> None:
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.work = check_choice("work", work, ("assigned", "outstanding"))
+        self._outstanding = self.work == "outstanding"
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        step = call.step
+        engines = cluster.engines
+        outstanding = self._outstanding
+        lat: list[float] = []
+        work: list[float] = []
+        idx: list[int] = []
+        base_t, base_w = math.inf, 0.0
+        for i, e in enumerate(engines):
+            if e.healthy:
+                t = e.expected_latency_s(step)
+                w = e.outstanding_work_s if outstanding else e.assigned_work_s
+                idx.append(i)
+                lat.append(t)
+                work.append(w)
+                if t < base_t:
+                    base_t, base_w = t, w
+        if not idx:
+            raise NoHealthyEngine("no healthy engine")
+        w_base = max(base_w, base_t)
+        a_speed = self.alpha * base_t
+        a_load = (1.0 - self.alpha) / w_base
+        best, best_score = idx[0], -math.inf
+        for i, t, w in zip(idx, lat, work):
+            score = a_speed / t - a_load * w
+            if score > best_score:
+                best, best_score = i, score
+        return best
+
+    def scores(self, call: CallView, cluster: ClusterView) -> dict[int, float]:
+        """Every healthy engine's score (for explanations and tests)."""
+        step = call.step
+        healthy = [(i, e) for i, e in enumerate(cluster.engines) if e.healthy]
+        base = min(healthy, key=lambda p: p[1].expected_latency_s(step))[1]
+        base_t = base.expected_latency_s(step)
+        base_w = base.outstanding_work_s if self._outstanding else base.assigned_work_s
+        w_base = max(base_w, base_t)
+        out: dict[int, float] = {}
+        for i, e in healthy:
+            w = e.outstanding_work_s if self._outstanding else e.assigned_work_s
+            out[i] = self.alpha * base_t / e.expected_latency_s(step) - (1.0 - self.alpha) * w / w_base
+        return out
+
+    def get_knobs(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "work": self.work}

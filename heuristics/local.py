@@ -1,9 +1,14 @@
-"""Local queue orders."""
+"""Local queue orders: the key by which an engine admits its waiting calls (smaller first).
+
+Keys must not depend on the current time (engine queues are heaps). Every rule of the form
+"most urgent = largest now + x - deadline" orders like the key deadline - x, because `now` is the
+same for all waiting calls at any instant, so that is what the keys below use.
+"""
 
 from __future__ import annotations
 
 from envs.sim.view import CallView, EngineView
-from heuristics.base import LocalOrder
+from heuristics.base import LocalOrder, check_unit_interval
 
 
 class FCFS(LocalOrder):
@@ -13,3 +18,38 @@ class FCFS(LocalOrder):
 
     def key(self, call: CallView, engine: EngineView) -> float:
         return call.ready_time_s
+
+
+class EarliestDeadlineFirst(LocalOrder):
+    """Earliest call deadline first (the call's proportional slice of its query's SLO budget).
+    Ignores how long the call will take here, unlike the urgency order."""
+
+    name = "edf"
+
+    def key(self, call: CallView, engine: EngineView) -> float:
+        return call.deadline_s
+
+
+class Urgency(LocalOrder):
+    """HexGen-Text2SQL's urgency order: admit the call with the largest
+        urgency = elapsed + T_e(s) - deadline_budget = now + T_e(s) - deadline
+    (least slack first), where T_e(s) is the call's expected latency on this engine. As `now` is
+    common to all waiting calls, that is the key deadline - T_e(s). The `weight` knob blends it
+    with FCFS: key = weight * (deadline - T_e(s)) + (1 - weight) * ready_time; weight=1 is the
+    paper's pure urgency, weight=0 is FCFS. Both terms are absolute times in seconds, so the blend
+    is a weighted priority time and stays time-invariant.
+    """
+
+    name = "urgency"
+    knobs = ("weight",)
+    search_space = {"weight": ("float", 0.0, 1.0)}
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = check_unit_interval("weight", weight)
+
+    def key(self, call: CallView, engine: EngineView) -> float:
+        slack_key = call.deadline_s - engine.expected_latency_s(call.step)
+        w = self.weight
+        if w == 1.0:
+            return slack_key
+        return w * slack_key + (1.0 - w) * call.ready_time_s

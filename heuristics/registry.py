@@ -1,28 +1,69 @@
-"""Named policies: a name maps to a (dispatcher, local order) pair with default knobs.
+"""Named policies: a name maps to a dispatcher and a local order, with default knobs.
 
-Adding a heuristic: write its class (heuristics/dispatch.py or heuristics/local.py) and add a
-line here.
+Adding a heuristic: write its class (heuristics/dispatch.py or heuristics/local.py), add it to
+DISPATCHERS or LOCAL_ORDERS, and give useful combinations a name in NAMED.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from heuristics.base import Dispatcher, LocalOrder
-from heuristics.dispatch import RoundRobin
-from heuristics.local import FCFS
+from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
+                                 WorkloadBalanced)
+from heuristics.local import FCFS, EarliestDeadlineFirst, Urgency
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
+    "random": RandomDispatch,
+    "least-outstanding": LeastOutstandingRequests,
+    "least-work": LeastWork,
+    "weighted-scoring": WeightedScoring,
+    "workload-balanced": WorkloadBalanced,
 }
 LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "fcfs": FCFS,
+    "edf": EarliestDeadlineFirst,
+    "urgency": Urgency,
 }
-# policy name -> (dispatcher name, local order name)
-NAMED: dict[str, tuple[str, str]] = {
-    "rr": ("round-robin", "fcfs"),
+
+
+@dataclass(frozen=True)
+class Named:
+    """A named combination: dispatcher and local order names, default knobs, and why it exists."""
+
+    dispatch: str
+    local: str
+    dispatch_knobs: dict[str, Any] = field(default_factory=dict)
+    local_knobs: dict[str, Any] = field(default_factory=dict)
+    about: str = ""
+
+    def __iter__(self):  # unpacks as (dispatch, local), like the original pairs
+        return iter((self.dispatch, self.local))
+
+    def __getitem__(self, i: int) -> str:
+        return (self.dispatch, self.local)[i]
+
+
+NAMED: dict[str, Named] = {
+    "rr": Named("round-robin", "fcfs", about="vLLM instances behind a round-robin load balancer (the paper's baseline)"),
+    "random": Named("random", "fcfs", about="uniformly random engine, FCFS"),
+    "lor": Named("least-outstanding", "fcfs", about="least outstanding requests (Vidur, vLLM production-stack), FCFS"),
+    "least-work": Named("least-work", "fcfs", about="earliest expected finish (outstanding work + T_e(s)), FCFS"),
+    "llmd": Named("weighted-scoring", "fcfs", about="llm-d scorer: queue depth x2 + KV-cache use x2, FCFS"),
+    "hexgen": Named("workload-balanced", "urgency", about="HexGen-Text2SQL: workload-balanced (cumulative W) + urgency"),
+    "hexgen-outstanding": Named("workload-balanced", "urgency", {"work": "outstanding"},
+                                about="HexGen with outstanding (unfinished) work as W + urgency"),
+    "rr+urgency": Named("round-robin", "urgency", about="ablation: round robin + urgency order"),
+    "wb+fcfs": Named("workload-balanced", "fcfs", about="ablation: workload-balanced (cumulative W) + FCFS"),
+    "wbo+fcfs": Named("workload-balanced", "fcfs", {"work": "outstanding"},
+                      about="ablation: workload-balanced (outstanding W) + FCFS"),
+    "least-work+urgency": Named("least-work", "urgency", about="earliest expected finish + urgency order"),
+    "rr+edf": Named("round-robin", "edf", about="round robin + earliest deadline first"),
 }
 
 
 def describe() -> dict[str, Any]:
-    return {name: {"dispatch": d, "local": l} for name, (d, l) in NAMED.items()}
+    return {name: {"dispatch": n.dispatch, "local": n.local, "dispatch_knobs": n.dispatch_knobs,
+                   "local_knobs": n.local_knobs, "about": n.about} for name, n in NAMED.items()}

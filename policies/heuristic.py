@@ -1,4 +1,4 @@
-"""A heuristic policy: a dispatcher and a local order, with knob values."""
+"""A heuristic policy: a dispatcher (global) and a local order, with knob values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from heuristics.base import Dispatcher, LocalOrder
 from policies.base import Policy, PolicyError
 
 
-def _construct(factory: Any, kind: str, name: str, knobs: dict[str, Any]) -> Any:
+def _construct(factory: Any, kind: str, name: str, knobs: Any) -> Any:
+    if not isinstance(knobs, dict):
+        raise PolicyError(f"policy knobs: {kind} {name!r}: knobs must be a mapping of knob: value, got {knobs!r}")
     params = inspect.signature(factory).parameters
     unknown = sorted(set(knobs) - set(params))
     if unknown:
@@ -24,6 +26,8 @@ def _construct(factory: Any, kind: str, name: str, knobs: dict[str, Any]) -> Any
 
 
 class HeuristicPolicy(Policy):
+    """Composes the two layers; the hot paths are bound methods, so a decision costs one call."""
+
     def __init__(self, dispatcher: Dispatcher, local: LocalOrder, name: str | None = None):
         self.dispatcher = dispatcher
         self.local = local
@@ -38,17 +42,20 @@ class HeuristicPolicy(Policy):
             raise PolicyError(f"policy dispatch: unknown dispatcher {dispatch!r} (known: {', '.join(registry.DISPATCHERS)})")
         if local not in registry.LOCAL_ORDERS:
             raise PolicyError(f"policy local: unknown local order {local!r} (known: {', '.join(registry.LOCAL_ORDERS)})")
-        d = _construct(registry.DISPATCHERS[dispatch], "dispatcher", dispatch, dispatch_knobs or {})
-        l = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs or {})
+        d = _construct(registry.DISPATCHERS[dispatch], "dispatcher", dispatch, dispatch_knobs if dispatch_knobs is not None else {})
+        l = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs if local_knobs is not None else {})
         return cls(d, l, name=name)
 
     @classmethod
     def named(cls, name: str, dispatch_knobs: dict[str, Any] | None = None,
               local_knobs: dict[str, Any] | None = None) -> "HeuristicPolicy":
+        """A named combination (`rr`, `hexgen`, ...); given knobs override its defaults."""
         if name not in registry.NAMED:
             raise PolicyError(f"policy: unknown policy name {name!r} (known: {', '.join(registry.NAMED)}; or give a policy file)")
-        dispatch, local = registry.NAMED[name]
-        return cls.build(dispatch, local, dispatch_knobs, local_knobs, name=name)
+        entry = registry.NAMED[name]
+        d_knobs = {**entry.dispatch_knobs, **(dispatch_knobs or {})}
+        l_knobs = {**entry.local_knobs, **(local_knobs or {})}
+        return cls.build(entry.dispatch, entry.local, d_knobs, l_knobs, name=name)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         return self._dispatch(call, cluster)
@@ -58,6 +65,9 @@ class HeuristicPolicy(Policy):
 
     def reset(self) -> None:
         self.dispatcher.reset()
+
+    def knobs(self) -> dict[str, dict[str, Any]]:
+        return {"dispatch": self.dispatcher.get_knobs(), "local": self.local.get_knobs()}
 
     def spec(self) -> dict[str, Any]:
         return {

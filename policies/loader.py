@@ -15,25 +15,44 @@ POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
+    """A policy from its spec: either dispatch/local sections, or `base: <policy name>` with knob
+    overrides in the sections (`{base: hexgen, dispatch: {alpha: 0.3}}`)."""
     if not isinstance(spec, dict):
         raise PolicyError(f"{source}: a policy file must be a mapping with 'kind' (heuristic or trained)")
     kind = spec.get("kind", "heuristic")
     if kind != "heuristic":
         raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic', or a trained policy directory)")
-    dispatch = dict(spec.get("dispatch") or {})
-    local = dict(spec.get("local") or {})
+    unknown = sorted(set(spec) - {"kind", "name", "base", "dispatch", "local", "meta"})
+    if unknown:
+        raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: kind, name, base, dispatch, local, meta)")
+    sections = {}
+    for section in ("dispatch", "local"):
+        value = spec.get(section) or {}
+        if not isinstance(value, dict):
+            raise PolicyError(f"{source}: {section}: must be a mapping like {{name: ..., knob: value}}, got {value!r}")
+        sections[section] = dict(value)
+    dispatch, local = sections["dispatch"], sections["local"]
     base = spec.get("base")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise PolicyError(f"{source}: name: must be a string, got {name!r}")
     if base is not None:  # a named policy with knob overrides
         from heuristics import registry
 
         if base not in registry.NAMED:
             raise PolicyError(f"{source}: base: unknown policy name {base!r} (known: {', '.join(registry.NAMED)})")
-        dispatch.setdefault("name", registry.NAMED[base][0])
-        local.setdefault("name", registry.NAMED[base][1])
+        entry = registry.NAMED[base]
+        if dispatch.get("name", entry.dispatch) == entry.dispatch:
+            dispatch = {**entry.dispatch_knobs, **dispatch}
+        if local.get("name", entry.local) == entry.local:
+            local = {**entry.local_knobs, **local}
+        dispatch.setdefault("name", entry.dispatch)
+        local.setdefault("name", entry.local)
+        name = name or base
     if "name" not in dispatch or "name" not in local:
         raise PolicyError(f"{source}: needs dispatch.name and local.name (or base: a policy name)")
     d_name, l_name = dispatch.pop("name"), local.pop("name")
-    return HeuristicPolicy.build(d_name, l_name, dispatch, local, name=spec.get("name"))
+    return HeuristicPolicy.build(d_name, l_name, dispatch, local, name=name)
 
 
 def load_policy(name_or_path: str | Path) -> Policy:
