@@ -23,7 +23,7 @@ class EngineConfig(BaseModel):
     tp: Literal[1, 2, 4, 8] = 1
     count: PositiveInt = 1
     weight_bits: Literal[4, 8, 16] = 16
-    kv_bits: Literal[8, 16] = 16
+    kv_bits: Literal[4, 8, 16] = 16
     max_num_seqs: PositiveInt = 256
     max_num_batched_tokens: PositiveInt = 8192
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)

@@ -1,0 +1,46 @@
+"""Measured performance profiles replace the roofline for an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from envs.sim.config import load_cluster
+from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel, solo_call_latency_s
+from envs.sim.scenario import RunSpec, simulate
+from policies import load_policy
+from tests.test_sim_inputs import assert_one_line_error, run_cli
+
+
+def _write(tmp_path: Path) -> Path:
+    profile = PerfProfile(engine="cpu-tiny", iteration=ProfileCoefficients(
+        base_s=0.01, prefill_token_s=2e-5, decode_seq_s=1e-3, context_token_s=1e-7, attn_pair_s=0.0),
+        kv_capacity_tokens=40_000, max_num_seqs=16, max_num_batched_tokens=2048)
+    profile.save(tmp_path / "profile.yaml")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("name: profiled\nengines:\n"
+                       "  - {gpu: A100, model: Llama-3.1-8B, profile: profile.yaml}\n"
+                       "  - {gpu: L4, model: Llama-3.1-8B}\n")
+    return cluster
+
+
+def test_profile_overrides_roofline(tmp_path: Path) -> None:
+    cluster_path = _write(tmp_path)
+    config = load_cluster(cluster_path)
+    assert Path(config.engines[0].profile).is_absolute()  # resolved next to the cluster file
+    result, sim = simulate(RunSpec(trace="chess_trace1", cluster=str(cluster_path), rate_qps=0.2, queries=10),
+                           load_policy("rr"))
+    profiled, roofline = sim.engines
+    assert isinstance(profiled.perf, ProfileModel) and not isinstance(roofline.perf, ProfileModel)
+    assert profiled.kv_capacity_tokens == 40_000 and profiled.max_num_seqs == 16
+    # the linear model: one 1000-token prefill iteration, then 9 decode iterations of one sequence
+    expected = (0.01 + 2e-5 * 1000 + 1e-7 * 1000) + sum(0.01 + 1e-3 + 1e-7 * (1001 + i) for i in range(9))
+    assert solo_call_latency_s(profiled.perf, 1000, 10, 2048) == pytest.approx(expected)
+    assert result["n_workflows"] == 10
+
+
+def test_bad_profile_is_one_line(tmp_path: Path) -> None:
+    cluster_path = _write(tmp_path)
+    (tmp_path / "profile.yaml").write_text("kind: agentsched-perf-profile\niteration: {base_s: -1}\n")
+    assert_one_line_error(run_cli("simulate", "--cluster", str(cluster_path), "--queries", "2"), "iteration")
