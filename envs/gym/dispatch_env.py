@@ -1,0 +1,276 @@
+"""`agentsched/Dispatch-v0`: one decision per ready LLM call, which engine gets it.
+
+The simulator stops whenever a call becomes ready; the action is the index of the engine that
+gets it. Engines then order their queues with a fixed local heuristic (default: HexGen's urgency
+order), so the agent learns the global layer of the paper's hierarchy and a heuristic dispatcher
+runs through this env with exactly the decisions it makes in `simulate` (`heuristic_action`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs.gym.observation import OBS_CLIP, DispatchObservation, observation_size
+from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
+from envs.gym.scenario import Scenario
+from envs.sim.cluster import ClusterSimulator
+from envs.sim.engine import LLMCall
+from envs.sim.metrics import records_from_simulator, summarize
+from envs.sim.scenario import RunSpec, build_simulator
+
+# The local order engines use unless told otherwise: the paper's urgency (least slack first).
+DEFAULT_LOCAL_ORDER = "urgency"
+
+QueueKey = Callable[[Any, Any], float]
+
+
+class InvalidActionError(ValueError):
+    """An action that is not an engine index, is out of range, or is masked (padding, engine down)."""
+
+
+def resolve_local_order(local_order: Any, knobs: dict[str, Any] | None = None) -> tuple[QueueKey, str]:
+    """A queue-key function and a label from: a local-order name (`urgency`, `fcfs`, `edf`), a
+    named policy (`hexgen`, `rr`: its local order), a `Policy` (its `queue_key`), or a callable."""
+    from heuristics import registry
+
+    if isinstance(local_order, str):
+        if local_order in registry.LOCAL_ORDERS:
+            from policies.heuristic import _construct
+
+            return _construct(registry.LOCAL_ORDERS[local_order], "local order", local_order, knobs or {}).key, local_order
+        if local_order in registry.NAMED:
+            from policies.heuristic import HeuristicPolicy
+
+            named = registry.NAMED[local_order]
+            policy = HeuristicPolicy.named(local_order, local_knobs={**named.local_knobs, **(knobs or {})})
+            return policy.queue_key, named.local
+        from policies.base import PolicyError
+
+        raise PolicyError(f"local_order: unknown {local_order!r} (local orders: {', '.join(registry.LOCAL_ORDERS)}; "
+                          f"or a policy name: {', '.join(registry.NAMED)})")
+    if hasattr(local_order, "queue_key"):
+        return local_order.queue_key, getattr(local_order, "name", "policy")
+    if callable(local_order):
+        return local_order, getattr(local_order, "__name__", "custom")
+    raise TypeError(f"local_order must be a name, a Policy or a callable, got {type(local_order).__name__}")
+
+
+def episode_metrics(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[str, Any]) -> dict[str, Any]:
+    """The metrics dict of `agentsched simulate` (`envs.sim.scenario.simulate`) for a finished episode."""
+    wfs, calls, engines = records_from_simulator(sim)
+    return summarize(wfs, calls, engines, sim_wall_s=sim.wall_s,
+                     extra={"policy": policy_spec, "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
+                            "seed": spec.seed, "trace": spec.trace,
+                            "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
+                            "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+
+
+class MaskedDiscrete(spaces.Discrete):
+    """`Discrete(n)` whose `sample()` without a mask draws among the env's currently valid actions.
+
+    Generic tools (both env checkers, random rollouts) step envs with `action_space.sample()`;
+    with padded and failed engines masked, a plain uniform draw would hit invalid actions, which
+    this env rejects. Membership (`contains`) is plain Discrete's. The space reads the mask that the
+    env updates in place; a copy of the space in another process sees that process's env only.
+    """
+
+    def __init__(self, n: int, seed: int | None = None):
+        super().__init__(n, seed=seed)
+        self.current_mask: np.ndarray = np.ones(n, dtype=np.int8)
+        self._valid: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # mask id -> (mask, valid indices)
+
+    def sample(self, mask: np.ndarray | None = None, probability: np.ndarray | None = None) -> np.int64:
+        if mask is None and probability is None:
+            valid = self._valid.get(id(self.current_mask))
+            if valid is None or valid[0] is not self.current_mask:
+                valid = self._valid[id(self.current_mask)] = (self.current_mask, np.flatnonzero(self.current_mask))
+            if len(valid[1]):
+                return self.start + valid[1][self.np_random.integers(len(valid[1]))]
+            return self.start  # nothing valid (no pending call): like Discrete.sample with an all-zero mask
+        return super().sample(mask=mask, probability=probability)
+
+
+class DispatchEnv(gym.Env[np.ndarray, np.int64]):
+    """Dispatch ready LLM calls of multi-tenant agentic workflows to heterogeneous engines.
+
+    Action: `Discrete(max_engines)`, the engine index. Engines beyond the episode's cluster size
+    (padding) and engines that are down are invalid; so are engines whose KV cache cannot ever
+    hold the call when `mask_infeasible=True` (unless none can). The valid-action mask is in
+    `info["action_mask"]` and `action_masks()` (sb3-contrib MaskablePPO). **An invalid action
+    raises `InvalidActionError`**: it is never remapped silently, because a silent remap would
+    teach the agent that an action it did not take was its own.
+
+    Observation: `Box(-OBS_CLIP, OBS_CLIP, (observation_size(max_engines),), float32)`; see
+    `envs.gym.observation` for the layout and scaling (`env.unwrapped.observation_names()`).
+
+    Reward: `envs.gym.reward` (SLO-met bonus minus accrued tardiness in SLO units minus rejected
+    calls): the undiscounted return is the number of SLO-met workflows minus penalties.
+
+    Episode: a workload of `scenario.queries` workflows drawn from `scenario` with an episode seed
+    (`options={"episode_seed": k}` pins it; otherwise drawn from the env's RNG within the
+    scenario's seed range). Terminates when every workflow has finished; truncates at
+    `scenario.horizon_s` of simulated time. The final step's `info["metrics"]` is the dict of
+    `agentsched simulate` for the episode, `info["run_spec"]` the `RunSpec` that reproduces it.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, scenario: Scenario | dict | str | Path | None = None, max_engines: int | None = None,
+                 local_order: Any = DEFAULT_LOCAL_ORDER, local_knobs: dict[str, Any] | None = None,
+                 mask_infeasible: bool = False, completion_bonus: float = COMPLETION_BONUS,
+                 tardiness_weight: float = TARDINESS_WEIGHT, rejection_penalty: float = REJECTION_PENALTY):
+        self.scenario = Scenario.coerce(scenario)
+        needed = self.scenario.max_engines()
+        self.max_engines = int(max_engines) if max_engines is not None else needed
+        if self.max_engines < needed:
+            raise ValueError(f"max_engines={self.max_engines} is smaller than the scenario's largest cluster ({needed} engines)")
+        self._queue_key, self.local_order_name = resolve_local_order(local_order, local_knobs)
+        self.mask_infeasible = bool(mask_infeasible)
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (observation_size(self.max_engines),), np.float32)
+        self.action_space = MaskedDiscrete(self.max_engines)
+        self._obs = DispatchObservation(self.max_engines)
+        self._reward = SLOReward(completion_bonus, tardiness_weight, rejection_penalty)
+        self._sim: ClusterSimulator | None = None
+        self._spec: RunSpec | None = None
+        self._call: LLMCall | None = None
+        self._mask = np.zeros(self.max_engines, dtype=np.int8)
+        self._mask_cache: dict[tuple, np.ndarray] = {}
+        self._horizon_s = self.scenario.horizon_s or math.inf
+        self._reset_policies: set[int] = set()
+        self._done = True
+
+    # ---- Gymnasium API ------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        episode_seed = options.get("episode_seed")
+        if episode_seed is None:
+            episode_seed = self.scenario.draw_episode_seed(self.np_random)
+        self._spec = self.scenario.run_spec(int(episode_seed))
+        self._sim = self._build(self._spec)
+        self._obs.bind(self._sim, self._spec.queries or len(self._sim.workflows))
+        self._reward.bind(self._sim)
+        self._reset_policies.clear()
+        self._call = self._sim.next_decision(until_s=self._horizon_s)
+        self._done = self._call is None
+        self._update_mask()
+        info = {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed)}
+        return self._obs.build(self._call), info
+
+    def _build(self, spec: RunSpec) -> ClusterSimulator:
+        return build_simulator(spec, queue_key=self._queue_key)
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._done:
+            raise RuntimeError("step() after the episode ended: call reset()")
+        engine_id = self._check_action(action)
+        sim = self._sim
+        sim.dispatch(self._call, engine_id)
+        call = self._call = sim.next_decision(until_s=self._horizon_s)
+        reward = self._reward.update()
+        info: dict[str, Any] = {}
+        terminated = truncated = False
+        if call is None:
+            self._done = True
+            terminated = sim.done
+            truncated = not terminated
+            info["metrics"] = self.metrics()
+            info["run_spec"] = self._spec
+        self._update_mask()
+        info["action_mask"] = self._mask.copy()
+        return self._obs.build(call), reward, terminated, truncated, info
+
+    # ---- masks and actions ----------------------------------------------------------------------
+    def _update_mask(self) -> None:
+        """The valid actions for the pending call (all-zero when none is pending). Kept as shared
+        read-only arrays, one per distinct mask, so steps do not allocate."""
+        engines = self._sim.engines
+        call = self._call
+        if call is None:
+            key: tuple = ()
+        else:
+            key = tuple(e.healthy for e in engines)
+            if self.mask_infeasible:
+                tokens = call.input_tokens + call.output_tokens
+                fits = tuple(h and tokens <= e.kv_capacity_tokens for h, e in zip(key, engines))
+                if any(fits):
+                    key = fits
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = np.zeros(self.max_engines, dtype=np.int8)
+            mask[:len(key)] = key
+            mask.setflags(write=False)
+            self._mask_cache[key] = mask
+        self._mask = mask
+        self.action_space.current_mask = mask
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions for the pending call, as booleans (sb3-contrib MaskablePPO)."""
+        return self._mask.astype(bool)
+
+    def _check_action(self, action: Any) -> int:
+        try:
+            if isinstance(action, np.ndarray):
+                if action.size != 1:
+                    raise TypeError
+                action = action.reshape(()).item()
+            engine_id = operator.index(action)
+        except TypeError:
+            raise InvalidActionError(f"action must be one integer engine index in [0, {self.max_engines}), "
+                                     f"got {action!r}") from None
+        if not 0 <= engine_id < self.max_engines:
+            raise InvalidActionError(f"action {engine_id} is out of range: engines are 0..{self.max_engines - 1}")
+        if not self._mask[engine_id]:
+            n = len(self._sim.engines)
+            if engine_id >= n:
+                why = f"padding (this episode's cluster has {n} engines)"
+            elif not self._sim.engines[engine_id].healthy:
+                why = f"engine {engine_id} ({self._sim.engines[engine_id].name}) is down"
+            else:
+                why = f"engine {engine_id} cannot hold this call's {self._call.input_tokens + self._call.output_tokens} tokens"
+            raise InvalidActionError(f"action {engine_id} is masked: {why}; use info['action_mask'] / action_masks()")
+        return engine_id
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def heuristic_action(self, policy: Any) -> int:
+        """The action `policy` (a `Policy`, e.g. `load_policy("hexgen")`) takes for the pending
+        call, from the same state view the simulator gives it in `simulate`. The policy is reset
+        on its first use in each episode, so stateful heuristics (rr's pointer) start fresh."""
+        if self._done:
+            raise RuntimeError("no pending call: the episode ended, call reset()")
+        if id(policy) not in self._reset_policies:
+            policy.reset()
+            self._reset_policies.add(id(policy))
+        return int(policy.dispatch(self._call, self._sim))
+
+    def metrics(self) -> dict[str, Any]:
+        """The `agentsched simulate` metrics dict of the episode so far."""
+        return episode_metrics(self._sim, self._spec, {"kind": "env", "name": "agentsched/Dispatch-v0",
+                                                       "local": self.local_order_name})
+
+    def observation_names(self) -> list[str]:
+        return self._obs.describe()
+
+    @property
+    def observation_layout(self) -> dict[str, slice]:
+        return self._obs.layout
+
+    @property
+    def simulator(self) -> ClusterSimulator | None:
+        """The episode's simulator (read-only use: it is the `ClusterView` policies see)."""
+        return self._sim
+
+    @property
+    def pending_call(self) -> LLMCall | None:
+        return self._call
+
+    @property
+    def run_spec(self) -> RunSpec | None:
+        return self._spec
