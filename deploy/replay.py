@@ -24,7 +24,8 @@ import numpy as np
 from deploy.http1 import ConnectionPool, UpstreamError
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
-from envs.sim.workload import PoissonArrivals, WorkflowSpec, draw_workflows, load_trace
+from envs.sim.scenario import RunSpec, workload_for
+from envs.sim.workload import WorkflowSpec
 
 TOKEN_ID_RANGE = (10, 1000)
 CLIENT_RETRY_STATUS = {429, 502, 503}
@@ -129,11 +130,10 @@ class Replayer:
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
         info = await self.info()
-        trace = load_trace(cfg.trace)
-        rng = np.random.default_rng(cfg.seed)
-        specs = draw_workflows(trace, cfg.queries, rng)
-        arrivals = PoissonArrivals(rate_qps=cfg.rate_qps).times(len(specs), rng)
-        arrivals = arrivals - arrivals[0] + cfg.start_delay_s
+        # the simulator's own workload draw: same seed -> same workflows and arrival times as `simulate`
+        specs, arrivals = workload_for(RunSpec(trace=cfg.trace, rate_qps=cfg.rate_qps, slo_scale=cfg.slo_scale,
+                                               seed=cfg.seed, queries=cfg.queries))
+        arrivals = np.asarray(arrivals, dtype=float) + cfg.start_delay_s
         slo_s = cfg.slo_scale * float(info["base_slo_s"])
         wall0 = time.perf_counter()
         self._t0 = time.perf_counter()

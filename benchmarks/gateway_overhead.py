@@ -1,0 +1,249 @@
+"""Gateway overhead: added latency (p50, p99) vs a direct call at 200 req/s, highest routed rate,
+and the time of one hexgen dispatch decision.
+
+The upstream here is a *minimal local HTTP server* (not vLLM) that answers every completion at
+once with a fixed body: a real engine's own latency and jitter (tens of ms on CPU) would drown
+the sub-millisecond figure being measured. It speaks HTTP/1.1 keep-alive like vLLM's uvicorn and
+serves a vLLM-shaped /metrics page so the gateway's 100 ms scrape loop runs as in production.
+Upstream, gateway and load generator are three processes on this 2-core machine.
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from deploy.http1 import ConnectionPool  # noqa: E402
+
+COMPLETION = json.dumps({"id": "cmpl-0", "object": "text_completion", "model": "tiny",
+                         "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 16, "completion_tokens": 1, "total_tokens": 17}}).encode()
+METRICS = (b'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
+           b'# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
+           b'# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0\n')
+GOALS = {"p99_added_ms": 2.0, "routed_rps": 1000.0, "decision_us": 100.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- minimal upstream (its own process)
+class _Upstream(asyncio.Protocol):
+    def connection_made(self, transport):  # type: ignore[override]
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self.buf[:head_end].decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if len(self.buf) < head_end + 4 + length:
+                return
+            path = head.split(" ", 2)[1]
+            self.buf = self.buf[head_end + 4 + length:]
+            body, ctype = (METRICS, b"text/plain") if path == "/metrics" else (
+                (b"{}", b"application/json") if path == "/health" else (COMPLETION, b"application/json"))
+            self.t.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def run_upstream(port: int) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_Upstream, "127.0.0.1", port, backlog=4096))
+    loop.run_until_complete(server.serve_forever())
+
+
+# ---------------------------------------------------------------- load generation
+async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str]) -> np.ndarray:
+    """Send n requests at a fixed rate (open loop); latency of each, seconds."""
+    pool = ConnectionPool(url, max_idle=512)
+    body = json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
+    lat = np.zeros(n)
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        r = await pool.fetch("POST", "/v1/completions", body, headers=headers)
+        lat[i] = time.perf_counter() - t0
+        assert r.status == 200, r.body[:200]
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / rate_rps - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    pool.close()
+    return lat
+
+
+async def closed_loop(url: str, concurrency: int, duration_s: float, headers: dict[str, str]) -> float:
+    """Requests per second completed by `concurrency` back-to-back clients."""
+    pool = ConnectionPool(url, max_idle=concurrency * 2)
+    body = json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
+    done = 0
+    end = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            r = await pool.fetch("POST", "/v1/completions", body, headers=headers)
+            if r.status == 200:
+                done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    pool.close()
+    return done / (time.perf_counter() - t0)
+
+
+def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
+    async def probe() -> bool:
+        try:
+            r = await ConnectionPool(url).fetch("GET", path, timeout_s=1)
+            return r.status == 200
+        except Exception:  # noqa: BLE001
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if asyncio.run(probe()):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}{path} not up")
+
+
+def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> dict[str, float]:
+    """Time of policy.dispatch on the gateway's live state view (in process)."""
+    from deploy.cluster import Cluster, ClusterFile
+    from deploy.gateway.state import build_cluster_state
+    from deploy.gateway.core import Gateway
+    from policies import load_policy
+
+    table = {"Information Retriever": 0.1, "extract_keywords": 0.5, "generate_candidate": 9.0, "revise": 1.4,
+             "unit_tester": 0.08, "generate_unit_test": 1.2, "evaluate": 0.4}
+    spec = ClusterFile.model_validate({"engines": [
+        {"name": f"e{i}", "url": f"http://127.0.0.1:{20000 + i}", "gpu": "A100" if i % 2 else "H100", "latency_s": table}
+        for i in range(n_engines)]})
+    gw = Gateway.__new__(Gateway)  # state only: no event loop or pools needed for decisions
+    gw.cluster = Cluster(spec)
+    gw.config = spec.gateway
+    gw.state = build_cluster_state(gw.cluster)
+    policy = load_policy(policy_name)
+    policy.reset()
+    import itertools
+
+    gw._call_ids, gw._workflow_ids, gw._workflow_keys = itertools.count(), itertools.count(), {}
+    steps = list(table)
+    calls = [Gateway.new_call(gw, workflow_key=f"w{i % 50}", step=steps[i % len(steps)], tenant="t", input_tokens=500,
+                              output_tokens=50, stream=False) for i in range(1000)]
+    times = np.zeros(n)
+    for i in range(n):
+        call = calls[i % len(calls)]
+        t0 = time.perf_counter()
+        e = policy.dispatch(call, gw.state)
+        times[i] = time.perf_counter() - t0
+        eng = gw.state.engines[e]
+        eng.outstanding_work_s += 0.01
+        eng.assigned_work_s += 0.01
+        eng.assigned_calls += 1
+    return {"p50_us": float(np.percentile(times, 50) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6),
+            "mean_us": float(times.mean() * 1e6), "n_engines": n_engines}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="hexgen")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    up_port, gw_port = free_port(), free_port()
+    upstream = mp.get_context("spawn").Process(target=run_upstream, args=(up_port,), daemon=True)
+    upstream.start()
+    up_url, gw_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+    table = {s: 0.05 for s in ("Information Retriever", "extract_keywords", "generate_candidate", "revise",
+                               "unit_tester", "generate_unit_test", "evaluate")}
+    workdir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    cluster = workdir / "cluster.yaml"
+    cluster.write_text(json.dumps({"name": "bench", "engines": [
+        {"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]}))
+    gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(cluster),
+                                "--policy", args.policy, "--port", str(gw_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_http(up_url, "/health")
+        wait_http(gw_url, "/health")
+        hdr = {"X-Workflow-Id": "bench", "X-Workflow-Step": "revise", "X-Tenant": "bench"}
+        asyncio.run(open_loop(gw_url, args.rate, 400, hdr))  # warm-up
+        direct = asyncio.run(open_loop(up_url, args.rate, args.requests, {}))
+        via = asyncio.run(open_loop(gw_url, args.rate, args.requests, hdr))
+        rps = asyncio.run(closed_loop(gw_url, args.concurrency, args.duration, hdr))
+        direct_rps = asyncio.run(closed_loop(up_url, args.concurrency, min(args.duration, 3.0), {}))
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+        upstream.terminate()
+    decision = decision_time_us(args.policy)
+    pct = lambda a, q: float(np.percentile(a, q) * 1e3)  # noqa: E731 - ms
+    result = {
+        "rate_rps": args.rate, "requests": args.requests, "policy": args.policy, "cores": os.cpu_count(),
+        "direct_p50_ms": pct(direct, 50), "direct_p99_ms": pct(direct, 99),
+        "gateway_p50_ms": pct(via, 50), "gateway_p99_ms": pct(via, 99),
+        "added_p50_ms": pct(via, 50) - pct(direct, 50), "added_p99_ms": pct(via, 99) - pct(direct, 99),
+        "routed_rps": rps, "direct_rps": direct_rps,
+        "decision": decision,
+    }
+    print(f"gateway overhead at {args.rate:.0f} req/s ({args.requests} requests, policy {args.policy}, minimal local upstream):")
+    print(f"  direct   p50 {result['direct_p50_ms']:.3f} ms  p99 {result['direct_p99_ms']:.3f} ms")
+    print(f"  gateway  p50 {result['gateway_p50_ms']:.3f} ms  p99 {result['gateway_p99_ms']:.3f} ms")
+    print(f"  added    p50 {result['added_p50_ms']:.3f} ms  p99 {result['added_p99_ms']:.3f} ms"
+          f"   (goal p99 <= {GOALS['p99_added_ms']} ms: ratio {result['added_p99_ms'] / GOALS['p99_added_ms']:.2f})")
+    print(f"  routed   {rps:.0f} req/s with {args.concurrency} clients (direct {direct_rps:.0f} req/s)"
+          f"   (goal >= {GOALS['routed_rps']:.0f}: ratio {rps / GOALS['routed_rps']:.2f})")
+    print(f"  {args.policy} decision p50 {decision['p50_us']:.1f} us  p99 {decision['p99_us']:.1f} us on {decision['n_engines']} engines"
+          f"   (goal <= {GOALS['decision_us']:.0f} us: ratio {decision['p99_us'] / GOALS['decision_us']:.2f})")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
