@@ -225,7 +225,7 @@ def tune_command(
     policy: str = typer.Option("hexgen", help="policy to tune: a name or policy file (its knobs with a search space are tuned)"),
     trace: str = typer.Option("chess_trace1", help="CHESS trace file, or a shipped trace name"),
     cluster: str = typer.Option("paper", help="cluster name or YAML file"),
-    rate: Optional[float] = typer.Option(None, help="arrival rate, q/s (default 0.25 x the cluster's estimated capacity)"),
+    rate: Optional[float] = typer.Option(None, help="arrival rate, q/s (default 0.4 x the cluster's estimated capacity, where tuning has something to gain)"),
     slo_scale: float = typer.Option(3.0, help="SLO scale"),
     trials: int = typer.Option(30, help="Optuna trials in total (a resumed study only runs the missing ones)"),
     seeds: str = typer.Option("0,1,2", help="tuning seeds (the objective)"),
@@ -260,7 +260,7 @@ def tune_command(
     if overlap:
         raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen (e.g. --test-seeds 100,101)")
     capacity = capacity_qps_estimate(trace, cluster)
-    rate_qps = rate if rate is not None else round(0.25 * capacity, 4)
+    rate_qps = rate if rate is not None else round(0.4 * capacity, 4)
     grid_rates = parse_floats("rates", rates, "0.05,0.09") or [round(0.25 * capacity, 4), round(0.5 * capacity, 4)]
     stem = Path(policy).stem if Path(policy).suffix in (".yaml", ".yml", ".json") else policy
     out_path = out or Path("runs/tune") / f"{stem}-{'grid' if grid else 'tuned'}.yaml"
