@@ -121,7 +121,7 @@ def test_short_replay_writes_simulator_metrics(live_cluster, tmp_path):
                 "latency_p99_s", "n_workflows", "n_calls", "sim_wall_s", "cost_usd"):
         assert key in saved, key
     assert saved["n_workflows"] == 4 and saved["n_finished"] == 4 and saved["n_failed"] == 0
-    assert saved["n_calls"] == sum(1 for _ in range(1)) * 0 + result["n_calls"] >= 4 * 15
+    assert saved["n_calls"] == result["n_calls"] >= 4 * 15
     assert 0.0 <= saved["slo_attainment"] <= 1.0
     assert saved["latency_p50_s"] > 0 and saved["throughput_qps"] > 0
 

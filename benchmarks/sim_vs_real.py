@@ -1,0 +1,227 @@
+"""Does the simulator predict the real engines? Calibrate, replay for real, simulate, compare.
+
+Steps (all on this machine, real vLLM CPU engines from deploy/clusters/local-cpu.yaml):
+1. `engines up` (reuses running engines), `calibrate` each engine -> profiles in the out folder;
+2. write the trace scaled by --token-scale (the tiny CPU engines keep up), so simulator and replay
+   read the very same token counts;
+3. `serve` a gateway with the calibrated profiles and replay the scaled trace (`rr`, same seed);
+4. `simulate` the same run on a simulator cluster whose engines use the calibrated profiles;
+5. print the prediction error: per-call latency (median, p90) and workflow latency (median, p90),
+   both as errors of the distributions' percentiles and as pairwise errors of matched calls.
+
+    .venv/bin/python benchmarks/sim_vs_real.py [--queries 12 --rate 0.5 --token-scale 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STEP_NAMES_FAN_OUT = ("generate_candidate", "evaluate")
+
+
+def scaled_trace(src: str, dst: Path, scale: float) -> Path:
+    from envs.sim.workload import resolve_trace_path
+
+    raw = json.loads(resolve_trace_path(src).read_text())
+    for query in raw:
+        for call in query["Text2SQLRequest"]:
+            call["input_length"] = max(1, int(round(call["input_length"] * scale)))
+            call["output_length"] = max(1, int(round(call["output_length"] * scale)))
+    dst.write_text(json.dumps(raw))
+    return dst
+
+
+def rel_err(pred: float, real: float) -> float:
+    return abs(pred - real) / real if real > 0 else math.nan
+
+
+def call_keys(records: list[dict]) -> dict[tuple, float]:
+    """(workflow, step, ordinal of that step in the workflow) -> latency; matches sim and replay calls."""
+    out: dict[tuple, float] = {}
+    seen: dict[tuple, int] = {}
+    for r in sorted(records, key=lambda r: (r["workflow_id"], r["ready_s"], r["call_id"])):
+        k = (r["workflow_id"], r["step"])
+        seen[k] = seen.get(k, 0) + 1
+        out[(r["workflow_id"], r["step"], seen[k])] = r["finish_s"] - r["ready_s"]
+    return out
+
+
+def compare(real_calls: list[dict], sim_calls: list[dict], real_wfs: list[dict], sim_wfs: list[dict]) -> dict:
+    rc, sc = call_keys(real_calls), call_keys(sim_calls)
+    common = sorted(set(rc) & set(sc))
+    pair = np.array([rel_err(sc[k], rc[k]) for k in common])
+    rl = np.array([rc[k] for k in common])
+    sl = np.array([sc[k] for k in common])
+    rw = {w["workflow_id"]: w["finish_s"] - w["arrival_s"] for w in real_wfs}
+    sw = {w["workflow_id"]: w["finish_s"] - w["arrival_s"] for w in sim_wfs}
+    wk = sorted(set(rw) & set(sw))
+    wpair = np.array([rel_err(sw[k], rw[k]) for k in wk])
+    rwl = np.array([rw[k] for k in wk])
+    swl = np.array([sw[k] for k in wk])
+    per_step = {}
+    for step in sorted({k[1] for k in common}):
+        ks = [k for k in common if k[1] == step]
+        per_step[step] = {"n": len(ks), "real_p50_s": float(np.median([rc[k] for k in ks])),
+                          "sim_p50_s": float(np.median([sc[k] for k in ks]))}
+    return {
+        "matched_calls": len(common), "matched_workflows": len(wk),
+        "call_p50_err": rel_err(float(np.median(sl)), float(np.median(rl))),
+        "call_p90_err": rel_err(float(np.percentile(sl, 90)), float(np.percentile(rl, 90))),
+        "workflow_p50_err": rel_err(float(np.median(swl)), float(np.median(rwl))),
+        "workflow_p90_err": rel_err(float(np.percentile(swl, 90)), float(np.percentile(rwl, 90))),
+        "call_pairwise_err_median": float(np.median(pair)), "call_pairwise_err_p90": float(np.percentile(pair, 90)),
+        "workflow_pairwise_err_median": float(np.median(wpair)),
+        "workflow_pairwise_err_p90": float(np.percentile(wpair, 90)),
+        "real": {"call_p50_s": float(np.median(rl)), "call_p90_s": float(np.percentile(rl, 90)),
+                 "workflow_p50_s": float(np.median(rwl)), "workflow_p90_s": float(np.percentile(rwl, 90))},
+        "sim": {"call_p50_s": float(np.median(sl)), "call_p90_s": float(np.percentile(sl, 90)),
+                "workflow_p50_s": float(np.median(swl)), "workflow_p90_s": float(np.percentile(swl, 90))},
+        "per_step": per_step,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cluster", default=str(REPO / "deploy" / "clusters" / "local-cpu.yaml"))
+    parser.add_argument("--trace", default="chess_trace1")
+    parser.add_argument("--queries", type=int, default=12)
+    parser.add_argument("--rate", type=float, default=0.5)
+    parser.add_argument("--slo-scale", type=float, default=3.0)
+    parser.add_argument("--token-scale", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "sim_vs_real")
+    parser.add_argument("--skip-calibration", action="store_true", help="use the cluster file's profiles")
+    parser.add_argument("--concurrent-calibration", action="store_true",
+                        help="profile all engines at once (contention like the replay's, but noisier fits)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from deploy.calibrate import calibrate
+    from deploy.cluster import load_cluster
+    from deploy.engines import engines_up
+    from deploy.replay import ReplayConfig, replay
+    from envs.sim.config import ClusterConfig
+    from envs.sim.metrics import records_from_simulator
+    from envs.sim.scenario import RunSpec, simulate
+    from policies import load_policy
+
+    cluster = load_cluster(args.cluster)
+    t0 = time.perf_counter()
+    engines_up(cluster)
+    print(f"engines up in {time.perf_counter() - t0:.0f} s")
+
+    # 1. calibrate
+    raw = yaml.safe_load(Path(args.cluster).read_text())
+    profiles = {spec.name: (cluster.path(spec.profile) if args.skip_calibration and spec.profile
+                            else args.out / f"profile-{spec.name}.yaml") for spec in cluster.engines}
+    if not args.skip_calibration:
+        # one engine at a time by default (clean fits); --concurrent-calibration profiles them together,
+        # as they run during the replay on a shared 2-core box
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(cluster.engines) if args.concurrent_calibration else 1) as pool:
+            fitted = list(pool.map(lambda spec: calibrate(spec.base_url, profiles[spec.name],
+                                                          max_num_seqs=spec.batch_limit)[0], cluster.engines))
+        for spec, profile in zip(cluster.engines, fitted):
+            print(f"calibrated {spec.name}: {profile.iteration.model_dump()} overhead "
+                  f"{profile.fit['request_overhead_s']*1e3:.1f} ms")
+        print(f"calibration took {time.perf_counter() - t0:.0f} s")
+    for spec, entry in zip(cluster.engines, raw["engines"]):
+        path = profiles[spec.name]
+        entry["profile"] = str(path)
+        for key in ("workdir", "vllm_python"):
+            raw[key] = str(cluster.path(raw[key])) if key == "vllm_python" else str(cluster.workdir)
+    raw.setdefault("gateway", {})["token_scale"] = args.token_scale
+    gw_cluster = args.out / "cluster-calibrated.yaml"
+    gw_cluster.write_text(yaml.safe_dump(raw))
+
+    # 2. scaled trace shared by replay and simulate
+    trace = scaled_trace(args.trace, args.out / f"{Path(args.trace).stem}-x{args.token_scale}.json", args.token_scale)
+
+    # 3. real replay through the gateway
+    port = 18999
+    gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(gw_cluster),
+                                "--policy", "rr", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import httpx
+
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        real, _ = replay(ReplayConfig(gateway=f"http://127.0.0.1:{port}", trace=str(trace), rate_qps=args.rate,
+                                      slo_scale=args.slo_scale, token_scale=1.0, queries=args.queries, seed=args.seed),
+                         out=args.out / "replay.json", with_records=True)
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+
+    # 4. simulate the same run with the calibrated profiles
+    sim_cluster = ClusterConfig.model_validate({"name": "local-cpu-calibrated", "engines": [
+        {"name": spec.name, "gpu": "L4", "model": "Llama-3.1-8B", "profile": str(profiles[spec.name]),
+         "max_num_seqs": spec.batch_limit}
+        for spec in cluster.engines]})
+    spec = RunSpec(trace=str(trace), cluster=sim_cluster, rate_qps=args.rate, slo_scale=args.slo_scale,
+                   seed=args.seed, queries=args.queries)
+    sim_result, sim = simulate(spec, load_policy("rr"))
+    wfs, calls, _ = records_from_simulator(sim)
+    from dataclasses import asdict
+
+    (args.out / "simulate.json").write_text(json.dumps(sim_result, indent=1, default=float))
+    report = compare(real["call_records"], [asdict(c) for c in calls], real["workflow_records"], [asdict(w) for w in wfs])
+    # the simulator does not (yet) add the per-call request overhead the profile measured
+    # (fit.request_overhead_s: HTTP + tokenise + detokenise); what it would predict if it did:
+    from envs.sim.perf import PerfProfile
+
+    by_name = {name: PerfProfile.load(p).fit.get("request_overhead_s", 0.0) for name, p in profiles.items()}
+    # the simulator names expanded engines "<name>-<index>"
+    overhead = {e.name: by_name.get(e.name.rsplit("-", 1)[0], 0.0) for e in sim.engines}
+    adj_calls = [dict(asdict(c), finish_s=c.finish_s + overhead.get(c.engine, 0.0)) for c in calls]
+    extra_by_wf: dict[int, float] = {}
+    for c in calls:  # sequential stages add their overhead; parallel calls of a stage once
+        extra_by_wf.setdefault(c.workflow_id, 0.0)
+    stage_overhead: dict[tuple, float] = {}
+    for c in calls:
+        key = (c.workflow_id, round(c.ready_s, 9))
+        stage_overhead[key] = max(stage_overhead.get(key, 0.0), overhead.get(c.engine, 0.0))
+    for (wid, _), o in stage_overhead.items():
+        extra_by_wf[wid] += o
+    adj_wfs = [dict(asdict(w), finish_s=w.finish_s + extra_by_wf.get(w.workflow_id, 0.0)) for w in wfs]
+    report["with_request_overhead"] = compare(real["call_records"], adj_calls, real["workflow_records"], adj_wfs)
+    report.update({"queries": args.queries, "rate_qps": args.rate, "token_scale": args.token_scale,
+                   "real_slo_attainment": real["slo_attainment"], "sim_slo_attainment": sim_result["slo_attainment"]})
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+
+    print(f"sim vs real on {args.queries} queries of {args.trace} x{args.token_scale} tokens at {args.rate} q/s (rr):")
+    r, s = report["real"], report["sim"]
+    print(f"  call latency     p50 real {r['call_p50_s']*1e3:7.1f} ms  sim {s['call_p50_s']*1e3:7.1f} ms  error {report['call_p50_err']:.1%}")
+    print(f"  call latency     p90 real {r['call_p90_s']*1e3:7.1f} ms  sim {s['call_p90_s']*1e3:7.1f} ms  error {report['call_p90_err']:.1%}")
+    print(f"  workflow latency p50 real {r['workflow_p50_s']:7.2f} s   sim {s['workflow_p50_s']:7.2f} s   error {report['workflow_p50_err']:.1%}")
+    print(f"  workflow latency p90 real {r['workflow_p90_s']:7.2f} s   sim {s['workflow_p90_s']:7.2f} s   error {report['workflow_p90_err']:.1%}")
+    print(f"  pairwise |sim-real|/real: calls median {report['call_pairwise_err_median']:.1%} p90 {report['call_pairwise_err_p90']:.1%};"
+          f" workflows median {report['workflow_pairwise_err_median']:.1%} p90 {report['workflow_pairwise_err_p90']:.1%}")
+    for step, v in report["per_step"].items():
+        print(f"    {step:22s} n={v['n']:3d}  real p50 {v['real_p50_s']*1e3:7.1f} ms  sim p50 {v['sim_p50_s']*1e3:7.1f} ms")
+    a = report["with_request_overhead"]
+    print(f"  if the simulator added the measured per-call overhead: call p50 err {a['call_p50_err']:.1%}, p90 "
+          f"{a['call_p90_err']:.1%}; workflow p50 err {a['workflow_p50_err']:.1%}, p90 {a['workflow_p90_err']:.1%}")
+    print(f"  goal: median error <= 10%  (workflow p50 ratio {report['workflow_p50_err'] / 0.10:.2f})")
+
+
+if __name__ == "__main__":
+    main()
