@@ -9,6 +9,7 @@ so heuristics can be evaluated on exactly the same episodes with `envs.sim.scena
 """
 
 from envs.gym.dispatch_env import DispatchEnv, InvalidActionError
+from envs.gym.knobs_env import Knob, KnobsEnv
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
 
-__all__ = ["DispatchEnv", "InvalidActionError", "RandomClusterSpec", "Randomization", "Scenario"]
+__all__ = ["DispatchEnv", "InvalidActionError", "Knob", "KnobsEnv", "RandomClusterSpec", "Randomization", "Scenario"]

@@ -72,6 +72,13 @@ def episode_metrics(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[str,
                             "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
 
 
+def render_text(sim: ClusterSimulator) -> str:
+    """One line: simulated time, workflows finished/met, and each engine's running/waiting calls."""
+    engines = " ".join(f"{e.name}:{e.num_running}r{e.num_waiting}w{'' if e.healthy else '(down)'}" for e in sim.engines)
+    return (f"t={sim.now_s:.1f}s workflows {len(sim.workflows)} arrived, {sim.finished_workflows} finished, "
+            f"{sim.met_workflows} met SLO | {engines}")
+
+
 class MaskedDiscrete(spaces.Discrete):
     """`Discrete(n)` whose `sample()` without a mask draws among the env's currently valid actions.
 
@@ -120,12 +127,15 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     `agentsched simulate` for the episode, `info["run_spec"]` the `RunSpec` that reproduces it.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi"]}
 
     def __init__(self, scenario: Scenario | dict | str | Path | None = None, max_engines: int | None = None,
                  local_order: Any = DEFAULT_LOCAL_ORDER, local_knobs: dict[str, Any] | None = None,
                  mask_infeasible: bool = False, completion_bonus: float = COMPLETION_BONUS,
-                 tardiness_weight: float = TARDINESS_WEIGHT, rejection_penalty: float = REJECTION_PENALTY):
+                 tardiness_weight: float = TARDINESS_WEIGHT, rejection_penalty: float = REJECTION_PENALTY,
+                 render_mode: str | None = None):
+        # other render modes (SB3's make_vec_env asks for "rgb_array") are accepted and render nothing
+        self.render_mode = render_mode
         self.scenario = Scenario.coerce(scenario)
         needed = self.scenario.max_engines()
         self.max_engines = int(max_engines) if max_engines is not None else needed
@@ -237,6 +247,12 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
                 why = f"engine {engine_id} cannot hold this call's {self._call.input_tokens + self._call.output_tokens} tokens"
             raise InvalidActionError(f"action {engine_id} is masked: {why}; use info['action_mask'] / action_masks()")
         return engine_id
+
+    def render(self) -> str | None:
+        """`render_mode="ansi"`: one line of the simulator's state."""
+        if self.render_mode != "ansi" or self._sim is None:
+            return None
+        return render_text(self._sim)
 
     # ---- helpers ------------------------------------------------------------------------------------
     def heuristic_action(self, policy: Any) -> int:

@@ -1,0 +1,309 @@
+"""`agentsched/Knobs-v0`: learned tuning of the paper's hierarchical heuristic.
+
+Every control interval (default 30 simulated seconds) the agent sets the knobs of the heuristic
+(by default HexGen's: `alpha` of the workload-balanced dispatcher, `weight` of the urgency order);
+the heuristic then answers every dispatch decision of the interval. A policy that adapts the
+paper's knobs as load shifts is what this env learns; a constant action is the tuned heuristic.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from envs.gym.dispatch_env import InvalidActionError, episode_metrics, render_text
+from envs.gym.observation import (INV_RATE_SCALE, INV_TIME_SCALE, OBS_CLIP, _count)
+from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
+from envs.gym.scenario import Scenario
+from envs.sim.catalog import load_catalog
+from envs.sim.cluster import ClusterSimulator, Workflow
+from envs.sim.scenario import RunSpec, build_simulator
+
+# Simulated seconds between knob decisions: a few CHESS calls' worth, short against an SLO of a
+# few minutes, long enough for a knob change to show in queues.
+DEFAULT_CONTROL_INTERVAL_S = 30.0
+# Burstiness (CV of inter-arrival gaps) is measured over this trailing window of arrivals.
+BURSTINESS_WINDOW_S = 300.0
+# Fewer gaps than this in the window: report CV 1 (what a Poisson process would give).
+MIN_GAPS_FOR_CV = 3
+
+
+class Knob(BaseModel):
+    """One knob of the heuristic, set from one action dimension in [-1, 1] mapped linearly to
+    [low, high]."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    layer: Literal["dispatch", "local"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _range(self) -> "Knob":
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"knob {self.name}: need low < high, got [{self.low}, {self.high}]")
+        return self
+
+
+DEFAULT_KNOBS = (Knob(name="alpha", layer="dispatch", low=0.0, high=1.0),
+                 Knob(name="weight", layer="local", low=0.0, high=1.0))
+
+GLOBAL_FEATURES: tuple[str, ...] = (
+    "arrival_rate_window", "arrival_rate_interval", "burstiness_cv", "arrived_share", "finished_share",
+    "attainment_so_far", "interval_finished", "interval_attainment", "in_flight", "in_flight_late_share",
+    "slack_mean", "slack_min", "budget_used_mean")
+GPU_TYPE_FEATURES: tuple[str, ...] = ("engines", "healthy_share", "waiting", "running", "outstanding_work",
+                                      "kv_usage_mean")
+
+
+class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Set the hierarchical heuristic's knobs for the next control interval.
+
+    Action: `Box(-1, 1, (len(knobs),), float32)`; dimension i sets `knobs[i]` to
+    low + (a + 1) / 2 x (high - low) (SB3 convention: a symmetric, normalised box). Defaults:
+    HexGen's `alpha` (0: balance work only, 1: fastest engine only) and the urgency order's
+    `weight` (0: FCFS, 1: pure urgency). A new local weight applies to calls queued from then on.
+    **An action outside the box, of the wrong shape or not finite raises `InvalidActionError`**
+    (SB3's PPO clips to the box before stepping, so this only catches real bugs).
+
+    Observation: `Box(-OBS_CLIP, OBS_CLIP)`: arrival rate (trailing minute and last interval),
+    burstiness (CV of inter-arrival gaps), episode progress, attainment so far and of the last
+    interval, in-flight workflows and their slack statistics (slack in units of each workflow's
+    SLO), the knobs in force, then per GPU type of the catalog (a fixed order, so clusters of any
+    mix share one layout): engines, healthy share, waiting and running calls, outstanding work,
+    mean KV use.
+
+    Reward: the SLO reward of `envs.gym.reward`, accumulated over the interval. Episode and
+    `info["metrics"]` as in Dispatch-v0.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, scenario: Scenario | dict | str | Path | None = None, policy: str = "hexgen",
+                 knobs: list[Knob | dict] | None = None, control_interval_s: float = DEFAULT_CONTROL_INTERVAL_S,
+                 completion_bonus: float = COMPLETION_BONUS, tardiness_weight: float = TARDINESS_WEIGHT,
+                 rejection_penalty: float = REJECTION_PENALTY, render_mode: str | None = None):
+        from heuristics import registry
+
+        # other render modes (SB3's make_vec_env asks for "rgb_array") are accepted and render nothing
+        self.render_mode = render_mode
+        from policies.base import PolicyError
+
+        self.scenario = Scenario.coerce(scenario)
+        if policy not in registry.NAMED:
+            raise PolicyError(f"policy: unknown policy name {policy!r} (known: {', '.join(registry.NAMED)})")
+        if not control_interval_s > 0 or math.isinf(control_interval_s):
+            raise ValueError(f"control_interval_s must be a positive number, got {control_interval_s}")
+        self.policy_name = policy
+        self._named = registry.NAMED[policy]
+        self.knobs = [k if isinstance(k, Knob) else Knob.model_validate(k) for k in (knobs or DEFAULT_KNOBS)]
+        if not self.knobs:
+            raise ValueError("knobs: give at least one knob")
+        self.control_interval_s = float(control_interval_s)
+        self._knob_low = np.array([k.low for k in self.knobs])
+        self._knob_span = np.array([k.high - k.low for k in self.knobs])
+        self.gpu_types = list(load_catalog().gpus)
+        self._gpu_index = {g: i for i, g in enumerate(self.gpu_types)}
+        for g, spec in load_catalog().gpus.items():
+            for alias in spec.aliases:
+                self._gpu_index.setdefault(alias, self._gpu_index[g])
+        n_obs = len(GLOBAL_FEATURES) + len(self.knobs) + len(self.gpu_types) * len(GPU_TYPE_FEATURES)
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (n_obs,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (len(self.knobs),), np.float32)
+        self._reward = SLOReward(completion_bonus, tardiness_weight, rejection_penalty)
+        self._horizon_s = self.scenario.horizon_s or math.inf
+        self._sim: ClusterSimulator | None = None
+        self._spec: RunSpec | None = None
+        self._policy = self._build_policy(self.action_for_knobs({}))  # validates the knob names
+        self._done = True
+
+    # ---- knobs <-> actions ------------------------------------------------------------------------
+    def knobs_for(self, action: np.ndarray) -> dict[str, float]:
+        """Knob values an (in-range) action sets."""
+        values = self._knob_low + (np.asarray(action, dtype=np.float64) + 1.0) * 0.5 * self._knob_span
+        return {k.name: float(v) for k, v in zip(self.knobs, values)}
+
+    def action_for_knobs(self, values: dict[str, float]) -> np.ndarray:
+        """The action that sets these knob values (others: the policy's defaults)."""
+        defaults = self._default_knobs()
+        out = []
+        for k in self.knobs:
+            v = float(values.get(k.name, defaults[k.name]))
+            out.append(2.0 * (v - k.low) / (k.high - k.low) - 1.0)
+        return np.clip(np.array(out, dtype=np.float32), -1.0, 1.0)
+
+    def _default_knobs(self) -> dict[str, float]:
+        from policies.heuristic import HeuristicPolicy
+
+        base = HeuristicPolicy.named(self.policy_name)
+        found = {**base.dispatcher.get_knobs(), **base.local.get_knobs()}
+        missing = [k.name for k in self.knobs if k.name not in found]
+        if missing:
+            from policies.base import PolicyError
+
+            raise PolicyError(f"knobs: policy {self.policy_name!r} has no knob {missing[0]!r} "
+                              f"(knobs: {', '.join(found) or 'none'})")
+        return {k.name: float(found[k.name]) for k in self.knobs}
+
+    def _build_policy(self, action: np.ndarray) -> Any:
+        from policies.heuristic import HeuristicPolicy
+
+        values = self.knobs_for(action)
+        d = {**self._named.dispatch_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "dispatch"}}
+        l = {**self._named.local_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "local"}}
+        return HeuristicPolicy.build(self._named.dispatch, self._named.local, d, l, name=self.policy_name)
+
+    def policy_for(self, action: np.ndarray) -> Any:
+        """The heuristic policy an action puts in force (e.g. to run a constant action in `simulate`)."""
+        return self._build_policy(self._check_action(action))
+
+    def _check_action(self, action: Any) -> np.ndarray:
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != self.action_space.shape:
+            a = a.reshape(-1) if a.size == self.action_space.shape[0] else a
+        if a.shape != self.action_space.shape:
+            raise InvalidActionError(f"action must have shape {self.action_space.shape} (one value per knob: "
+                                     f"{', '.join(k.name for k in self.knobs)}), got shape {np.shape(action)}")
+        if not np.all(np.isfinite(a)):
+            raise InvalidActionError(f"action must be finite, got {a.tolist()}")
+        if np.any(a < -1.0) or np.any(a > 1.0):
+            raise InvalidActionError(f"action {a.tolist()} is outside [-1, 1] (each dimension maps to a knob's range)")
+        return a
+
+    # ---- Gymnasium API ------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        episode_seed = options.get("episode_seed")
+        if episode_seed is None:
+            episode_seed = self.scenario.draw_episode_seed(self.np_random)
+        self._spec = self.scenario.run_spec(int(episode_seed))
+        self._knob_action = self.action_for_knobs({}).astype(np.float64)
+        self._policy = self._build_policy(self._knob_action)
+        self._policy.reset()
+        self._sim = build_simulator(self._spec, queue_key=self._policy.queue_key)
+        self._reward.bind(self._sim)
+        self._n_workflows = self._spec.queries or 1
+        self._in_flight: list[Workflow] = []
+        self._registered = 0
+        self._interval_start_s = 0.0
+        self._arrivals_at_start = 0
+        self._finished_at_start = 0
+        self._met_at_start = 0
+        self._done = False
+        return self._observe(), {"episode_seed": int(episode_seed), "knobs": self.knobs_for(self._knob_action)}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._done:
+            raise RuntimeError("step() after the episode ended: call reset()")
+        a = self._check_action(action)
+        sim = self._sim
+        self._knob_action = a
+        policy = self._build_policy(a)
+        self._policy = policy
+        sim.queue_key = policy.queue_key
+        self._interval_start_s = sim.now_s
+        self._arrivals_at_start = len(sim.workflows)
+        self._finished_at_start = sim.finished_workflows
+        self._met_at_start = sim.met_workflows
+        until = min(sim.now_s + self.control_interval_s, self._horizon_s)
+        dispatch = policy.dispatch
+        while True:
+            call = sim.next_decision(until_s=until)
+            if call is None:
+                break
+            sim.dispatch(call, dispatch(call, sim))
+        reward = self._reward.update()
+        terminated = sim.done
+        truncated = not terminated and sim.now_s >= self._horizon_s
+        info: dict[str, Any] = {"knobs": self.knobs_for(a)}
+        if terminated or truncated:
+            self._done = True
+            info["metrics"] = self.metrics()
+            info["run_spec"] = self._spec
+        return self._observe(), reward, terminated, truncated, info
+
+    # ---- observation ----------------------------------------------------------------------------------
+    def _observe(self) -> np.ndarray:
+        sim = self._sim
+        now = sim.now_s
+        clip = OBS_CLIP
+        workflows = sim.workflows
+        for i in range(self._registered, len(workflows)):
+            self._in_flight.append(workflows[i])
+        self._registered = len(workflows)
+        self._in_flight = [w for w in self._in_flight if not w.done]
+        # arrivals: rate over the last interval, burstiness over a trailing window
+        interval_s = max(now - self._interval_start_s, 1e-9)
+        interval_rate = (len(workflows) - self._arrivals_at_start) / interval_s
+        times = []
+        for w in reversed(workflows):
+            if w.arrival_time_s < now - BURSTINESS_WINDOW_S:
+                break
+            times.append(w.arrival_time_s)
+        if len(times) > MIN_GAPS_FOR_CV:
+            gaps = -np.diff(np.asarray(times))
+            cv = float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else clip
+        else:
+            cv = 1.0
+        finished = sim.finished_workflows - self._finished_at_start
+        met = sim.met_workflows - self._met_at_start
+        in_flight = self._in_flight
+        if in_flight:
+            slack = np.array([(w.deadline_s - now) / w.slo_s for w in in_flight])
+            used = np.array([(now - w.arrival_time_s) / w.slo_s for w in in_flight])
+            late_share = float((slack < 0).mean())
+            slack_mean, slack_min, used_mean = float(slack.mean()), float(slack.min()), float(used.mean())
+        else:
+            late_share, slack_mean, slack_min, used_mean = 0.0, 1.0, 1.0, 0.0
+        head = [sim.recent_arrival_rate_qps * INV_RATE_SCALE, interval_rate * INV_RATE_SCALE, cv,
+                len(workflows) / self._n_workflows, sim.finished_workflows / self._n_workflows,
+                sim.slo_attainment_so_far, _count(finished), met / finished if finished else 1.0,
+                _count(len(in_flight)), late_share, slack_mean, slack_min, used_mean]
+        head.extend(float(x) for x in self._knob_action)
+        per_type = np.zeros((len(self.gpu_types), len(GPU_TYPE_FEATURES)))
+        for e in sim.engines:
+            row = per_type[self._gpu_index[e.gpu]]
+            row[0] += 1
+            row[1] += e.healthy
+            row[2] += len(e.waiting)
+            row[3] += len(e.running)
+            row[4] += e.outstanding_work_s
+            row[5] += e.kv_usage
+        count = np.maximum(per_type[:, 0], 1.0)
+        per_type[:, 1] /= count
+        per_type[:, 5] /= count
+        per_type[:, 4] *= INV_TIME_SCALE
+        per_type[:, [0, 2, 3, 4]] = np.log1p(per_type[:, [0, 2, 3, 4]])
+        obs = np.concatenate([np.asarray(head, dtype=np.float64), per_type.ravel()])
+        return np.clip(obs, -clip, clip).astype(np.float32)
+
+    def render(self) -> str | None:
+        """`render_mode="ansi"`: one line of the simulator's state."""
+        if self.render_mode != "ansi" or self._sim is None:
+            return None
+        return render_text(self._sim)
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        """The `agentsched simulate` metrics dict of the episode so far."""
+        return episode_metrics(self._sim, self._spec, {"kind": "env", "name": "agentsched/Knobs-v0",
+                                                       "policy": self.policy_name})
+
+    def observation_names(self) -> list[str]:
+        names = [f"global.{f}" for f in GLOBAL_FEATURES] + [f"knob.{k.name}" for k in self.knobs]
+        return names + [f"gpu[{g}].{f}" for g in self.gpu_types for f in GPU_TYPE_FEATURES]
+
+    @property
+    def simulator(self) -> ClusterSimulator | None:
+        return self._sim
+
+    @property
+    def run_spec(self) -> RunSpec | None:
+        return self._spec
