@@ -1,0 +1,514 @@
+"""Trained policies: an SB3 model plus everything needed to run it the way it was trained.
+
+A trained policy is a directory (or a zip of one) holding
+
+    policy.yaml        kind: trained; env id, algorithm, observation-spec version and fingerprint,
+                       max_engines, the local order (Dispatch) or heuristic (Knobs) it runs with
+    model.zip          the stable-baselines3 model (`Algorithm.save`)
+    obs_rms.npz        observation normalisation statistics (VecNormalize), if trained with them
+    config.yaml        the training config (reproducibility)
+    eval_report.json   the evaluation report written by `agentsched evaluate`, if any
+
+`load_trained_policy(path)` gives a `Policy` that the simulator, the Gymnasium envs and the deploy
+gateway call like any heuristic:
+
+- a Dispatch policy answers `dispatch(call, cluster)` by building exactly the env's observation
+  (`envs.gym.observation.DispatchObservation`) from the read-only view, normalising it with the
+  saved statistics, and taking the most probable *valid* engine (healthy, not padding);
+  `queue_key` is its local heuristic's;
+- a Knobs policy is the heuristic it was trained over; every `interval_s` its network reads the
+  Knobs env's observation and sets the heuristic's knobs (`on_interval`).
+
+Statistics are stored as plain arrays (npz), not a pickled VecNormalize, so loading a policy never
+unpickles code and does not need the training env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from envs.sim.view import CallView, ClusterView, EngineView
+from policies.base import Policy, PolicyError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "policy.yaml"
+MODEL_FILE = "model.zip"
+OBS_RMS_FILE = "obs_rms.npz"
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "eval_report.json"
+
+DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
+KNOBS_ENV_ID = "agentsched/Knobs-v0"
+
+ALGORITHMS = ("ppo", "maskable_ppo", "sac")
+
+
+def algorithm_class(algo: str) -> Any:
+    """The SB3 class of an algorithm name used in configs and metadata."""
+    algo = algo.lower().replace("-", "_")
+    if algo == "ppo":
+        from stable_baselines3 import PPO
+
+        return PPO
+    if algo == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO
+    if algo == "sac":
+        from stable_baselines3 import SAC
+
+        return SAC
+    raise PolicyError(f"algorithm: unknown {algo!r} (use one of {', '.join(ALGORITHMS)})")
+
+
+# ---- observation spec -------------------------------------------------------------------------
+def observation_spec(env_id: str) -> dict[str, Any]:
+    """Version and fingerprint of the observation an env id builds in this checkout.
+
+    The version is the env module's `OBS_VERSION` (1 if it does not declare one), which its owner
+    bumps when units or scaling change; the fingerprint hashes the feature names and the clip bound,
+    so a change of layout is caught even if nobody bumped the version.
+    """
+    if env_id == DISPATCH_ENV_ID:
+        from envs.gym import observation as mod
+
+        names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *mod.ENGINE_FEATURES]
+    elif env_id == KNOBS_ENV_ID:
+        mod = _knobs_module()
+        names = [*getattr(mod, "GLOBAL_FEATURES", ()), "|", *getattr(mod, "GPU_TYPE_FEATURES", ())]
+    else:
+        raise PolicyError(f"env id {env_id!r} is not an agentsched env (use {DISPATCH_ENV_ID} or {KNOBS_ENV_ID})")
+    digest = hashlib.sha1(json.dumps([names, float(getattr(mod, "OBS_CLIP", 0.0))]).encode()).hexdigest()[:12]
+    return {"version": int(getattr(mod, "OBS_VERSION", 1)), "fingerprint": digest}
+
+
+def _knobs_module() -> Any:
+    import importlib
+
+    return importlib.import_module("envs.gym.knobs_env")
+
+
+# ---- the policy classes ---------------------------------------------------------------------------
+class _Network:
+    """The SB3 model's policy network as a function obs -> action logits / action, on CPU, no grad."""
+
+    def __init__(self, model: Any, obs_rms: dict[str, np.ndarray] | None):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.policy = model.policy
+        self.policy.set_training_mode(False)
+        self.obs_rms = obs_rms
+
+    def normalise(self, obs: np.ndarray) -> np.ndarray:
+        rms = self.obs_rms
+        if rms is None:
+            return obs
+        return np.clip((obs - rms["mean"]) / np.sqrt(rms["var"] + rms["epsilon"]),
+                       -rms["clip_obs"], rms["clip_obs"]).astype(np.float32)
+
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        """Unmasked action logits of a discrete policy for one observation."""
+        torch = self.torch
+        with torch.no_grad():
+            tensor = torch.as_tensor(self.normalise(obs)[None], dtype=torch.float32)
+            features = self.policy.extract_features(tensor, self.policy.pi_features_extractor)
+            latent_pi = self.policy.mlp_extractor.forward_actor(features)
+            return self.policy.action_net(latent_pi)[0].numpy()
+
+    def act_continuous(self, obs: np.ndarray) -> np.ndarray:
+        action, _ = self.model.predict(self.normalise(obs), deterministic=True)
+        return np.asarray(action, dtype=np.float32)
+
+
+class TrainedPolicy(Policy):
+    """Common part: metadata, the network, validation against a cluster or env."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
+        self.path = path
+        self.meta = meta
+        self.net = network
+        self.name = str(meta.get("name") or path.name)
+        self.env_id = meta["env_id"]
+        self.max_engines = int(meta["max_engines"]) if meta.get("max_engines") else None
+
+    def check_cluster(self, cluster: ClusterView) -> None:
+        n = len(cluster.engines)
+        if self.max_engines is not None and n > self.max_engines:
+            raise PolicyError(f"policy {self.path}: cluster has {n} engines but the policy was trained with "
+                              f"max_engines={self.max_engines}; retrain with a larger max_engines")
+
+    def check_env(self, env: Any) -> None:
+        """Fail with one line if `env` (a Gymnasium env, wrapped or not) does not fit this policy."""
+        base = getattr(env, "unwrapped", env)
+        env_id = getattr(getattr(base, "spec", None), "id", None)
+        if env_id is not None and env_id != self.env_id:
+            raise PolicyError(f"policy {self.path}: trained on {self.env_id}, not {env_id}")
+        space = getattr(base, "observation_space", None)
+        expected = self.meta.get("observation_shape")
+        if space is not None and expected is not None and list(space.shape) != list(expected):
+            raise PolicyError(f"policy {self.path}: observation shape {list(space.shape)} of the env does not match "
+                              f"the policy's {expected} (different max_engines or observation spec)")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "trained", "name": self.name, "path": str(self.path), "env_id": self.env_id,
+                "algo": self.meta.get("algo")}
+
+
+class TrainedDispatchPolicy(TrainedPolicy):
+    """A Dispatch-v0 network as the global layer, with its local heuristic's queue order."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
+        super().__init__(path, meta, network)
+        from envs.gym.dispatch_env import resolve_local_order
+        from envs.gym.observation import DispatchObservation
+
+        local = meta.get("local") or {}
+        self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
+        self._obs = DispatchObservation(self.max_engines)
+        self._bound: Any = None
+        self._view: Any = None
+
+    def reset(self) -> None:
+        self._bound = None
+
+    def observation(self, call: CallView, cluster: ClusterView) -> np.ndarray:
+        """The env's observation of `call` in `cluster` (any ClusterView)."""
+        if cluster is not self._bound:
+            self.check_cluster(cluster)
+            self._view = cluster if _is_simulator(cluster) else ViewAdapter(cluster)
+            _bind(self._obs, self._view)
+            self._bound = cluster
+        elif self._view is not cluster:
+            self._view.refresh()
+        return self._obs.build(call)
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        logits = self.net.logits(self.observation(call, cluster))
+        engines = cluster.engines
+        best, best_logit = -1, -math.inf
+        for i, e in enumerate(engines):
+            if e.healthy and logits[i] > best_logit:
+                best, best_logit = i, float(logits[i])
+        if best < 0:
+            raise RuntimeError("no healthy engine")  # the simulator and the gateway never ask then
+        return best
+
+    def action_logits(self, obs: np.ndarray) -> np.ndarray:
+        return self.net.logits(obs)
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        return self._queue_key(call, engine)
+
+
+class TrainedKnobsPolicy(TrainedPolicy):
+    """A Knobs-v0 network driving a heuristic's knobs every control interval."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
+        super().__init__(path, meta, network)
+        from policies.loader import policy_from_spec
+
+        self.heuristic = policy_from_spec(meta["heuristic"], source=f"policy {path}")
+        self.interval_s = float(meta["interval_s"])
+        mod = _knobs_module()
+        self._observe = getattr(mod, "knobs_observation")
+        self._apply = getattr(mod, "apply_knobs")
+        self._env_kwargs = dict(meta.get("env_kwargs") or {})
+        self._state: Any = None
+        self.knob_history: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        self.heuristic.reset()
+        self._state = None
+        self.knob_history = []
+
+    def on_interval(self, cluster: ClusterView) -> None:
+        self.check_cluster(cluster)
+        obs, self._state = self._observe(cluster, self._state, **self._env_kwargs)
+        action = self.net.act_continuous(obs)
+        self.knob_history.append(self._apply(self.heuristic, action))
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        return self.heuristic.dispatch(call, cluster)
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        return self.heuristic.queue_key(call, engine)
+
+
+def _bind(builder: Any, view: Any) -> None:
+    """Bind the env's observation builder to an episode: the simulator's workload size is its
+    number of workflows; a live view counts as one (see `ViewAdapter`)."""
+    import inspect
+
+    if "n_workflows" in inspect.signature(builder.bind).parameters:
+        builder.bind(view, max(1, len(getattr(view, "_specs", ()) or ())))
+    else:
+        builder.bind(view)
+
+
+def _is_simulator(cluster: Any) -> bool:
+    from envs.sim.cluster import ClusterSimulator
+
+    return isinstance(cluster, ClusterSimulator)
+
+
+class _Count:
+    """Stands in for a list whose only use is `len()` (running/waiting queues)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _EngineAdapter:
+    """An `EngineView` seen through the attributes the env's observation builder reads."""
+
+    def __init__(self, engine: EngineView):
+        self._e = engine
+        self.total_blocks = 1000
+        tokens = getattr(engine, "kv_cache_tokens", None) or getattr(engine, "kv_capacity_tokens", None)
+        self.kv_capacity_tokens = tokens if tokens else math.inf  # unknown capacity: assume it fits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._e, name)
+
+    @property
+    def running(self) -> _Count:
+        return _Count(self._e.num_running)
+
+    @property
+    def waiting(self) -> _Count:
+        return _Count(self._e.num_waiting)
+
+    @property
+    def free_blocks(self) -> float:
+        return (1.0 - self._e.kv_usage) * self.total_blocks
+
+
+class _Workflows:
+    def __init__(self, cluster: ClusterView):
+        self._c = cluster
+
+    def __getitem__(self, workflow_id: int) -> Any:
+        return self._c.workflow(workflow_id)
+
+    def __len__(self) -> int:
+        return int(getattr(self._c, "arrived_workflows", 0) or 0)
+
+
+class ViewAdapter:
+    """Any `ClusterView` (e.g. the deploy gateway's) as the simulator-shaped object the env's
+    observation builder binds to.
+
+    Exact for everything the view protocol carries. Two episode-level features have no meaning
+    outside a finite simulated episode: the share of the episode's workflows that have arrived or
+    finished. A live view reports them as 1.0 and the attainment so far, the values they take in the
+    steady middle-to-end of a training episode.
+    """
+
+    def __init__(self, cluster: ClusterView):
+        self._c = cluster
+        self.engines = [_EngineAdapter(e) for e in cluster.engines]
+        self.config = type("Config", (), {"name": getattr(cluster, "name", "live")})()
+        self._specs = [None]  # one "episode workflow", so arrived/finished shares are the values below
+
+    def refresh(self) -> None:
+        if len(self.engines) != len(self._c.engines):
+            self.engines = [_EngineAdapter(e) for e in self._c.engines]
+
+    @property
+    def now_s(self) -> float:
+        return self._c.now_s
+
+    @property
+    def recent_arrival_rate_qps(self) -> float:
+        return self._c.recent_arrival_rate_qps
+
+    @property
+    def slo_attainment_so_far(self) -> float:
+        return self._c.slo_attainment_so_far
+
+    @property
+    def workflows(self) -> Any:
+        return _OneShare(self._c)
+
+    @property
+    def finished_workflows(self) -> float:
+        return self._c.slo_attainment_so_far  # with one "episode workflow": finished share = attainment
+
+    def workflow(self, workflow_id: int) -> Any:
+        return self._c.workflow(workflow_id)
+
+
+class _OneShare(_Workflows):
+    def __len__(self) -> int:
+        return 1
+
+
+# ---- save / load --------------------------------------------------------------------------------------
+def save_trained_policy(out_dir: str | Path, model: Any, *, env_id: str, algo: str, max_engines: int | None,
+                        observation_shape: list[int], local: dict[str, Any] | None = None,
+                        obs_rms: Any = None, config: dict[str, Any] | None = None, name: str | None = None,
+                        extra: dict[str, Any] | None = None) -> Path:
+    """Write a trained policy directory; returns its path. `obs_rms` is a VecNormalize (or its
+    `obs_rms`) whose statistics are stored; `extra` goes into the metadata (Knobs: heuristic,
+    interval_s, env_kwargs)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / MODEL_FILE)
+    meta: dict[str, Any] = {
+        "kind": "trained",
+        "format_version": FORMAT_VERSION,
+        "name": name or out.name,
+        "env_id": env_id,
+        "algo": algo,
+        "observation_spec": observation_spec(env_id),
+        "observation_shape": [int(x) for x in observation_shape],
+        "max_engines": max_engines,
+        "normalized": obs_rms is not None,
+    }
+    if local is not None:
+        meta["local"] = local
+    meta.update(extra or {})
+    if obs_rms is not None:
+        venv_clip = getattr(obs_rms, "clip_obs", None)
+        venv_eps = getattr(obs_rms, "epsilon", None)
+        rms = getattr(obs_rms, "obs_rms", obs_rms)
+        np.savez(out / OBS_RMS_FILE, mean=np.asarray(rms.mean, dtype=np.float32), var=np.asarray(rms.var, dtype=np.float32),
+                 clip_obs=np.float32(venv_clip if venv_clip is not None else 10.0),
+                 epsilon=np.float32(venv_eps if venv_eps is not None else 1e-8))
+    (out / METADATA_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    if config is not None:
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.exists():
+        raise PolicyError(f"policy: {path} is not a trained policy directory (no {METADATA_FILE}); "
+                          f"give a directory written by `agentsched train`")
+    try:
+        meta = yaml.safe_load(meta_path.read_text())
+    except yaml.YAMLError:
+        raise PolicyError(f"policy: {meta_path} cannot be parsed; fix or regenerate it") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "trained":
+        raise PolicyError(f"policy: {meta_path} must have kind: trained")
+    for field in ("env_id", "algo", "observation_spec", "observation_shape"):
+        if field not in meta:
+            raise PolicyError(f"policy: {meta_path}: missing field {field!r} (regenerate with `agentsched train`)")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise PolicyError(f"policy: {path} has format_version {meta['format_version']}; this agentsched reads up to "
+                          f"{FORMAT_VERSION} (upgrade agentsched)")
+    return meta
+
+
+def check_observation_spec(path: Path, meta: dict[str, Any]) -> None:
+    trained = meta["observation_spec"]
+    current = observation_spec(meta["env_id"])
+    if trained.get("version") != current["version"] or trained.get("fingerprint") != current["fingerprint"]:
+        raise PolicyError(
+            f"policy: {path} was trained on {meta['env_id']} observation spec v{trained.get('version')} "
+            f"({trained.get('fingerprint')}) but this agentsched builds v{current['version']} "
+            f"({current['fingerprint']}); retrain it (agentsched train) or use the matching agentsched version")
+
+
+def _extract_zip(path: Path) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="agentsched-policy-"))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise PolicyError(f"policy: {path} contains an unsafe path {member!r}")
+            zf.extractall(target)
+    except zipfile.BadZipFile:
+        raise PolicyError(f"policy: {path} is not a valid zip file") from None
+    if (target / METADATA_FILE).exists():
+        return target
+    subdirs = [p for p in target.iterdir() if p.is_dir() and (p / METADATA_FILE).exists()]
+    if len(subdirs) == 1:
+        return subdirs[0]
+    raise PolicyError(f"policy: {path} has no {METADATA_FILE} at its top level (zip a policy directory)")
+
+
+def zip_trained_policy(path: str | Path, out_zip: str | Path) -> Path:
+    """Zip a trained policy directory (files at the zip's top level)."""
+    path, out_zip = Path(path), Path(out_zip)
+    with zipfile.ZipFile(out_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                zf.write(f, f.name)
+    return out_zip
+
+
+def load_trained_policy(path: str | Path) -> TrainedPolicy:
+    """A trained policy directory or zip as a `Policy`; errors are one-line `PolicyError`s."""
+    path = Path(path)
+    if not path.exists():
+        raise PolicyError(f"policy: {path} not found (check the path)")
+    root = _extract_zip(path) if path.suffix == ".zip" and path.is_file() else path
+    meta = read_metadata(root)
+    # a model.zip alone (not a policy directory) is caught by read_metadata
+    check_observation_spec(path, meta)
+    model_path = root / MODEL_FILE
+    if not model_path.exists():
+        raise PolicyError(f"policy: {path} has no {MODEL_FILE}")
+    cls = algorithm_class(meta["algo"])
+    try:
+        model = cls.load(model_path, device="cpu")
+    except Exception as exc:  # a corrupt or foreign zip: one line, not a traceback
+        raise PolicyError(f"policy: {model_path} cannot be loaded by {cls.__name__} ({exc.__class__.__name__}: {exc})") from None
+    obs_rms = None
+    if meta.get("normalized"):
+        rms_path = root / OBS_RMS_FILE
+        if not rms_path.exists():
+            raise PolicyError(f"policy: {path} says normalized: true but has no {OBS_RMS_FILE}")
+        with np.load(rms_path) as data:
+            obs_rms = {k: data[k] for k in ("mean", "var", "clip_obs", "epsilon")}
+    expected_shape = tuple(meta["observation_shape"])
+    if tuple(model.observation_space.shape) != expected_shape:
+        raise PolicyError(f"policy: {path}: model observation shape {model.observation_space.shape} does not match "
+                          f"policy.yaml's {list(expected_shape)}")
+    network = _Network(model, obs_rms)
+    if path.suffix == ".zip" and root != path:
+        pass  # keep the extracted copy for the process lifetime (the model is already in memory)
+    if meta["env_id"] == DISPATCH_ENV_ID:
+        if meta.get("max_engines") is None:
+            raise PolicyError(f"policy: {path}: a Dispatch policy needs max_engines in {METADATA_FILE}")
+        return TrainedDispatchPolicy(path, meta, network)
+    if meta["env_id"] == KNOBS_ENV_ID:
+        for field in ("heuristic", "interval_s"):
+            if field not in meta:
+                raise PolicyError(f"policy: {path}: a Knobs policy needs {field!r} in {METADATA_FILE}")
+        return TrainedKnobsPolicy(path, meta, network)
+    raise PolicyError(f"policy: {path}: env_id {meta['env_id']!r} is not supported")
+
+
+def read_report(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    report = path / REPORT_FILE
+    return json.loads(report.read_text()) if report.exists() else None
+
+
+def copy_policy(src: str | Path, dst: str | Path) -> Path:
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,129 @@
+"""Training callbacks: evaluation on held-out seeds against the heuristic, TensorBoard layout.
+
+`SimEvalCallback` plays the role of SB3's `EvalCallback` (periodic deterministic evaluation, best
+model kept) but evaluates through `envs.sim.scenario.simulate`, the code path of `agentsched
+simulate` and `agentsched evaluate`, instead of `evaluate_policy` on an eval env: that gives the
+full metrics dict (SLO attainment, goodput, p95 latency) rather than only the return, handles the
+action masks, and lets the heuristic baseline be scored on *exactly* the same episodes (its
+score is computed once, at the start). The gap between the two curves is the point of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback, EventCallback
+
+from envs.sim.scenario import RunSpec, simulate
+
+LOGGED_METRICS = ("slo_attainment", "goodput_qps", "latency_p95_s")
+
+
+def mean_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for key in LOGGED_METRICS:
+        vals = [r[key] for r in results if r.get(key) is not None and not math.isnan(r[key])]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def run_policy(policy: Any, specs: list[RunSpec]) -> list[dict[str, Any]]:
+    return [simulate(spec, policy)[0] for spec in specs]
+
+
+def custom_scalar_layout(baseline: str | None) -> dict[str, Any]:
+    """TensorBoard "Custom Scalars" tab: each metric of the policy and of the baseline on one chart."""
+    charts = {}
+    for key in LOGGED_METRICS:
+        tags = [f"eval/{key}"] + ([f"baseline/{key}"] if baseline else [])
+        charts[key] = ["Multiline", tags]
+    charts["goodput ratio to baseline"] = ["Multiline", ["eval/goodput_ratio_to_baseline"]]
+    return {"agentsched": charts}
+
+
+def write_custom_scalars(model: Any, baseline: str | None) -> None:
+    from stable_baselines3.common.logger import TensorBoardOutputFormat
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    for fmt in model.logger.output_formats:
+        if isinstance(fmt, TensorBoardOutputFormat):
+            fmt.writer.file_writer.add_summary(custom_scalars(custom_scalar_layout(baseline)))
+            fmt.writer.flush()
+
+
+class SimEvalCallback(EventCallback):
+    """Every `eval_freq` env steps (summed over envs), run the current policy deterministically on
+    the eval episodes and log their mean metrics next to the baseline's; save the best policy.
+
+    `policy_factory(model)` turns the live model into a `Policy` (no copy of the weights).
+    """
+
+    def __init__(self, specs: list[RunSpec], policy_factory: Callable[[Any], Any], eval_freq: int,
+                 baseline: Any = None, metric: str = "goodput_qps", best_model_save_path: str | Path | None = None,
+                 on_new_best: Callable[[Any], None] | None = None, log_path: str | Path | None = None,
+                 callback_on_new_best: BaseCallback | None = None, verbose: int = 0):
+        super().__init__(callback_on_new_best, verbose=verbose)
+        self.specs = specs
+        self.policy_factory = policy_factory
+        self.eval_freq = int(eval_freq)
+        self.baseline = baseline
+        self.metric = metric
+        self.best_model_save_path = Path(best_model_save_path) if best_model_save_path else None
+        self.on_new_best = on_new_best
+        self.log_path = Path(log_path) if log_path else None
+        self.best_score = -math.inf
+        self.baseline_metrics: dict[str, float] | None = None
+        self.history: list[dict[str, Any]] = []
+        self._last_eval_step = -1
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        if self.baseline is not None:
+            self.baseline_metrics = mean_metrics(run_policy(self.baseline, self.specs))
+
+    def _on_training_start(self) -> None:
+        self.evaluate()  # step 0: shows where the (warm-started) policy starts
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps - max(self._last_eval_step, 0) >= self.eval_freq:
+            self.evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        if self._last_eval_step != self.num_timesteps:
+            self.evaluate()
+
+    def evaluate(self) -> dict[str, float]:
+        self._last_eval_step = self.num_timesteps
+        policy = self.policy_factory(self.model)
+        metrics = mean_metrics(run_policy(policy, self.specs))
+        for key, value in metrics.items():
+            self.logger.record(f"eval/{key}", value)
+        record = {"timesteps": self.num_timesteps, **{f"eval/{k}": v for k, v in metrics.items()}}
+        if self.baseline_metrics is not None:
+            for key, value in self.baseline_metrics.items():
+                self.logger.record(f"baseline/{key}", value)
+                record[f"baseline/{key}"] = value
+            base = self.baseline_metrics[self.metric]
+            ratio = metrics[self.metric] / base if base > 0 else math.nan
+            self.logger.record("eval/goodput_ratio_to_baseline" if self.metric == "goodput_qps"
+                               else "eval/attainment_ratio_to_baseline", ratio)
+            record["ratio_to_baseline"] = ratio
+        self.logger.dump(self.num_timesteps)
+        self.history.append(record)
+        if self.log_path is not None:
+            self.log_path.write_text(json.dumps(self.history, indent=2))
+        score = metrics[self.metric]
+        if not math.isnan(score) and score > self.best_score:
+            self.best_score = score
+            if self.on_new_best is not None:
+                self.on_new_best(self.model)
+            if self.callback is not None:
+                self.callback.on_step()
+        if self.verbose:
+            print(f"eval @ {self.num_timesteps}: {metrics}")
+        return metrics

@@ -1,0 +1,160 @@
+"""The training config: RL Baselines3 Zoo-style YAML, validated with pydantic.
+
+One file says everything a run needs: the algorithm and its hyper-parameters, the env id and the
+scenarios episodes are drawn from, how many envs run in parallel, normalisation, evaluation on
+held-out seeds and the warm start. `agentsched train --config FILE` reads it; flags override a
+few fields (total timesteps, seed, warm start).
+
+Seeds: training episodes, evaluation episodes (during training), tuning and test episodes (after)
+must never overlap. Training scenarios draw episode seeds from [seed_base, seed_base+seed_count);
+evaluation uses explicit seeds; the validator refuses an overlap, so a reported curve is never
+measured on episodes the agent trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from envs.sim.errors import UserError
+
+DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
+KNOBS_ENV_ID = "agentsched/Knobs-v0"
+
+# Seed blocks used across training/; disjoint by construction.
+TRAIN_SEED_BASE, TRAIN_SEED_COUNT = 0, 100_000
+EVAL_SEED_BASE = 100_000  # evaluation during training (EvalCallback)
+TUNE_SEED_BASE = 150_000  # tune-rl's objective
+TEST_SEED_BASE = 200_000  # final reports (agentsched evaluate, tune-rl's test report)
+
+ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
+
+
+class NormalizeConfig(BaseModel):
+    """VecNormalize settings. Observations are already scaled to ~[-5, 5] by the env, so
+    normalisation mostly helps the value function (norm_reward) and Knobs' aggregate features."""
+
+    model_config = ConfigDict(extra="forbid")
+    norm_obs: bool = True
+    norm_reward: bool = False
+    clip_obs: float = 10.0
+    gamma: float | None = None  # defaults to the algorithm's gamma
+
+
+class EvalConfig(BaseModel):
+    """Evaluation during training, on held-out seeds, with a heuristic baseline on the same episodes."""
+
+    model_config = ConfigDict(extra="forbid")
+    freq_steps: PositiveInt = 20_000  # total env steps between evaluations (over all envs)
+    seeds: list[int] = Field(default_factory=lambda: [EVAL_SEED_BASE + i for i in range(4)], min_length=1)
+    scenarios: list[dict[str, Any]] | None = None  # default: the training scenarios (nominal values per seed)
+    baseline: str | None = "hexgen"  # heuristic scored on the same episodes (the curve's reference line)
+    metric: Literal["goodput_qps", "slo_attainment"] = "goodput_qps"  # picks the best model
+
+
+class WarmStartConfig(BaseModel):
+    """Behaviour cloning on an expert heuristic's decisions before RL (plus optional DAgger)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert: str = "hexgen"
+    episodes: PositiveInt = 16  # expert episodes collected (per DAgger round as well)
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 256
+    learning_rate: float = Field(1e-3, gt=0)
+    dagger_rounds: int = Field(1, ge=0)
+    value_pretrain: bool = True  # also regress the value head on the expert's discounted returns
+    holdout_episodes: PositiveInt = 2  # expert episodes on other seeds, for the agreement figure
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "run"
+    env_id: Literal["agentsched/Dispatch-v0", "agentsched/Knobs-v0"] = DISPATCH_ENV_ID
+    algo: Literal["ppo", "maskable_ppo", "sac"] = "maskable_ppo"
+    policy: str = "MlpPolicy"
+    total_timesteps: PositiveInt = 100_000
+    seed: int = 0
+    n_envs: PositiveInt = 2
+    vec_env: Literal["subproc", "dummy"] = "subproc"
+    normalize: NormalizeConfig | None = None
+    # episodes: env i draws from scenarios[i % len(scenarios)] (envs.gym.Scenario fields)
+    scenarios: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
+    env_kwargs: dict[str, Any] = {}  # DispatchEnv / KnobsEnv keyword arguments (max_engines, local_order, ...)
+    hyperparams: dict[str, Any] = {}  # the algorithm's constructor arguments (learning_rate, n_steps, ...)
+    policy_kwargs: dict[str, Any] = {}  # e.g. {net_arch: [128, 128]}
+    eval: EvalConfig = EvalConfig()
+    checkpoint_freq_steps: PositiveInt | None = 50_000
+    warm_start: WarmStartConfig | None = None
+
+    @field_validator("scenarios")
+    @classmethod
+    def _scenario_seeds(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for s in v:
+            s = dict(s)
+            s.setdefault("seed_base", TRAIN_SEED_BASE)
+            s.setdefault("seed_count", TRAIN_SEED_COUNT)
+            out.append(s)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        allowed = ALGOS_FOR_ENV[self.env_id]
+        if self.algo not in allowed:
+            raise ValueError(f"algo {self.algo!r} does not fit {self.env_id} (use {' or '.join(allowed)})")
+        for s in self.scenarios:
+            lo, hi = s["seed_base"], s["seed_base"] + s["seed_count"]
+            clash = [seed for seed in self.eval.seeds if lo <= seed < hi]
+            if clash:
+                raise ValueError(f"eval.seeds {clash[:3]} overlap the training seeds [{lo}, {hi}); "
+                                 f"use seeds >= {hi} (evaluation must be on held-out episodes)")
+        return self
+
+    # ---- io -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            candidate = Path(__file__).parent / "configs" / f"{path.name}{'' if path.suffix else '.yaml'}"
+            if not candidate.exists():
+                raise UserError(f"--config: {path} not found (give a YAML file, or a name in training/configs/)")
+            path = candidate
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"--config: {path} is not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"--config: {path} must be a mapping of fields")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.parse(raw, source=path.name)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            raise UserError(f"config {source}: {loc}: {err['msg']} (fix this field)") from None
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def scenario_objects(self) -> list[Any]:
+        from envs.gym.scenario import Scenario
+
+        try:
+            return [Scenario.coerce(s) for s in self.scenarios]
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserError(f"config {self.name}: scenarios.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+    def eval_scenarios(self) -> list[Any]:
+        from envs.gym.scenario import Scenario
+
+        raw = self.eval.scenarios if self.eval.scenarios is not None else self.scenarios
+        return [Scenario.coerce(s) for s in raw]

@@ -1,0 +1,123 @@
+"""Network architectures for Dispatch-v0: score every engine with one shared network.
+
+Why not the default MLP: the dispatch decision is an argmax over engines of a score that depends
+on the engine's own row (speed for this step, backlog, share of work) *relative to the others*
+(HexGen's W_e / W_base, "fastest engine" T_base / T_e). A flat MLP over the padded vector has to
+learn that comparison separately for every engine slot and cannot transfer between a 4-engine and
+a 12-engine cluster. Scoring each engine with shared weights from (its row, its row minus the
+cluster mean, the call/global context) is permutation-equivariant, needs far fewer samples, and
+lets one network serve any cluster up to `max_engines` (the pointer-network / DeepSets idea used
+in learned schedulers such as Decima).
+
+`EngineScoringPolicy` (PPO) and `MaskableEngineScoringPolicy` (MaskablePPO) replace SB3's
+`mlp_extractor` with `EngineScorer`; the actor's latent *is* the per-engine logits, so
+`action_net` is the identity. Use them in a config with `policy: EngineScoringPolicy`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+
+from envs.gym.observation import ENGINE_FEATURES, N_HEAD
+
+N_ENGINE_FEATURES = len(ENGINE_FEATURES)
+HEALTHY = ENGINE_FEATURES.index("healthy")
+RELATIVE_SPEED = ENGINE_FEATURES.index("relative_speed")
+
+
+def _mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), activation()]
+    return nn.Sequential(*layers)
+
+
+class EngineScorer(nn.Module):
+    """features (B, N_HEAD + E*F) -> (per-engine logits (B, E), value latent (B, hidden))."""
+
+    def __init__(self, features_dim: int, hidden: int = 64, context: int = 32):
+        super().__init__()
+        self.max_engines = (features_dim - N_HEAD) // N_ENGINE_FEATURES
+        if N_HEAD + self.max_engines * N_ENGINE_FEATURES != features_dim:
+            raise ValueError(f"observation size {features_dim} is not a Dispatch-v0 observation "
+                             f"({N_HEAD} + max_engines x {N_ENGINE_FEATURES})")
+        self.head = _mlp([N_HEAD, context])
+        self.score = nn.Sequential(_mlp([2 * N_ENGINE_FEATURES + context, hidden, hidden]), nn.Linear(hidden, 1))
+        self.engine_embed = _mlp([2 * N_ENGINE_FEATURES, hidden])
+        self.critic = _mlp([context + hidden, hidden])
+        self.latent_dim_pi = self.max_engines
+        self.latent_dim_vf = hidden
+
+    def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        head = features[:, :N_HEAD]
+        rows = features[:, N_HEAD:].reshape(-1, self.max_engines, N_ENGINE_FEATURES)
+        # padding rows are all zero; a real engine always has relative_speed > 0
+        real = (rows[..., RELATIVE_SPEED] > 0).float().unsqueeze(-1)
+        n_real = real.sum(1, keepdim=True).clamp(min=1.0)
+        mean = (rows * real).sum(1, keepdim=True) / n_real
+        per_engine = torch.cat([rows, (rows - mean) * real], dim=-1)
+        return head, per_engine, real
+
+    def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
+        head, per_engine, _ = self._split(features)
+        ctx = self.head(head).unsqueeze(1).expand(-1, self.max_engines, -1)
+        return self.score(torch.cat([per_engine, ctx], dim=-1)).squeeze(-1)
+
+    def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
+        head, per_engine, real = self._split(features)
+        emb = self.engine_embed(per_engine)
+        pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
+        return self.critic(torch.cat([self.head(head), pooled], dim=-1))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_actor(features), self.forward_critic(features)
+
+
+class _EngineScoringMixin:
+    """Swap SB3's MlpExtractor for EngineScorer and make action_net the identity."""
+
+    def __init__(self, *args: Any, scorer_hidden: int = 64, scorer_context: int = 32, **kwargs: Any):
+        self._scorer_hidden = scorer_hidden
+        self._scorer_context = scorer_context
+        super().__init__(*args, **kwargs)
+
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = EngineScorer(self.features_dim, self._scorer_hidden, self._scorer_context)
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        self.action_net = nn.Identity()
+        # the last scoring layer starts small, like SB3's action_net (gain 0.01): near-uniform at init
+        last = self.mlp_extractor.score[-1]
+        nn.init.orthogonal_(last.weight, gain=0.01)
+        nn.init.zeros_(last.bias)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(scorer_hidden=self._scorer_hidden, scorer_context=self._scorer_context)
+        return data
+
+
+class EngineScoringPolicy(_EngineScoringMixin, ActorCriticPolicy):
+    """PPO actor-critic with per-engine shared scoring."""
+
+
+class MaskableEngineScoringPolicy(_EngineScoringMixin, MaskableActorCriticPolicy):
+    """MaskablePPO actor-critic with per-engine shared scoring."""
+
+
+POLICY_CLASSES = {"EngineScoringPolicy": (EngineScoringPolicy, MaskableEngineScoringPolicy)}
+
+
+def resolve_policy(name: str, algo: str) -> Any:
+    """A policy name from a config: SB3's own names pass through; ours map to classes."""
+    if name in POLICY_CLASSES:
+        plain, maskable = POLICY_CLASSES[name]
+        return maskable if algo == "maskable_ppo" else plain
+    return name
