@@ -29,7 +29,7 @@ from envs.sim.workload import WorkflowSpec, step_mean_tokens
 if TYPE_CHECKING:
     from policies.base import Policy
 
-EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK = range(5)
+EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE = range(6)
 ARRIVAL_RATE_WINDOW_S = 60.0
 
 
@@ -205,6 +205,8 @@ class ClusterSimulator:
                     if b != engine.version:
                         continue  # superseded plan
                     self._engine_done(engine, t)
+                elif kind == EV_CALL_DONE:
+                    self._call_finished(self.calls[a], t)
                 elif kind == EV_ARRIVAL:
                     self._arrive(a, t)
                 elif kind == EV_FAIL:
@@ -279,9 +281,14 @@ class ClusterSimulator:
 
     def _engine_done(self, engine: Engine, now: float) -> None:
         finished = engine.complete(now)
+        overhead = engine.request_overhead_s
         for call in finished:
             engine.outstanding_work_s -= call.expected_s
-            self._call_finished(call, now)
+            if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
+                call.finish_time_s = now + overhead
+                self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
+            else:
+                self._call_finished(call, now)
         if math.isnan(engine.busy_until_s) and engine.healthy:
             end = engine.plan(now, self._on_preempt)
             if end is not None:

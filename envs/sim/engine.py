@@ -92,6 +92,7 @@ class Engine:
         profile = PerfProfile.load(config.profile) if config.profile else None
         self.perf: IterationModel = (ProfileModel(profile) if profile
                                      else RooflineModel(gpu, model, config.tp, config.weight_bits, config.kv_bits))
+        self.request_overhead_s = profile.request_overhead_s if profile else 0.0
         self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
         self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
                                        else config.max_num_batched_tokens)
@@ -157,8 +158,8 @@ class Engine:
             from envs.sim.perf import solo_call_latency_s
 
             mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
-            cached = solo_call_latency_s(self.perf, int(round(mean_in)), max(1, int(round(mean_out))),
-                                         self.max_num_batched_tokens)
+            cached = self.request_overhead_s + solo_call_latency_s(
+                self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
             self._latency_cache[step] = cached
         return cached
 

@@ -144,6 +144,9 @@ class PerfProfile(BaseModel):
     version: int = Field(1, ge=1, le=1)
     engine: str = ""
     iteration: ProfileCoefficients
+    # fixed time per call outside the engine's iterations (HTTP, tokenisation, detokenisation):
+    # added between the engine finishing a call and the workflow seeing it finished
+    request_overhead_s: float = Field(0.0, ge=0.0)
     kv_capacity_tokens: PositiveInt | None = None  # overrides the memory-derived KV size
     max_num_seqs: PositiveInt | None = None
     max_num_batched_tokens: PositiveInt | None = None
