@@ -100,6 +100,13 @@ def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
     return workflows, times
 
 
+@lru_cache(maxsize=16)
+def _trace_step_tokens(path: str) -> dict[str, tuple[float, float]]:
+    """Per-step mean tokens of a trace: computed once (envs build a simulator per episode); the
+    simulator only reads it."""
+    return step_mean_tokens(_trace(path))
+
+
 def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_timeline: bool = False,
                     **kwargs: Any) -> ClusterSimulator:
     workflows, times = workload_for(spec)
@@ -110,7 +117,7 @@ def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_tim
         step_tokens = step_mean_tokens(template.sample(200, np.random.default_rng(0)))
         kwargs.setdefault("standard", [stage.step for stage in template.stages for _ in range(stage.fanout)])
     else:
-        step_tokens = step_mean_tokens(_trace(str(resolve_trace_path(spec.trace))))
+        step_tokens = _trace_step_tokens(str(resolve_trace_path(spec.trace)))
     return ClusterSimulator(
         spec.cluster_config(), workflows, times, spec.slo_scale, queue_key=queue_key,
         tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
