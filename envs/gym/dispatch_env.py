@@ -19,7 +19,7 @@ from gymnasium import spaces
 
 from envs.gym.observation import OBS_CLIP, DispatchObservation, observation_size
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
-from envs.gym.scenario import Scenario
+from envs.gym.scenario import Scenario, resolve_cluster
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.engine import LLMCall
 from envs.sim.metrics import records_from_simulator, summarize
@@ -127,7 +127,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     `agentsched simulate` for the episode, `info["run_spec"]` the `RunSpec` that reproduces it.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, scenario: Scenario | dict | str | Path | None = None, max_engines: int | None = None,
                  local_order: Any = DEFAULT_LOCAL_ORDER, local_knobs: dict[str, Any] | None = None,
@@ -175,7 +175,9 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         return self._obs.build(self._call), info
 
     def _build(self, spec: RunSpec) -> ClusterSimulator:
-        return build_simulator(spec, queue_key=self._queue_key)
+        # a parsed cluster instead of its name: the YAML is read once per process, not per episode
+        return build_simulator(spec.model_copy(update={"cluster": resolve_cluster(spec.cluster)}),
+                               queue_key=self._queue_key)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._done:
@@ -243,6 +245,8 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
                 why = f"padding (this episode's cluster has {n} engines)"
             elif not self._sim.engines[engine_id].healthy:
                 why = f"engine {engine_id} ({self._sim.engines[engine_id].name}) is down"
+            elif self._call is None:
+                why = "no call is pending"
             else:
                 why = f"engine {engine_id} cannot hold this call's {self._call.input_tokens + self._call.output_tokens} tokens"
             raise InvalidActionError(f"action {engine_id} is masked: {why}; use info['action_mask'] / action_masks()")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from envs.gym.dispatch_env import InvalidActionError, episode_metrics, render_text
 from envs.gym.observation import (INV_RATE_SCALE, INV_TIME_SCALE, OBS_CLIP, _count)
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
-from envs.gym.scenario import Scenario
+from envs.gym.scenario import Scenario, resolve_cluster
 from envs.sim.catalog import load_catalog
 from envs.sim.cluster import ClusterSimulator, Workflow
 from envs.sim.scenario import RunSpec, build_simulator
@@ -83,7 +83,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     `info["metrics"]` as in Dispatch-v0.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, scenario: Scenario | dict | str | Path | None = None, policy: str = "hexgen",
                  knobs: list[Knob | dict] | None = None, control_interval_s: float = DEFAULT_CONTROL_INTERVAL_S,
@@ -187,7 +187,9 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         self._knob_action = self.action_for_knobs({}).astype(np.float64)
         self._policy = self._build_policy(self._knob_action)
         self._policy.reset()
-        self._sim = build_simulator(self._spec, queue_key=self._policy.queue_key)
+        # a parsed cluster instead of its name: the YAML is read once per process, not per episode
+        self._sim = build_simulator(self._spec.model_copy(update={"cluster": resolve_cluster(self._spec.cluster)}),
+                                    queue_key=self._policy.queue_key)
         self._reward.bind(self._sim)
         self._n_workflows = self._spec.queries or 1
         self._in_flight: list[Workflow] = []
