@@ -166,3 +166,150 @@ def test_scenario_run_spec_is_deterministic_and_randomized():
     assert len({round(s.rate_qps, 9) for s in specs}) == 20
     assert {len(s.cluster_config().expanded()) for s in specs} <= set(range(2, 7))
     assert all(0.02 <= s.rate_qps <= 0.3 and 1.5 <= s.slo_scale <= 6.0 for s in specs)
+
+
+# ---- vectorised envs ----------------------------------------------------------------------------
+
+VEC_SCENARIO = {"queries": 6, "randomize": {"random_cluster": {"engines": [2, 4]}}}
+
+
+def _make_vec_dispatch():
+    return gym.make("agentsched/Dispatch-v0", scenario=VEC_SCENARIO)
+
+
+def _vector_rollout(venv, steps: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    obs, info = venv.reset(seed=[21, 22])
+    observations, rewards = [obs], []
+    for t in range(steps):
+        # a deterministic valid choice per sub-env (any action is ignored on an autoreset step)
+        actions = np.array([np.flatnonzero(m)[t % m.sum()] if m.any() else 0 for m in info["action_mask"]])
+        obs, reward, terminated, truncated, info = venv.step(actions)
+        observations.append(obs)
+        rewards.append(reward)
+    venv.close()
+    return np.array(observations), np.array(rewards)
+
+
+def test_async_vector_env_matches_sync_and_repeats():
+    from gymnasium.vector import AsyncVectorEnv, SyncVectorEnv
+
+    a = _vector_rollout(AsyncVectorEnv([_make_vec_dispatch] * 2))
+    b = _vector_rollout(AsyncVectorEnv([_make_vec_dispatch] * 2))
+    c = _vector_rollout(SyncVectorEnv([_make_vec_dispatch] * 2))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1])
+
+
+def _sb3_rollout(vec_env_cls, steps: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    from stable_baselines3.common.env_util import make_vec_env
+
+    # "module:id": SB3's subprocesses start fresh (forkserver) and must import `envs` to register the ids
+    venv = make_vec_env("envs:agentsched/Dispatch-v0", n_envs=2, seed=3, vec_env_cls=vec_env_cls,
+                        env_kwargs={"scenario": VEC_SCENARIO, "render_mode": None})
+    obs = venv.reset()
+    observations, rewards = [obs], []
+    for t in range(steps):
+        masks = np.array(venv.env_method("action_masks"))
+        obs, reward, dones, infos = venv.step(np.array([np.flatnonzero(m)[t % m.sum()] for m in masks]))
+        observations.append(obs)
+        rewards.append(reward.astype(np.float64))
+    venv.close()
+    return np.array(observations), np.array(rewards)
+
+
+def test_sb3_subproc_vec_env_matches_dummy():
+    """SubprocVecEnv (SB3's default forkserver processes) gives DummyVecEnv's trajectory, which
+    is itself seed-deterministic (test_same_seed_same_trajectory); one subprocess run keeps the
+    test short (each worker imports torch)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    a = _sb3_rollout(SubprocVecEnv)
+    c = _sb3_rollout(DummyVecEnv)
+    assert np.array_equal(a[0], c[0])
+    assert np.allclose(a[1], c[1], rtol=1e-6)  # DummyVecEnv stores rewards as float32
+
+
+def test_maskable_ppo_trains_on_dispatch():
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env("agentsched/Dispatch-v0", n_envs=2, seed=0,
+                        env_kwargs={"scenario": VEC_SCENARIO, "max_engines": 6, "render_mode": None})
+    model = MaskablePPO("MlpPolicy", venv, n_steps=16, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    model.learn(32)
+    obs = venv.reset()
+    masks = np.array(venv.env_method("action_masks"))
+    actions, _ = model.predict(obs, action_masks=masks)
+    assert all(m[a] for m, a in zip(masks, actions))
+
+
+# ---- Knobs-v0 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", [SMALL, RANDOMIZED], ids=["fixed", "randomized"])
+def test_knobs_env_checkers_pass(scenario):
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    env = gym.make("agentsched/Knobs-v0", scenario=scenario)
+    gym_check(env.unwrapped, skip_render_check=True)
+    sb3_check(env.unwrapped, warn=True)
+
+
+def test_knobs_constant_action_matches_simulate():
+    env = gym.make("agentsched/Knobs-v0", scenario={"queries": 20, "rate_qps": 0.1})
+    knobs = env.unwrapped
+    action = knobs.action_for_knobs({"alpha": 0.5, "weight": 0.5})
+    assert knobs.knobs_for(action) == pytest.approx({"alpha": 0.5, "weight": 0.5})
+    obs, info = env.reset(options={"episode_seed": 4})
+    done, steps = False, 0
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert env.observation_space.contains(obs)
+        done, steps = terminated or truncated, steps + 1
+    assert steps > 5
+    reference, _ = simulate(knobs.scenario.run_spec(4), knobs.policy_for(action))
+    assert _same_metrics(reference, info["metrics"]) == []
+
+
+def test_knobs_invalid_actions_raise():
+    env = gym.make("agentsched/Knobs-v0", scenario=SMALL)
+    env.reset(seed=0)
+    for bad, match in (([1.5, 0.0], "outside"), ([0.0], "shape"), ([np.nan, 0.0], "finite")):
+        with pytest.raises(InvalidActionError, match=match):
+            env.step(np.array(bad, dtype=np.float32))
+
+
+def test_knobs_unknown_knob_is_a_clear_error():
+    from policies.base import PolicyError
+
+    with pytest.raises(PolicyError, match="no knob 'beta'"):
+        gym.make("agentsched/Knobs-v0", knobs=[{"name": "beta", "layer": "dispatch", "low": 0, "high": 1}])
+
+
+# ---- Scenario ------------------------------------------------------------------------------------------
+
+
+def test_scenario_yaml_round_trip_and_errors(tmp_path):
+    from envs.sim.errors import UserError
+
+    path = tmp_path / "train.yaml"
+    path.write_text("queries: 15\nworkload: generator\narrivals: diurnal\nrate_qps: 0.1\n"
+                    "randomize:\n  rate_qps: [0.05, 0.2]\n  clusters: [paper, mixed-16]\n")
+    scenario = Scenario.load(path)
+    from envs.sim.config import load_cluster
+
+    largest = max(len(load_cluster(c).expanded()) for c in ("paper", "mixed-16"))
+    assert scenario.max_engines() == largest
+    spec = scenario.run_spec(0)
+    assert spec.generated and spec.arrivals.kind == "piecewise"
+    env = _make(scenario=str(path))
+    assert env.action_space.n == largest
+    path.write_text("randomize:\n  rate_qps: [0.3, 0.1]\n")
+    with pytest.raises(UserError, match="rate_qps"):
+        Scenario.load(path)
+    path.write_text("queries: 0\n")
+    with pytest.raises(UserError, match="queries"):
+        Scenario.load(path)
+    with pytest.raises(ValueError, match="max_engines"):
+        _make(scenario=SMALL, max_engines=2)
