@@ -300,7 +300,7 @@ def test_scenario_yaml_round_trip_and_errors(tmp_path):
     from envs.sim.config import load_cluster
 
     largest = max(len(load_cluster(c).expanded()) for c in ("paper", "mixed-16"))
-    assert scenario.max_engines() == largest
+    assert scenario.padded_engines() == largest
     spec = scenario.run_spec(0)
     assert spec.generated and spec.arrivals.kind == "piecewise"
     env = _make(scenario=str(path))
@@ -313,3 +313,37 @@ def test_scenario_yaml_round_trip_and_errors(tmp_path):
         Scenario.load(path)
     with pytest.raises(ValueError, match="max_engines"):
         _make(scenario=SMALL, max_engines=2)
+
+
+@pytest.mark.parametrize("name", ["default", "train-randomized", "test-heldout"])
+def test_shipped_scenarios_run(name):
+    env = _make(scenario=name)
+    assert env.action_space.n == Scenario.coerce(name).padded_engines()
+    obs, info = env.reset(seed=0)
+    for _ in range(200):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs)
+        if terminated or truncated:
+            obs, info = env.reset()
+
+
+def test_bounds_hold_on_extreme_random_clusters():
+    """Huge TP-8 engines (price 8x), tiny 2-engine clusters, 20x overload, tight SLOs: every
+    observation of both envs stays inside the declared box."""
+    scenario = {"queries": 25, "randomize": {
+        "rate_qps": [0.01, 5.0], "slo_scale": [0.5, 20.0], "arrivals": ["poisson", "gamma", "diurnal"],
+        "burstiness_cv": [1.0, 8.0],
+        "random_cluster": {"engines": [1, 5], "engine_types": [
+            {"gpu": "H100", "model": "Llama-3.1-70B", "tp": 8},
+            {"gpu": "A6000", "model": "Llama-3.1-70B", "weight_bits": 4},
+            {"gpu": "L40S", "model": "Llama-3.1-70B", "tp": 2, "weight_bits": 8}]}}}
+    for env_id in ("agentsched/Dispatch-v0", "agentsched/Knobs-v0"):
+        env = gym.make(env_id, scenario=scenario)
+        env.action_space.seed(0)
+        obs, info = env.reset(seed=1)
+        for _ in range(600 if env_id.endswith("Dispatch-v0") else 60):
+            obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+            assert env.observation_space.contains(obs), (env_id, obs)
+            assert np.isfinite(reward)
+            if terminated or truncated:
+                obs, info = env.reset()

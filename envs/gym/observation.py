@@ -127,7 +127,7 @@ class DispatchObservation:
             lats = [e.expected_latency_s(step) for e in engines]
             fastest = min(lats)
             rows = [(e, lat, fastest / lat if lat > 0 else 1.0, min(math.log1p(lat * INV_TIME_SCALE), OBS_CLIP),
-                     e.kv_capacity_tokens, e.price_per_hour / PRICE_SCALE_USD_PER_H,
+                     e.kv_capacity_tokens, min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP),
                      1.0 / e.total_blocks if e.total_blocks else 0.0)
                     for e, lat in zip(engines, lats)]
             self._per_step[step] = rows
@@ -203,7 +203,7 @@ class DispatchObservation:
             w = math.log1p(e.outstanding_work_s * INV_TIME_SCALE)
             out += (1.0 if e.healthy else 0.0, 0.0, 0.0, 0.0, w if w < OBS_CLIP else OBS_CLIP, 0.0, 0.0,
                     _count(len(e.running)), _count(len(e.waiting)), e.kv_usage, e.assigned_work_s / total_w,
-                    e.price_per_hour / PRICE_SCALE_USD_PER_H)
+                    min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
         return out
 
     def describe(self) -> list[str]:

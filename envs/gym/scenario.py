@@ -34,6 +34,8 @@ MAX_EPISODE_SEED = 2**31 - 1
 SCENARIO_RNG_STREAM = 7
 # Diurnal arrivals are built from this many constant-rate steps per period.
 DIURNAL_STEPS = 24
+# Scenarios shipped with the package, loadable by name (`Scenario.coerce("train-randomized")`).
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 Range = tuple[float, float]
 
@@ -140,6 +142,9 @@ class Scenario(BaseModel):
     failures: list[FailureSpec] = []  # engines beyond a (random) cluster's size are skipped
     # -- episode
     horizon_s: PositiveFloat | None = None  # truncate at this simulated time; None: run to completion
+    # Dispatch-v0 pads to this many engines (None: the largest cluster the scenario can draw). Give
+    # train and test scenarios the same value so one policy fits both.
+    max_engines: PositiveInt | None = None
     # -- seeds: episode seeds are seed_base + k, k uniform in [0, seed_count) (unbounded if None)
     seed_base: int = Field(0, ge=0)
     seed_count: PositiveInt | None = None
@@ -150,13 +155,21 @@ class Scenario(BaseModel):
     def _check(self) -> "Scenario":
         if self.seed_count is not None and self.seed_base + self.seed_count > MAX_EPISODE_SEED:
             raise ValueError(f"seed_base + seed_count must stay below {MAX_EPISODE_SEED}")
+        if self.max_engines is not None and self.max_engines < self.largest_cluster():
+            raise ValueError(f"max_engines: {self.max_engines} is smaller than the largest cluster this scenario "
+                             f"can draw ({self.largest_cluster()} engines)")
         return self
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Scenario":
-        """A scenario YAML file; errors name the field to fix."""
+        """A scenario YAML file, or the name of a shipped one; errors name the field to fix."""
         path = Path(path)
+        if not path.is_file() and (SCENARIO_DIR / f"{path}.yaml").is_file():
+            path = SCENARIO_DIR / f"{path}.yaml"
+        elif not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml")))
+            raise UserError(f"scenario: {path} is neither a file nor a shipped scenario (shipped: {shipped})")
         try:
             raw = yaml.safe_load(path.read_text())
         except FileNotFoundError:
@@ -194,8 +207,12 @@ class Scenario(BaseModel):
             return [resolve_cluster(c) for c in r.clusters]
         return [resolve_cluster(self.cluster)]
 
-    def max_engines(self) -> int:
-        """The largest cluster any episode can have (the envs' default padding)."""
+    def padded_engines(self) -> int:
+        """How many engines Dispatch-v0 pads to: `max_engines`, or the largest possible cluster."""
+        return self.max_engines or self.largest_cluster()
+
+    def largest_cluster(self) -> int:
+        """The largest cluster any episode can have."""
         clusters = self.possible_clusters()
         if clusters is None:
             return self.randomize.random_cluster.engines[1]
