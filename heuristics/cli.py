@@ -177,7 +177,7 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
     top_rate = max(cfg["rates_qps"])
     at_top = {r["policy"]: r for r in results["summary"] if r["rate_qps"] == top_rate and r["slo_scale"] == scale}
     table = Table(title=f"{cfg['trace']} on {cfg['cluster']} (target {cfg['target_attainment']:.0%} attainment)")
-    table.add_column("policy")
+    table.add_column("policy", no_wrap=True)
     table.add_column(f"attain @{rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"attain @{top_rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"p95 s @{top_rate:g} q/s", justify="right")
