@@ -170,9 +170,10 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self._reset_policies.clear()
         self._call = self._sim.next_decision(until_s=self._horizon_s)
         self._done = self._call is None
+        self._full_mask = self._mask_for(tuple(True for _ in self._sim.engines))
+        obs = self._obs.build(self._call)
         self._update_mask()
-        info = {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed)}
-        return self._obs.build(self._call), info
+        return obs, {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed)}
 
     def _build(self, spec: RunSpec) -> ClusterSimulator:
         # a parsed cluster instead of its name: the YAML is read once per process, not per episode
@@ -195,16 +196,20 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
             truncated = not terminated
             info["metrics"] = self.metrics()
             info["run_spec"] = self._spec
+        obs = self._obs.build(call)
         self._update_mask()
         info["action_mask"] = self._mask.copy()
-        return self._obs.build(call), reward, terminated, truncated, info
+        return obs, reward, terminated, truncated, info
 
     # ---- masks and actions ----------------------------------------------------------------------
     def _update_mask(self) -> None:
         """The valid actions for the pending call (all-zero when none is pending). Kept as shared
         read-only arrays, one per distinct mask, so steps do not allocate."""
-        engines = self._sim.engines
         call = self._call
+        if call is not None and self._obs.all_healthy and not self.mask_infeasible:
+            self._mask = self.action_space.current_mask = self._full_mask
+            return
+        engines = self._sim.engines
         if call is None:
             key: tuple = ()
         else:
@@ -214,14 +219,16 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
                 fits = tuple(h and tokens <= e.kv_capacity_tokens for h, e in zip(key, engines))
                 if any(fits):
                     key = fits
+        self._mask = self.action_space.current_mask = self._mask_for(key)
+
+    def _mask_for(self, key: tuple) -> np.ndarray:
         mask = self._mask_cache.get(key)
         if mask is None:
             mask = np.zeros(self.max_engines, dtype=np.int8)
             mask[:len(key)] = key
             mask.setflags(write=False)
             self._mask_cache[key] = mask
-        self._mask = mask
-        self.action_space.current_mask = mask
+        return mask
 
     def action_masks(self) -> np.ndarray:
         """Valid actions for the pending call, as booleans (sb3-contrib MaskablePPO)."""

@@ -98,6 +98,7 @@ class DispatchObservation:
         self._n = 0
         self._pad: list[float] = []
         self._per_step: dict[str, list[tuple]] = {}
+        self.all_healthy = False  # set by build(): every engine was healthy (the common case: full mask)
 
     @property
     def layout(self) -> dict[str, slice]:
@@ -177,7 +178,10 @@ class DispatchObservation:
             for row in rows:
                 total_w += row[0].assigned_work_s
             inv_total_w = 1.0 / total_w if total_w > 0.0 else 0.0
+            up = 0
             for e, lat, speed, lat_feat, cap, price, inv_blocks in rows:
+                healthy = e.healthy
+                up += healthy
                 w = e.outstanding_work_s
                 finish = w + lat
                 a = log1p(w * inv_t)
@@ -185,7 +189,7 @@ class DispatchObservation:
                 m = asinh((call_slack - finish) * inv_t)
                 r = len(e.running)
                 q = len(e.waiting)
-                out += (1.0 if e.healthy else 0.0, 1.0 if tokens <= cap else 0.0, speed, lat_feat,
+                out += (1.0 if healthy else 0.0, 1.0 if tokens <= cap else 0.0, speed, lat_feat,
                         a if a < clip else clip, b if b < clip else clip,
                         m if -clip < m < clip else (clip if m > 0 else -clip),
                         count_feat[r] if r < n_table else clip, count_feat[q] if q < n_table else clip,
