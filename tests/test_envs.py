@@ -347,3 +347,45 @@ def test_bounds_hold_on_extreme_random_clusters():
             assert np.isfinite(reward)
             if terminated or truncated:
                 obs, info = env.reset()
+
+
+def test_observation_builder_works_from_the_view_inside_simulate():
+    """A trained policy inside `simulate` (or the gateway) sees exactly the env's observations:
+    the builder reads only the view protocols."""
+    from envs.gym.observation import DispatchObservation
+    from policies import load_policy
+    from policies.base import Policy
+
+    env = _make(scenario={"queries": 10}, max_engines=6)
+    hexgen = load_policy("hexgen")
+    obs, info = env.reset(options={"episode_seed": 5})
+    from_env, done = [obs], False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.unwrapped.heuristic_action(hexgen))
+        done = terminated or truncated
+        if not done:
+            from_env.append(obs)
+
+    class Recording(Policy):
+        name = "recording"
+
+        def __init__(self):
+            self.inner = load_policy("hexgen")
+            self.builder = DispatchObservation(6)
+            self.seen: list[np.ndarray] = []
+
+        def dispatch(self, call, cluster):
+            self.seen.append(self.builder.build(call, cluster))
+            assert self.builder.valid_actions(cluster).tolist() == [1, 1, 1, 1, 0, 0]
+            return self.inner.dispatch(call, cluster)
+
+        def queue_key(self, call, engine):
+            return self.inner.queue_key(call, engine)
+
+        def reset(self):
+            self.inner.reset()
+
+    recording = Recording()
+    simulate(env.unwrapped.scenario.run_spec(5), recording)
+    assert len(recording.seen) == len(from_env)
+    assert all(np.array_equal(a, b) for a, b in zip(recording.seen, from_env))

@@ -165,13 +165,13 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
             episode_seed = self.scenario.draw_episode_seed(self.np_random)
         self._spec = self.scenario.run_spec(int(episode_seed))
         self._sim = self._build(self._spec)
-        self._obs.bind(self._sim, self._spec.queries or len(self._sim.workflows))
+        self._obs.bind(self._sim)
         self._reward.bind(self._sim)
         self._reset_policies.clear()
         self._call = self._sim.next_decision(until_s=self._horizon_s)
         self._done = self._call is None
         self._full_mask = self._mask_for(tuple(True for _ in self._sim.engines))
-        obs = self._obs.build(self._call)
+        obs = self._obs.build(self._call, self._sim)
         self._update_mask()
         return obs, {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed)}
 
@@ -196,7 +196,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
             truncated = not terminated
             info["metrics"] = self.metrics()
             info["run_spec"] = self._spec
-        obs = self._obs.build(call)
+        obs = self._obs.build(call, sim)
         self._update_mask()
         info["action_mask"] = self._mask.copy()
         return obs, reward, terminated, truncated, info

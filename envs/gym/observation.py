@@ -1,11 +1,10 @@
 """The dispatch observation: a fixed-size float32 vector built from the shared state view.
 
 Layout (see `DispatchObservation.layout`), in this order:
-- global   (GLOBAL_FEATURES): recent arrival rate, SLO attainment so far, share of the episode's
-  workflows that have arrived / finished;
+- global   (GLOBAL_FEATURES): recent arrival rate, SLO attainment so far;
 - call     (CALL_FEATURES + one-hot over STEP_NAMES + "other"): tokens, slack to the call's and the
   workflow's deadline, fan-out siblings, tenant priority;
-- workflow (WORKFLOW_FEATURES): expected remaining work, share of the SLO budget used, progress;
+- workflow (WORKFLOW_FEATURES): expected remaining work, share of the SLO budget used, calls done;
 - engines  (max_engines rows x ENGINE_FEATURES, row-major): per engine, for *this* call: health,
   whether the call fits its KV cache, relative speed and latency for the call's step, outstanding
   work, expected finish time of the call there, margin to the call's deadline, running batch,
@@ -16,6 +15,10 @@ Scaling: times use log1p(t / TIME_SCALE_S) (non-negative) or asinh(t / TIME_SCAL
 10 s call is ~0.7, an SLO of a few minutes ~3, and a backlog of hours still only ~7; counts use
 log1p(n). Typical values stay within [-5, 5] and every value is clipped to [-OBS_CLIP, OBS_CLIP],
 the declared Box bounds, under any load.
+
+Only the read-only view protocols (`envs.sim.view`) are read, so a trained policy builds the same
+vector inside `simulate` and in the deploy gateway (engines that do not expose
+`kv_capacity_tokens` count as fitting every call).
 
 Speed: the vector is built in plain Python floats and converted once (numpy per-call overhead on
 a handful of numbers costs more than the arithmetic); per-step latencies of every engine for every
@@ -29,8 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from envs.sim.cluster import ClusterSimulator
-from envs.sim.engine import LLMCall
+from envs.sim.view import CallView, ClusterView
 
 # Every observation value lies in [-OBS_CLIP, OBS_CLIP] (the Box bounds). log1p(t/10 s) reaches 10
 # only for t > 2.2e5 s, asinh at |t| > 1.1e5 s: far beyond any meaningful state, so clipping never
@@ -54,10 +56,10 @@ STEP_NAMES: tuple[str, ...] = ("Information Retriever", "extract_keywords", "gen
                                "unit_tester", "generate_unit_test", "evaluate")
 STEP_SLOTS = len(STEP_NAMES) + 1
 
-GLOBAL_FEATURES: tuple[str, ...] = ("arrival_rate", "attainment_so_far", "arrived_share", "finished_share")
+GLOBAL_FEATURES: tuple[str, ...] = ("arrival_rate", "attainment_so_far")
 CALL_FEATURES: tuple[str, ...] = ("input_tokens", "output_tokens", "call_slack", "workflow_slack", "fanout_siblings",
                                   "priority") + tuple(f"step={s}" for s in STEP_NAMES) + ("step=other",)
-WORKFLOW_FEATURES: tuple[str, ...] = ("remaining_work", "budget_used", "progress")
+WORKFLOW_FEATURES: tuple[str, ...] = ("remaining_work", "budget_used", "calls_done")
 ENGINE_FEATURES: tuple[str, ...] = ("healthy", "fits", "relative_speed", "latency", "outstanding_work",
                                     "expected_finish", "deadline_margin", "running", "waiting", "kv_usage",
                                     "assigned_share", "price")
@@ -87,14 +89,22 @@ def _log1p_clip(x: float) -> float:
 
 
 class DispatchObservation:
-    """Builds the observation for a ready call. `bind()` once per episode, `build()` per step."""
+    """Builds the observation of a ready call from the read-only state view alone
+    (`envs.sim.view`: `CallView`, `ClusterView`, `EngineView`, `WorkflowView`), so the same
+    builder serves the env, a trained policy inside `simulate`, and the deploy gateway.
+
+    `build(call, cluster)` per decision; per-engine static values (latency of each step, relative
+    speed, price) are tabulated on first use and kept while the cluster object and its engine
+    count stay the same (`bind()` forces a refresh, e.g. after engine latencies were re-estimated).
+    `valid_actions(cluster)` gives the matching mask (healthy engines; padding is invalid).
+    """
 
     def __init__(self, max_engines: int):
         self.max_engines = max_engines
         self.size = observation_size(max_engines)
         self._step_slot = {s: i for i, s in enumerate(STEP_NAMES)}
         self._one_hot = [tuple(1.0 if j == i else 0.0 for j in range(STEP_SLOTS)) for i in range(STEP_SLOTS)]
-        self._sim: ClusterSimulator | None = None
+        self._cluster: ClusterView | None = None
         self._n = 0
         self._pad: list[float] = []
         self._per_step: dict[str, list[tuple]] = {}
@@ -108,53 +118,57 @@ class DispatchObservation:
         w = c + len(WORKFLOW_FEATURES)
         return {"global": slice(0, g), "call": slice(g, c), "workflow": slice(c, w), "engines": slice(w, self.size)}
 
-    def bind(self, sim: ClusterSimulator, n_workflows: int) -> None:
-        """Tabulate the episode's static per-engine values; `n_workflows` in the episode's workload."""
-        n = len(sim.engines)
+    def bind(self, cluster: ClusterView) -> None:
+        """Forget tabulated per-engine values and use `cluster` from now on."""
+        n = len(cluster.engines)
         if n > self.max_engines:
-            raise ValueError(f"cluster {sim.config.name!r} has {n} engines but the env was built for "
-                             f"max_engines={self.max_engines}; pass a larger max_engines")
-        self._sim = sim
+            name = getattr(getattr(cluster, "config", None), "name", "the cluster")
+            raise ValueError(f"{name} has {n} engines but the observation was built for max_engines="
+                             f"{self.max_engines}; use a larger max_engines")
+        self._cluster = cluster
         self._n = n
         self._pad = [0.0] * ((self.max_engines - n) * len(ENGINE_FEATURES))
         self._per_step = {}
-        self._inv_workflows = 1.0 / max(1, n_workflows)
 
     def _engine_static(self, step: str) -> list[tuple]:
-        """Per engine: (engine, latency_s, relative speed, latency feature, kv capacity, price feature)."""
-        rows = self._per_step.get(step)
-        if rows is None:
-            engines = self._sim.engines
-            lats = [e.expected_latency_s(step) for e in engines]
-            fastest = min(lats)
-            rows = [(e, lat, fastest / lat if lat > 0 else 1.0, min(math.log1p(lat * INV_TIME_SCALE), OBS_CLIP),
-                     e.kv_capacity_tokens, min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP),
-                     1.0 / e.total_blocks if e.total_blocks else 0.0)
-                    for e, lat in zip(engines, lats)]
-            self._per_step[step] = rows
+        """Per engine: (engine, latency_s, relative speed, latency feature, KV capacity in tokens,
+        price feature). Engines that do not tell their KV capacity (not in the view protocol) are
+        assumed to fit every call."""
+        engines = self._cluster.engines
+        lats = [e.expected_latency_s(step) for e in engines]
+        fastest = min(lats)
+        rows = [(e, lat, fastest / lat if lat > 0 else 1.0, min(math.log1p(lat * INV_TIME_SCALE), OBS_CLIP),
+                 getattr(e, "kv_capacity_tokens", math.inf), min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
+                for e, lat in zip(engines, lats)]
+        self._per_step[step] = rows
         return rows
 
-    def build(self, call: LLMCall | None) -> np.ndarray:
+    def valid_actions(self, cluster: ClusterView) -> np.ndarray:
+        """int8 mask over max_engines: healthy engines of `cluster` (padding is 0)."""
+        mask = np.zeros(self.max_engines, dtype=np.int8)
+        mask[:len(cluster.engines)] = [e.healthy for e in cluster.engines]
+        return mask
+
+    def build(self, call: CallView | None, cluster: ClusterView) -> np.ndarray:
         """The observation for `call` (None at episode end: call and workflow parts are zero).
 
         Hot path: inline conditionals instead of min()/max() calls and a table for log1p of counts;
         the engine loop reads each attribute once."""
-        sim = self._sim
-        now = sim.now_s
+        if cluster is not self._cluster or len(cluster.engines) != self._n:
+            self.bind(cluster)
+        now = cluster.now_s
         inv_t = INV_TIME_SCALE
         clip = OBS_CLIP
         asinh = math.asinh
         log1p = math.log1p
         count_feat = _COUNT_FEATURE
         n_table = _COUNT_TABLE_SIZE
-        inv_wf = self._inv_workflows
-        rate = sim.recent_arrival_rate_qps * INV_RATE_SCALE
-        out = [rate if rate < clip else clip, sim.slo_attainment_so_far, len(sim.workflows) * inv_wf,
-               sim.finished_workflows * inv_wf]
+        rate = cluster.recent_arrival_rate_qps * INV_RATE_SCALE
+        out = [rate if rate < clip else clip, cluster.slo_attainment_so_far]
         if call is None:
-            out += self._idle_tail()
+            out += self._idle_tail(cluster)
         else:
-            wf = sim.workflows[call.workflow_id]
+            wf = cluster.workflow(call.workflow_id)
             call_slack = call.deadline_s - now
             x = asinh(call_slack * inv_t)
             y = asinh((wf.deadline_s - now) * inv_t)
@@ -170,8 +184,9 @@ class DispatchObservation:
             out += self._one_hot[self._step_slot.get(call.step, STEP_SLOTS - 1)]
             rem = log1p(wf.expected_remaining_s * inv_t)
             used = (now - wf.arrival_time_s) / wf.slo_s
+            done = wf.calls_done
             out += (rem if rem < clip else clip, (used if used < clip else clip) if used > 0.0 else 0.0,
-                    wf.calls_done / wf.n_calls)
+                    count_feat[done] if done < n_table else clip)
             tokens = call.input_tokens + call.output_tokens
             rows = self._per_step.get(call.step) or self._engine_static(call.step)
             total_w = 0.0
@@ -179,7 +194,7 @@ class DispatchObservation:
                 total_w += row[0].assigned_work_s
             inv_total_w = 1.0 / total_w if total_w > 0.0 else 0.0
             up = 0
-            for e, lat, speed, lat_feat, cap, price, inv_blocks in rows:
+            for e, lat, speed, lat_feat, cap, price in rows:
                 healthy = e.healthy
                 up += healthy
                 w = e.outstanding_work_s
@@ -187,26 +202,26 @@ class DispatchObservation:
                 a = log1p(w * inv_t)
                 b = log1p(finish * inv_t)
                 m = asinh((call_slack - finish) * inv_t)
-                r = len(e.running)
-                q = len(e.waiting)
+                r = e.num_running
+                q = e.num_waiting
                 out += (1.0 if healthy else 0.0, 1.0 if tokens <= cap else 0.0, speed, lat_feat,
                         a if a < clip else clip, b if b < clip else clip,
                         m if -clip < m < clip else (clip if m > 0 else -clip),
                         count_feat[r] if r < n_table else clip, count_feat[q] if q < n_table else clip,
-                        1.0 - e.free_blocks * inv_blocks, e.assigned_work_s * inv_total_w, price)
+                        e.kv_usage, e.assigned_work_s * inv_total_w, price)
+            self.all_healthy = up == self._n
         if self._pad:
             out += self._pad
         return np.fromiter(out, np.float32, self.size)
 
-    def _idle_tail(self) -> list[float]:
+    def _idle_tail(self, cluster: ClusterView) -> list[float]:
         """Call and workflow parts (zero) and engine rows when no call is pending (episode end)."""
-        sim = self._sim
         out = [0.0] * (len(CALL_FEATURES) + len(WORKFLOW_FEATURES))
-        total_w = sum(e.assigned_work_s for e in sim.engines) or 1.0
-        for e in sim.engines:
+        total_w = sum(e.assigned_work_s for e in cluster.engines) or 1.0
+        for e in cluster.engines:
             w = math.log1p(e.outstanding_work_s * INV_TIME_SCALE)
             out += (1.0 if e.healthy else 0.0, 0.0, 0.0, 0.0, w if w < OBS_CLIP else OBS_CLIP, 0.0, 0.0,
-                    _count(len(e.running)), _count(len(e.waiting)), e.kv_usage, e.assigned_work_s / total_w,
+                    _count(e.num_running), _count(e.num_waiting), e.kv_usage, e.assigned_work_s / total_w,
                     min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
         return out
 
