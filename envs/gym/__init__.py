@@ -1,15 +1,44 @@
 """Gymnasium environments over the cluster simulator (registered by `import envs`).
 
-- `agentsched/Dispatch-v0` (`DispatchEnv`): one decision per ready LLM call, which engine gets it.
+- `agentsched/Dispatch-v0` (`DispatchEnv`): one decision per ready LLM call, which engine gets it
+  (`Discrete(max_engines)`, masked; `info["action_mask"]`, `action_masks()` for MaskablePPO).
 - `agentsched/Knobs-v0` (`KnobsEnv`): one decision per control interval, the knobs of the paper's
-  hierarchical heuristic (alpha, urgency weight) for the next interval.
+  hierarchical heuristic (alpha, urgency weight) for the next interval (`Box(-1, 1)`).
 
-Both draw episodes from a `Scenario`; `Scenario.run_spec(seed)` gives the `RunSpec` of an episode
-so heuristics can be evaluated on exactly the same episodes with `envs.sim.scenario.simulate`.
+Both draw episodes from a `Scenario` (pydantic, YAML; shipped: `default`, `train-randomized`,
+`test-heldout` in envs/gym/scenarios/). Reward: `envs.gym.reward`. Typical use:
+
+    import gymnasium as gym, envs
+    env = gym.make("agentsched/Dispatch-v0", scenario="train-randomized")
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())  # a valid engine
+
+    # the paper's heuristic as an action, e.g. for imitation or as a baseline on equal terms
+    from policies import load_policy
+    hexgen = load_policy("hexgen")
+    action = env.unwrapped.heuristic_action(hexgen)
+
+    # the same episodes in the simulator, for heuristics
+    from envs.sim.scenario import simulate
+    scenario = env.unwrapped.scenario
+    for seed in scenario.evaluation_seeds(10):
+        env.reset(options={"episode_seed": seed})       # env episode ...
+        result, _ = simulate(scenario.run_spec(seed), hexgen)  # ... and the identical simulator run
+
+Subprocess vector envs that start fresh interpreters (SB3's `SubprocVecEnv` uses forkserver) must
+import `envs` to see the ids: pass `"envs:agentsched/Dispatch-v0"` (Gymnasium's module:id form) or
+the class `DispatchEnv` to `make_vec_env`. `make_vec_env` asks for render_mode="rgb_array", which
+these envs ignore (add `"render_mode": None` to env_kwargs to silence Gymnasium's warning).
+
+A trained Dispatch-v0 policy outside the env (in `simulate`, in the gateway) builds the identical
+observation with `envs.gym.observation.DispatchObservation(max_engines).build(call, cluster)`, which
+reads only the view protocols; `valid_actions(cluster)` is the mask.
 """
 
 from envs.gym.dispatch_env import DispatchEnv, InvalidActionError
-from envs.gym.knobs_env import Knob, KnobsEnv
+from envs.gym.knobs_env import Knob, KnobsEnv, KnobsObservation
+from envs.gym.observation import DispatchObservation
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
 
-__all__ = ["DispatchEnv", "InvalidActionError", "Knob", "KnobsEnv", "RandomClusterSpec", "Randomization", "Scenario"]
+__all__ = ["DispatchEnv", "DispatchObservation", "InvalidActionError", "Knob", "KnobsEnv", "KnobsObservation",
+           "RandomClusterSpec", "Randomization", "Scenario"]

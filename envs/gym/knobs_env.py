@@ -55,11 +55,96 @@ DEFAULT_KNOBS = (Knob(name="alpha", layer="dispatch", low=0.0, high=1.0),
                  Knob(name="weight", layer="local", low=0.0, high=1.0))
 
 GLOBAL_FEATURES: tuple[str, ...] = (
-    "arrival_rate_window", "arrival_rate_interval", "burstiness_cv", "arrived_share", "finished_share",
-    "attainment_so_far", "interval_finished", "interval_attainment", "in_flight", "in_flight_late_share",
+    "arrival_rate_window", "arrival_rate_interval", "burstiness_cv", "attainment_so_far", "interval_finished", "interval_attainment", "in_flight", "in_flight_late_share",
     "slack_mean", "slack_min", "budget_used_mean")
 GPU_TYPE_FEATURES: tuple[str, ...] = ("engines", "healthy_share", "waiting", "running", "outstanding_work",
                                       "kv_usage_mean")
+
+
+class KnobsObservation:
+    """The Knobs-v0 observation, from a simulator-like cluster: besides the `ClusterView`
+    protocol it reads `workflows` (every arrived workflow, with `done`), `finished_workflows` and
+    `met_workflows`, which the simulator has (so a trained knob policy runs in `simulate` through
+    `Policy.on_interval`) but the view protocol does not promise.
+
+    `reset(sim)` per episode, `start_interval(sim)` when new knobs take effect, `build(sim, knob_action)`
+    at the end of the interval.
+    """
+
+    def __init__(self, n_knobs: int):
+        catalog = load_catalog()
+        self.n_knobs = n_knobs
+        self.gpu_types = list(catalog.gpus)
+        self._gpu_index = {g: i for i, g in enumerate(self.gpu_types)}
+        for g, spec in catalog.gpus.items():
+            for alias in spec.aliases:
+                self._gpu_index.setdefault(alias, self._gpu_index[g])
+        self.size = len(GLOBAL_FEATURES) + n_knobs + len(self.gpu_types) * len(GPU_TYPE_FEATURES)
+        self.names = ([f"global.{f}" for f in GLOBAL_FEATURES] + [f"knob[{i}]" for i in range(n_knobs)]
+                      + [f"gpu[{g}].{f}" for g in self.gpu_types for f in GPU_TYPE_FEATURES])
+
+    def reset(self, sim: Any) -> None:
+        self._in_flight: list[Workflow] = []
+        self._registered = 0
+        self.start_interval(sim)
+
+    def start_interval(self, sim: Any) -> None:
+        self._interval_start_s = sim.now_s
+        self._arrivals_at_start = len(sim.workflows)
+        self._finished_at_start = sim.finished_workflows
+        self._met_at_start = sim.met_workflows
+
+    def build(self, sim: Any, knob_action: np.ndarray) -> np.ndarray:
+        now = sim.now_s
+        clip = OBS_CLIP
+        workflows = sim.workflows
+        for i in range(self._registered, len(workflows)):
+            self._in_flight.append(workflows[i])
+        self._registered = len(workflows)
+        self._in_flight = [w for w in self._in_flight if not w.done]
+        # arrivals: rate over the last interval, burstiness over a trailing window
+        interval_s = max(now - self._interval_start_s, 1e-9)
+        interval_rate = (len(workflows) - self._arrivals_at_start) / interval_s
+        times = []
+        for w in reversed(workflows):
+            if w.arrival_time_s < now - BURSTINESS_WINDOW_S:
+                break
+            times.append(w.arrival_time_s)
+        cv = 1.0
+        if len(times) > MIN_GAPS_FOR_CV:
+            gaps = -np.diff(np.asarray(times))
+            mean = gaps.mean()
+            cv = float(gaps.std() / mean) if mean > 0 else clip
+        finished = sim.finished_workflows - self._finished_at_start
+        met = sim.met_workflows - self._met_at_start
+        in_flight = self._in_flight
+        if in_flight:
+            slack = np.array([(w.deadline_s - now) / w.slo_s for w in in_flight])
+            used = np.array([(now - w.arrival_time_s) / w.slo_s for w in in_flight])
+            late_share = float((slack < 0).mean())
+            slack_mean, slack_min, used_mean = float(slack.mean()), float(slack.min()), float(used.mean())
+        else:
+            late_share, slack_mean, slack_min, used_mean = 0.0, 1.0, 1.0, 0.0
+        head = [sim.recent_arrival_rate_qps * INV_RATE_SCALE, interval_rate * INV_RATE_SCALE, cv,
+                sim.slo_attainment_so_far, _count(finished), met / finished if finished else 1.0,
+                _count(len(in_flight)), late_share, slack_mean, slack_min, used_mean]
+        head.extend(float(x) for x in knob_action)
+        per_type = np.zeros((len(self.gpu_types), len(GPU_TYPE_FEATURES)))
+        for e in sim.engines:
+            row = per_type[self._gpu_index[e.gpu]]
+            row[0] += 1
+            row[1] += e.healthy
+            row[2] += e.num_waiting
+            row[3] += e.num_running
+            row[4] += e.outstanding_work_s
+            row[5] += e.kv_usage
+        count = np.maximum(per_type[:, 0], 1.0)
+        per_type[:, 1] /= count
+        per_type[:, 5] /= count
+        per_type[:, 4] *= INV_TIME_SCALE
+        per_type[:, [0, 2, 3, 4]] = np.log1p(per_type[:, [0, 2, 3, 4]])
+        obs = np.concatenate([np.asarray(head, dtype=np.float64), per_type.ravel()])
+        return np.clip(obs, -clip, clip).astype(np.float32)
 
 
 class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -72,8 +157,8 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     **An action outside the box, of the wrong shape or not finite raises `InvalidActionError`**
     (SB3's PPO clips to the box before stepping, so this only catches real bugs).
 
-    Observation: `Box(-OBS_CLIP, OBS_CLIP)`: arrival rate (trailing minute and last interval),
-    burstiness (CV of inter-arrival gaps), episode progress, attainment so far and of the last
+    Observation (`KnobsObservation`): `Box(-OBS_CLIP, OBS_CLIP)`: arrival rate (trailing minute and
+    last interval), burstiness (CV of inter-arrival gaps), attainment so far and of the last
     interval, in-flight workflows and their slack statistics (slack in units of each workflow's
     SLO), the knobs in force, then per GPU type of the catalog (a fixed order, so clusters of any
     mix share one layout): engines, healthy share, waiting and running calls, outstanding work,
@@ -108,13 +193,9 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         self.control_interval_s = float(control_interval_s)
         self._knob_low = np.array([k.low for k in self.knobs])
         self._knob_span = np.array([k.high - k.low for k in self.knobs])
-        self.gpu_types = list(load_catalog().gpus)
-        self._gpu_index = {g: i for i, g in enumerate(self.gpu_types)}
-        for g, spec in load_catalog().gpus.items():
-            for alias in spec.aliases:
-                self._gpu_index.setdefault(alias, self._gpu_index[g])
-        n_obs = len(GLOBAL_FEATURES) + len(self.knobs) + len(self.gpu_types) * len(GPU_TYPE_FEATURES)
-        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (n_obs,), np.float32)
+        self._observer = KnobsObservation(len(self.knobs))
+        self.gpu_types = self._observer.gpu_types
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._observer.size,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (len(self.knobs),), np.float32)
         self._reward = SLOReward(completion_bonus, tardiness_weight, rejection_penalty)
         self._horizon_s = self.scenario.horizon_s or math.inf
@@ -191,15 +272,10 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         self._sim = build_simulator(self._spec.model_copy(update={"cluster": resolve_cluster(self._spec.cluster)}),
                                     queue_key=self._policy.queue_key)
         self._reward.bind(self._sim)
-        self._n_workflows = self._spec.queries or 1
-        self._in_flight: list[Workflow] = []
-        self._registered = 0
-        self._interval_start_s = 0.0
-        self._arrivals_at_start = 0
-        self._finished_at_start = 0
-        self._met_at_start = 0
+        self._observer.reset(self._sim)
         self._done = False
-        return self._observe(), {"episode_seed": int(episode_seed), "knobs": self.knobs_for(self._knob_action)}
+        obs = self._observer.build(self._sim, self._knob_action)
+        return obs, {"episode_seed": int(episode_seed), "knobs": self.knobs_for(self._knob_action)}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._done:
@@ -210,10 +286,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         policy = self._build_policy(a)
         self._policy = policy
         sim.queue_key = policy.queue_key
-        self._interval_start_s = sim.now_s
-        self._arrivals_at_start = len(sim.workflows)
-        self._finished_at_start = sim.finished_workflows
-        self._met_at_start = sim.met_workflows
+        self._observer.start_interval(sim)
         until = min(sim.now_s + self.control_interval_s, self._horizon_s)
         dispatch = policy.dispatch
         while True:
@@ -229,62 +302,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
             self._done = True
             info["metrics"] = self.metrics()
             info["run_spec"] = self._spec
-        return self._observe(), reward, terminated, truncated, info
-
-    # ---- observation ----------------------------------------------------------------------------------
-    def _observe(self) -> np.ndarray:
-        sim = self._sim
-        now = sim.now_s
-        clip = OBS_CLIP
-        workflows = sim.workflows
-        for i in range(self._registered, len(workflows)):
-            self._in_flight.append(workflows[i])
-        self._registered = len(workflows)
-        self._in_flight = [w for w in self._in_flight if not w.done]
-        # arrivals: rate over the last interval, burstiness over a trailing window
-        interval_s = max(now - self._interval_start_s, 1e-9)
-        interval_rate = (len(workflows) - self._arrivals_at_start) / interval_s
-        times = []
-        for w in reversed(workflows):
-            if w.arrival_time_s < now - BURSTINESS_WINDOW_S:
-                break
-            times.append(w.arrival_time_s)
-        if len(times) > MIN_GAPS_FOR_CV:
-            gaps = -np.diff(np.asarray(times))
-            cv = float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else clip
-        else:
-            cv = 1.0
-        finished = sim.finished_workflows - self._finished_at_start
-        met = sim.met_workflows - self._met_at_start
-        in_flight = self._in_flight
-        if in_flight:
-            slack = np.array([(w.deadline_s - now) / w.slo_s for w in in_flight])
-            used = np.array([(now - w.arrival_time_s) / w.slo_s for w in in_flight])
-            late_share = float((slack < 0).mean())
-            slack_mean, slack_min, used_mean = float(slack.mean()), float(slack.min()), float(used.mean())
-        else:
-            late_share, slack_mean, slack_min, used_mean = 0.0, 1.0, 1.0, 0.0
-        head = [sim.recent_arrival_rate_qps * INV_RATE_SCALE, interval_rate * INV_RATE_SCALE, cv,
-                len(workflows) / self._n_workflows, sim.finished_workflows / self._n_workflows,
-                sim.slo_attainment_so_far, _count(finished), met / finished if finished else 1.0,
-                _count(len(in_flight)), late_share, slack_mean, slack_min, used_mean]
-        head.extend(float(x) for x in self._knob_action)
-        per_type = np.zeros((len(self.gpu_types), len(GPU_TYPE_FEATURES)))
-        for e in sim.engines:
-            row = per_type[self._gpu_index[e.gpu]]
-            row[0] += 1
-            row[1] += e.healthy
-            row[2] += len(e.waiting)
-            row[3] += len(e.running)
-            row[4] += e.outstanding_work_s
-            row[5] += e.kv_usage
-        count = np.maximum(per_type[:, 0], 1.0)
-        per_type[:, 1] /= count
-        per_type[:, 5] /= count
-        per_type[:, 4] *= INV_TIME_SCALE
-        per_type[:, [0, 2, 3, 4]] = np.log1p(per_type[:, [0, 2, 3, 4]])
-        obs = np.concatenate([np.asarray(head, dtype=np.float64), per_type.ravel()])
-        return np.clip(obs, -clip, clip).astype(np.float32)
+        return self._observer.build(sim, a), reward, terminated, truncated, info
 
     def render(self) -> str | None:
         """`render_mode="ansi"`: one line of the simulator's state."""
@@ -299,8 +317,10 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
                                                        "policy": self.policy_name})
 
     def observation_names(self) -> list[str]:
-        names = [f"global.{f}" for f in GLOBAL_FEATURES] + [f"knob.{k.name}" for k in self.knobs]
-        return names + [f"gpu[{g}].{f}" for g in self.gpu_types for f in GPU_TYPE_FEATURES]
+        names = list(self._observer.names)
+        for i, k in enumerate(self.knobs):
+            names[len(GLOBAL_FEATURES) + i] = f"knob.{k.name}"
+        return names
 
     @property
     def simulator(self) -> ClusterSimulator | None:

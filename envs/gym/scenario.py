@@ -195,6 +195,13 @@ class Scenario(BaseModel):
         return cls.load(value)
 
     # ---- episodes ------------------------------------------------------------------------------
+    def evaluation_seeds(self, n: int) -> list[int]:
+        """The first `n` episode seeds of the scenario's range (a fixed evaluation set): run them in
+        the env with `reset(options={"episode_seed": s})` and in `simulate` with `run_spec(s)`."""
+        if self.seed_count is not None and n > self.seed_count:
+            raise ValueError(f"the scenario has only {self.seed_count} episode seeds, asked for {n}")
+        return [self.seed_base + i for i in range(n)]
+
     def draw_episode_seed(self, rng: np.random.Generator) -> int:
         return self.seed_base + int(rng.integers(self.seed_count or (MAX_EPISODE_SEED - self.seed_base)))
 
