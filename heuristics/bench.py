@@ -308,7 +308,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int], None] | None = No
     points.sort(key=lambda p: (order[p["policy"]], p["rate_qps"], p["slo_scale"], p["seed"]))
     summary = summarize_points(points)
     summary.sort(key=lambda p: (order[p["policy"]], p["rate_qps"], p["slo_scale"]))
+    warnings = steady_state_warnings(thresholds, points, cfg.ratio_slo_scale) if cfg.ratios else []
     return {
+        "warnings": warnings,
         "config": {**asdict(cfg.scenario), "policies": labels, "policy_refs": list(cfg.policies),
                    "rates_qps": list(cfg.rates_qps), "slo_scales": list(cfg.slo_scales), "seeds": list(cfg.seeds),
                    "ratio_rate_qps": cfg.ratio_rate_qps, "ratio_slo_scale": cfg.ratio_slo_scale,
@@ -321,6 +323,29 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int], None] | None = No
         "points": points,
         "wall_s": time.perf_counter() - started,
     }
+
+
+MIN_SPAN_SLOS = 5.0  # a sustained rate needs arrivals spread over many SLOs, not one burst
+
+
+def steady_state_warnings(thresholds: dict[str, dict[str, Any]], points: list[dict[str, Any]],
+                          slo_scale: float) -> list[str]:
+    """A goodput threshold found on a run whose arrivals span only a few SLOs measures how big a
+    burst the cluster absorbs, not the rate it sustains (the backlog drains after the last
+    arrival). Flag those, with the --queries that would fix it."""
+    if not points:
+        return []
+    n = points[0]["n_workflows"]
+    slo_s = points[0]["base_slo_s"] * slo_scale
+    out = []
+    for policy, t in thresholds.items():
+        rate = t.get("max_rate_qps")
+        if rate and math.isfinite(rate) and n / rate < MIN_SPAN_SLOS * slo_s:
+            need = int(math.ceil(MIN_SPAN_SLOS * slo_s * rate))
+            out.append(f"{policy}: max rate {rate:.3g} q/s was found on {n} queries arriving over {n / rate:.0f} s, "
+                       f"< {MIN_SPAN_SLOS:g} SLOs ({slo_s:.0f} s each): a burst, not a sustained rate; "
+                       f"use --queries {need} or more")
+    return out
 
 
 def _as_completed(futs: list[Future]) -> Iterable[Future]:

@@ -161,6 +161,8 @@ def bench_command(
     _write_csv(out / "points.csv", results["points"])
     _write_csv(out / "summary.csv", results["summary"])
     print_bench_table(console, results)
+    for warning in results.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"wrote {out / 'results.json'}, points.csv, summary.csv ({results['wall_s']:.1f} s)")
     console.print("plots: " + ", ".join(str(p) for p in plots))
 

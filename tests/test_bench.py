@@ -115,3 +115,12 @@ def test_shipped_clusters_run_every_named_policy(cluster):
     for name in ("rr", "hexgen", "hexgen-outstanding", "llmd"):
         result, _ = simulate(RunSpec(cluster=cluster, rate_qps=0.1, slo_scale=3.0, queries=10), load_policy(name))
         assert result["n_finished"] == 10
+
+
+def test_short_runs_are_flagged_as_bursts():
+    from heuristics.bench import steady_state_warnings
+
+    points = [{"n_workflows": 90, "base_slo_s": 50.0}]
+    # 90 queries at 1 q/s arrive over 90 s < 5 SLOs of 150 s: a burst
+    warnings = steady_state_warnings({"llmd": {"max_rate_qps": 1.0}, "rr": {"max_rate_qps": 0.01}}, points, 3.0)
+    assert len(warnings) == 1 and warnings[0].startswith("llmd:") and "--queries 750" in warnings[0]
