@@ -61,9 +61,9 @@ class WarmStartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     expert: str = "hexgen"
     episodes: PositiveInt = 16  # expert episodes collected (per DAgger round as well)
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 256
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 64
+    learning_rate: float = Field(3e-3, gt=0)
     dagger_rounds: int = Field(1, ge=0)
     value_pretrain: bool = True  # also regress the value head on the expert's discounted returns
     holdout_episodes: PositiveInt = 2  # expert episodes on other seeds, for the agreement figure

@@ -28,6 +28,11 @@ from envs.gym.observation import ENGINE_FEATURES, N_HEAD
 N_ENGINE_FEATURES = len(ENGINE_FEATURES)
 HEALTHY = ENGINE_FEATURES.index("healthy")
 RELATIVE_SPEED = ENGINE_FEATURES.index("relative_speed")
+ASSIGNED_SHARE = ENGINE_FEATURES.index("assigned_share")
+EXPECTED_FINISH = ENGINE_FEATURES.index("expected_finish")
+N_DERIVED = 4
+SHARE_RATIO_CLIP = 10.0
+DERIVED_GAIN = 10.0  # gaps between engines are small numbers that decide the argmax
 
 
 def _mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
@@ -47,8 +52,15 @@ class EngineScorer(nn.Module):
             raise ValueError(f"observation size {features_dim} is not a Dispatch-v0 observation "
                              f"({N_HEAD} + max_engines x {N_ENGINE_FEATURES})")
         self.head = _mlp([N_HEAD, context])
-        self.score = nn.Sequential(_mlp([2 * N_ENGINE_FEATURES + context, hidden, hidden]), nn.Linear(hidden, 1))
-        self.engine_embed = _mlp([2 * N_ENGINE_FEATURES, hidden])
+        self.score = nn.Sequential(_mlp([2 * N_ENGINE_FEATURES + N_DERIVED + context, hidden, hidden]), nn.Linear(hidden, 1))
+        # linear path next to the MLP: scores that are (nearly) linear in the engine's features, like
+        # HexGen's alpha x speed - (1 - alpha) x W_e / W_base, need large, exact weights that a tanh
+        # MLP learns slowly; the skip makes them one layer away
+        self.linear = nn.Linear(2 * N_ENGINE_FEATURES + N_DERIVED, 1)
+        # learned inverse temperature of the logits: cloning a deterministic argmax over close scores
+        # needs sharp logits; exp() lets the scale grow geometrically instead of via every weight
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.engine_embed = _mlp([2 * N_ENGINE_FEATURES + N_DERIVED, hidden])
         self.critic = _mlp([context + hidden, hidden])
         self.latent_dim_pi = self.max_engines
         self.latent_dim_vf = hidden
@@ -60,13 +72,39 @@ class EngineScorer(nn.Module):
         real = (rows[..., RELATIVE_SPEED] > 0).float().unsqueeze(-1)
         n_real = real.sum(1, keepdim=True).clamp(min=1.0)
         mean = (rows * real).sum(1, keepdim=True) / n_real
-        per_engine = torch.cat([rows, (rows - mean) * real], dim=-1)
+        per_engine = torch.cat([rows, (rows - mean) * real, self._derived(rows, real)], dim=-1)
         return head, per_engine, real
+
+    @staticmethod
+    def _derived(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Comparisons a tanh MLP finds hard to form from raw rows, made explicit:
+        - W_e / W_base: the engine's share of assigned work over the fastest engine's (HexGen's
+          load term; the fastest engine is the one with relative speed 1), and its gap to the
+          smallest over healthy engines (x DERIVED_GAIN);
+        - expected finish minus the best expected finish over healthy engines (least-work's term);
+        - whether the engine has the best expected finish.
+        """
+        speed = rows[..., RELATIVE_SPEED]
+        share = rows[..., ASSIGNED_SHARE]
+        fastest = (speed >= speed.max(1, keepdim=True).values - 1e-6).float()
+        base_share = (share * fastest).sum(1, keepdim=True) / fastest.sum(1, keepdim=True).clamp(min=1.0)
+        ratio = torch.where(base_share > 1e-6, share / base_share.clamp(min=1e-6), share * 0.0)
+        healthy = rows[..., HEALTHY] > 0.5
+        finish = rows[..., EXPECTED_FINISH]
+        best = torch.where(healthy, finish, torch.full_like(finish, 1e6)).min(1, keepdim=True).values
+        gap = torch.where(healthy, finish - best, torch.zeros_like(finish))
+        is_best = (healthy & (gap <= 1e-6)).float()
+        ratio = ratio.clamp(max=SHARE_RATIO_CLIP)
+        min_ratio = torch.where(healthy, ratio, torch.full_like(ratio, 1e6)).min(1, keepdim=True).values
+        ratio_gap = torch.where(healthy, ratio - min_ratio, torch.zeros_like(ratio))
+        out = torch.stack([ratio, ratio_gap * DERIVED_GAIN, gap * DERIVED_GAIN, is_best], dim=-1)
+        return out * real
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
         head, per_engine, _ = self._split(features)
         ctx = self.head(head).unsqueeze(1).expand(-1, self.max_engines, -1)
-        return self.score(torch.cat([per_engine, ctx], dim=-1)).squeeze(-1)
+        logits = self.score(torch.cat([per_engine, ctx], dim=-1)) + self.linear(per_engine)
+        return (logits * self.log_scale.exp()).squeeze(-1)
 
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
         head, per_engine, real = self._split(features)
@@ -93,9 +131,9 @@ class _EngineScoringMixin:
         super()._build(lr_schedule)
         self.action_net = nn.Identity()
         # the last scoring layer starts small, like SB3's action_net (gain 0.01): near-uniform at init
-        last = self.mlp_extractor.score[-1]
-        nn.init.orthogonal_(last.weight, gain=0.01)
-        nn.init.zeros_(last.bias)
+        for last in (self.mlp_extractor.score[-1], self.mlp_extractor.linear):
+            nn.init.orthogonal_(last.weight, gain=0.01)
+            nn.init.zeros_(last.bias)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

@@ -1,0 +1,265 @@
+"""`agentsched evaluate`: a policy against baselines on held-out seeds, with bootstrap intervals.
+
+Every (cell, policy, seed) is one `envs.sim.scenario.simulate` run, exactly what `agentsched
+simulate` and `agentsched bench` run, so the numbers are comparable. A cell is a workload, a
+cluster, a load level and shape, and an SLO scale. For each cell and policy we report the mean over
+seeds and a percentile-bootstrap interval of the mean; for every policy and every baseline, the
+ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* bootstrap interval (seeds are
+resampled jointly, so the common noise of a hard seed cancels).
+
+Load shapes (the "shifting" load):
+- constant: Poisson at the rate;
+- step: Poisson at 0.5 x rate for the first half of the expected span, then 1.5 x rate;
+- burst: Poisson at 0.5 x rate, with a burst at 3 x rate for a sixth of the expected span starting
+  at a third of it (the same number of queries arrives in a shorter, rougher window).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from envs.sim.errors import UserError
+from envs.sim.scenario import RunSpec, simulate
+from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
+
+METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
+RATIO_METRICS = ("goodput_qps", "slo_attainment")
+LOADS = ("constant", "step", "burst")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Cell:
+    trace: str = "chess_trace1"
+    cluster: str = "paper"
+    rate_qps: float = 0.1
+    load: str = "constant"
+    slo_scale: float = 3.0
+    queries: int = 60
+    generated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.load not in LOADS:
+            raise UserError(f"--load: unknown load shape {self.load!r} (use {', '.join(LOADS)})")
+        if not self.rate_qps > 0:
+            raise UserError(f"--rate: must be > 0, got {self.rate_qps}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.cluster}/{self.trace}/{self.load}@{self.rate_qps:g}"
+
+    def arrivals(self) -> Any:
+        r = self.rate_qps
+        span_s = self.queries / r  # expected span of the arrivals at the mean rate
+        if self.load == "constant":
+            return PoissonArrivals(rate_qps=r)
+        if self.load == "step":
+            return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 2, rate_qps=0.5 * r),
+                                               RateSegment(duration_s=100 * span_s, rate_qps=1.5 * r)])
+        return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 3, rate_qps=0.5 * r),
+                                           RateSegment(duration_s=span_s / 6, rate_qps=3.0 * r),
+                                           RateSegment(duration_s=100 * span_s, rate_qps=0.5 * r)])
+
+    def run_spec(self, seed: int) -> RunSpec:
+        return RunSpec(trace=self.trace, cluster=self.cluster, rate_qps=self.rate_qps, slo_scale=self.slo_scale,
+                       seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals())
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'a-b' (inclusive) or 'a,b,c'."""
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: {text!r} is not 'a-b' or a comma-separated list of integers") from None
+
+
+def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return math.nan, math.nan, math.nan
+    idx = rng.integers(len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    means = values[idx].mean(1)
+    a = (1 - confidence) / 2
+    return float(values.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def bootstrap_ratio(num: np.ndarray, den: np.ndarray, confidence: float,
+                    rng: np.random.Generator) -> tuple[float, float, float]:
+    """Ratio of means with a paired bootstrap interval (same seeds resampled for both)."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    ok = ~(np.isnan(num) | np.isnan(den))
+    num, den = num[ok], den[ok]
+    if not len(num) or den.mean() <= 0:
+        return math.nan, math.nan, math.nan
+    idx = rng.integers(len(num), size=(BOOTSTRAP_RESAMPLES, len(num)))
+    d = den[idx].mean(1)
+    ratios = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1.0), np.nan)
+    a = (1 - confidence) / 2
+    return float(num.mean() / den.mean()), float(np.nanquantile(ratios, a)), float(np.nanquantile(ratios, 1 - a))
+
+
+def policy_label(name: str) -> str:
+    p = Path(name)
+    if p.exists():
+        return p.stem if p.is_file() else (p.name if p.name not in ("policy", "best_policy", "final_policy")
+                                           else f"{p.parent.name}/{p.name}")
+    return name
+
+
+_POLICY_CACHE: dict[str, Any] = {}
+
+
+def _load(name: str) -> Any:
+    from policies.loader import load_policy
+
+    if name not in _POLICY_CACHE:
+        _POLICY_CACHE[name] = load_policy(name)
+    return _POLICY_CACHE[name]
+
+
+def _run_one(args: tuple[str, Cell, int]) -> dict[str, Any]:
+    name, cell, seed = args
+    result, _ = simulate(cell.run_spec(seed), _load(name))
+    return {k: result.get(k) for k in METRICS}
+
+
+def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds: Sequence[int],
+             confidence: float = 0.95, out_dir: str | Path | None = None, workers: int = 1) -> dict[str, Any]:
+    """Run every policy on every cell and seed; returns (and writes) the results dict."""
+    if not seeds:
+        raise UserError("--seeds: give at least one seed")
+    names = [policy] + [b for b in baselines if b != policy]
+    labels: dict[str, str] = {}
+    for n in names:
+        _load(n)  # fail early, one line, before any long run
+        label = policy_label(n)
+        while label in labels.values():
+            label += "'"
+        labels[n] = label
+    jobs = [(n, c, s) for c in cells for n in names for s in seeds]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            outcomes = list(pool.map(_run_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        outcomes = [_run_one(j) for j in jobs]
+    per: dict[tuple[str, Cell], dict[str, list[float]]] = {}
+    for (n, c, s), out in zip(jobs, outcomes):
+        bucket = per.setdefault((n, c), {m: [] for m in METRICS})
+        for m in METRICS:
+            v = out.get(m)
+            bucket[m].append(math.nan if v is None else float(v))
+    rng = np.random.default_rng(0)
+    result_cells = []
+    for c in cells:
+        pol: dict[str, Any] = {}
+        for n in names:
+            metrics = {}
+            for m in METRICS:
+                vals = np.array(per[(n, c)][m])
+                mean, lo, hi = bootstrap_mean(vals, confidence, rng)
+                metrics[m] = {"mean": mean, "lo": lo, "hi": hi, "per_seed": vals.tolist()}
+            pol[labels[n]] = {"source": n, "metrics": metrics}
+        ratios: dict[str, Any] = {}
+        for n in names:
+            ratios[labels[n]] = {}
+            for b in baselines:
+                if b == n:
+                    continue
+                ratios[labels[n]][labels[b]] = {
+                    m: dict(zip(("mean", "lo", "hi"), bootstrap_ratio(np.array(per[(n, c)][m]), np.array(per[(b, c)][m]),
+                                                                       confidence, rng)))
+                    for m in RATIO_METRICS}
+        result_cells.append({"cell": {**asdict(c), "label": c.label}, "policies": pol, "ratios": ratios})
+    results = {"policy": labels[policy], "baselines": [labels[b] for b in baselines], "seeds": list(seeds),
+               "confidence": confidence, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "cells": result_cells}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "table.md").write_text(markdown_table(results))
+        plot(results, out)
+    return results
+
+
+def _fmt(m: dict[str, float], digits: int = 4) -> str:
+    return f"{m['mean']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    conf = int(results["confidence"] * 100)
+    main = results["policy"]
+    lines = [f"Means over {len(results['seeds'])} seeds with {conf}% bootstrap intervals; ratios are "
+             f"{main}'s mean over the baseline's (paired bootstrap).", "",
+             "| cell | policy | SLO-goodput (q/s) | SLO attainment | p95 latency (s) | goodput ratio | attainment ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for cell in results["cells"]:
+        for label, p in cell["policies"].items():
+            m = p["metrics"]
+            if label == main:
+                g = a = "(policy)"
+            else:
+                r = cell["ratios"][main].get(label, {})
+                g = _fmt(r["goodput_qps"], 2) if r else "-"
+                a = _fmt(r["slo_attainment"], 2) if r else "-"
+            lines.append(f"| {cell['cell']['label']} | {label} | {_fmt(m['goodput_qps'])} | {_fmt(m['slo_attainment'], 3)} | "
+                         f"{_fmt(m['latency_p95_s'], 0)} | {g} | {a} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    main = results["policy"]
+    table = Table(title=f"{main} vs baselines ({int(results['confidence'] * 100)}% bootstrap CI over "
+                        f"{len(results['seeds'])} seeds)")
+    for col in ("cell", "policy", "SLO-goodput q/s", "attainment", "p95 s", f"{main} / policy goodput",
+                f"{main} / policy attainment"):
+        table.add_column(col)
+    for cell in results["cells"]:
+        for label, p in cell["policies"].items():
+            m = p["metrics"]
+            r = cell["ratios"][main].get(label) if label != main else None
+            table.add_row(cell["cell"]["label"], label, _fmt(m["goodput_qps"]), _fmt(m["slo_attainment"], 3),
+                          _fmt(m["latency_p95_s"], 0), _fmt(r["goodput_qps"], 2) if r else "",
+                          _fmt(r["slo_attainment"], 2) if r else "")
+        table.add_section()
+    Console(width=200).print(table)
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    for metric, title in (("goodput_qps", "SLO-goodput (q/s)"), ("slo_attainment", "SLO attainment")):
+        fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.2), squeeze=False)
+        for ax, cell in zip(axes[0], cells):
+            labels = list(cell["policies"])
+            ms = [cell["policies"][lbl]["metrics"][metric] for lbl in labels]
+            means = [m["mean"] for m in ms]
+            err = np.array([[m["mean"] - m["lo"] for m in ms], [m["hi"] - m["mean"] for m in ms]])
+            colors = ["tab:red" if lbl == results["policy"] else "tab:gray" for lbl in labels]
+            ax.bar(range(len(labels)), means, yerr=np.nan_to_num(err), color=colors, capsize=3)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+            ax.set_title(cell["cell"]["label"], fontsize=8)
+        axes[0][0].set_ylabel(title)
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png", dpi=110)
+        plt.close(fig)
