@@ -144,20 +144,6 @@ def test_horizon_truncates():
     assert "metrics" in info
 
 
-def test_return_counts_slo_met_workflows():
-    """With no tardiness weight and no rejections, the undiscounted return is the number of
-    workflows that met their SLO."""
-    env = _make(scenario={"queries": 20, "rate_qps": 0.05}, tardiness_weight=0.0)
-    obs, info = env.reset(seed=3)
-    total, done = 0.0, False
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
-        total += reward
-        done = terminated or truncated
-    met = info["metrics"]["slo_attainment"] * info["metrics"]["n_workflows"]
-    assert total == pytest.approx(met - info["metrics"]["n_failed"] * 0)  # no rejections on the paper cluster
-
-
 def test_scenario_run_spec_is_deterministic_and_randomized():
     scenario = Scenario.model_validate(RANDOMIZED)
     a, b = scenario.run_spec(4), scenario.run_spec(4)
@@ -389,3 +375,57 @@ def test_observation_builder_works_from_the_view_inside_simulate():
     simulate(env.unwrapped.scenario.run_spec(5), recording)
     assert len(recording.seen) == len(from_env)
     assert all(np.array_equal(a, b) for a, b in zip(recording.seen, from_env))
+
+
+# ---- reward -----------------------------------------------------------------------------------------
+
+TIGHT_CLUSTER = {"name": "tight", "engines": [
+    {"gpu": "A100-80G", "model": "Llama-3.1-70B", "weight_bits": 4},
+    # KV cache for only ~12k tokens: the longest CHESS calls cannot run here
+    {"gpu": "A6000", "model": "Llama-3.1-70B", "weight_bits": 4, "gpu_memory_utilization": 0.86}]}
+
+
+def _episode(env, seed: int, choose) -> tuple[float, dict, object]:
+    obs, info = env.reset(options={"episode_seed": seed})
+    total, done = 0.0, False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(choose(env, info))
+        total += reward
+        done = terminated or truncated
+    return total, info, env.unwrapped.simulator
+
+
+@pytest.mark.parametrize("scenario", [{"queries": 25, "rate_qps": 0.2, "slo_scale": 1.5},
+                                      {"queries": 25, "rate_qps": 0.2, "slo_scale": 1.5, "horizon_s": 400.0},
+                                      {"queries": 15, "cluster": TIGHT_CLUSTER}],
+                         ids=["overload", "truncated", "rejections"])
+def test_return_is_met_minus_tardiness_minus_rejections(scenario):
+    """The incremental reward adds up to its definition, computed directly from the workflows."""
+    env = _make(scenario=scenario)
+    env.action_space.seed(0)
+    total, info, sim = _episode(env, 2, lambda env, info: env.action_space.sample())
+    end = sim.now_s
+    tardiness = sum(max(0.0, min(end, w.finish_time_s if w.done else end) - w.deadline_s) / w.slo_s
+                    for w in sim.workflows)
+    expected = sim.met_workflows - tardiness - sim.failed_calls
+    assert total == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert tardiness > 0
+    if "cluster" in scenario:
+        assert sim.failed_calls > 0
+
+
+def test_mask_infeasible_keeps_long_calls_off_small_engines():
+    env = _make(scenario={"queries": 15, "cluster": TIGHT_CLUSTER}, mask_infeasible=True)
+    env.action_space.seed(0)
+    seen_masked = False
+
+    def choose(env, info):
+        nonlocal seen_masked
+        call = env.unwrapped.pending_call
+        if call.input_tokens + call.output_tokens > 12144:
+            assert info["action_mask"].tolist() == [1, 0]
+            seen_masked = True
+        return env.action_space.sample()
+
+    total, info, sim = _episode(env, 2, choose)
+    assert seen_masked and sim.failed_calls == 0 and info["metrics"]["n_failed"] == 0
