@@ -4,7 +4,8 @@ Layout (see `DispatchObservation.layout`), in this order:
 - global   (GLOBAL_FEATURES): recent arrival rate, SLO attainment so far;
 - call     (CALL_FEATURES + one-hot over STEP_NAMES + "other"): tokens, slack to the call's and the
   workflow's deadline, fan-out siblings, tenant priority;
-- workflow (WORKFLOW_FEATURES): expected remaining work, share of the SLO budget used, calls done;
+- workflow (WORKFLOW_FEATURES): expected remaining work, share of the SLO budget used (log1p: 0.69
+  at the deadline), calls done;
 - engines  (max_engines rows x ENGINE_FEATURES, row-major): per engine, for *this* call: health,
   whether the call fits its KV cache, relative speed and latency for the call's step, outstanding
   work, expected finish time of the call there, margin to the call's deadline, running batch,
@@ -183,9 +184,10 @@ class DispatchObservation:
                     prio if -clip < prio < clip else (clip if prio > 0 else -clip))
             out += self._one_hot[self._step_slot.get(call.step, STEP_SLOTS - 1)]
             rem = log1p(wf.expected_remaining_s * inv_t)
-            used = (now - wf.arrival_time_s) / wf.slo_s
+            elapsed = now - wf.arrival_time_s
+            used = log1p(elapsed / wf.slo_s) if elapsed > 0.0 else 0.0  # 0.69 at the deadline
             done = wf.calls_done
-            out += (rem if rem < clip else clip, (used if used < clip else clip) if used > 0.0 else 0.0,
+            out += (rem if rem < clip else clip, used if used < clip else clip,
                     count_feat[done] if done < n_table else clip)
             tokens = call.input_tokens + call.output_tokens
             rows = self._per_step.get(call.step) or self._engine_static(call.step)
