@@ -286,7 +286,7 @@ def test_scenario_yaml_round_trip_and_errors(tmp_path):
     from envs.sim.config import load_cluster
 
     largest = max(len(load_cluster(c).expanded()) for c in ("paper", "mixed-16"))
-    assert scenario.padded_engines() == largest
+    assert scenario.max_engines() == largest
     spec = scenario.run_spec(0)
     assert spec.generated and spec.arrivals.kind == "piecewise"
     env = _make(scenario=str(path))
@@ -304,7 +304,7 @@ def test_scenario_yaml_round_trip_and_errors(tmp_path):
 @pytest.mark.parametrize("name", ["default", "train-randomized", "test-heldout"])
 def test_shipped_scenarios_run(name):
     env = _make(scenario=name)
-    assert env.action_space.n == Scenario.coerce(name).padded_engines()
+    assert env.action_space.n == Scenario.coerce(name).max_engines()
     obs, info = env.reset(seed=0)
     for _ in range(200):
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
@@ -429,3 +429,41 @@ def test_mask_infeasible_keeps_long_calls_off_small_engines():
 
     total, info, sim = _episode(env, 2, choose)
     assert seen_masked and sim.failed_calls == 0 and info["metrics"]["n_failed"] == 0
+
+
+def test_knob_policy_runs_inside_simulate():
+    """`knobs_observation` / `apply_knobs` let a knob policy act through `Policy.on_interval` in
+    `simulate`, seeing observations of Knobs-v0's space."""
+    from envs.gym.knobs_env import apply_knobs, knobs_observation
+    from policies import load_policy
+    from policies.base import Policy
+
+    class HalfKnobs(Policy):
+        name = "half-knobs"
+        interval_s = 30.0
+
+        def __init__(self):
+            self.inner = load_policy("hexgen")
+            self.state = None
+            self.seen = []
+
+        def reset(self):
+            self.inner.reset()
+            self.state = None
+
+        def dispatch(self, call, cluster):
+            return self.inner.dispatch(call, cluster)
+
+        def queue_key(self, call, engine):
+            return self.inner.queue_key(call, engine)
+
+        def on_interval(self, cluster):
+            obs, self.state = knobs_observation(cluster, self.state)
+            self.seen.append(obs)
+            apply_knobs(self.inner, np.array([0.0, 0.5]), state=self.state)
+
+    env = gym.make("agentsched/Knobs-v0", scenario={"queries": 10})
+    policy = HalfKnobs()
+    simulate(env.unwrapped.scenario.run_spec(1), policy)
+    assert len(policy.seen) > 3 and all(env.observation_space.contains(o) for o in policy.seen)
+    assert policy.inner.dispatcher.alpha == 0.5 and policy.inner.local.weight == 0.75

@@ -138,7 +138,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self.render_mode = render_mode
         self.scenario = Scenario.coerce(scenario)
         needed = self.scenario.largest_cluster()
-        self.max_engines = int(max_engines) if max_engines is not None else self.scenario.padded_engines()
+        self.max_engines = int(max_engines) if max_engines is not None else self.scenario.max_engines()
         if self.max_engines < needed:
             raise ValueError(f"max_engines={self.max_engines} is smaller than the scenario's largest cluster ({needed} engines)")
         self._queue_key, self.local_order_name = resolve_local_order(local_order, local_knobs)

@@ -9,8 +9,9 @@ paper's knobs as load shifts is what this env learns; a constant action is the t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -53,6 +54,9 @@ class Knob(BaseModel):
 
 DEFAULT_KNOBS = (Knob(name="alpha", layer="dispatch", low=0.0, high=1.0),
                  Knob(name="weight", layer="local", low=0.0, high=1.0))
+
+# Bumped whenever features, their order, units or scaling change (trained policies record it).
+OBS_VERSION = 1
 
 GLOBAL_FEATURES: tuple[str, ...] = (
     "arrival_rate_window", "arrival_rate_interval", "burstiness_cv", "attainment_so_far", "interval_finished", "interval_attainment", "in_flight", "in_flight_late_share",
@@ -147,6 +151,73 @@ class KnobsObservation:
         return np.clip(obs, -clip, clip).astype(np.float32)
 
 
+def knob_values(knobs: Sequence[Knob], action: Any) -> dict[str, float]:
+    """Knob values of an action in [-1, 1]^len(knobs): dimension i maps linearly to knobs[i]'s range."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    return {k.name: k.low + (float(x) + 1.0) * 0.5 * (k.high - k.low) for k, x in zip(knobs, a)}
+
+
+def knob_action(knobs: Sequence[Knob], values: dict[str, float]) -> np.ndarray:
+    """The action in [-1, 1]^len(knobs) that sets these values (all knobs must be given)."""
+    return np.clip(np.array([2.0 * (values[k.name] - k.low) / (k.high - k.low) - 1.0 for k in knobs],
+                            dtype=np.float32), -1.0, 1.0)
+
+
+def _coerce_knobs(knobs: Sequence[Knob | dict] | None) -> list[Knob]:
+    return [k if isinstance(k, Knob) else Knob.model_validate(k) for k in (knobs or DEFAULT_KNOBS)]
+
+
+@dataclass
+class KnobsState:
+    """What a knob policy outside the env carries between intervals (see `knobs_observation`)."""
+
+    observer: KnobsObservation
+    knobs: list[Knob]
+    action: np.ndarray  # the knobs in force, as an action in [-1, 1]
+
+
+def knobs_observation(cluster: Any, state: KnobsState | None = None, *, knobs: Sequence[Knob | dict] | None = None,
+                      policy: str = "hexgen", **_env_kwargs: Any) -> tuple[np.ndarray, KnobsState]:
+    """Knobs-v0's observation from a simulator-like cluster, for a trained knob policy's
+    `on_interval(cluster)` inside `simulate`: `obs, state = knobs_observation(cluster, state, **env_kwargs)`
+    then `apply_knobs(heuristic, action, state=state)`. The first call (state None) starts the
+    first interval now, with `policy`'s default knobs in force. Other env keyword arguments
+    (scenario, control_interval_s, ...) are accepted and ignored."""
+    if state is None:
+        from policies.heuristic import HeuristicPolicy
+
+        ks = _coerce_knobs(knobs)
+        base = HeuristicPolicy.named(policy)
+        defaults = {**base.dispatcher.get_knobs(), **base.local.get_knobs()}
+        state = KnobsState(KnobsObservation(len(ks)), ks, knob_action(ks, {k.name: float(defaults[k.name]) for k in ks}))
+        state.observer.reset(cluster)
+    obs = state.observer.build(cluster, state.action)
+    state.observer.start_interval(cluster)
+    return obs, state
+
+
+def apply_knobs(heuristic: Any, action: Any, knobs: Sequence[Knob | dict] | None = None,
+                state: KnobsState | None = None) -> dict[str, float]:
+    """Set a `HeuristicPolicy`'s knobs from an action (clipped to [-1, 1]: outside the env a policy
+    should degrade, not fail); returns the values set. With `state`, its knobs are used and the
+    action is remembered for the next observation."""
+    ks = state.knobs if state is not None else _coerce_knobs(knobs)
+    a = np.clip(np.nan_to_num(np.asarray(action, dtype=np.float64).reshape(-1), nan=0.0), -1.0, 1.0)
+    if a.shape != (len(ks),):
+        raise InvalidActionError(f"action must have {len(ks)} values (one per knob), got shape {np.shape(action)}")
+    values = knob_values(ks, a)
+    for k in ks:
+        target = heuristic.dispatcher if k.layer == "dispatch" else heuristic.local
+        if k.name not in target.get_knobs():
+            from policies.base import PolicyError
+
+            raise PolicyError(f"knobs: {type(target).__name__} has no knob {k.name!r}")
+        setattr(target, k.name, values[k.name])
+    if state is not None:
+        state.action = a.astype(np.float32)
+    return values
+
+
 class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     """Set the hierarchical heuristic's knobs for the next control interval.
 
@@ -187,12 +258,10 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"control_interval_s must be a positive number, got {control_interval_s}")
         self.policy_name = policy
         self._named = registry.NAMED[policy]
-        self.knobs = [k if isinstance(k, Knob) else Knob.model_validate(k) for k in (knobs or DEFAULT_KNOBS)]
+        self.knobs = _coerce_knobs(knobs)
         if not self.knobs:
             raise ValueError("knobs: give at least one knob")
         self.control_interval_s = float(control_interval_s)
-        self._knob_low = np.array([k.low for k in self.knobs])
-        self._knob_span = np.array([k.high - k.low for k in self.knobs])
         self._observer = KnobsObservation(len(self.knobs))
         self.gpu_types = self._observer.gpu_types
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._observer.size,), np.float32)
@@ -207,17 +276,11 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     # ---- knobs <-> actions ------------------------------------------------------------------------
     def knobs_for(self, action: np.ndarray) -> dict[str, float]:
         """Knob values an (in-range) action sets."""
-        values = self._knob_low + (np.asarray(action, dtype=np.float64) + 1.0) * 0.5 * self._knob_span
-        return {k.name: float(v) for k, v in zip(self.knobs, values)}
+        return knob_values(self.knobs, action)
 
     def action_for_knobs(self, values: dict[str, float]) -> np.ndarray:
         """The action that sets these knob values (others: the policy's defaults)."""
-        defaults = self._default_knobs()
-        out = []
-        for k in self.knobs:
-            v = float(values.get(k.name, defaults[k.name]))
-            out.append(2.0 * (v - k.low) / (k.high - k.low) - 1.0)
-        return np.clip(np.array(out, dtype=np.float32), -1.0, 1.0)
+        return knob_action(self.knobs, {**self._default_knobs(), **values})
 
     def _default_knobs(self) -> dict[str, float]:
         from policies.heuristic import HeuristicPolicy

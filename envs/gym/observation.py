@@ -35,6 +35,8 @@ import numpy as np
 
 from envs.sim.view import CallView, ClusterView
 
+# Bumped whenever features, their order, units or scaling change (trained policies record it).
+OBS_VERSION = 1
 # Every observation value lies in [-OBS_CLIP, OBS_CLIP] (the Box bounds). log1p(t/10 s) reaches 10
 # only for t > 2.2e5 s, asinh at |t| > 1.1e5 s: far beyond any meaningful state, so clipping never
 # hides a difference a policy could use.
@@ -150,12 +152,15 @@ class DispatchObservation:
         mask[:len(cluster.engines)] = [e.healthy for e in cluster.engines]
         return mask
 
-    def build(self, call: CallView | None, cluster: ClusterView) -> np.ndarray:
-        """The observation for `call` (None at episode end: call and workflow parts are zero).
+    def build(self, call: CallView | None, cluster: ClusterView | None = None) -> np.ndarray:
+        """The observation for `call` in `cluster` (default: the bound one); `call` None at episode
+        end: call and workflow parts are zero.
 
         Hot path: inline conditionals instead of min()/max() calls and a table for log1p of counts;
         the engine loop reads each attribute once."""
-        if cluster is not self._cluster or len(cluster.engines) != self._n:
+        if cluster is None:
+            cluster = self._cluster
+        elif cluster is not self._cluster or len(cluster.engines) != self._n:
             self.bind(cluster)
         now = cluster.now_s
         inv_t = INV_TIME_SCALE

@@ -144,7 +144,7 @@ class Scenario(BaseModel):
     horizon_s: PositiveFloat | None = None  # truncate at this simulated time; None: run to completion
     # Dispatch-v0 pads to this many engines (None: the largest cluster the scenario can draw). Give
     # train and test scenarios the same value so one policy fits both.
-    max_engines: PositiveInt | None = None
+    pad_to_engines: PositiveInt | None = None
     # -- seeds: episode seeds are seed_base + k, k uniform in [0, seed_count) (unbounded if None)
     seed_base: int = Field(0, ge=0)
     seed_count: PositiveInt | None = None
@@ -155,9 +155,9 @@ class Scenario(BaseModel):
     def _check(self) -> "Scenario":
         if self.seed_count is not None and self.seed_base + self.seed_count > MAX_EPISODE_SEED:
             raise ValueError(f"seed_base + seed_count must stay below {MAX_EPISODE_SEED}")
-        if self.max_engines is not None and self.max_engines < self.largest_cluster():
-            raise ValueError(f"max_engines: {self.max_engines} is smaller than the largest cluster this scenario "
-                             f"can draw ({self.largest_cluster()} engines)")
+        if self.pad_to_engines is not None and self.pad_to_engines < self.largest_cluster():
+            raise ValueError(f"pad_to_engines: {self.pad_to_engines} is smaller than the largest cluster this "
+                             f"scenario can draw ({self.largest_cluster()} engines)")
         return self
 
     # ---- loading ------------------------------------------------------------------------------
@@ -214,9 +214,10 @@ class Scenario(BaseModel):
             return [resolve_cluster(c) for c in r.clusters]
         return [resolve_cluster(self.cluster)]
 
-    def padded_engines(self) -> int:
-        """How many engines Dispatch-v0 pads to: `max_engines`, or the largest possible cluster."""
-        return self.max_engines or self.largest_cluster()
+    def max_engines(self) -> int:
+        """How many engines Dispatch-v0 pads to by default: `pad_to_engines`, or the largest cluster
+        the scenario can draw."""
+        return self.pad_to_engines or self.largest_cluster()
 
     def largest_cluster(self) -> int:
         """The largest cluster any episode can have."""
