@@ -1,24 +1,38 @@
 """Profile a live vLLM engine and write the simulator's performance profile (envs/sim/perf.py).
 
-Measurements (random prompt token ids, so prefix caching cannot help):
-- prefill: non-streamed calls with `max_tokens=1` at several prompt sizes, one at a time; the
-  latency is request overhead + one prefill iteration;
-- decode: B concurrent streamed calls with a prompt of L tokens and T output tokens; the gaps
-  between consecutive tokens of a stream, while all B are decoding, are iteration times at batch
-  B and context about B x (L + T/2).
+Measurements (random prompt token ids, so prefix caching cannot help; non-streamed calls, as the
+gateway and `replay` send them):
+- prefill: calls with `max_tokens=1` at several prompt sizes, one at a time; the latency is
+  request overhead + one prefill iteration;
+- decode: B concurrent calls (B = 1 .. max_num_seqs) with a prompt of L tokens, once with a short
+  and once with a long output; the difference of the median latencies over the extra tokens is
+  one decode iteration at batch B and context about B x (L + T) (prefill, request overhead and
+  the staggered arrival of the B calls cancel out).
+- discovered from /metrics: KV capacity and KV block size (vLLM CPU pages in 128-token blocks).
+  The token budget per iteration is vLLM CPU's API-server default, 2048, unless given.
 
-Fits (non-negative least squares), in the simulator's `ProfileCoefficients` terms:
+Fits (non-negative least squares on relative errors), in `ProfileCoefficients` terms:
     decode iteration  = base_s + decode_seq_s * B + context_token_s * C
     prefill latency   = overhead + base_s + (prefill_token_s + context_token_s) * n + attn_pair_s * n(n+1)/2
-The per-call overhead (HTTP, tokenisation, detokenisation; outside the model's iterations) goes
-to `fit.request_overhead_s`; the simulator should add it once per call.
+The per-call overhead (HTTP, tokenisation, detokenisation; outside the model's iterations) is the
+profile's `request_overhead_s`, which the simulator adds once per call.
+
+Under load (`measure_under_load` + `fit_under_load`): isolated calls on an otherwise idle engine
+underestimate what calls see when both engines, the gateway and the client share the cores. A
+generic synthetic call stream (Poisson arrivals, log-uniform prompt/output sizes; not a trace's
+workflows) is sent through the gateway; the simulator replays the very same calls on the engines
+that served them, and per engine an iteration-cost scale and a per-call overhead are chosen so
+that simulated latencies match the measured ones (least mean |log(sim/real)|).
+`measure_path_overhead` measures the overhead of the client -> gateway -> engine path alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,18 +46,24 @@ from envs.sim.errors import UserError
 from envs.sim.perf import PerfProfile, ProfileCoefficients
 
 TOKEN_ID_RANGE = (10, 1000)  # ids every tiny model's vocabulary has; real models have far more
+# vLLM's default token budget per iteration for the OpenAI server on CPU (2048 x world size; GPUs
+# default to 8192); not exposed on /metrics, so pass the engine's --max-num-batched-tokens if set
+VLLM_CPU_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 @dataclass
 class CalibrationPlan:
-    """What to measure; defaults take about 30 s on a tiny CPU engine."""
+    """What to measure; defaults take about a minute on a tiny CPU engine."""
 
-    prefill_tokens: tuple[int, ...] = (16, 64, 128, 256, 512, 1024, 1536)
-    prefill_repeats: int = 3
-    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32)
-    decode_contexts: tuple[int, ...] = (32, 512)
-    decode_tokens: int = 24
-    warmup_calls: int = 4
+    prefill_tokens: tuple[int, ...] = (16, 64, 128, 256, 512, 768, 1024)
+    prefill_repeats: int = 5
+    # batch sizes up to the engine's max_num_seqs (larger ones are skipped)
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32)
+    decode_contexts: tuple[int, ...] = (32, 384)
+    decode_short: int = 4  # output tokens of the short and long run of a decode probe
+    decode_long: int = 28
+    decode_repeats: int = 3
+    warmup_calls: int = 8
     seed: int = 0
 
 
@@ -51,6 +71,14 @@ class CalibrationPlan:
 class Samples:
     prefill: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tokens, seconds)
+    loadavg: list[float] = field(default_factory=list)  # 1-minute load average while measuring
+
+
+def loadavg_1m() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 class EngineProber:
@@ -74,6 +102,9 @@ class EngineProber:
         parsed = parse_vllm_metrics(metrics.body.decode())
         if "kv_cache_size_tokens" in parsed:
             info["kv_cache_tokens"] = int(parsed["kv_cache_size_tokens"])
+        block = re.search(r'vllm:cache_config_info\{[^}]*\bblock_size="(\d+)"', metrics.body.decode())
+        if block:  # vLLM CPU pages the KV cache in 128-token blocks, GPUs in 16
+            info["block_size"] = int(block.group(1))
         return info
 
     def _prompt(self, n: int) -> list[int]:
@@ -113,46 +144,63 @@ class EngineProber:
         self.pool.close()
 
 
+async def _batch_latencies(prober: EngineProber, batch: int, n_in: int, n_out: int) -> list[float]:
+    return list(await asyncio.gather(*(prober.solo_latency_s(n_in, n_out) for _ in range(batch))))
+
+
 async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: int, max_len: int) -> Samples:
+    """Non-streamed calls only, as the gateway and `replay` send them (streaming adds per-token
+    API-server work that replayed calls do not pay)."""
     samples = Samples()
-    await asyncio.gather(*(prober.solo_latency_s(64, 8) for _ in range(plan.warmup_calls)))
+    for _ in range(2):
+        await asyncio.gather(*(prober.solo_latency_s(64, 8) for _ in range(plan.warmup_calls)))
+    samples.loadavg.append(loadavg_1m())
+    # prefill: one call at a time, max_tokens=1 -> request overhead + one prefill iteration
     for n in plan.prefill_tokens:
         if n + 2 > max_len:
             continue
         times = [await prober.solo_latency_s(n, 1) for _ in range(plan.prefill_repeats)]
         samples.prefill.append((n, statistics.median(times)))
+    samples.loadavg.append(loadavg_1m())
+    # decode: B concurrent calls with a short and a long output; the difference of the median
+    # latencies over the extra tokens is one decode iteration at batch B (the prompts' prefill,
+    # the request overhead and the staggered arrival of the B calls cancel out)
+    extra = plan.decode_long - plan.decode_short
     for ctx in plan.decode_contexts:
         for batch in plan.decode_batches:
-            if batch > max_num_seqs or ctx + plan.decode_tokens > max_len:
+            if batch > max_num_seqs or ctx + plan.decode_long > max_len:
                 continue
-            streams = await asyncio.gather(*(prober.stream_token_times(ctx, plan.decode_tokens) for _ in range(batch)))
-            # all B decode together after the last stream's first token and before the first stream ends
-            start = max(s[0] for s in streams if s)
-            end = min(s[-1] for s in streams if s)
-            # per stream: span / tokens inside the window (robust to events read together)
-            rates = []
-            for s in streams:
-                inside = [t for t in s if start <= t <= end]
-                if len(inside) >= 4:
-                    rates.append((inside[-1] - inside[0]) / (len(inside) - 1))
-            if not rates:
+            diffs = []
+            for _ in range(plan.decode_repeats):
+                short = statistics.median(await _batch_latencies(prober, batch, ctx, plan.decode_short))
+                long = statistics.median(await _batch_latencies(prober, batch, ctx, plan.decode_long))
+                diffs.append((long - short) / extra)
+            iteration = statistics.median(diffs)
+            if iteration <= 0:
                 continue
-            context = batch * (ctx + plan.decode_tokens / 2)
-            samples.decode.append((batch, int(context), statistics.median(rates)))
+            context = batch * (ctx + plan.decode_short + extra / 2)
+            samples.decode.append((batch, int(context), iteration))
+    samples.loadavg.append(loadavg_1m())
     return samples
 
 
-def fit_profile(samples: Samples, info: dict, max_num_seqs: int) -> PerfProfile:
+def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
+                max_num_batched_tokens: int | None = None) -> PerfProfile:
     if len(samples.decode) < 3 or len(samples.prefill) < 3:
         raise UserError("too few calibration samples (engine too small a max_model_len/max_num_seqs?)")
     d = np.array(samples.decode, dtype=float)
+    # relative least squares: every sample weighs the same whatever its size
     a = np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1]])
-    (base_s, seq_s, ctx_s), _ = nnls(a, d[:, 2])
+    w = 1.0 / d[:, 2]
+    (base_s, seq_s, ctx_s), _ = nnls(a * w[:, None], d[:, 2] * w)
     p = np.array(samples.prefill, dtype=float)
     n = p[:, 0]
     y = p[:, 1] - ctx_s * n
     b = np.column_stack([np.ones(len(p)), n, n * (n + 1) / 2])
-    (c0, tok_s, pair_s), _ = nnls(b, y)
+    wp = 1.0 / p[:, 1]
+    (c0, tok_s, pair_s), _ = nnls(b * wp[:, None], y * wp)
+    # the prefill iteration's fixed part is the decode fit's base_s; the rest of the intercept is
+    # per-call work outside the model's iterations (HTTP, tokenise, detokenise, scheduling)
     overhead = max(0.0, c0 - base_s)
     coeffs = ProfileCoefficients(base_s=float(base_s), prefill_token_s=float(tok_s), decode_seq_s=float(seq_s),
                                  context_token_s=float(ctx_s), attn_pair_s=float(pair_s))
@@ -165,17 +213,23 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int) -> PerfProfile:
         "n_decode_samples": float(len(d)),
         "n_prefill_samples": float(len(p)),
     }
+    if samples.loadavg:
+        fit["loadavg_1m_median"] = float(np.nanmedian(samples.loadavg))
     return PerfProfile(
         engine=f"{info.get('model')} @ {info.get('url')}",
         iteration=coeffs,
+        request_overhead_s=float(overhead),
         kv_capacity_tokens=info.get("kv_cache_tokens"),
+        block_size_tokens=info.get("block_size"),
         max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         fit=fit,
     )
 
 
 def calibrate(url: str, out: str | Path, model: str | None = None, max_num_seqs: int = 32,
-              plan: CalibrationPlan | None = None) -> tuple[PerfProfile, Samples]:
+              plan: CalibrationPlan | None = None,
+              max_num_batched_tokens: int | None = VLLM_CPU_MAX_NUM_BATCHED_TOKENS) -> tuple[PerfProfile, Samples]:
     plan = plan or CalibrationPlan()
 
     async def run() -> tuple[PerfProfile, Samples]:
@@ -188,10 +242,197 @@ def calibrate(url: str, out: str | Path, model: str | None = None, max_num_seqs:
             raise UserError(f"cannot reach engine {url}: {exc} (check --engine)") from None
         finally:
             prober.close()
-        return fit_profile(samples, info, max_num_seqs), samples
+        return fit_profile(samples, info, max_num_seqs, max_num_batched_tokens), samples
 
     profile, samples = asyncio.run(run())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     return profile, samples
+
+
+def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int = 40, n_in: int = 16,
+                          model: str | None = None, seed: int = 1) -> dict[str, float]:
+    """Per-call overhead of the whole request path as `replay` uses it (client -> gateway -> engine
+    -> gateway -> client), per engine: the median latency of solo `max_tokens=1` calls sent
+    through `url` (a gateway; the engine is read from its X-Agentsched-Engine header) minus the
+    profile's prefill iteration. Engines the gateway never picked are left out."""
+    from envs.sim.perf import ProfileModel, solo_call_latency_s
+
+    async def run() -> dict[str, list[float]]:
+        prober = EngineProber(url.rstrip("/"), model or "tiny", random.Random(seed))
+        out: dict[str, list[float]] = {}
+        try:
+            for _ in range(4):  # warm the connections
+                await prober.pool.fetch("POST", "/v1/completions", prober._body(n_in, 1, False), timeout_s=120)
+            for _ in range(calls):
+                body = prober._body(n_in, 1, False)
+                t0 = time.perf_counter()
+                resp = await prober.pool.fetch("POST", "/v1/completions", body, timeout_s=120)
+                elapsed = time.perf_counter() - t0
+                if resp.status != 200:
+                    raise UserError(f"{url}: completion failed with {resp.status}: {resp.body[:200]!r}")
+                out.setdefault(resp.headers.get("x-agentsched-engine", ""), []).append(elapsed)
+        except UpstreamError as exc:
+            raise UserError(f"cannot reach {url}: {exc}") from None
+        finally:
+            prober.close()
+        return out
+
+    latencies = asyncio.run(run())
+    overheads = {}
+    for name, lat in latencies.items():
+        if name in profiles:
+            p = profiles[name]
+            model_s = solo_call_latency_s(ProfileModel(p), n_in, 1, p.max_num_batched_tokens or 8192)
+            overheads[name] = max(0.0, statistics.median(lat) - model_s)
+    return overheads
+
+
+@dataclass
+class LoadPlan:
+    """A synthetic call stream for `calibrate_under_load` (generic, not any trace's workflows):
+    Poisson arrivals, prompt and output lengths log-uniform."""
+
+    rate_calls_s: float = 8.0
+    duration_s: float = 20.0
+    prompt_tokens: tuple[int, int] = (10, 700)
+    output_tokens: tuple[int, int] = (1, 40)
+    seed: int = 7
+
+
+@dataclass
+class LoadSample:
+    sent_s: float
+    engine: str
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+
+
+def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tiny") -> list[LoadSample]:
+    """Send `plan`'s call stream through `url` (a gateway, as `replay` does; non-streamed) and
+    record every call's latency and the engine that served it."""
+    plan = plan or LoadPlan()
+    rng = random.Random(plan.seed)
+    calls, t = [], 0.0
+    while True:
+        t += rng.expovariate(plan.rate_calls_s)
+        if t > plan.duration_s:
+            break
+        lo, hi = plan.prompt_tokens
+        n_in = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+        lo, hi = plan.output_tokens
+        n_out = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+        calls.append((t, n_in, n_out))
+
+    async def run() -> list[LoadSample]:
+        prober = EngineProber(url.rstrip("/"), model, rng)
+        out: list[LoadSample] = []
+        t0 = time.perf_counter()
+
+        async def one(at: float, n_in: int, n_out: int) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            body = prober._body(n_in, n_out, False)
+            sent = time.perf_counter()
+            resp = await prober.pool.fetch("POST", "/v1/completions", body, timeout_s=300)
+            if resp.status != 200:
+                raise UserError(f"{url}: completion failed with {resp.status}: {resp.body[:200]!r}")
+            out.append(LoadSample(sent - t0, resp.headers.get("x-agentsched-engine", ""), n_in, n_out,
+                                  time.perf_counter() - sent))
+
+        try:
+            await asyncio.gather(*(one(*c) for c in calls))
+        except UpstreamError as exc:
+            raise UserError(f"cannot reach {url}: {exc}") from None
+        finally:
+            prober.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile], scale: dict[str, float],
+                     overhead: dict[str, float]) -> np.ndarray:
+    """Simulated latency of every sample: each call a one-call workflow arriving when it was sent,
+    on the engine that served it, with the profiles' iteration costs x `scale` and `overhead`."""
+    from envs.sim.cluster import ClusterSimulator
+    from envs.sim.config import ClusterConfig
+    from envs.sim.workload import CallSpec, WorkflowSpec
+
+    names = sorted(profiles)
+    tmp: list[PerfProfile] = []
+    for name in names:
+        p = profiles[name].model_copy(deep=True)
+        c = p.iteration
+        k = scale.get(name, 1.0)
+        p.iteration = ProfileCoefficients(base_s=c.base_s * k, prefill_token_s=c.prefill_token_s * k,
+                                          decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
+                                          attn_pair_s=c.attn_pair_s * k)
+        p.request_overhead_s = overhead.get(name, p.request_overhead_s)
+        tmp.append(p)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for name, p in zip(names, tmp):
+            path = Path(d) / f"{name}.yaml"
+            p.save(path)
+            paths.append(path)
+        cluster = ClusterConfig.model_validate({"name": "load-calibration", "engines": [
+            {"name": name, "gpu": "L4", "model": "Llama-3.1-8B", "profile": str(path)} for name, path in zip(names, paths)]})
+        order = sorted(range(len(samples)), key=lambda i: samples[i].sent_s)
+        specs = [WorkflowSpec(stages=((CallSpec("load", samples[i].input_tokens, samples[i].output_tokens),),))
+                 for i in order]
+        sim = ClusterSimulator(cluster, specs, [samples[i].sent_s for i in order], slo_scale=1.0,
+                               step_tokens={"load": (100.0, 10.0)})
+        engine_of = {name: i for i, name in enumerate(names)}
+        while True:
+            call = sim.next_decision()
+            if call is None:
+                break
+            sim.dispatch(call, engine_of.get(samples[order[call.workflow_id]].engine, 0))
+        out = np.empty(len(samples))
+        for wf in sim.workflows:
+            i = order[wf.workflow_id]
+            out[i] = wf.finish_time_s - wf.arrival_time_s
+    return out
+
+
+def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
+                   scales: tuple[float, ...] = tuple(np.round(np.arange(0.5, 5.01, 0.1), 2)),
+                   overheads_ms: tuple[float, ...] = tuple(range(0, 301, 3))) -> dict[str, dict[str, float]]:
+    """Per engine, the iteration-cost scale and per-call overhead under which the simulator best
+    reproduces the calls measured under load (least mean |log(sim / real)|). The engines are
+    independent given each call's engine, so one grid of simulations fits all of them."""
+    real = np.array([s.latency_s for s in samples])
+    names = sorted(profiles)
+    mask = {n: np.array([s.engine == n for s in samples]) for n in names}
+    best: dict[str, tuple[float, float, float]] = {}
+    for k in scales:
+        # overhead shifts every latency by a constant: simulate once without it, add it after
+        base = simulate_samples(samples, profiles, {n: k for n in names}, {n: 0.0 for n in names})
+        for n in names:
+            m = mask[n]
+            if not m.any():
+                continue
+            for o in overheads_ms:
+                err = float(np.mean(np.abs(np.log((base[m] + o / 1e3) / real[m]))))
+                if n not in best or err < best[n][2]:
+                    best[n] = (float(k), o / 1e3, err)
+    return {n: {"scale": b[0], "overhead_s": b[1], "mean_abs_log_err": b[2], "n_calls": float(mask[n].sum())}
+            for n, b in best.items()}
+
+
+def apply_load_fit(profile: PerfProfile, fit: dict[str, float]) -> PerfProfile:
+    """The profile with iteration costs x fit['scale'] and request overhead fit['overhead_s']."""
+    c = profile.iteration
+    k = fit["scale"]
+    p = profile.model_copy(deep=True)
+    p.iteration = ProfileCoefficients(base_s=c.base_s * k, prefill_token_s=c.prefill_token_s * k,
+                                      decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
+                                      attn_pair_s=c.attn_pair_s * k)
+    p.request_overhead_s = fit["overhead_s"]
+    p.fit.update({"load_scale": k, "load_overhead_s": fit["overhead_s"], "request_overhead_s": fit["overhead_s"],
+                  "load_mean_abs_log_err": fit["mean_abs_log_err"], "load_n_calls": fit["n_calls"]})
+    return p

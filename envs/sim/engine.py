@@ -96,7 +96,8 @@ class Engine:
         self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
         self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
                                        else config.max_num_batched_tokens)
-        self.block_size = config.block_size_tokens
+        self.block_size = (profile.block_size_tokens if profile and profile.block_size_tokens
+                           else config.block_size_tokens)
         if profile and profile.kv_capacity_tokens:
             kv_tokens = profile.kv_capacity_tokens
         else:

@@ -150,6 +150,7 @@ class PerfProfile(BaseModel):
     kv_capacity_tokens: PositiveInt | None = None  # overrides the memory-derived KV size
     max_num_seqs: PositiveInt | None = None
     max_num_batched_tokens: PositiveInt | None = None
+    block_size_tokens: PositiveInt | None = None  # KV page size (vLLM CPU uses 128, GPUs 16)
     fit: dict[str, float] = {}  # goodness of fit, for the record
 
     @classmethod

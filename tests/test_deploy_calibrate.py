@@ -1,0 +1,62 @@
+"""Calibration fits (no engines needed): the profile fit recovers known coefficients, writes the
+per-call overhead where the simulator reads it, and the under-load refit recovers a known
+iteration-cost scale and overhead from simulated measurements."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from deploy.calibrate import (LoadSample, Samples, apply_load_fit, fit_profile, fit_under_load,
+                              simulate_samples)
+from envs.sim.perf import PerfProfile, ProfileCoefficients
+
+
+def _samples(base=0.004, seq=2e-4, ctx=5e-7, tok=3e-5, overhead=0.012) -> Samples:
+    s = Samples()
+    for n in (16, 64, 128, 256, 512, 768, 1024):
+        s.prefill.append((n, overhead + base + (tok + ctx) * n))
+    for b in (1, 2, 4, 8, 16, 32):
+        for c in (32, 384):
+            context = b * (c + 16)
+            s.decode.append((b, context, base + seq * b + ctx * context))
+    return s
+
+
+def test_fit_recovers_coefficients_and_writes_overhead_for_the_simulator() -> None:
+    info = {"model": "tiny", "url": "http://x", "kv_cache_tokens": 131072, "block_size": 128}
+    p = fit_profile(_samples(), info, max_num_seqs=32, max_num_batched_tokens=2048)
+    c = p.iteration
+    assert c.base_s == pytest.approx(0.004, rel=1e-3)
+    assert c.decode_seq_s == pytest.approx(2e-4, rel=1e-3)
+    assert c.context_token_s == pytest.approx(5e-7, rel=1e-3)
+    assert c.prefill_token_s == pytest.approx(3e-5, rel=1e-2)
+    assert p.request_overhead_s == pytest.approx(0.012, rel=1e-2)  # first-class field, not only fit[...]
+    assert p.block_size_tokens == 128 and p.max_num_batched_tokens == 2048 and p.kv_capacity_tokens == 131072
+
+
+def _profiles() -> dict[str, PerfProfile]:
+    return {name: PerfProfile(engine=name, iteration=ProfileCoefficients(
+        base_s=b, prefill_token_s=3e-5, decode_seq_s=1e-4, context_token_s=2e-7), max_num_seqs=16,
+        max_num_batched_tokens=2048, block_size_tokens=128, kv_capacity_tokens=20000)
+        for name, b in (("fast", 0.004), ("slow", 0.008))}
+
+
+def test_load_fit_recovers_scale_and_overhead() -> None:
+    rng = random.Random(0)
+    samples = [LoadSample(i * 0.1, "fast" if i % 2 else "slow", rng.randint(10, 700), rng.randint(1, 40), 0.0)
+               for i in range(120)]
+    profiles = _profiles()
+    truth = simulate_samples(samples, profiles, {"fast": 2.0, "slow": 1.5}, {"fast": 0.030, "slow": 0.012})
+    for s, lat in zip(samples, truth):
+        s.latency_s = float(lat)
+    fit = fit_under_load(samples, profiles)
+    assert fit["fast"]["scale"] == pytest.approx(2.0) and fit["fast"]["overhead_s"] == pytest.approx(0.030)
+    assert fit["slow"]["scale"] == pytest.approx(1.5) and fit["slow"]["overhead_s"] == pytest.approx(0.012)
+    p = apply_load_fit(profiles["fast"], fit["fast"])
+    assert p.iteration.base_s == pytest.approx(0.008) and p.request_overhead_s == pytest.approx(0.030)
+    again = simulate_samples(samples, {"fast": p, "slow": apply_load_fit(profiles["slow"], fit["slow"])},
+                             {}, {})
+    assert np.allclose(again, truth)
