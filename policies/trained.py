@@ -85,7 +85,7 @@ def observation_spec(env_id: str) -> dict[str, Any]:
         names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *mod.ENGINE_FEATURES]
     elif env_id == KNOBS_ENV_ID:
         mod = _knobs_module()
-        names = [*getattr(mod, "GLOBAL_FEATURES", ()), "|", *getattr(mod, "GPU_TYPE_FEATURES", ())]
+        names = [*mod.GLOBAL_FEATURES, "|", *mod.GPU_TYPE_FEATURES]
     else:
         raise PolicyError(f"env id {env_id!r} is not an agentsched env (use {DISPATCH_ENV_ID} or {KNOBS_ENV_ID})")
     digest = hashlib.sha1(json.dumps([names, float(getattr(mod, "OBS_CLIP", 0.0))]).encode()).hexdigest()[:12]
@@ -178,21 +178,16 @@ class TrainedDispatchPolicy(TrainedPolicy):
         self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
         self._obs = DispatchObservation(self.max_engines)
         self._bound: Any = None
-        self._view: Any = None
 
     def reset(self) -> None:
         self._bound = None
 
     def observation(self, call: CallView, cluster: ClusterView) -> np.ndarray:
-        """The env's observation of `call` in `cluster` (any ClusterView)."""
+        """The env's observation of `call` in `cluster` (any ClusterView: simulator or gateway)."""
         if cluster is not self._bound:
             self.check_cluster(cluster)
-            self._view = cluster if _is_simulator(cluster) else ViewAdapter(cluster)
-            _bind(self._obs, self._view)
             self._bound = cluster
-        elif self._view is not cluster:
-            self._view.refresh()
-        return self._obs.build(call)
+        return self._obs.build(call, cluster)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         logits = self.net.logits(self.observation(call, cluster))
@@ -213,151 +208,77 @@ class TrainedDispatchPolicy(TrainedPolicy):
 
 
 class TrainedKnobsPolicy(TrainedPolicy):
-    """A Knobs-v0 network driving a heuristic's knobs every control interval."""
+    """A Knobs-v0 network driving a heuristic's knobs every control interval.
+
+    Timing as in the env: the first knobs are chosen at the first decision of an episode, then
+    at every tick of `interval_s` (`on_interval`), each from the observation of the interval that
+    just ended (`envs.gym.knobs_env.KnobsObservation`, which needs a simulator-like cluster)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
-        from policies.loader import policy_from_spec
+        from envs.gym.knobs_env import DEFAULT_KNOBS, Knob, KnobsObservation
 
-        self.heuristic = policy_from_spec(meta["heuristic"], source=f"policy {path}")
         self.interval_s = float(meta["interval_s"])
-        mod = _knobs_module()
-        self._observe = getattr(mod, "knobs_observation")
-        self._apply = getattr(mod, "apply_knobs")
-        self._env_kwargs = dict(meta.get("env_kwargs") or {})
-        self._state: Any = None
-        self.knob_history: list[dict[str, Any]] = []
+        self.base_name = str(meta["heuristic"].get("base", "hexgen"))
+        raw_knobs = (meta.get("env_kwargs") or {}).get("knobs")
+        self.knobs = [Knob.model_validate(k) for k in raw_knobs] if raw_knobs else list(DEFAULT_KNOBS)
+        self._observer = KnobsObservation(len(self.knobs))
+        self.heuristic = self._heuristic_for(None)
+        self._action: np.ndarray | None = None
+        self._bound: Any = None
+        self.knob_history: list[dict[str, float]] = []
+
+    def _heuristic_for(self, action: np.ndarray | None) -> Any:
+        from heuristics import registry
+        from policies.heuristic import HeuristicPolicy
+
+        named = registry.NAMED[self.base_name]
+        if action is None:
+            return HeuristicPolicy.named(self.base_name)
+        values = self.knobs_for(action)
+        d = {**named.dispatch_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "dispatch"}}
+        loc = {**named.local_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "local"}}
+        return HeuristicPolicy.build(named.dispatch, named.local, d, loc, name=self.name)
+
+    def knobs_for(self, action: np.ndarray) -> dict[str, float]:
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        return {k.name: float(k.low + (x + 1.0) * 0.5 * (k.high - k.low)) for k, x in zip(self.knobs, a)}
+
+    def _default_action(self) -> np.ndarray:
+        base = self._heuristic_for(None)
+        found = {**base.dispatcher.get_knobs(), **base.local.get_knobs()}
+        return np.array([2.0 * (float(found[k.name]) - k.low) / (k.high - k.low) - 1.0 for k in self.knobs],
+                        dtype=np.float32)
 
     def reset(self) -> None:
-        self.heuristic.reset()
-        self._state = None
+        self.heuristic = self._heuristic_for(None)
+        self._action = None
+        self._bound = None
         self.knob_history = []
 
+    def _decide(self, cluster: ClusterView) -> None:
+        obs = self._observer.build(cluster, self._action)
+        self._action = np.clip(self.net.act_continuous(obs), -1.0, 1.0)
+        self.heuristic = self._heuristic_for(self._action)
+        self.knob_history.append({"t_s": float(cluster.now_s), **self.knobs_for(self._action)})
+        self._observer.start_interval(cluster)
+
     def on_interval(self, cluster: ClusterView) -> None:
-        self.check_cluster(cluster)
-        obs, self._state = self._observe(cluster, self._state, **self._env_kwargs)
-        action = self.net.act_continuous(obs)
-        self.knob_history.append(self._apply(self.heuristic, action))
+        if self._bound is not cluster:
+            return  # no decision yet in this episode (the first comes with the first call)
+        self._decide(cluster)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        if self._bound is not cluster:
+            self.check_cluster(cluster)
+            self._bound = cluster
+            self._observer.reset(cluster)
+            self._action = self._default_action()
+            self._decide(cluster)
         return self.heuristic.dispatch(call, cluster)
 
     def queue_key(self, call: CallView, engine: EngineView) -> float:
         return self.heuristic.queue_key(call, engine)
-
-
-def _bind(builder: Any, view: Any) -> None:
-    """Bind the env's observation builder to an episode: the simulator's workload size is its
-    number of workflows; a live view counts as one (see `ViewAdapter`)."""
-    import inspect
-
-    if "n_workflows" in inspect.signature(builder.bind).parameters:
-        builder.bind(view, max(1, len(getattr(view, "_specs", ()) or ())))
-    else:
-        builder.bind(view)
-
-
-def _is_simulator(cluster: Any) -> bool:
-    from envs.sim.cluster import ClusterSimulator
-
-    return isinstance(cluster, ClusterSimulator)
-
-
-class _Count:
-    """Stands in for a list whose only use is `len()` (running/waiting queues)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _EngineAdapter:
-    """An `EngineView` seen through the attributes the env's observation builder reads."""
-
-    def __init__(self, engine: EngineView):
-        self._e = engine
-        self.total_blocks = 1000
-        tokens = getattr(engine, "kv_cache_tokens", None) or getattr(engine, "kv_capacity_tokens", None)
-        self.kv_capacity_tokens = tokens if tokens else math.inf  # unknown capacity: assume it fits
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._e, name)
-
-    @property
-    def running(self) -> _Count:
-        return _Count(self._e.num_running)
-
-    @property
-    def waiting(self) -> _Count:
-        return _Count(self._e.num_waiting)
-
-    @property
-    def free_blocks(self) -> float:
-        return (1.0 - self._e.kv_usage) * self.total_blocks
-
-
-class _Workflows:
-    def __init__(self, cluster: ClusterView):
-        self._c = cluster
-
-    def __getitem__(self, workflow_id: int) -> Any:
-        return self._c.workflow(workflow_id)
-
-    def __len__(self) -> int:
-        return int(getattr(self._c, "arrived_workflows", 0) or 0)
-
-
-class ViewAdapter:
-    """Any `ClusterView` (e.g. the deploy gateway's) as the simulator-shaped object the env's
-    observation builder binds to.
-
-    Exact for everything the view protocol carries. Two episode-level features have no meaning
-    outside a finite simulated episode: the share of the episode's workflows that have arrived or
-    finished. A live view reports them as 1.0 and the attainment so far, the values they take in the
-    steady middle-to-end of a training episode.
-    """
-
-    def __init__(self, cluster: ClusterView):
-        self._c = cluster
-        self.engines = [_EngineAdapter(e) for e in cluster.engines]
-        self.config = type("Config", (), {"name": getattr(cluster, "name", "live")})()
-        self._specs = [None]  # one "episode workflow", so arrived/finished shares are the values below
-
-    def refresh(self) -> None:
-        if len(self.engines) != len(self._c.engines):
-            self.engines = [_EngineAdapter(e) for e in self._c.engines]
-
-    @property
-    def now_s(self) -> float:
-        return self._c.now_s
-
-    @property
-    def recent_arrival_rate_qps(self) -> float:
-        return self._c.recent_arrival_rate_qps
-
-    @property
-    def slo_attainment_so_far(self) -> float:
-        return self._c.slo_attainment_so_far
-
-    @property
-    def workflows(self) -> Any:
-        return _OneShare(self._c)
-
-    @property
-    def finished_workflows(self) -> float:
-        return self._c.slo_attainment_so_far  # with one "episode workflow": finished share = attainment
-
-    def workflow(self, workflow_id: int) -> Any:
-        return self._c.workflow(workflow_id)
-
-
-class _OneShare(_Workflows):
-    def __len__(self) -> int:
-        return 1
 
 
 # ---- save / load --------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class SimEvalCallback(EventCallback):
     def __init__(self, specs: list[RunSpec], policy_factory: Callable[[Any], Any], eval_freq: int,
                  baseline: Any = None, metric: str = "goodput_qps", best_model_save_path: str | Path | None = None,
                  on_new_best: Callable[[Any], None] | None = None, log_path: str | Path | None = None,
-                 callback_on_new_best: BaseCallback | None = None, verbose: int = 0):
+                 callback_on_new_best: BaseCallback | None = None,
+                 on_evaluation: Callable[[int, dict[str, float]], bool] | None = None, verbose: int = 0):
         super().__init__(callback_on_new_best, verbose=verbose)
         self.specs = specs
         self.policy_factory = policy_factory
@@ -75,6 +76,8 @@ class SimEvalCallback(EventCallback):
         self.best_model_save_path = Path(best_model_save_path) if best_model_save_path else None
         self.on_new_best = on_new_best
         self.log_path = Path(log_path) if log_path else None
+        self.on_evaluation = on_evaluation  # (timesteps, metrics) -> keep training? (tuning: report + prune)
+        self.stopped_early = False
         self.best_score = -math.inf
         self.baseline_metrics: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
@@ -90,7 +93,10 @@ class SimEvalCallback(EventCallback):
 
     def _on_step(self) -> bool:
         if self.num_timesteps - max(self._last_eval_step, 0) >= self.eval_freq:
-            self.evaluate()
+            metrics = self.evaluate()
+            if self.on_evaluation is not None and not self.on_evaluation(self.num_timesteps, metrics):
+                self.stopped_early = True
+                return False
         return True
 
     def _on_training_end(self) -> None:

@@ -99,7 +99,8 @@ def eval_specs(config: TrainConfig) -> list[Any]:
     return [s.run_spec(seed) for s in config.eval_scenarios() for seed in config.eval.seeds]
 
 
-def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, console: Any = None) -> dict[str, Any]:
+def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, console: Any = None,
+          on_evaluation: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
     """Train per `config` into `out_dir`; returns the summary (also written to summary.json)."""
     import torch
     from stable_baselines3.common.callbacks import CheckpointCallback
@@ -165,7 +166,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
 
     eval_cb = SimEvalCallback(eval_specs(config), lambda m: in_memory_policy(m, meta, vecnorm),
                               eval_freq=config.eval.freq_steps, baseline=baseline, metric=config.eval.metric,
-                              on_new_best=on_new_best, log_path=out / "eval_history.json")
+                              on_new_best=on_new_best, log_path=out / "eval_history.json", on_evaluation=on_evaluation)
     callbacks = [eval_cb]
     if config.checkpoint_freq_steps:
         callbacks.append(CheckpointCallback(save_freq=max(1, config.checkpoint_freq_steps // config.n_envs),
@@ -185,6 +186,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
     summary["best_eval"] = {"metric": config.eval.metric, "score": eval_cb.best_score,
                             "baseline": eval_cb.baseline_metrics}
     summary["eval_history"] = eval_cb.history
+    summary["stopped_early"] = eval_cb.stopped_early
     summary["wall_s"] = time.time() - started
     summary["policy"] = str(best_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
