@@ -62,7 +62,7 @@ def resolve_local_order(local_order: Any, knobs: dict[str, Any] | None = None) -
     raise TypeError(f"local_order must be a name, a Policy or a callable, got {type(local_order).__name__}")
 
 
-def episode_metrics(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[str, Any]) -> dict[str, Any]:
+def metrics_of_episode(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[str, Any]) -> dict[str, Any]:
     """The metrics dict of `agentsched simulate` (`envs.sim.scenario.simulate`) for a finished episode."""
     wfs, calls, engines = records_from_simulator(sim)
     return summarize(wfs, calls, engines, sim_wall_s=sim.wall_s,
@@ -117,14 +117,20 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     Observation: `Box(-OBS_CLIP, OBS_CLIP, (observation_size(max_engines),), float32)`; see
     `envs.gym.observation` for the layout and scaling (`env.unwrapped.observation_names()`).
 
-    Reward: `envs.gym.reward` (SLO-met bonus minus accrued tardiness in SLO units minus rejected
-    calls): the undiscounted return is the number of SLO-met workflows minus penalties.
+    Reward (`envs.gym.reward`), for the simulated time between two decisions:
+        completion_bonus x (workflows that finished within their SLO)
+      - tardiness_weight x (increase of sum_w max(0, min(now, finish_w) - deadline_w) / slo_w)
+      - rejection_penalty x (calls rejected: prompt larger than the chosen engine's KV cache)
+    so the undiscounted return is the number of SLO-met workflows (the benchmark's attainment and
+    goodput count) minus lateness in units of each workflow's SLO: dense, because lateness accrues
+    from the moment a deadline passes, and aligned, because nothing else is rewarded.
 
     Episode: a workload of `scenario.queries` workflows drawn from `scenario` with an episode seed
     (`options={"episode_seed": k}` pins it; otherwise drawn from the env's RNG within the
     scenario's seed range). Terminates when every workflow has finished; truncates at
     `scenario.horizon_s` of simulated time. The final step's `info["metrics"]` is the dict of
-    `agentsched simulate` for the episode, `info["run_spec"]` the `RunSpec` that reproduces it.
+    `agentsched simulate` for the episode (skip it with `episode_metrics=False`: it costs a few ms
+    per episode; `metrics()` gives it on demand), `info["run_spec"]` the `RunSpec` that reproduces it.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -133,7 +139,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
                  local_order: Any = DEFAULT_LOCAL_ORDER, local_knobs: dict[str, Any] | None = None,
                  mask_infeasible: bool = False, completion_bonus: float = COMPLETION_BONUS,
                  tardiness_weight: float = TARDINESS_WEIGHT, rejection_penalty: float = REJECTION_PENALTY,
-                 render_mode: str | None = None):
+                 episode_metrics: bool = True, render_mode: str | None = None):
         # other render modes (SB3's make_vec_env asks for "rgb_array") are accepted and render nothing
         self.render_mode = render_mode
         self.scenario = Scenario.coerce(scenario)
@@ -143,6 +149,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(f"max_engines={self.max_engines} is smaller than the scenario's largest cluster ({needed} engines)")
         self._queue_key, self.local_order_name = resolve_local_order(local_order, local_knobs)
         self.mask_infeasible = bool(mask_infeasible)
+        self.episode_metrics = bool(episode_metrics)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (observation_size(self.max_engines),), np.float32)
         self.action_space = MaskedDiscrete(self.max_engines)
         self._obs = DispatchObservation(self.max_engines)
@@ -194,7 +201,8 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
             self._done = True
             terminated = sim.done
             truncated = not terminated
-            info["metrics"] = self.metrics()
+            if self.episode_metrics:
+                info["metrics"] = self.metrics()
             info["run_spec"] = self._spec
         obs = self._obs.build(call, sim)
         self._update_mask()
@@ -279,7 +287,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
 
     def metrics(self) -> dict[str, Any]:
         """The `agentsched simulate` metrics dict of the episode so far."""
-        return episode_metrics(self._sim, self._spec, {"kind": "env", "name": "agentsched/Dispatch-v0",
+        return metrics_of_episode(self._sim, self._spec, {"kind": "env", "name": "agentsched/Dispatch-v0",
                                                        "local": self.local_order_name})
 
     def observation_names(self) -> list[str]:

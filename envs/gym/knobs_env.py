@@ -18,7 +18,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from envs.gym.dispatch_env import InvalidActionError, episode_metrics, render_text
+from envs.gym.dispatch_env import InvalidActionError, metrics_of_episode, render_text
 from envs.gym.observation import (INV_RATE_SCALE, INV_TIME_SCALE, OBS_CLIP, _count)
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
@@ -244,7 +244,8 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, scenario: Scenario | dict | str | Path | None = None, policy: str = "hexgen",
                  knobs: list[Knob | dict] | None = None, control_interval_s: float = DEFAULT_CONTROL_INTERVAL_S,
                  completion_bonus: float = COMPLETION_BONUS, tardiness_weight: float = TARDINESS_WEIGHT,
-                 rejection_penalty: float = REJECTION_PENALTY, render_mode: str | None = None):
+                 rejection_penalty: float = REJECTION_PENALTY, episode_metrics: bool = True,
+                 render_mode: str | None = None):
         from heuristics import registry
 
         # other render modes (SB3's make_vec_env asks for "rgb_array") are accepted and render nothing
@@ -262,6 +263,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         if not self.knobs:
             raise ValueError("knobs: give at least one knob")
         self.control_interval_s = float(control_interval_s)
+        self.episode_metrics = bool(episode_metrics)
         self._observer = KnobsObservation(len(self.knobs))
         self.gpu_types = self._observer.gpu_types
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._observer.size,), np.float32)
@@ -363,7 +365,8 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
         info: dict[str, Any] = {"knobs": self.knobs_for(a)}
         if terminated or truncated:
             self._done = True
-            info["metrics"] = self.metrics()
+            if self.episode_metrics:
+                info["metrics"] = self.metrics()
             info["run_spec"] = self._spec
         return self._observer.build(sim, a), reward, terminated, truncated, info
 
@@ -376,7 +379,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     # ---- helpers -----------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         """The `agentsched simulate` metrics dict of the episode so far."""
-        return episode_metrics(self._sim, self._spec, {"kind": "env", "name": "agentsched/Knobs-v0",
+        return metrics_of_episode(self._sim, self._spec, {"kind": "env", "name": "agentsched/Knobs-v0",
                                                        "policy": self.policy_name})
 
     def observation_names(self) -> list[str]:

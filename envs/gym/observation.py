@@ -109,7 +109,7 @@ class DispatchObservation:
         self._one_hot = [tuple(1.0 if j == i else 0.0 for j in range(STEP_SLOTS)) for i in range(STEP_SLOTS)]
         self._cluster: ClusterView | None = None
         self._n = 0
-        self._pad: list[float] = []
+        self._n_pad = 0
         self._per_step: dict[str, list[tuple]] = {}
         self.all_healthy = False  # set by build(): every engine was healthy (the common case: full mask)
 
@@ -130,7 +130,7 @@ class DispatchObservation:
                              f"{self.max_engines}; use a larger max_engines")
         self._cluster = cluster
         self._n = n
-        self._pad = [0.0] * ((self.max_engines - n) * len(ENGINE_FEATURES))
+        self._n_pad = (self.max_engines - n) * len(ENGINE_FEATURES)
         self._per_step = {}
 
     def _engine_static(self, step: str) -> list[tuple]:
@@ -217,8 +217,10 @@ class DispatchObservation:
                         count_feat[r] if r < n_table else clip, count_feat[q] if q < n_table else clip,
                         e.kv_usage, e.assigned_work_s * inv_total_w, price)
             self.all_healthy = up == self._n
-        if self._pad:
-            out += self._pad
+        if self._n_pad:  # converting the zeros of padding one by one would cost more than the rest
+            obs = np.zeros(self.size, np.float32)
+            obs[:self.size - self._n_pad] = np.fromiter(out, np.float32, self.size - self._n_pad)
+            return obs
         return np.fromiter(out, np.float32, self.size)
 
     def _idle_tail(self, cluster: ClusterView) -> list[float]:
