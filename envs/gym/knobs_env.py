@@ -56,7 +56,7 @@ DEFAULT_KNOBS = (Knob(name="alpha", layer="dispatch", low=0.0, high=1.0),
                  Knob(name="weight", layer="local", low=0.0, high=1.0))
 
 # Bumped whenever features, their order, units or scaling change (trained policies record it).
-OBS_VERSION = 1
+OBS_VERSION = 2  # 2: slack and budget statistics asinh/log1p-scaled
 
 GLOBAL_FEATURES: tuple[str, ...] = (
     "arrival_rate_window", "arrival_rate_interval", "burstiness_cv", "attainment_so_far", "interval_finished", "interval_attainment", "in_flight", "in_flight_late_share",
@@ -126,9 +126,11 @@ class KnobsObservation:
             slack = np.array([(w.deadline_s - now) / w.slo_s for w in in_flight])
             used = np.array([(now - w.arrival_time_s) / w.slo_s for w in in_flight])
             late_share = float((slack < 0).mean())
-            slack_mean, slack_min, used_mean = float(slack.mean()), float(slack.min()), float(used.mean())
+            # in SLO units; asinh/log1p keep overload (workflows late by many SLOs) within a few units
+            slack_mean, slack_min = math.asinh(float(slack.mean())), math.asinh(float(slack.min()))
+            used_mean = math.log1p(max(0.0, float(used.mean())))
         else:
-            late_share, slack_mean, slack_min, used_mean = 0.0, 1.0, 1.0, 0.0
+            late_share, slack_mean, slack_min, used_mean = 0.0, math.asinh(1.0), math.asinh(1.0), 0.0
         head = [sim.recent_arrival_rate_qps * INV_RATE_SCALE, interval_rate * INV_RATE_SCALE, cv,
                 sim.slo_attainment_so_far, _count(finished), met / finished if finished else 1.0,
                 _count(len(in_flight)), late_share, slack_mean, slack_min, used_mean]
