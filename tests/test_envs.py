@@ -467,3 +467,30 @@ def test_knob_policy_runs_inside_simulate():
     simulate(env.unwrapped.scenario.run_spec(1), policy)
     assert len(policy.seen) > 3 and all(env.observation_space.contains(o) for o in policy.seen)
     assert policy.inner.dispatcher.alpha == 0.5 and policy.inner.local.weight == 0.75
+
+
+def test_hexgen_through_env_matches_the_simulate_command(tmp_path, capsys, monkeypatch):
+    """The acceptance check, literally: `agentsched simulate --policy hexgen` with the scenario's
+    flags and the episode seed writes the metrics the env reports for that episode."""
+    import json
+    import sys
+
+    from agentsched.cli import main
+    from policies import load_policy
+
+    out = tmp_path / "hexgen.json"
+    monkeypatch.setattr(sys, "argv", ["agentsched", "simulate", "--policy", "hexgen", "--trace", "chess_trace1",
+                                      "--cluster", "paper", "--rate", "0.08", "--slo-scale", "2.5", "--seed", "9",
+                                      "--queries", "20", "--out", str(out)])
+    main()
+    capsys.readouterr()
+    cli = json.loads(out.read_text())
+    env = _make(scenario={"queries": 20, "rate_qps": 0.08, "slo_scale": 2.5}, local_order="hexgen")
+    hexgen = load_policy("hexgen")
+    obs, info = env.reset(options={"episode_seed": 9})
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.unwrapped.heuristic_action(hexgen))
+        done = terminated or truncated
+    ours = json.loads(json.dumps(info["metrics"]))  # the same JSON round trip as the command's file
+    assert _same_metrics(cli, ours) == []
