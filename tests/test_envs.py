@@ -494,3 +494,25 @@ def test_hexgen_through_env_matches_the_simulate_command(tmp_path, capsys, monke
         done = terminated or truncated
     ours = json.loads(json.dumps(info["metrics"]))  # the same JSON round trip as the command's file
     assert _same_metrics(cli, ours) == []
+
+
+def test_scenario_rejects_unknown_trace_and_cluster_up_front():
+    from pydantic import ValidationError
+
+    for bad, where in (({"trace": "nope"}, "trace"), ({"cluster": "nope"}, "cluster"),
+                       ({"randomize": {"clusters": ["paper", "nope"]}}, "randomize.clusters")):
+        with pytest.raises(ValidationError, match=where):
+            Scenario.model_validate(bad)
+
+
+def test_workflow_templates_and_tenants():
+    scenario = {"trace": "react-agent.yaml", "queries": 8,
+                "tenants": [{"name": "gold", "priority": 0, "slo_scale": 0.7}, {"name": "bronze", "priority": 2, "share": 2}]}
+    env = _make(scenario=scenario)
+    obs, info = env.reset(seed=0)
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs)
+        done = terminated or truncated
+    assert set(info["metrics"]["per_tenant"]) == {"gold", "bronze"}

@@ -151,8 +151,35 @@ class Scenario(BaseModel):
     # -- domain randomisation (off when None)
     randomize: Randomization | None = None
 
+    @field_validator("trace")
+    @classmethod
+    def _trace_exists(cls, v: str) -> str:
+        from envs.sim.scenario import is_template
+        from envs.sim.workload import resolve_trace_path, resolve_workflow_path
+
+        try:
+            resolve_workflow_path(v) if is_template(v) else resolve_trace_path(v)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("trace: ")) from None
+        return v
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_exists(cls, v: str | ClusterConfig) -> str | ClusterConfig:
+        try:
+            resolve_cluster(v)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("cluster: ")) from None
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
+        if self.randomize is not None and self.randomize.clusters:
+            for i, c in enumerate(self.randomize.clusters):
+                try:
+                    self._cluster_exists(c)
+                except ValueError as exc:
+                    raise ValueError(f"randomize.clusters[{i}]: {exc}") from None
         if self.seed_count is not None and self.seed_base + self.seed_count > MAX_EPISODE_SEED:
             raise ValueError(f"seed_base + seed_count must stay below {MAX_EPISODE_SEED}")
         if self.pad_to_engines is not None and self.pad_to_engines < self.largest_cluster():
