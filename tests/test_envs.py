@@ -516,3 +516,22 @@ def test_workflow_templates_and_tenants():
         assert env.observation_space.contains(obs)
         done = terminated or truncated
     assert set(info["metrics"]["per_tenant"]) == {"gold", "bronze"}
+
+
+def test_reset_with_a_run_spec():
+    from envs.sim.scenario import RunSpec
+    from policies import load_policy
+
+    spec = RunSpec(trace="chess_trace2", cluster="paper", rate_qps=0.1, slo_scale=2.0, seed=3, queries=10)
+    env = _make(scenario=SMALL, local_order="hexgen")
+    hexgen = load_policy("hexgen")
+    obs, info = env.reset(options={"run_spec": spec})
+    assert info["episode_seed"] == 3
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.unwrapped.heuristic_action(hexgen))
+        done = terminated or truncated
+    assert _same_metrics(simulate(spec, load_policy("hexgen"))[0], info["metrics"]) == []
+    too_big = spec.model_copy(update={"cluster": "mixed-16"})
+    with pytest.raises(ValueError, match="max_engines"):
+        env.reset(options={"run_spec": too_big})

@@ -79,6 +79,20 @@ def render_text(sim: ClusterSimulator) -> str:
             f"{sim.met_workflows} met SLO | {engines}")
 
 
+def episode_for(scenario: Scenario, rng: np.random.Generator, options: dict[str, Any] | None) -> tuple[RunSpec, int]:
+    """The episode a reset starts: `options["run_spec"]` (any `RunSpec`, e.g. from a benchmark),
+    else `options["episode_seed"]`, else a seed drawn from `rng` in the scenario's range."""
+    options = options or {}
+    spec = options.get("run_spec")
+    if spec is not None:
+        spec = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
+        return spec, spec.seed
+    seed = options.get("episode_seed")
+    if seed is None:
+        seed = scenario.draw_episode_seed(rng)
+    return scenario.run_spec(int(seed)), int(seed)
+
+
 class MaskedDiscrete(spaces.Discrete):
     """`Discrete(n)` whose `sample()` without a mask draws among the env's currently valid actions.
 
@@ -127,7 +141,8 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
 
     Episode: a workload of `scenario.queries` workflows drawn from `scenario` with an episode seed
     (`options={"episode_seed": k}` pins it; otherwise drawn from the env's RNG within the
-    scenario's seed range). Terminates when every workflow has finished; truncates at
+    scenario's seed range); `options={"run_spec": spec}` runs any `RunSpec` instead (its cluster
+    must fit `max_engines`). Terminates when every workflow has finished; truncates at
     `scenario.horizon_s` of simulated time. The final step's `info["metrics"]` is the dict of
     `agentsched simulate` for the episode (skip it with `episode_metrics=False`: it costs a few ms
     per episode; `metrics()` gives it on demand), `info["run_spec"]` the `RunSpec` that reproduces it.
@@ -166,11 +181,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     # ---- Gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        options = options or {}
-        episode_seed = options.get("episode_seed")
-        if episode_seed is None:
-            episode_seed = self.scenario.draw_episode_seed(self.np_random)
-        self._spec = self.scenario.run_spec(int(episode_seed))
+        self._spec, episode_seed = episode_for(self.scenario, self.np_random, options)
         self._sim = self._build(self._spec)
         self._obs.bind(self._sim)
         self._reward.bind(self._sim)

@@ -18,7 +18,7 @@ import numpy as np
 from gymnasium import spaces
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from envs.gym.dispatch_env import InvalidActionError, metrics_of_episode, render_text
+from envs.gym.dispatch_env import InvalidActionError, episode_for, metrics_of_episode, render_text
 from envs.gym.observation import (INV_RATE_SCALE, INV_TIME_SCALE, OBS_CLIP, _count)
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
@@ -327,11 +327,7 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     # ---- Gymnasium API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        options = options or {}
-        episode_seed = options.get("episode_seed")
-        if episode_seed is None:
-            episode_seed = self.scenario.draw_episode_seed(self.np_random)
-        self._spec = self.scenario.run_spec(int(episode_seed))
+        self._spec, episode_seed = episode_for(self.scenario, self.np_random, options)
         self._knob_action = self.action_for_knobs({}).astype(np.float64)
         self._policy = self._build_policy(self._knob_action)
         self._policy.reset()
