@@ -175,7 +175,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self._mask = np.zeros(self.max_engines, dtype=np.int8)
         self._mask_cache: dict[tuple, np.ndarray] = {}
         self._horizon_s = self.scenario.horizon_s or math.inf
-        self._reset_policies: set[int] = set()
+        self._reset_policies: list[Any] = []  # policies already reset this episode (by identity)
         self._done = True
 
     # ---- Gymnasium API ------------------------------------------------------------------------
@@ -288,12 +288,14 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     def heuristic_action(self, policy: Any) -> int:
         """The action `policy` (a `Policy`, e.g. `load_policy("hexgen")`) takes for the pending
         call, from the same state view the simulator gives it in `simulate`. The policy is reset
-        on its first use in each episode, so stateful heuristics (rr's pointer) start fresh."""
+        on its first use in each episode, so stateful heuristics (rr's pointer) start fresh. For
+        exactly the run of `simulate(spec, policy)`, make the env with the policy's local order
+        too (`local_order=policy` or its name, e.g. `local_order="hexgen"`)."""
         if self._done:
             raise RuntimeError("no pending call: the episode ended, call reset()")
-        if id(policy) not in self._reset_policies:
+        if not any(p is policy for p in self._reset_policies):
             policy.reset()
-            self._reset_policies.add(id(policy))
+            self._reset_policies.append(policy)
         return int(policy.dispatch(self._call, self._sim))
 
     def metrics(self) -> dict[str, Any]:
