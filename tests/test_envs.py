@@ -535,3 +535,46 @@ def test_reset_with_a_run_spec():
     too_big = spec.model_copy(update={"cluster": "mixed-16"})
     with pytest.raises(ValueError, match="max_engines"):
         env.reset(options={"run_spec": too_big})
+
+
+def test_knob_schedule_same_in_env_and_in_simulate():
+    """Knobs changed every interval give the same run in Knobs-v0 and in `simulate` through
+    `Policy.on_interval` (ticks at the same simulated times), so a knob policy evaluated in
+    `simulate` is evaluated on the env's terms."""
+    from envs.gym.knobs_env import apply_knobs
+    from policies import load_policy
+    from policies.base import Policy
+
+    schedule = [np.array([np.sin(k), np.cos(3 * k)], dtype=np.float32) for k in range(400)]
+    env = gym.make("agentsched/Knobs-v0", scenario={"queries": 20, "rate_qps": 0.12})
+    obs, info = env.reset(options={"episode_seed": 6})
+    done, k = False, 0
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(schedule[k])
+        done, k = terminated or truncated, k + 1
+
+    class Scheduled(Policy):
+        name = "scheduled"
+        interval_s = env.unwrapped.control_interval_s
+
+        def __init__(self):
+            self.inner = load_policy("hexgen")
+            self.k = 0
+
+        def reset(self):
+            self.inner.reset()
+            self.k = 0
+            apply_knobs(self.inner, schedule[0])
+
+        def dispatch(self, call, cluster):
+            return self.inner.dispatch(call, cluster)
+
+        def queue_key(self, call, engine):
+            return self.inner.queue_key(call, engine)
+
+        def on_interval(self, cluster):
+            self.k += 1
+            apply_knobs(self.inner, schedule[self.k])
+
+    reference, _ = simulate(env.unwrapped.scenario.run_spec(6), Scheduled())
+    assert _same_metrics(reference, info["metrics"]) == []
