@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
 REFERENCE_PATH = Path(__file__).resolve().parent.parent / "data" / "reference" / "hexgen_stage_latency.json"
 
 
-def standard_workflow() -> list[str]:
+@lru_cache(maxsize=1)
+def _standard_workflow() -> tuple[str, ...]:
     with open(REFERENCE_PATH) as handle:
-        return list(json.load(handle)["standard_workflow"])
+        return tuple(json.load(handle)["standard_workflow"])
+
+
+def standard_workflow() -> list[str]:
+    """The paper's standard 15-call CHESS workflow (the SLO rule's reference)."""
+    return list(_standard_workflow())
 
 
 @dataclass
