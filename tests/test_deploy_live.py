@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from policies.base import Policy, PolicyError
+from policies.base import Policy
 from tests.deploy_fixtures import thread_gateway
 
 pytestmark = pytest.mark.engines
@@ -55,10 +55,7 @@ def completion(n_in: int = 16, n_out: int = 4, seed: int = 0, **extra) -> dict:
 def load_named(name: str) -> Policy:
     from policies import load_policy
 
-    try:
-        return load_policy(name)
-    except PolicyError as exc:
-        pytest.skip(f"policy {name} not available yet: {exc}")
+    return load_policy(name)
 
 
 def test_routes_with_rr_policy_and_streams(live_cluster, tmp_path):
