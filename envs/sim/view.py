@@ -62,11 +62,18 @@ class WorkflowView(Protocol):
     calls_done: int
     expected_remaining_s: float  # expected solo seconds of the standard workflow still ahead
 
+    @property
+    def done(self) -> bool: ...
+
 
 @runtime_checkable
 class ClusterView(Protocol):
     now_s: float
     engines: Sequence[EngineView]
+    # every workflow that has arrived, in arrival order (knob policies read load and slack from it)
+    workflows: Sequence[WorkflowView]
+    finished_workflows: int
+    met_workflows: int
 
     def workflow(self, workflow_id: int) -> WorkflowView: ...
 
