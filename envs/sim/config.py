@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from envs.sim.errors import UserError
+from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "data" / "clusters"
 
@@ -65,18 +64,8 @@ def load_cluster(name_or_path: str | Path) -> ClusterConfig:
             names = ", ".join(sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml")))
             raise UserError(f"cluster: {name_or_path} is neither a file nor a shipped cluster (shipped: {names})")
         path = shipped
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"cluster: {path} is not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"cluster: {path} must be a YAML mapping with an 'engines' list")
-    try:
-        config = ClusterConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"cluster: {path.name}: {loc}: {err['msg']} (fix this field)") from None
+    raw = load_yaml_mapping(path, "cluster", " with an 'engines' list")
+    config = validate_as(ClusterConfig, raw, "cluster", path.name)
     base = path.parent
     for engine in config.engines:
         if engine.profile and not Path(engine.profile).is_absolute():

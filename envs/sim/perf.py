@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from envs.sim.catalog import GPUSpec, ModelSpec
-from envs.sim.errors import UserError
+from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 ALLREDUCE_LATENCY_S = 10e-6  # per all-reduce launch over NVLink/PCIe; a hardware constant, not a knob
 
@@ -158,11 +158,7 @@ class PerfProfile(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"profile: file {path} not found (run `agentsched calibrate` to write one)")
-        with open(path) as handle:
-            raw = yaml.safe_load(handle)
-        if not isinstance(raw, dict):
-            raise UserError(f"profile: {path} is not a YAML mapping")
-        return cls.model_validate(raw)
+        return validate_as(cls, load_yaml_mapping(path, "profile"), "profile", path.name)
 
     def save(self, path: str | Path) -> None:
         with open(path, "w") as handle:

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from envs.sim.errors import UserError
+from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 TRACE_DIR = Path(__file__).resolve().parent.parent / "data" / "traces"
 FANOUT_STEP_PREFIXES = ("generate_candidate", "evaluate")
@@ -257,16 +256,7 @@ class WorkflowTemplate(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "WorkflowTemplate":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"workflow: {path} is not valid YAML ({exc.__class__.__name__})") from None
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise UserError(f"workflow: {path.name}: {loc}: {err['msg']}") from None
+        return validate_as(cls, load_yaml_mapping(path, "workflow"), "workflow", path.name)
 
     def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
         out = []
