@@ -139,6 +139,7 @@ class GatewaySpec(_Strict):
     token_scale: float = Field(1.0, gt=0)  # scales the standard stage tokens for expected latencies
     workflow_idle_s: float = Field(600.0, gt=0)  # forget a workflow after this long without calls
     control_interval_s: float = Field(1.0, gt=0)  # policy.on_interval period
+    shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT: how long calls in flight upstream may finish
     pass_priority: bool = False  # send each call's rank as vLLM `priority` (needs --scheduling-policy priority)
 
 

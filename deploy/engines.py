@@ -134,7 +134,51 @@ def _alive(pid: int) -> bool:
         return True
 
 
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid` (Linux /proc; [] elsewhere)."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def _is_engine_group(pid: int) -> bool:
+    """Is `pid` (from our pid file) still an engine's process group, and not a recycled pid?
+
+    The leader's command line must be vLLM's api_server; if the leader is gone, surviving group
+    members (an orphaned EngineCore) count: Linux does not recycle a pid while it is in use as a
+    process group id."""
+    if _alive(pid):
+        cmd = _cmdline(pid)
+        return not cmd or ENGINE_MODULE in cmd
+    return bool(group_members(pid))
+
+
 def running_pid(cluster: Cluster, spec: EngineSpec) -> int | None:
+    """The engine's process group id from its pid file, if any process of that group still runs."""
     path = pid_path(cluster, spec)
     if not path.exists():
         return None
@@ -142,7 +186,7 @@ def running_pid(cluster: Cluster, spec: EngineSpec) -> int | None:
         pid = int(path.read_text().strip())
     except ValueError:
         return None
-    return pid if _alive(pid) else None
+    return pid if _is_engine_group(pid) else None
 
 
 def start_engine(cluster: Cluster, spec: EngineSpec) -> EngineProcess:
@@ -243,37 +287,72 @@ def engines_up(cluster: Cluster, names: list[str] | None = None, warmup: bool = 
     return procs
 
 
-def stop_pid(pid: int, grace_s: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> None:
-    """Stop the process group led by `pid` (SIGTERM, then SIGKILL after `grace_s`)."""
+KILL_WAIT_S = 5.0
+
+
+def _group_gone(pgid: int) -> bool:
+    _alive(pgid)  # reaps the leader if it is our zombie child
+    return not group_members(pgid) and not _alive(pgid)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            break
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # stragglers of the group (EngineCore) too
-    except ProcessLookupError:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
+def stop_pids(pids: list[int], grace_s: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> list[int]:
+    """Stop the process groups led by `pids` together: `sig`, wait up to `grace_s` for every process
+    of each group (not only the leader: EngineCore), then SIGKILL what is left and wait for it.
+    Returns the groups that still had processes after SIGKILL (should be empty)."""
+    for pid in pids:
+        _signal_group(pid, sig)
+    deadline = time.monotonic() + grace_s
+    left = [p for p in pids if not _group_gone(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if not _group_gone(p)]
+    for pid in left:
+        _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if not _group_gone(p)]
+    return left
+
+
+def stop_pid(pid: int, grace_s: float = STOP_GRACE_S, sig: int = signal.SIGTERM) -> None:
+    """Stop the process group led by `pid` (SIGTERM, then SIGKILL after `grace_s`)."""
+    stop_pids([pid], grace_s, sig)
+
+
 def stop_engine(cluster: Cluster, spec: EngineSpec, grace_s: float = STOP_GRACE_S) -> bool:
-    pid = running_pid(cluster, spec)
-    path = pid_path(cluster, spec)
-    if pid is not None:
-        stop_pid(pid, grace_s)
-    path.unlink(missing_ok=True)
-    return pid is not None
+    return bool(engines_down(cluster, [spec.name], grace_s))
 
 
-def engines_down(cluster: Cluster, names: list[str] | None = None) -> list[str]:
-    stopped = []
+def engines_down(cluster: Cluster, names: list[str] | None = None, grace_s: float = STOP_GRACE_S) -> list[str]:
+    """Stop the cluster's local engines (all at once: SIGTERM, SIGKILL after `grace_s`), including
+    EngineCore processes orphaned by a crashed api_server; remove their pid files. Returns the
+    names of the engines that were running."""
+    if names:
+        unknown = set(names) - {e.name for e in cluster.engines}
+        if unknown:
+            raise UserError(f"unknown engine names {sorted(unknown)} (the cluster file has {[e.name for e in cluster.engines]})")
+    running: dict[str, int] = {}
     for spec in cluster.engines:
         if spec.launch is None or (names and spec.name not in names):
             continue
-        if stop_engine(cluster, spec):
-            stopped.append(spec.name)
-    return stopped
+        pid = running_pid(cluster, spec)
+        if pid is not None:
+            running[spec.name] = pid
+    stuck = stop_pids(list(running.values()), grace_s)
+    for spec in cluster.engines:
+        if spec.name in running and running[spec.name] not in stuck:
+            pid_path(cluster, spec).unlink(missing_ok=True)
+        elif spec.launch is not None and spec.name not in running and (not names or spec.name in names):
+            pid_path(cluster, spec).unlink(missing_ok=True)  # stale pid file
+    if stuck:
+        raise UserError(f"engines {[n for n, p in running.items() if p in stuck]} (process groups {stuck}) survived "
+                        "SIGKILL; check `ps -g <pgid>` (uninterruptible I/O?)")
+    return list(running)

@@ -97,6 +97,7 @@ class StreamingResponse:
         if self._done and self.headers.get("connection", "").lower() != "close":
             self._pool._put(self._conn)
         else:
+            self._pool._busy.discard(self._conn)
             self._conn.close()
         self._conn = None  # type: ignore[assignment]
 
@@ -114,9 +115,12 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.connect_timeout_s = connect_timeout_s
         self._idle: deque[_Conn] = deque()
+        self._busy: set[_Conn] = set()  # checked out (a request in progress); close() aborts them
+        self.closed = False
 
     def _put(self, conn: _Conn) -> None:
-        if len(self._idle) < self.max_idle and not conn.reader.at_eof():
+        self._busy.discard(conn)
+        if not self.closed and len(self._idle) < self.max_idle and not conn.reader.at_eof():
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -133,17 +137,26 @@ class ConnectionPool:
         return None
 
     async def _connect(self) -> _Conn:
+        if self.closed:
+            raise UpstreamError(f"connection pool to {self.host}:{self.port} is closed")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=MAX_HEADER_BYTES), self.connect_timeout_s
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (stuck shutdown)
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_HEADER_BYTES)
+        except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from None
         return _Conn(reader, writer)
 
-    def close(self) -> None:
+    def close_idle(self) -> None:
         while self._idle:
             self._idle.popleft().close()
+
+    def close(self) -> None:
+        """Close idle connections and abort those in use (their requests fail with UpstreamError)."""
+        self.closed = True
+        self.close_idle()
+        while self._busy:
+            self._busy.pop().close()
 
     async def request(self, method: str, path: str, body: bytes = b"",
                       headers: dict[str, str] | None = None) -> StreamingResponse:
@@ -164,6 +177,7 @@ class ConnectionPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
+            self._busy.add(conn)
             try:
                 conn.writer.write(payload)
                 status_line = await conn.reader.readline()
@@ -182,9 +196,10 @@ class ConnectionPool:
                     hdrs[name.strip().lower()] = value.strip()
                 return StreamingResponse(self, conn, status, hdrs)
             except (OSError, ConnectionResetError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+                self._busy.discard(conn)
                 conn.close()
                 if reused and attempt == 0:
-                    self.close()  # its siblings are likely stale too
+                    self.close_idle()  # its siblings are likely stale too
                     continue
                 raise UpstreamError(f"{method} {self.host}:{self.port}{path} failed: {exc!r}") from None
         raise UpstreamError("unreachable")  # pragma: no cover
@@ -206,6 +221,7 @@ class ConnectionPool:
         if timeout_s is None:
             return await run()
         try:
-            return await asyncio.wait_for(run(), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                return await run()
+        except TimeoutError:
             raise UpstreamError(f"{method} {self.host}:{self.port}{path} timed out after {timeout_s}s") from None

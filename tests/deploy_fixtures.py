@@ -121,17 +121,15 @@ class ThreadGateway:
     """A gateway served by uvicorn in a background thread (so tests can pass Policy objects)."""
 
     def __init__(self, cluster, policy, api_key: str | None = None) -> None:
-        import uvicorn
-
         from deploy.gateway.app import build_app
         from deploy.gateway.core import Gateway
+        from deploy.gateway.server import GatewayServer, server_config
 
         self.gateway = Gateway(cluster, policy)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(self.gateway, api_key=api_key), host="127.0.0.1", port=self.port,
-                                log_level="warning", access_log=False, loop="asyncio")
-        self.server = uvicorn.Server(config)
+        config = server_config(build_app(self.gateway, api_key=api_key), "127.0.0.1", self.port, "warning", loop="asyncio")
+        self.server = GatewayServer(config, self.gateway, grace_s=cluster.gateway.shutdown_grace_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadGateway":

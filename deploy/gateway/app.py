@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.gateway.core import Gateway, NoEngine, QueueFull
+from deploy.gateway.core import Gateway, NoEngine, QueueFull, ShuttingDown
 from deploy.gateway.state import CallState, EngineState
 from deploy.http1 import UpstreamError
 from envs.sim.workload import normalise_step
@@ -45,6 +45,11 @@ class BadRequest(Exception):
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+def _shutting_down() -> JSONResponse:
+    return _error(503, "gateway is shutting down; retry (on another gateway if there is one)", "unavailable",
+                  {"Retry-After": "1", "Connection": "close"})
 
 
 def _int_header(request: Request, name: str, default: int | None) -> int | None:
@@ -129,6 +134,9 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
             gateway.metrics.rejected.labels("unauthorised").inc()
             return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
                           {"WWW-Authenticate": "Bearer"})
+        if gateway.shutting_down:
+            gateway.metrics.rejected.labels("shutting_down").inc()
+            return _shutting_down()
         try:
             body, n_in, n_out, stream = _parse_body(await request.body(), chat)
             h = request.headers
@@ -195,6 +203,9 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
         except NoEngine:
             gateway.metrics.rejected.labels("no_engine").inc()
             return _error(503, "no healthy engine; retry later", "unavailable", {"Retry-After": str(cfg.retry_after_s)})
+        except ShuttingDown:
+            gateway.metrics.rejected.labels("shutting_down").inc()
+            return _shutting_down()
         finally:
             gateway.call_finished(call, ok)
 
@@ -214,6 +225,10 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
                 gateway.metrics.rejected.labels("no_engine").inc()
                 gateway.call_finished(call, False)
                 return _error(503, "no healthy engine; retry later", "unavailable", {"Retry-After": str(cfg.retry_after_s)})
+            except ShuttingDown:
+                gateway.metrics.rejected.labels("shutting_down").inc()
+                gateway.call_finished(call, False)
+                return _shutting_down()
             pool = gateway.pools[engine.engine_id]
             try:
                 upstream = await pool.request("POST", path, _upstream_body(body, call, engine))

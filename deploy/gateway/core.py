@@ -46,6 +46,14 @@ class NoEngine(Exception):
     """No healthy engine for longer than `no_engine_wait_s`; the client gets 503."""
 
 
+class ShuttingDown(Exception):
+    """The gateway is stopping (SIGTERM/SIGINT): queued and new calls get 503 at once."""
+
+
+STOP_TASKS_TIMEOUT_S = 2.0  # background loops get this long to end after cancellation
+SLOW_CALLBACK_S = 0.02  # policy hooks slower than this are logged (they block the event loop)
+
+
 @dataclass(order=True)
 class _Pending:
     key: float
@@ -111,6 +119,8 @@ class Gateway:
         self._workflow_keys: dict[str, int] = {}
         self._health_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.shutting_down = False
+        self.interval_calls = 0
         self._tenant_counts: dict[str, list[int]] = {}
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)
@@ -118,14 +128,49 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.policy.reset()
-        self._tasks = [asyncio.create_task(self._scrape_loop(i)) for i in range(len(self.state.engines))]
-        self._tasks.append(asyncio.create_task(self._control_loop()))
-        self._tasks.append(asyncio.create_task(self._gc_loop()))
+        self.shutting_down = False
+        self._tasks = [asyncio.create_task(self._scrape_loop(i), name=f"scrape-{e.name}")
+                       for i, e in enumerate(self.state.engines)]
+        self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
+        self._tasks.append(asyncio.create_task(self._gc_loop(), name="workflow-gc"))
+
+    @property
+    def control_interval_s(self) -> float:
+        """Period of `policy.on_interval`: the policy's own `interval_s` when it has one (as in the
+        simulator, `envs/sim/scenario.py::_tick_kwargs`), else the cluster's `control_interval_s`."""
+        interval = getattr(self.policy, "interval_s", None)
+        return float(interval) if interval else self.config.control_interval_s
+
+    def begin_shutdown(self) -> int:
+        """Refuse new calls and fail every queued or engine-waiting call with ShuttingDown (503).
+
+        Calls already sent upstream keep running (the server gives them a grace period). Returns
+        the number of queued calls failed. Idempotent."""
+        self.shutting_down = True
+        failed = 0
+        for engine in self.state.engines:
+            queue = self.queues[engine.engine_id]
+            while queue:
+                pending = heapq.heappop(queue)
+                engine.queued -= 1
+                if not pending.admitted.done():
+                    pending.admitted.set_exception(ShuttingDown())
+                    failed += 1
+        self._health_event.set()  # wake calls waiting for a healthy engine; they see shutting_down
+        if failed:
+            log.warning("shutting down: %d queued calls answered 503", failed)
+        return failed
 
     async def stop(self) -> None:
+        """Stop the scrape/health, control and gc loops and close every upstream connection."""
+        self.begin_shutdown()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_TASKS_TIMEOUT_S)
+            for task in pending:  # should not happen; never let a stuck loop hold the process
+                log.error("background task %s did not stop within %.0f s", task.get_name(), STOP_TASKS_TIMEOUT_S)
+        self._tasks = []
         for pool in self.pools:
             pool.close()
 
@@ -133,14 +178,14 @@ class Gateway:
     def _workflow(self, key: str | None, tenant: str, slo_s: float | None, now: float) -> WorkflowState:
         st = self.state
         if key is not None and key in self._workflow_keys:
-            wf = st._workflows.get(self._workflow_keys[key])
+            wf = st.open_workflows.get(self._workflow_keys[key])
             if wf is not None:
                 return wf
         wid = next(self._workflow_ids)
         slo = slo_s if slo_s and slo_s > 0 else self.config.slo_scale * st.slo.base_slo_s
         wf = WorkflowState(wid, key or f"single-{wid}", tenant, now, slo, now + slo,
                            expected_remaining_s=st.slo.base_slo_s, last_seen_s=now)
-        st._workflows[wid] = wf
+        st.add_workflow(wf)
         if key is not None:
             self._workflow_keys[key] = wid
         st.note_arrival(now)
@@ -169,7 +214,7 @@ class Gateway:
 
     def call_finished(self, call: CallState, ok: bool) -> None:
         st = self.state
-        wf = st._workflows.get(call.workflow_id)
+        wf = st.open_workflows.get(call.workflow_id)
         if wf is None:
             return
         wf.inflight -= 1
@@ -183,7 +228,7 @@ class Gateway:
         met = now <= wf.deadline_s
         st = self.state
         st.finished_workflows += 1
-        st.met_slo_workflows += int(met)
+        st.met_workflows += int(met)
         counts = self._tenant_counts.setdefault(wf.tenant, [0, 0])
         counts[0] += 1
         counts[1] += int(met)
@@ -191,7 +236,7 @@ class Gateway:
         if met:
             self.metrics.wf_met.labels(wf.tenant).inc()
         self.metrics.slo_attainment.labels(wf.tenant).set(counts[1] / counts[0])
-        st._workflows.pop(wf.workflow_id, None)
+        st.open_workflows.pop(wf.workflow_id, None)
         self._workflow_keys.pop(wf.key, None)
 
     # ------------------------------------------------------------------ dispatch and queues
@@ -249,6 +294,8 @@ class Gateway:
         """Dispatch + wait for an in-flight slot. Returns the engine; the caller must `release`."""
         waited_since = time.monotonic()
         while True:
+            if self.shutting_down:
+                raise ShuttingDown()
             engine = self._choose(call, exclude)
             if engine is None:
                 remaining = self.config.no_engine_wait_s - (time.monotonic() - waited_since)
@@ -256,13 +303,18 @@ class Gateway:
                     raise NoEngine("no healthy engine")
                 self._health_event.clear()
                 try:
-                    await asyncio.wait_for(self._health_event.wait(), min(remaining, 1.0))
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await self._health_event.wait()
+                except TimeoutError:
                     pass
                 continue
             fut = self._enqueue(call, engine)
             try:
                 ok = await fut
+            except ShuttingDown:
+                self._release(call, engine, admitted=False)
+                raise
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled() and fut.result():
                     self._release(call, engine, admitted=True)
@@ -344,21 +396,32 @@ class Gateway:
         engine.last_scrape_s = self.state.now_s
 
     async def _control_loop(self) -> None:
+        """Call `policy.on_interval(view)` every `control_interval_s` (ticks on a fixed grid, no drift)."""
+        interval = self.control_interval_s
+        start = time.monotonic()
+        ticks = 0
         while True:
-            await asyncio.sleep(self.config.control_interval_s)
+            ticks += 1
+            await asyncio.sleep(max(0.0, start + ticks * interval - time.monotonic()))
+            t0 = time.perf_counter()
             try:
                 self.policy.on_interval(self.state)
             except Exception:  # noqa: BLE001
                 log.exception("policy.on_interval failed")
+            self.interval_calls += 1
+            spent = time.perf_counter() - t0
+            if spent > SLOW_CALLBACK_S:
+                log.warning("policy.on_interval took %.1f ms (on the event loop)", spent * 1e3)
 
     async def _gc_loop(self) -> None:
         """Finish workflows that went quiet (clients that never flagged their last call)."""
         while True:
             await asyncio.sleep(min(10.0, self.config.workflow_idle_s))
             now = self.state.now_s
-            for wf in list(self.state._workflows.values()):
+            for wf in list(self.state.open_workflows.values()):
                 if wf.inflight == 0 and now - wf.last_seen_s > self.config.workflow_idle_s:
                     self._finish_workflow(wf, wf.last_seen_s)
+            self.state.workflows.compact(now)
 
     # ------------------------------------------------------------------ introspection
     def info(self) -> dict[str, Any]:
@@ -376,7 +439,11 @@ class Gateway:
                  "latency_s": e.latency_table}
                 for e in st.engines
             ],
-            "workflows_open": len(st._workflows),
+            "control_interval_s": self.control_interval_s,
+            "interval_calls": self.interval_calls,
+            "workflows_arrived": len(st.workflows),
+            "workflows_open": len(st.open_workflows),
             "workflows_finished": st.finished_workflows,
+            "workflows_met_slo": st.met_workflows,
             "slo_attainment": st.slo_attainment_so_far,
         }

@@ -1,12 +1,35 @@
-"""Run the gateway under uvicorn (uvloop + httptools when installed: about 2x the throughput)."""
+"""Run the gateway under uvicorn (uvloop + httptools when installed: about 2x the throughput).
+
+Shutdown (SIGTERM or SIGINT; `GatewayServer`): the listener closes, queued calls and calls
+waiting for a healthy engine are answered 503 at once (`Gateway.begin_shutdown`), calls already
+sent to an engine get `gateway.shutdown_grace_s` to finish, then their upstream connections are
+aborted and they are answered 503 too; the scrape, health,
+control and gc loops stop and every upstream connection is closed. The process exits 0. A second
+signal skips the grace period.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
+import signal
+import socket
+import threading
+import time
+from typing import Generator
+
+import uvicorn
 
 from deploy.cluster import Cluster
 from policies.base import Policy
+
+log = logging.getLogger("agentsched.gateway")
+
+SHUTDOWN_GRACE_S = 5.0  # default of the cluster file's gateway.shutdown_grace_s
+LEFTOVER_TIMEOUT_S = 1.0  # after the grace period and the upstream abort: cancel what is left
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def resolve_policy(name_or_path: str) -> Policy:
@@ -16,18 +39,92 @@ def resolve_policy(name_or_path: str) -> Policy:
     return load_policy(name_or_path)
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn.Server that drains the gateway on shutdown and exits 0 on SIGTERM/SIGINT.
+
+    uvicorn's own handler re-raises the captured signal after a graceful stop (the process then
+    dies by SIGTERM, exit status -15) and waits for in-flight requests without bound, so a call
+    queued for a dead engine could hold the process for `no_engine_wait_s`, an upstream call for
+    `upstream_timeout_s`.
+    """
+
+    def __init__(self, config: uvicorn.Config, gateway, grace_s: float = SHUTDOWN_GRACE_S) -> None:  # noqa: ANN001
+        super().__init__(config)
+        self.gateway = gateway  # deploy.gateway.core.Gateway
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals can only be handled in the main thread (tests run servers in threads)
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        # unlike uvicorn, do not re-raise the signal: a clean stop on request exits 0
+
+    def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+        if self.should_exit:
+            self.force_exit = True  # second signal: no grace period
+        self.should_exit = True
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.gateway.begin_shutdown)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        gateway = self.gateway
+        log.info("gateway shutting down")
+        gateway.begin_shutdown()  # queued and engine-waiting calls: 503 now
+        for server in self.servers:
+            server.close()  # no new connections (uvicorn's shutdown does it too; idempotent)
+        # calls already upstream: up to the grace period to finish
+        deadline = time.monotonic() + self.grace_s
+        while self.server_state.tasks and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.server_state.tasks:
+            # abort their upstream connections: each call then answers 503 (shutting down) itself
+            log.warning("shutting down: aborting %d calls still in flight", len(self.server_state.tasks))
+            for pool in gateway.pools:
+                pool.close()
+            deadline = time.monotonic() + 1.0
+            while self.server_state.tasks and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        await super().shutdown(sockets)  # closes connections; cancels leftovers after timeout_graceful_shutdown
+        if self.force_exit:  # uvicorn skips the lifespan shutdown then; stop loops and pools anyway
+            await gateway.stop()
+
+
+def server_config(app, host: str, port: int, log_level: str, loop: str | None = None) -> uvicorn.Config:  # noqa: ANN001
+    fast_loop = importlib.util.find_spec("uvloop") is not None
+    fast_http = importlib.util.find_spec("httptools") is not None
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          loop=loop or ("uvloop" if fast_loop else "asyncio"),
+                          http="httptools" if fast_http else "h11",
+                          timeout_keep_alive=60, backlog=4096,
+                          timeout_graceful_shutdown=LEFTOVER_TIMEOUT_S)
+
+
 def run_gateway(cluster: Cluster, policy: Policy, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, log_level: str = "warning") -> None:
-    import uvicorn
-
     from deploy.gateway.app import build_app
     from deploy.gateway.core import Gateway
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = build_app(Gateway(cluster, policy), api_key=api_key)
-    fast_loop = importlib.util.find_spec("uvloop") is not None
-    fast_http = importlib.util.find_spec("httptools") is not None
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                loop="uvloop" if fast_loop else "asyncio", http="httptools" if fast_http else "h11",
-                timeout_keep_alive=60, backlog=4096)
+    gateway = Gateway(cluster, policy)
+    app = build_app(gateway, api_key=api_key)
+    server = GatewayServer(server_config(app, host, port, log_level), gateway,
+                           grace_s=cluster.gateway.shutdown_grace_s)
+    server.run()
+    if not server.started:
+        from envs.sim.errors import UserError
+
+        raise UserError(f"the gateway could not listen on {host}:{port} (port in use? pick another with --port)")

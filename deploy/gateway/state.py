@@ -12,7 +12,7 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, overload
 
 from deploy.cluster import Cluster, EngineSpec
 from envs.sim.errors import UserError
@@ -20,6 +20,9 @@ from envs.sim.slo import REFERENCE_PATH, SLOModel
 from envs.sim.workload import normalise_step
 
 ARRIVAL_RATE_WINDOW_S = 60.0  # recent_arrival_rate_qps looks back this far
+# Finished workflows stay in `ClusterState.workflows` at least this long after arrival (knob
+# policies look back 300 s for burstiness), then the finished prefix is compacted away.
+WORKFLOW_RETENTION_S = 900.0
 DEFAULT_MAX_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill budget when the profile does not say
 
 
@@ -107,6 +110,73 @@ class WorkflowState:
     closing: bool = False  # the client said the last stage has been sent
     finished: bool = False
 
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+
+class WorkflowLog(Sequence[WorkflowState]):
+    """Every arrived workflow in arrival order (= workflow id order), with bounded memory.
+
+    `len()` counts every workflow that ever arrived and index `i` is workflow id `i`, as in the
+    simulator's `workflows` list, so a reader that remembers "I have seen the first n" (Knobs-v0's
+    observation) keeps working. To keep a long-running gateway's memory bounded, `compact` drops
+    the oldest *finished* workflows once they arrived more than `WORKFLOW_RETENTION_S` ago; only
+    a prefix is dropped, so indices never shift. Reading a dropped index raises IndexError;
+    iteration (forward and `reversed`) yields the retained workflows only.
+    """
+
+    __slots__ = ("_items", "_offset")
+
+    def __init__(self) -> None:
+        self._items: deque[WorkflowState] = deque()
+        self._offset = 0  # workflows compacted away so far
+
+    def append(self, wf: WorkflowState) -> None:
+        assert wf.workflow_id == self._offset + len(self._items), "workflow ids must be dense and in order"
+        self._items.append(wf)
+
+    def __len__(self) -> int:
+        return self._offset + len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> WorkflowState: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[WorkflowState]: ...
+
+    def __getitem__(self, index: int | slice) -> WorkflowState | list[WorkflowState]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"workflow index {index} out of range (0..{n - 1})")
+        if index < self._offset:
+            raise IndexError(f"workflow {index} finished more than {WORKFLOW_RETENTION_S:.0f} s ago and was compacted "
+                             f"(the gateway keeps workflows {self._offset}..{n - 1})")
+        return self._items[index - self._offset]
+
+    def __iter__(self) -> Iterator[WorkflowState]:
+        return iter(self._items)
+
+    def __reversed__(self) -> Iterator[WorkflowState]:
+        return reversed(self._items)
+
+    @property
+    def first_retained(self) -> int:
+        return self._offset
+
+    def compact(self, now_s: float, retention_s: float = WORKFLOW_RETENTION_S) -> int:
+        """Drop the finished prefix of workflows that arrived before now - retention; returns how many."""
+        items, dropped = self._items, 0
+        while items and items[0].finished and items[0].arrival_time_s < now_s - retention_s:
+            items.popleft()
+            dropped += 1
+        self._offset += dropped
+        return dropped
+
 
 class EngineState:
     """One engine (satisfies EngineView): own in-flight accounting merged with scraped /metrics."""
@@ -156,24 +226,34 @@ class EngineState:
 
 
 class ClusterState:
-    """The ClusterView of the live cluster."""
+    """The ClusterView of the live cluster.
+
+    `workflows` is every arrived workflow in arrival order (a `WorkflowLog`: finished ones are
+    compacted after `WORKFLOW_RETENTION_S`); `open_workflows` maps id -> not yet finished ones.
+    """
 
     def __init__(self, engines: Sequence[EngineState], slo_model: SLOModel, base_latency_s: Mapping[str, float]) -> None:
         self.engines: list[EngineState] = list(engines)
         self.slo = slo_model
         self._base_latency_s = dict(base_latency_s)
         self._t0 = time.monotonic()
-        self._workflows: dict[int, WorkflowState] = {}
+        self.workflows = WorkflowLog()
+        self.open_workflows: dict[int, WorkflowState] = {}
         self._arrivals: deque[float] = deque()
         self.finished_workflows = 0
-        self.met_slo_workflows = 0
+        self.met_workflows = 0
 
     @property
     def now_s(self) -> float:
         return time.monotonic() - self._t0
 
     def workflow(self, workflow_id: int) -> WorkflowState:
-        return self._workflows[workflow_id]
+        wf = self.open_workflows.get(workflow_id)
+        return wf if wf is not None else self.workflows[workflow_id]
+
+    def add_workflow(self, wf: WorkflowState) -> None:
+        self.workflows.append(wf)
+        self.open_workflows[wf.workflow_id] = wf
 
     def base_latency_s(self, step: str) -> float:
         return self._base_latency_s.get(step, self.slo.expected(step))
@@ -195,7 +275,7 @@ class ClusterState:
 
     @property
     def slo_attainment_so_far(self) -> float:
-        return self.met_slo_workflows / self.finished_workflows if self.finished_workflows else 1.0
+        return self.met_workflows / self.finished_workflows if self.finished_workflows else 1.0
 
 
 def build_cluster_state(cluster: Cluster) -> ClusterState:
@@ -211,6 +291,6 @@ def build_cluster_state(cluster: Cluster) -> ClusterState:
 
 
 __all__ = [
-    "CallState", "WorkflowState", "EngineState", "ClusterState", "build_cluster_state",
+    "CallState", "WorkflowState", "WorkflowLog", "EngineState", "ClusterState", "build_cluster_state",
     "engine_latency_table", "stage_tokens", "normalise_step",
 ]
