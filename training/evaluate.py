@@ -151,7 +151,11 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
         labels[n] = label
     jobs = [(n, c, s) for c in cells for n in names for s in seeds]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: the parent has torch (and its thread pools) loaded, which forked
+        # children can deadlock on
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             outcomes = list(pool.map(_run_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
     else:
         outcomes = [_run_one(j) for j in jobs]

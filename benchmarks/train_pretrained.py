@@ -1,0 +1,72 @@
+"""Reproduce the shipped policy and its report (about 30-40 minutes on 2 free cores).
+
+    python benchmarks/train_pretrained.py [--out runs/pretrained] [--ship]
+
+1. `agentsched train --config training/configs/dispatch-heavy.yaml`   (MaskablePPO, BC warm start
+   from least-work+urgency + 1 DAgger round, 200k steps)
+2. `agentsched train --config training/configs/dispatch-maskppo.yaml --total-timesteps 80000`
+   (the HexGen warm-started run: its TensorBoard shows the curve starting at HexGen's level)
+3. `agentsched train --config training/configs/knobs-ppo.yaml --total-timesteps 100000`
+4. `benchmarks/train_report.py` on all three (+ the dispatch policy with the urgency weight 0.5
+   that tuned HexGen favours at heavy load: "both" knobs and learned dispatch), and with --ship
+   copies the dispatch policy with its report to policies/pretrained/dispatch-heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+AGENTSCHED = [sys.executable, "-m", "agentsched.cli"]
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def named_copy(src: Path, dst: Path, name: str, local: dict | None = None) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    meta = yaml.safe_load((dst / "policy.yaml").read_text())
+    meta["name"] = name
+    if local is not None:
+        meta["local"] = local
+    (dst / "policy.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
+    ap.add_argument("--ship", action="store_true", help="write policies/pretrained/dispatch-heavy")
+    args = ap.parse_args()
+    out = args.out
+    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-heavy.yaml", "--out", str(out / "dispatch-b"), "--no-progress"])
+    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-maskppo.yaml", "--total-timesteps", "80000",
+                      "--out", str(out / "dispatch-a"), "--no-progress"])
+    run(AGENTSCHED + ["train", "--config", "training/configs/knobs-ppo.yaml", "--total-timesteps", "100000",
+                      "--out", str(out / "knobs-b"), "--no-progress"])
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    p1 = named_copy(out / "dispatch-b" / "policy", final / "dispatch-heavy", "dispatch-heavy")
+    p2 = named_copy(out / "knobs-b" / "policy", final / "knobs-ppo", "knobs-ppo")
+    p3 = named_copy(out / "dispatch-a" / "policy", final / "dispatch-hexgen-ws", "dispatch-hexgen-ws")
+    p4 = named_copy(out / "dispatch-b" / "policy", final / "dispatch-heavy+w0.5", "dispatch-heavy+w0.5",
+                    local={"name": "urgency", "knobs": {"weight": 0.5}})
+    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report")]
+    for p in (p1, p2, p3, p4):
+        cmd += ["--policy", str(p)]
+    if args.ship:
+        cmd += ["--ship", "policies/pretrained/dispatch-heavy"]
+    run(cmd)
+
+
+if __name__ == "__main__":
+    main()
