@@ -8,6 +8,10 @@ serves a vLLM-shaped /metrics page so the gateway's 100 ms scrape loop runs as i
 Upstream, gateway and load generator are three processes on this 2-core machine.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
+
+`--engine http://127.0.0.1:8101` instead compares tiny calls (16 prompt tokens, 1 output token) sent
+directly to a live vLLM engine and through a gateway in front of it, in alternating blocks (so
+both see the same background load): p50 / p99 / max and the count of calls over 100 ms.
 """
 
 from __future__ import annotations
@@ -88,10 +92,10 @@ def run_upstream(port: int) -> None:
 
 
 # ---------------------------------------------------------------- load generation
-async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str]) -> np.ndarray:
+async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None) -> np.ndarray:
     """Send n requests at a fixed rate (open loop); latency of each, seconds."""
     pool = ConnectionPool(url, max_idle=512)
-    body = json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
+    body = body or json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
     lat = np.zeros(n)
 
     async def one(i: int) -> None:
@@ -186,6 +190,50 @@ def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> di
             "mean_us": float(times.mean() * 1e6), "n_engines": n_engines}
 
 
+def live_engine(args: argparse.Namespace) -> None:
+    """Direct vs via-gateway tiny calls against one live engine, alternating blocks."""
+    gw_port = free_port()
+    table = {s: 0.05 for s in ("Information Retriever", "extract_keywords", "generate_candidate", "revise",
+                               "unit_tester", "generate_unit_test", "evaluate")}
+    workdir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    cluster = workdir / "cluster.yaml"
+    cluster.write_text(json.dumps({"name": "bench", "engines": [
+        {"name": "engine", "url": args.engine, "gpu": "cpu", "latency_s": table, "max_num_seqs": 32}]}))
+    log_path = workdir / "gateway.log"
+    with open(log_path, "wb") as log:
+        gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(cluster),
+                                    "--policy", args.policy, "--port", str(gw_port)], stdout=log, stderr=subprocess.STDOUT)
+    gw_url = f"http://127.0.0.1:{gw_port}"
+    hdr = {"X-Workflow-Id": "bench", "X-Workflow-Step": "revise", "X-Tenant": "bench"}
+    body = json.dumps({"model": "tiny", "prompt": list(range(10, 26)), "max_tokens": 1, "ignore_eos": True}).encode()
+    direct, via = [], []
+    try:
+        wait_http(gw_url, "/health")
+        asyncio.run(open_loop(gw_url, args.rate, 100, hdr, body))  # warm-up
+        block = max(1, args.requests // args.blocks)
+        for _ in range(args.blocks):
+            direct.append(asyncio.run(open_loop(args.engine, args.rate, block, {}, body)))
+            via.append(asyncio.run(open_loop(gw_url, args.rate, block, hdr, body)))
+    finally:
+        gateway.terminate()
+        gateway.wait(15)
+    d, v = np.concatenate(direct) * 1e3, np.concatenate(via) * 1e3
+    result = {"engine": args.engine, "rate_rps": args.rate, "requests_each": len(d), "loadavg": os.getloadavg()[0]}
+    for name, a in (("direct", d), ("gateway", v)):
+        result.update({f"{name}_p50_ms": float(np.percentile(a, 50)), f"{name}_p99_ms": float(np.percentile(a, 99)),
+                       f"{name}_max_ms": float(a.max()), f"{name}_over_100ms": int((a > 100).sum())})
+    result["added_p50_ms"] = result["gateway_p50_ms"] - result["direct_p50_ms"]
+    result["added_p99_ms"] = result["gateway_p99_ms"] - result["direct_p99_ms"]
+    print(f"tiny calls at {args.rate:.0f} req/s, {len(d)} direct and {len(v)} via the gateway ({args.blocks} alternating blocks), "
+          f"load average {result['loadavg']:.1f}:")
+    for name in ("direct", "gateway"):
+        print(f"  {name:8s} p50 {result[name + '_p50_ms']:.2f} ms  p99 {result[name + '_p99_ms']:.2f} ms  "
+              f"max {result[name + '_max_ms']:.1f} ms  over 100 ms: {result[name + '_over_100ms']}")
+    print(f"  added    p50 {result['added_p50_ms']:.2f} ms  p99 {result['added_p99_ms']:.2f} ms   (gateway log: {log_path})")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="hexgen")
@@ -194,7 +242,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--engine", default=None, help="live vLLM engine URL: direct vs gateway comparison instead")
+    parser.add_argument("--blocks", type=int, default=6, help="alternating blocks with --engine")
     args = parser.parse_args()
+    if args.engine:
+        live_engine(args)
+        return
 
     up_port, gw_port = free_port(), free_port()
     upstream = mp.get_context("spawn").Process(target=run_upstream, args=(up_port,), daemon=True)
@@ -229,6 +282,10 @@ def main() -> None:
         "direct_p50_ms": pct(direct, 50), "direct_p99_ms": pct(direct, 99),
         "gateway_p50_ms": pct(via, 50), "gateway_p99_ms": pct(via, 99),
         "added_p50_ms": pct(via, 50) - pct(direct, 50), "added_p99_ms": pct(via, 99) - pct(direct, 99),
+        "direct_max_ms": float(direct.max() * 1e3), "gateway_max_ms": float(via.max() * 1e3),
+        "added_max_ms": float(via.max() * 1e3) - float(direct.max() * 1e3),
+        "direct_over_50ms": int((direct > 0.05).sum()), "gateway_over_50ms": int((via > 0.05).sum()),
+        "loadavg": os.getloadavg()[0],
         "routed_rps": rps, "direct_rps": direct_rps,
         "decision": decision,
     }
@@ -237,6 +294,9 @@ def main() -> None:
     print(f"  gateway  p50 {result['gateway_p50_ms']:.3f} ms  p99 {result['gateway_p99_ms']:.3f} ms")
     print(f"  added    p50 {result['added_p50_ms']:.3f} ms  p99 {result['added_p99_ms']:.3f} ms"
           f"   (goal p99 <= {GOALS['p99_added_ms']} ms: ratio {result['added_p99_ms'] / GOALS['p99_added_ms']:.2f})")
+    print(f"  max      direct {result['direct_max_ms']:.1f} ms  gateway {result['gateway_max_ms']:.1f} ms;"
+          f"  calls over 50 ms: direct {result['direct_over_50ms']}, gateway {result['gateway_over_50ms']}"
+          f"  (load average {result['loadavg']:.1f})")
     print(f"  routed   {rps:.0f} req/s with {args.concurrency} clients (direct {direct_rps:.0f} req/s)"
           f"   (goal >= {GOALS['routed_rps']:.0f}: ratio {rps / GOALS['routed_rps']:.2f})")
     print(f"  {args.policy} decision p50 {decision['p50_us']:.1f} us  p99 {decision['p99_us']:.1f} us on {decision['n_engines']} engines"

@@ -94,6 +94,8 @@ def replay_cmd(
     tenant: str = typer.Option("default", "--tenant"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AGENTSCHED_API_KEY"),
     records: bool = typer.Option(False, "--records", help="also write per-call and per-workflow records"),
+    stream: bool = typer.Option(True, "--stream/--no-stream",
+                                help="stream calls (SSE) to measure time to first token (ttft_* in the result)"),
 ) -> None:
     """Run a trace's workflows for real through a gateway; write the simulator's result JSON."""
     import json
@@ -105,10 +107,10 @@ def replay_cmd(
 
         raise UserError(f"--gateway {gateway!r} must be a URL like http://127.0.0.1:8000")
     cfg = ReplayConfig(gateway=gateway, trace=trace, rate_qps=rate, slo_scale=slo_scale, token_scale=token_scale,
-                       queries=queries, seed=seed, tenant=tenant, api_key=api_key)
+                       queries=queries, seed=seed, tenant=tenant, api_key=api_key, stream=stream)
     result, _ = replay(cfg, out=out, with_records=records)
     keys = ("n_workflows", "n_calls", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
-            "latency_p95_s", "latency_p99_s", "call_latency_p50_s", "sim_wall_s")
+            "latency_p95_s", "latency_p99_s", "call_latency_p50_s", "ttft_p50_s", "ttft_p95_s", "sim_wall_s")
     typer.echo(json.dumps({k: result.get(k) for k in keys}, indent=1))
 
 

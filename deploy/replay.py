@@ -6,6 +6,12 @@ is a /v1/completions request whose prompt is `input_length x token_scale` random
 prefix-cache luck) and whose output is exactly `output_length x token_scale` tokens
 (`ignore_eos` + `max_tokens`), so the tiny CPU engines see the trace's shape at a size they keep
 up with. The result is `envs.sim.metrics.summarize` over the same records the simulator fills.
+
+With `stream=True` (`agentsched replay` default; `--no-stream` to turn off) calls are sent with
+`stream: true` and `stream_options: {include_usage: true}`: the time of the first SSE event that
+carries a choice is the call's `first_token_s`, so the result has `ttft_p50_s` / `ttft_p95_s` (and
+`tpot_*`) like the simulator's; the exact output token count comes from the usage of the final
+chunk. Non-streamed replays leave TTFT NaN (as the calibration's non-streamed calls measure).
 """
 
 from __future__ import annotations
@@ -45,10 +51,47 @@ class ReplayConfig:
     tenant: str = "default"
     api_key: str | None = None
     start_delay_s: float = 0.05
+    stream: bool = False  # the CLI defaults to True; the library default keeps sim_vs_real's calls as calibrated
 
 
 def scaled_tokens(n: int, scale: float) -> int:
     return max(1, int(round(n * scale)))
+
+
+class StreamBroken(Exception):
+    """A streamed answer ended without [DONE] or usage (the gateway cannot retry after the first byte)."""
+
+
+async def read_sse_completion(resp, clock) -> tuple[float, dict]:  # noqa: ANN001 - http1.StreamingResponse
+    """Consume an OpenAI SSE completion stream: (time of the first event with a choice, final usage).
+
+    Only the first data event and the events that carry a usage object are parsed as JSON, so the
+    client stays cheap at hundreds of tokens per second."""
+    first = math.nan
+    usage: dict = {}
+    done = False
+    buf = b""
+    async for chunk in resp.chunks():
+        buf += chunk
+        while True:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                break
+            event, buf = buf[:end], buf[end + 2:]
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                if math.isnan(first) and (b'"choices":[{' in data or b'"choices": [{' in data):
+                    first = clock()
+                if b'"usage":{' in data or b'"usage": {' in data:
+                    usage = json.loads(data).get("usage") or usage
+    if not done and not usage:
+        raise StreamBroken("stream ended without [DONE]")
+    return first, usage
 
 
 class Replayer:
@@ -78,17 +121,42 @@ class Replayer:
                     step: str, n_in: int, n_out: int) -> CallRecord:
         call_id = self._call_ids
         self._call_ids += 1
-        body = json.dumps({"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
-                           "max_tokens": n_out, "ignore_eos": True, "temperature": 0}).encode()
+        payload: dict[str, Any] = {"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
+                                   "max_tokens": n_out, "ignore_eos": True, "temperature": 0}
+        if self.cfg.stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
+        body = json.dumps(payload).encode()
         headers = {"X-Workflow-Id": wf_key, "X-Workflow-Step": step, "X-Tenant": self.cfg.tenant,
                    "X-Workflow-SLO-S": f"{slo_s:.6f}", "X-Stage-Index": str(stage_index), "X-Fanout": str(fanout),
                    **self._auth}
         if last:
             headers["X-Workflow-Last"] = "1"
         ready = self.now()
-        engine, out_tokens, finish, tries = "", n_out, math.nan, 0
+        engine, out_tokens, first, finish, tries = "", n_out, math.nan, math.nan, 0
         while tries < CLIENT_MAX_TRIES:
             tries += 1
+            if self.cfg.stream:
+                try:
+                    async with asyncio.timeout(600):
+                        resp = await self.pool.request("POST", "/v1/completions", body, headers=headers)
+                        try:
+                            if resp.status == 200:
+                                first, usage = await read_sse_completion(resp, self.now)
+                                finish = self.now()
+                                engine = resp.headers.get("x-agentsched-engine", "")
+                                out_tokens = int(usage.get("completion_tokens", n_out))
+                                break
+                            err_body = b"".join([c async for c in resp.chunks()])
+                        finally:
+                            resp.release()
+                except (UpstreamError, StreamBroken, OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                    first = math.nan
+                    await asyncio.sleep(CLIENT_BACKOFF_S)
+                    continue
+                if resp.status in CLIENT_RETRY_STATUS:
+                    await asyncio.sleep(float(resp.headers.get("retry-after", CLIENT_BACKOFF_S)))
+                    continue
+                raise UserError(f"gateway answered {resp.status}: {err_body[:200]!r}")
             try:
                 resp = await self.pool.fetch("POST", "/v1/completions", body, headers=headers, timeout_s=600)
             except UpstreamError:
@@ -104,7 +172,7 @@ class Replayer:
                 await asyncio.sleep(float(resp.headers.get("retry-after", CLIENT_BACKOFF_S)))
                 continue
             raise UserError(f"gateway answered {resp.status}: {resp.body[:200]!r}")
-        rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, math.nan, finish,
+        rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, first, finish,
                          0, tries)
         self.calls.append(rec)
         return rec
@@ -148,7 +216,7 @@ class Replayer:
         return summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
             "mode": "replay", "gateway": cfg.gateway, "trace": cfg.trace, "rate_qps": cfg.rate_qps,
             "slo_scale": cfg.slo_scale, "token_scale": cfg.token_scale, "base_slo_s": info["base_slo_s"],
-            "policy": info.get("policy"), "seed": cfg.seed,
+            "policy": info.get("policy"), "seed": cfg.seed, "stream": cfg.stream,
         })
 
 

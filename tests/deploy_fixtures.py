@@ -23,13 +23,36 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 MODELS_DIR = REPO / ".work" / "models"
-ENGINE_PORTS = (18101, 18102)
+PREFERRED_ENGINE_PORTS = (18101, 18102)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _engine_ports() -> tuple[int, int]:
+    """18101/18102, or free ports when those are taken (another checkout's test session on this box)."""
+    if all(_port_free(p) for p in PREFERRED_ENGINE_PORTS):
+        return PREFERRED_ENGINE_PORTS
+    first = free_port()
+    second = free_port()
+    while second == first:
+        second = free_port()
+    return first, second
+
+
+ENGINE_PORTS = _engine_ports()
 
 
 def cluster_dict(workdir: Path, **gateway: object) -> dict:

@@ -253,3 +253,75 @@ def test_engine_death_mid_replay_loses_no_workflow(live_cluster, tmp_path):
         with httpx.Client(base_url=gw.url, timeout=60) as client:
             used = {client.post("/v1/completions", json=completion()).headers["x-agentsched-engine"] for _ in range(4)}
     assert "slow" in used
+
+
+class IntervalProbe(RoundRobin):
+    """Test knob-style policy: has `interval_s`, so the gateway calls `on_interval` on that period;
+    each call records the view's workflow counts and builds Knobs-v0's observation from it."""
+
+    name = "test-interval-probe"
+    interval_s = 0.25
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ticks: list[tuple[float, int, int, int, int]] = []
+        self.knobs_state = None
+        self.obs = None
+
+    def on_interval(self, cluster) -> None:
+        from envs.gym.knobs_env import knobs_observation
+
+        self.obs, self.knobs_state = knobs_observation(cluster, self.knobs_state)
+        open_now = sum(1 for w in cluster.workflows if not w.done)
+        self.ticks.append((cluster.now_s, len(cluster.workflows), cluster.finished_workflows, cluster.met_workflows,
+                           open_now))
+
+
+def test_interval_policy_sees_workflows_on_live_gateway(live_cluster, tmp_path):
+    import numpy as np
+
+    policy = IntervalProbe()
+    with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
+        with httpx.Client(base_url=gw.url, timeout=60) as client:
+            for i in range(4):
+                for step, last in (("extract_keywords", "0"), ("revise", "1")):
+                    r = client.post("/v1/completions", json=completion(n_out=2, seed=i),
+                                    headers={"X-Workflow-Id": f"wf-{i}", "X-Workflow-Step": step, "X-Workflow-Last": last})
+                    assert r.status_code == 200, r.text
+            time.sleep(0.6)  # at least two ticks after the last workflow finished
+            info = client.get("/v1/agentsched/info").json()
+    assert info["control_interval_s"] == IntervalProbe.interval_s
+    assert info["workflows_arrived"] == 4 and info["workflows_finished"] == 4
+    assert len(policy.ticks) >= 3 and info["interval_calls"] >= len(policy.ticks)
+    times = [t[0] for t in policy.ticks]
+    gaps = np.diff(times)
+    assert 0.1 < float(np.median(gaps)) < 0.6, gaps  # on the policy's period, not the 1 s default
+    last = policy.ticks[-1]
+    assert last[1:] == (4, 4, last[3], 0) and 0 <= last[3] <= 4, policy.ticks
+    assert [t[1] for t in policy.ticks] == sorted(t[1] for t in policy.ticks)  # arrivals only grow
+    assert policy.obs is not None and np.isfinite(policy.obs).all()
+    names = policy.knobs_state.observer.names
+    assert policy.obs[names.index("global.attainment_so_far")] == pytest.approx(last[3] / 4)
+
+
+def test_shipped_knobs_policies_serve(live_cluster, tmp_path):
+    """Every trained Knobs policy shipped under policies/pretrained loads and routes on the gateway."""
+    from pathlib import Path
+
+    from policies.trained import load_trained_policy, read_metadata
+
+    shipped = [p for p in sorted((Path(__file__).resolve().parent.parent / "policies" / "pretrained").glob("*"))
+               if p.is_dir() or p.suffix == ".zip"]
+    knobs = [p for p in shipped if "Knobs" in str(read_metadata(p).get("env_id", ""))]
+    if not knobs:
+        pytest.skip("no trained Knobs policy shipped in policies/pretrained yet")
+    for path in knobs:
+        policy = load_trained_policy(path)
+        with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
+            with httpx.Client(base_url=gw.url, timeout=60) as client:
+                for i in range(3):
+                    r = client.post("/v1/completions", json=completion(n_out=2, seed=i),
+                                    headers={"X-Workflow-Id": f"k-{i}", "X-Workflow-Step": "revise", "X-Workflow-Last": "1"})
+                    assert r.status_code == 200, r.text
+            time.sleep(policy.interval_s + 0.2 if policy.interval_s < 2 else 0.1)
+        assert policy.knob_history, path  # it chose knobs (first call) on the live view

@@ -63,6 +63,15 @@ def _post_in_background(url: str, n: int) -> tuple[list[threading.Thread], list]
     return threads, results
 
 
+def _wait_open_calls(url: str, n: int) -> None:
+    """Until the gateway has registered n calls (their workflows are open): no sleep-and-hope."""
+    deadline = time.monotonic() + 20
+    while httpx.get(url + "/v1/agentsched/info", timeout=5).json()["workflows_open"] < n:
+        assert time.monotonic() < deadline, "calls never reached the gateway"
+        time.sleep(0.05)
+    time.sleep(0.2)  # and are waiting (for an engine, or upstream)
+
+
 def _stop(proc: subprocess.Popen, sig: int) -> tuple[int, float]:
     t0 = time.monotonic()
     proc.send_signal(sig)
@@ -81,13 +90,14 @@ def test_serve_exits_0_on_signal_and_fails_waiting_calls(tmp_path, sig):
     port = free_port()
     proc = _serve(_cluster(tmp_path, f"http://127.0.0.1:{free_port()}"), port)
     threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
-    time.sleep(1.0)  # the calls are now waiting for an engine
+    _wait_open_calls(f"http://127.0.0.1:{port}", 2)  # the calls are now waiting for an engine
     code, took = _stop(proc, sig)
     for t in threads:
         t.join(10)
-    assert code == 0, proc.stdout.read()
-    assert took < EXIT_WITHIN_S, took
-    assert len(results) == 2 and all(r[0] == 503 and "shutting down" in r[1] for r in results), results
+    output = proc.stdout.read() if proc.stdout else ""
+    assert code == 0, output
+    assert took < EXIT_WITHIN_S, (took, output)
+    assert len(results) == 2 and all(r[0] == 503 and "shutting down" in r[1] for r in results), (results, output)
 
 
 def test_serve_aborts_calls_stuck_upstream_after_grace(tmp_path):
@@ -113,7 +123,7 @@ def test_serve_aborts_calls_stuck_upstream_after_grace(tmp_path):
     proc = _serve(_cluster(tmp_path, url, shutdown_grace_s=0.5, unhealthy_after_failures=1000), port)
     try:
         threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
-        time.sleep(1.0)
+        _wait_open_calls(f"http://127.0.0.1:{port}", 2)
         code, took = _stop(proc, signal.SIGTERM)
         for t in threads:
             t.join(10)

@@ -66,10 +66,11 @@ GPU_TYPE_FEATURES: tuple[str, ...] = ("engines", "healthy_share", "waiting", "ru
 
 
 class KnobsObservation:
-    """The Knobs-v0 observation, from a simulator-like cluster: besides the `ClusterView`
-    protocol it reads `workflows` (every arrived workflow, with `done`), `finished_workflows` and
-    `met_workflows`, which the simulator has (so a trained knob policy runs in `simulate` through
-    `Policy.on_interval`) but the view protocol does not promise.
+    """The Knobs-v0 observation, from any `ClusterView` (simulator or deploy gateway): it reads
+    `workflows` (every arrived workflow, with `done`), `finished_workflows` and `met_workflows`
+    besides engine state, so a trained knob policy runs through `Policy.on_interval` anywhere.
+    Engines whose `gpu` label is not a catalog type (e.g. local CPU engines) have no per-type
+    slot and are left out of the per-type features.
 
     `reset(sim)` per episode, `start_interval(sim)` when new knobs take effect, `build(sim, knob_action)`
     at the end of the interval.
@@ -137,7 +138,10 @@ class KnobsObservation:
         head.extend(float(x) for x in knob_action)
         per_type = np.zeros((len(self.gpu_types), len(GPU_TYPE_FEATURES)))
         for e in sim.engines:
-            row = per_type[self._gpu_index[e.gpu]]
+            index = self._gpu_index.get(e.gpu)
+            if index is None:
+                continue
+            row = per_type[index]
             row[0] += 1
             row[1] += e.healthy
             row[2] += e.num_waiting
