@@ -59,6 +59,9 @@ class FakeCluster:
     now_s: float = 0.0
     recent_arrival_rate_qps: float = 0.0
     slo_attainment_so_far: float = 1.0
+    workflows: list = field(default_factory=list)
+    finished_workflows: int = 0
+    met_workflows: int = 0
     _workflows: dict = field(default_factory=dict)
 
     def workflow(self, workflow_id: int):
