@@ -30,6 +30,7 @@ def simulate_command(
     seed: int = typer.Option(0, help="seed of workload draws and arrivals"),
     queries: Optional[int] = typer.Option(None, help="number of queries; more than the trace draws from a generator fitted to it"),
     burstiness: float = typer.Option(1.0, help="CV of inter-arrival times (1 = Poisson, >1 = bursty Gamma)"),
+    tenants: Optional[Path] = typer.Option(None, help="YAML list of tenants: name, slo_scale, priority, share (default: one tenant)"),
     out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
     chrome_trace: Optional[Path] = typer.Option(None, help="write a Chrome/Perfetto trace of engine timelines here"),
 ) -> None:
@@ -47,8 +48,9 @@ def simulate_command(
     if queries is not None and queries <= 0:
         raise UserError(f"--queries: must be a positive integer, got {queries}")
     loaded = load_policy(policy)
+    extra = {"tenants": _load_tenants(tenants)} if tenants is not None else {}
     spec = RunSpec(trace=trace, cluster=cluster, rate_qps=rate, slo_scale=slo_scale, seed=seed, queries=queries,
-                   burstiness_cv=burstiness)
+                   burstiness_cv=burstiness, **extra)
     spec.cluster_config()  # validate before running
     result, sim = simulate(spec, loaded, record_timeline=chrome_trace is not None)
     table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}")
@@ -59,6 +61,9 @@ def simulate_command(
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if len(result["per_tenant"]) > 1:
+        for name, stats in result["per_tenant"].items():
+            print(f"tenant {name}: {stats['n_workflows']} workflows, SLO attainment {stats['slo_attainment']:.3f}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -67,3 +72,24 @@ def simulate_command(
         chrome_trace.parent.mkdir(parents=True, exist_ok=True)
         chrome_trace.write_text(json.dumps(make_chrome_trace(sim)))
         print(f"wrote {chrome_trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+def _load_tenants(path: Path) -> list:
+    """Tenants file: a YAML list (or a mapping with a `tenants` list) of TenantSpec fields."""
+    import yaml
+
+    from envs.sim.errors import validate_as
+    from envs.sim.scenario import TenantSpec
+
+    if not path.is_file():
+        raise UserError(f"--tenants: file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"--tenants: {path} is not valid YAML (fix the syntax)") from None
+    if isinstance(raw, dict):
+        raw = raw.get("tenants")
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"--tenants: {path} must hold a non-empty list of tenants (name, slo_scale, priority, share)")
+    return [validate_as(TenantSpec, t if isinstance(t, dict) else {}, "tenants", f"{path.name}[{i}]")
+            for i, t in enumerate(raw)]

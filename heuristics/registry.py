@@ -12,7 +12,7 @@ from typing import Any, Callable
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
                                  WorkloadBalanced)
-from heuristics.local import FCFS, EarliestDeadlineFirst, Urgency
+from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
@@ -26,6 +26,7 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "fcfs": FCFS,
     "edf": EarliestDeadlineFirst,
     "urgency": Urgency,
+    "priority": TenantPriority,
 }
 
 

@@ -295,3 +295,15 @@ def test_heuristics_run_in_the_simulator_with_a_failure():
     for name in REQUIRED_NAMES:
         result, sim = simulate(spec, load_policy(name))
         assert result["n_finished"] == 8, name
+
+
+def test_tenant_priority_order_puts_important_tenants_first():
+    from heuristics.local import TenantPriority
+
+    order = TenantPriority()
+    e = FakeEngine({"gen": 1.0})
+    late_gold = FakeCall(priority=0, ready_time_s=500.0)
+    early_bronze = FakeCall(priority=1, ready_time_s=1.0)
+    early_gold = FakeCall(priority=0, ready_time_s=2.0)
+    keys = sorted([(order.key(c, e), i) for i, c in enumerate([late_gold, early_bronze, early_gold])])
+    assert [i for _, i in keys] == [2, 0, 1]

@@ -139,3 +139,17 @@ def test_yaml_workflow_template_runs_and_bad_template_is_one_line(tmp_path: Path
     bad = tmp_path / "w.yaml"
     bad.write_text("stages:\n  - step: a\n    input_tokens: {median: -3}\n    output_tokens: {median: 5}\n")
     assert_one_line_error(run_cli("simulate", "--trace", str(bad)), "stages.0.input_tokens.median")
+
+
+def test_tenants_file_gives_per_tenant_metrics(tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("- {name: gold, slo_scale: 1.0, priority: 0, share: 0.3}\n"
+                       "- {name: bronze, slo_scale: 2.0, priority: 1, share: 0.7}\n")
+    out = tmp_path / "r.json"
+    proc = run_cli("simulate", "--tenants", str(tenants), "--queries", "40", "--rate", "0.05", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    per_tenant = json.loads(out.read_text())["per_tenant"]
+    assert set(per_tenant) == {"gold", "bronze"}
+    assert sum(t["n_workflows"] for t in per_tenant.values()) == 40
+    tenants.write_text("- {name: x, slo_scale: -1}\n")
+    assert_one_line_error(run_cli("simulate", "--tenants", str(tenants)), "slo_scale")
