@@ -140,3 +140,19 @@ def test_tune_rl_trial_config_uses_tuning_seeds():
     cfg = trial_config(tiny_config(), {"learning_rate": 3e-4, "n_steps": 64, "batch_size": 256}, 256,
                        [TUNE_SEED_BASE], "t")
     assert cfg.eval.seeds == [TUNE_SEED_BASE] and cfg.hyperparams["batch_size"] == 64
+
+
+def test_train_cli_smoke_config(tmp_path):
+    """`agentsched train` end to end through the CLI (flags override the config)."""
+    from typer.testing import CliRunner
+
+    from agentsched.cli import _register_all, app
+
+    _register_all()
+    out = tmp_path / "smoke"
+    res = CliRunner().invoke(app, ["train", "--config", "training/configs/smoke.yaml", "--total-timesteps", "256",
+                                   "--warm-start", "none", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "policy:" in res.output and (out / "policy" / "model.zip").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "warm_start" not in summary and summary["total_timesteps"] == 256
