@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE, TrainConfig
 
@@ -191,4 +190,4 @@ def tune_rl(base: TrainConfig, out_dir: str | Path, trials: int = 10, timesteps:
     return report
 
 
-__all__ = ["tune_rl", "PPO_SPACE", "SAC_SPACE", "np"]
+__all__ = ["tune_rl", "PPO_SPACE", "SAC_SPACE"]
