@@ -12,6 +12,7 @@ import pytest
 from envs.sim.errors import UserError
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE, TrainConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY_SCENARIO = {"trace": "chess_trace1", "cluster": "paper", "queries": 8, "rate_qps": 0.08}
 
 
@@ -99,7 +100,9 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for path in sorted(Path("training/configs").glob("*.yaml")):
+    paths = sorted((ROOT / "training" / "configs").glob("*.yaml"))
+    assert paths
+    for path in paths:
         TrainConfig.load(path)
 
 
@@ -150,7 +153,7 @@ def test_train_cli_smoke_config(tmp_path):
 
     _register_all()
     out = tmp_path / "smoke"
-    res = CliRunner().invoke(app, ["train", "--config", "training/configs/smoke.yaml", "--total-timesteps", "256",
+    res = CliRunner().invoke(app, ["train", "--config", str(ROOT / "training" / "configs" / "smoke.yaml"), "--total-timesteps", "256",
                                    "--warm-start", "none", "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "policy:" in res.output and (out / "policy" / "model.zip").exists()
