@@ -341,24 +341,53 @@ def test_interval_policy_sees_workflows_on_live_gateway(live_cluster, tmp_path):
     assert policy.obs[names.index("global.attainment_so_far")] == pytest.approx(last[3] / 4)
 
 
-def test_shipped_knobs_policies_serve(live_cluster, tmp_path):
-    """Every trained Knobs policy shipped under policies/pretrained loads and routes on the gateway."""
+def test_shipped_trained_policies_serve(live_cluster, tmp_path):
+    """Every trained policy shipped under policies/pretrained loads and routes on the gateway:
+    dispatch networks pick engines from the live view, knob policies set knobs on it."""
     from pathlib import Path
 
     from policies.trained import load_trained_policy, read_metadata
 
     shipped = [p for p in sorted((Path(__file__).resolve().parent.parent / "policies" / "pretrained").glob("*"))
                if p.is_dir() or p.suffix == ".zip"]
-    knobs = [p for p in shipped if "Knobs" in str(read_metadata(p).get("env_id", ""))]
-    if not knobs:
-        pytest.skip("no trained Knobs policy shipped in policies/pretrained yet")
-    for path in knobs:
+    assert shipped, "policies/pretrained ships at least one trained policy"
+    for path in shipped:
         policy = load_trained_policy(path)
+        is_knobs = "Knobs" in str(read_metadata(path).get("env_id", ""))
+        engines = []
         with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
             with httpx.Client(base_url=gw.url, timeout=60) as client:
-                for i in range(3):
+                for i in range(4):
                     r = client.post("/v1/completions", json=completion(n_out=2, seed=i),
                                     headers={"X-Workflow-Id": f"k-{i}", "X-Workflow-Step": "revise", "X-Workflow-Last": "1"})
                     assert r.status_code == 200, r.text
-            time.sleep(policy.interval_s + 0.2 if policy.interval_s < 2 else 0.1)
-        assert policy.knob_history, path  # it chose knobs (first call) on the live view
+                    engines.append(r.headers["x-agentsched-engine"])
+            if is_knobs:
+                time.sleep(policy.interval_s + 0.2 if policy.interval_s < 2 else 0.1)
+        assert set(engines) <= {"fast", "slow"} and len(engines) == 4
+        if is_knobs:
+            assert policy.knob_history, path  # it chose knobs (first call) on the live view
+
+
+def test_client_disconnect_frees_the_engine_slot(live_cluster, tmp_path):
+    """Streams abandoned by their clients give their in-flight slot back; otherwise an engine would
+    fill up with ghosts. (This exercises hang-ups after the response started; the narrower window
+    before Starlette starts the body is covered by the gateway's finaliser but not reproduced here.)"""
+    with thread_gateway(live_cluster.cluster(tmp_path), load_named("rr")) as gw:
+        with httpx.Client(base_url=gw.url, timeout=60) as client:
+            for i in range(6):
+                with client.stream("POST", "/v1/completions",
+                                   json=completion(n_in=64, n_out=200, seed=100 + i, stream=True)) as s:
+                    assert s.status_code == 200
+                    if i % 2:
+                        next(s.iter_lines())  # read one event, then hang up mid-stream
+            deadline = time.monotonic() + 30
+            while True:
+                info = client.get("/v1/agentsched/info").json()
+                inflight = sum(e["inflight"] for e in info["engines"])
+                if inflight == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert inflight == 0, info["engines"]
+            r = client.post("/v1/completions", json=completion(n_out=2))
+            assert r.status_code == 200

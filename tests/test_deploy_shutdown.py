@@ -63,6 +63,14 @@ def _post_in_background(url: str, n: int) -> tuple[list[threading.Thread], list]
     return threads, results
 
 
+def _wait_engines_down(url: str) -> None:
+    """Until the gateway's health checks have marked every engine down."""
+    deadline = time.monotonic() + 20
+    while any(e["healthy"] for e in httpx.get(url + "/v1/agentsched/info", timeout=5).json()["engines"]):
+        assert time.monotonic() < deadline, "the unreachable engine was never marked down"
+        time.sleep(0.05)
+
+
 def _wait_open_calls(url: str, n: int) -> None:
     """Until the gateway has registered n calls (their workflows are open): no sleep-and-hope."""
     deadline = time.monotonic() + 20
@@ -89,6 +97,7 @@ def test_serve_exits_0_on_signal_and_fails_waiting_calls(tmp_path, sig):
     """Engines unreachable: calls wait for a healthy engine (60 s by default); a signal answers them 503."""
     port = free_port()
     proc = _serve(_cluster(tmp_path, f"http://127.0.0.1:{free_port()}"), port)
+    _wait_engines_down(f"http://127.0.0.1:{port}")  # else calls race the first health probe and fail fast
     threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
     _wait_open_calls(f"http://127.0.0.1:{port}", 2)  # the calls are now waiting for an engine
     code, took = _stop(proc, sig)

@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import json
 import logging
+import weakref
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -267,6 +268,10 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 gateway.attempt_failed(call, engine, exc if isinstance(exc, Exception) else RuntimeError("stream"))
                 exclude.add(engine.engine_id)
                 continue
+            except BaseException:  # the client went away (cancelled) before the first byte
+                gateway.release(call, engine)
+                gateway.call_finished(call, False)
+                raise
             if upstream.status in RETRYABLE_STATUS:
                 upstream.release()
                 gateway.release(call, engine)
@@ -274,7 +279,19 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 exclude.add(engine.engine_id)
                 continue
 
-            async def relay(first=first, chunks=chunks, upstream=upstream, engine=engine) -> AsyncIterator[bytes]:
+            done = [False]
+
+            def finish(ok: bool, upstream=upstream, engine=engine, done=done) -> None:
+                """Free the engine slot exactly once, however the stream ends."""
+                if done[0]:
+                    return
+                done[0] = True
+                upstream.release()
+                gateway.release(call, engine)
+                gateway.call_finished(call, ok)
+
+            async def relay(first=first, chunks=chunks, upstream=upstream, engine=engine,
+                            finish=finish) -> AsyncIterator[bytes]:
                 ok = False
                 try:
                     yield first
@@ -284,11 +301,13 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 except (UpstreamError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     log.warning("stream from %s broke after first byte: %s", engine.name, exc)
                 finally:
-                    upstream.release()
-                    gateway.release(call, engine)
-                    gateway.call_finished(call, ok)
+                    finish(ok)
 
-            return StreamingResponse(relay(), status_code=upstream.status,
+            stream = relay()
+            # a client that disconnects before the body starts leaves the generator unstarted, so
+            # its `finally` never runs: free the slot when the generator is dropped instead
+            weakref.finalize(stream, finish, False).atexit = False
+            return StreamingResponse(stream, status_code=upstream.status,
                                      media_type=upstream.headers.get("content-type", "text/event-stream"),
                                      headers={"X-Agentsched-Engine": engine.name})
         gateway.call_finished(call, False)
