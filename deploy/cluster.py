@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from envs.sim.errors import UserError
+from envs.sim.errors import UserError, load_yaml_mapping
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -212,10 +211,5 @@ def load_cluster(path: str | Path) -> Cluster:
     p = Path(path)
     if not p.exists():
         raise UserError(f"cluster file {p} does not exist (pass --cluster with a YAML file like deploy/clusters/local-cpu.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"cluster file {p} is not valid YAML: {str(exc).splitlines()[0]} (fix the syntax)") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"cluster file {p} must be a YAML mapping with an 'engines' list")
+    raw = load_yaml_mapping(p, "cluster file", " with an 'engines' list")
     return Cluster(ClusterFile.model_validate(raw), source=p.resolve())

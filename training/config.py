@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from envs.sim.errors import UserError
+from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
 KNOBS_ENV_ID = "agentsched/Knobs-v0"
@@ -122,23 +121,13 @@ class TrainConfig(BaseModel):
             if not candidate.exists():
                 raise UserError(f"--config: {path} not found (give a YAML file, or a name in training/configs/)")
             path = candidate
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"--config: {path} is not valid YAML ({exc.__class__.__name__})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"--config: {path} must be a mapping of fields")
+        raw = load_yaml_mapping(path, "--config", " of fields")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.parse(raw, source=path.name)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or "config"
-            raise UserError(f"config {source}: {loc}: {err['msg']} (fix this field)") from None
+        return validate_as(cls, raw, "config", source)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
