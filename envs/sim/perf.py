@@ -10,6 +10,7 @@ inverses of that are closed-form, which keeps the simulation cost per event, not
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +72,17 @@ class DecodeSegmentCost:
         return lo
 
 
-class IterationModel:
+class IterationModel(ABC):
     """Interface of a per-iteration cost model (roofline or measured profile)."""
 
+    @abstractmethod
     def iteration_s(self, prefill_tokens: int, prefill_ctx_tokens: float, attn_pairs: float,
                     decode_seqs: int, decode_ctx_tokens: int) -> float:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Time of one iteration with this prefill work and this decode batch."""
 
+    @abstractmethod
     def decode_segment(self, decode_seqs: int, decode_ctx_tokens: int) -> DecodeSegmentCost:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Cost of a run of pure-decode iterations starting with this batch and context."""
 
 
 class RooflineModel(IterationModel):
