@@ -97,9 +97,13 @@ def test_serve_exits_0_on_signal_and_fails_waiting_calls(tmp_path, sig):
     """Engines unreachable: calls wait for a healthy engine (60 s by default); a signal answers them 503."""
     port = free_port()
     proc = _serve(_cluster(tmp_path, f"http://127.0.0.1:{free_port()}"), port)
-    _wait_engines_down(f"http://127.0.0.1:{port}")  # else calls race the first health probe and fail fast
-    threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
-    _wait_open_calls(f"http://127.0.0.1:{port}", 2)  # the calls are now waiting for an engine
+    try:
+        _wait_engines_down(f"http://127.0.0.1:{port}")  # else calls race the first health probe and fail fast
+        threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
+        _wait_open_calls(f"http://127.0.0.1:{port}", 2)  # the calls are now waiting for an engine
+    except BaseException:
+        proc.kill()  # never leave a gateway behind when the set-up fails
+        raise
     code, took = _stop(proc, sig)
     for t in threads:
         t.join(10)
