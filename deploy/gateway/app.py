@@ -198,6 +198,18 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
             out["priority"] = int(call.deadline_s * 1000)  # vLLM: lower runs first
         return json.dumps(out, separators=(",", ":")).encode()
 
+    def _rejected(exc: Exception) -> Response:
+        """The answer to a call the gateway could not place: full queue, no engine, shutting down."""
+        if isinstance(exc, QueueFull):
+            gateway.metrics.rejected.labels("queue_full").inc()
+            return _error(429, f"engine {exc} queue is full; retry later", "rate_limit_error",
+                          {"Retry-After": str(cfg.retry_after_s)})
+        if isinstance(exc, NoEngine):
+            gateway.metrics.rejected.labels("no_engine").inc()
+            return _error(503, "no healthy engine; retry later", "unavailable", {"Retry-After": str(cfg.retry_after_s)})
+        gateway.metrics.rejected.labels("shutting_down").inc()
+        return _shutting_down()
+
     async def _forward(call: CallState, body: dict[str, Any], path: str) -> Response:
         exclude: set[int] = set()
         ok = False
@@ -206,10 +218,8 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 call.attempts += 1
                 try:
                     engine = await gateway.acquire(call, exclude)
-                except QueueFull as exc:
-                    gateway.metrics.rejected.labels("queue_full").inc()
-                    return _error(429, f"engine {exc} queue is full; retry later", "rate_limit_error",
-                                  {"Retry-After": str(cfg.retry_after_s)})
+                except (QueueFull, NoEngine, ShuttingDown) as exc:
+                    return _rejected(exc)
                 try:
                     resp = await gateway.pools[engine.engine_id].fetch(
                         "POST", path, _upstream_body(body, call, engine), timeout_s=cfg.upstream_timeout_s)
@@ -229,12 +239,6 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                                 headers={"X-Agentsched-Engine": engine.name})
             gateway.metrics.rejected.labels("attempts_exhausted").inc()
             return _error(502, f"call failed on {call.attempts} attempts; engines unavailable", "upstream_error")
-        except NoEngine:
-            gateway.metrics.rejected.labels("no_engine").inc()
-            return _error(503, "no healthy engine; retry later", "unavailable", {"Retry-After": str(cfg.retry_after_s)})
-        except ShuttingDown:
-            gateway.metrics.rejected.labels("shutting_down").inc()
-            return _shutting_down()
         finally:
             gateway.call_finished(call, ok)
 
@@ -245,19 +249,9 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
             call.attempts += 1
             try:
                 engine = await gateway.acquire(call, exclude)
-            except QueueFull as exc:
-                gateway.metrics.rejected.labels("queue_full").inc()
+            except (QueueFull, NoEngine, ShuttingDown) as exc:
                 gateway.call_finished(call, False)
-                return _error(429, f"engine {exc} queue is full; retry later", "rate_limit_error",
-                              {"Retry-After": str(cfg.retry_after_s)})
-            except NoEngine:
-                gateway.metrics.rejected.labels("no_engine").inc()
-                gateway.call_finished(call, False)
-                return _error(503, "no healthy engine; retry later", "unavailable", {"Retry-After": str(cfg.retry_after_s)})
-            except ShuttingDown:
-                gateway.metrics.rejected.labels("shutting_down").inc()
-                gateway.call_finished(call, False)
-                return _shutting_down()
+                return _rejected(exc)
             pool = gateway.pools[engine.engine_id]
             try:
                 upstream = await pool.request("POST", path, _upstream_body(body, call, engine))
