@@ -13,9 +13,13 @@ gateway and `replay` send them):
 
 Fits (non-negative least squares on relative errors), in `ProfileCoefficients` terms:
     decode iteration  = base_s + decode_seq_s * B + context_token_s * C
-    prefill latency   = overhead + base_s + (prefill_token_s + context_token_s) * n + attn_pair_s * n(n+1)/2
-The per-call overhead (HTTP, tokenisation, detokenisation; outside the model's iterations) is the
-profile's `request_overhead_s`, which the simulator adds once per call.
+    prefill latency   = overhead + call_engine_s + base_s + (prefill_token_s + context_token_s) * n
+                        + attn_pair_s * n(n+1)/2
+    burst of k calls  = mean latency rising by call_engine_s + one prompt's prefill per extra call
+`call_engine_s` is engine time per new call (tokenising, scheduling, output handling on the
+engine's own CPU), which the simulator adds to the iteration that admits the call; the rest of the
+per-call overhead (HTTP, client, gateway; outside the engine) is `request_overhead_s`, which the
+simulator adds once per call without occupying the engine.
 
 Under load (`measure_under_load` + `fit_under_load`): isolated calls on an otherwise idle engine
 underestimate what calls see when both engines, the gateway and the client share the cores. A
@@ -43,7 +47,7 @@ from scipy.optimize import nnls
 
 from deploy.http1 import ConnectionPool, UpstreamError
 from envs.sim.errors import UserError
-from envs.sim.perf import PerfProfile, ProfileCoefficients
+from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel
 
 TOKEN_ID_RANGE = (10, 1000)  # ids every tiny model's vocabulary has; real models have far more
 # vLLM's default token budget per iteration for the OpenAI server on CPU (2048 x world size; GPUs
@@ -63,6 +67,10 @@ class CalibrationPlan:
     decode_short: int = 4  # output tokens of the short and long run of a decode probe
     decode_long: int = 28
     decode_repeats: int = 3
+    # k calls with short prompts sent at once: latency grows with k by the engine time per call
+    burst_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    burst_prompt_tokens: int = 16
+    burst_repeats: int = 5
     warmup_calls: int = 8
     seed: int = 0
 
@@ -71,6 +79,7 @@ class CalibrationPlan:
 class Samples:
     prefill: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tokens, seconds)
+    burst: list[tuple[int, int, float]] = field(default_factory=list)  # (calls, prompt tokens, mean seconds)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average while measuring
 
 
@@ -180,6 +189,13 @@ async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: in
                 continue
             context = batch * (ctx + plan.decode_short + extra / 2)
             samples.decode.append((batch, int(context), iteration))
+    # bursts: k one-token calls at once; the mean latency rises by the engine's own time per call
+    for k in plan.burst_sizes:
+        if k > max_num_seqs:
+            continue
+        means = [statistics.mean(await _batch_latencies(prober, k, plan.burst_prompt_tokens, 1))
+                 for _ in range(plan.burst_repeats)]
+        samples.burst.append((k, plan.burst_prompt_tokens, statistics.median(means)))
     samples.loadavg.append(loadavg_1m())
     return samples
 
@@ -199,15 +215,27 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
     b = np.column_stack([np.ones(len(p)), n, n * (n + 1) / 2])
     wp = 1.0 / p[:, 1]
     (c0, tok_s, pair_s), _ = nnls(b * wp[:, None], y * wp)
-    # the prefill iteration's fixed part is the decode fit's base_s; the rest of the intercept is
-    # per-call work outside the model's iterations (HTTP, tokenise, detokenise, scheduling)
-    overhead = max(0.0, c0 - base_s)
     coeffs = ProfileCoefficients(base_s=float(base_s), prefill_token_s=float(tok_s), decode_seq_s=float(seq_s),
                                  context_token_s=float(ctx_s), attn_pair_s=float(pair_s))
+    # bursts of k calls admitted together: the simulator runs them in one iteration whose cost
+    # grows by (prompt's prefill + call_engine_s) per call; the slope of the measured mean latency
+    # over k, less the prefill part, is the engine's own time per call
+    call_s = 0.0
+    if len(samples.burst) >= 2:
+        kb = np.array([b[0] for b in samples.burst], dtype=float)
+        mean_s = np.array([b[2] for b in samples.burst])
+        slope = float(np.polyfit(kb, mean_s, 1)[0])
+        nb = samples.burst[0][1]
+        per_call_prefill = ProfileModel(PerfProfile(iteration=coeffs)).iteration_s(nb, nb, nb * (nb + 1) / 2, 0, 0) - base_s
+        call_s = max(0.0, slope - per_call_prefill)
+    # the prefill iteration's fixed part is the decode fit's base_s plus one call's engine time;
+    # the rest of the intercept is per-call time outside the engine (HTTP, client, gateway)
+    overhead = max(0.0, c0 - base_s - call_s)
     pred_d = a @ np.array([base_s, seq_s, ctx_s])
     pred_p = b @ np.array([c0, tok_s, pair_s]) + ctx_s * n
     fit = {
         "request_overhead_s": float(overhead),
+        "call_engine_s": float(call_s),
         "decode_median_abs_rel_err": float(np.median(np.abs(pred_d - d[:, 2]) / d[:, 2])),
         "prefill_median_abs_rel_err": float(np.median(np.abs(pred_p - p[:, 1]) / p[:, 1])),
         "n_decode_samples": float(len(d)),
@@ -219,6 +247,7 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
         engine=f"{info.get('model')} @ {info.get('url')}",
         iteration=coeffs,
         request_overhead_s=float(overhead),
+        call_engine_s=float(call_s),
         kv_capacity_tokens=info.get("kv_cache_tokens"),
         block_size_tokens=info.get("block_size"),
         max_num_seqs=max_num_seqs,
@@ -257,7 +286,7 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
     -> gateway -> client), per engine: the median latency of solo `max_tokens=1` calls sent
     through `url` (a gateway; the engine is read from its X-Agentsched-Engine header) minus the
     profile's prefill iteration. Engines the gateway never picked are left out."""
-    from envs.sim.perf import ProfileModel, solo_call_latency_s
+    from envs.sim.perf import solo_call_latency_s
 
     async def run() -> dict[str, list[float]]:
         prober = EngineProber(url.rstrip("/"), model or "tiny", random.Random(seed))
@@ -284,7 +313,7 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
     for name, lat in latencies.items():
         if name in profiles:
             p = profiles[name]
-            model_s = solo_call_latency_s(ProfileModel(p), n_in, 1, p.max_num_batched_tokens or 8192)
+            model_s = p.call_engine_s + solo_call_latency_s(ProfileModel(p), n_in, 1, p.max_num_batched_tokens or 8192)
             overheads[name] = max(0.0, statistics.median(lat) - model_s)
     return overheads
 
@@ -352,6 +381,18 @@ def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tin
     return asyncio.run(run())
 
 
+def scaled_profile(profile: PerfProfile, k: float) -> PerfProfile:
+    """The profile with every engine-CPU cost (iterations and per-call engine time) times k."""
+    k = float(k)
+    c = profile.iteration
+    p = profile.model_copy(deep=True)
+    p.iteration = ProfileCoefficients(base_s=c.base_s * k, prefill_token_s=c.prefill_token_s * k,
+                                      decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
+                                      attn_pair_s=c.attn_pair_s * k)
+    p.call_engine_s = profile.call_engine_s * k
+    return p
+
+
 def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile], scale: dict[str, float],
                      overhead: dict[str, float]) -> np.ndarray:
     """Simulated latency of every sample: each call a one-call workflow arriving when it was sent,
@@ -363,12 +404,7 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
     names = sorted(profiles)
     tmp: list[PerfProfile] = []
     for name in names:
-        p = profiles[name].model_copy(deep=True)
-        c = p.iteration
-        k = scale.get(name, 1.0)
-        p.iteration = ProfileCoefficients(base_s=c.base_s * k, prefill_token_s=c.prefill_token_s * k,
-                                          decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
-                                          attn_pair_s=c.attn_pair_s * k)
+        p = scaled_profile(profiles[name], scale.get(name, 1.0))
         p.request_overhead_s = overhead.get(name, p.request_overhead_s)
         tmp.append(p)
     import tempfile
@@ -426,12 +462,8 @@ def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
 
 def apply_load_fit(profile: PerfProfile, fit: dict[str, float]) -> PerfProfile:
     """The profile with iteration costs x fit['scale'] and request overhead fit['overhead_s']."""
-    c = profile.iteration
     k = fit["scale"]
-    p = profile.model_copy(deep=True)
-    p.iteration = ProfileCoefficients(base_s=c.base_s * k, prefill_token_s=c.prefill_token_s * k,
-                                      decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
-                                      attn_pair_s=c.attn_pair_s * k)
+    p = scaled_profile(profile, k)
     p.request_overhead_s = fit["overhead_s"]
     p.fit.update({"load_scale": k, "load_overhead_s": fit["overhead_s"], "request_overhead_s": fit["overhead_s"],
                   "load_mean_abs_log_err": fit["mean_abs_log_err"], "load_n_calls": fit["n_calls"]})

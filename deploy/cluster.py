@@ -47,6 +47,20 @@ class TinyModelShape(_Strict):
     seed: int = 0
 
 
+def parse_cpu_list(value: str) -> set[int]:
+    """CPU ids of a Linux cpu list such as '0', '0-3' or '0,2-3' (the format of taskset -c)."""
+    cpus: set[int] = set()
+    try:
+        for part in value.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"cpu_bind {value!r} is not a CPU list; write e.g. '0', '0-1' or '0,2'") from None
+    if not cpus:
+        raise ValueError(f"cpu_bind {value!r} names no CPU; write e.g. '0'")
+    return cpus
+
+
 class LaunchSpec(_Strict):
     """How `agentsched engines up` starts a local vLLM CPU engine."""
 
@@ -56,6 +70,10 @@ class LaunchSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
     cpu_bind: str = Field(description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-1'")
+    # vLLM pins only its worker's OMP threads; the API server and EngineCore processes float over
+    # every core and steal time from the other engines' workers, so an engine's speed depends on
+    # what its neighbours do. Pinning the whole process group keeps each engine on its own cores.
+    pin_processes: bool = True
     kv_cache_memory: str = "64M"
     max_model_len: int = Field(4096, ge=16)
     max_num_seqs: int = Field(32, ge=1)
@@ -72,9 +90,19 @@ class LaunchSpec(_Strict):
         parse_size_bytes(value)
         return value
 
+    @field_validator("cpu_bind")
+    @classmethod
+    def _cpus(cls, value: str) -> str:
+        parse_cpu_list(value)
+        return value
+
     @property
     def kv_cache_bytes(self) -> int:
         return parse_size_bytes(self.kv_cache_memory)
+
+    @property
+    def cpus(self) -> set[int]:
+        return parse_cpu_list(self.cpu_bind)
 
 
 class EngineSpec(_Strict):

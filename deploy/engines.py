@@ -189,6 +189,17 @@ def running_pid(cluster: Cluster, spec: EngineSpec) -> int | None:
     return pid if _is_engine_group(pid) else None
 
 
+def _pin_to(cpus: set[int]):
+    """Affinity for the engine and every process it forks (API server, EngineCore, worker)."""
+    available = os.sched_getaffinity(0)
+    wanted = cpus & available or available  # a cluster file written for a bigger machine still runs
+
+    def pin() -> None:
+        os.sched_setaffinity(0, wanted)
+
+    return pin
+
+
 def start_engine(cluster: Cluster, spec: EngineSpec) -> EngineProcess:
     """Spawn one engine (non-blocking). Reuses a live engine recorded in the pid file."""
     if spec.launch is None:
@@ -211,6 +222,7 @@ def start_engine(cluster: Cluster, spec: EngineSpec) -> EngineProcess:
         stdin=subprocess.DEVNULL,
         cwd=str(work),
         start_new_session=True,  # own process group: stop kills EngineCore too
+        preexec_fn=_pin_to(spec.launch.cpus) if spec.launch.pin_processes else None,
     )
     pid_path(cluster, spec).write_text(str(proc.pid))
     return EngineProcess(spec, proc.pid, log_path)

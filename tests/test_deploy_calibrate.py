@@ -60,3 +60,15 @@ def test_load_fit_recovers_scale_and_overhead() -> None:
     again = simulate_samples(samples, {"fast": p, "slow": apply_load_fit(profiles["slow"], fit["slow"])},
                              {}, {})
     assert np.allclose(again, truth)
+
+
+def test_fit_separates_engine_time_per_call_from_path_overhead() -> None:
+    """Bursts of k short calls rise by (call_engine_s + one prompt's prefill) per call; the fit
+    recovers call_engine_s and leaves only the rest of the intercept as request_overhead_s."""
+    base, tok, ctx, overhead, call_s = 0.004, 3e-5, 5e-7, 0.008, 0.003
+    s = _samples(base=base, tok=tok, ctx=ctx, overhead=overhead + call_s)
+    for k in (1, 2, 4, 8, 16):
+        s.burst.append((k, 16, overhead + base + k * (call_s + (tok + ctx) * 16)))
+    p = fit_profile(s, {"model": "tiny"}, max_num_seqs=32)
+    assert p.call_engine_s == pytest.approx(call_s, rel=0.02)
+    assert p.request_overhead_s == pytest.approx(overhead, rel=0.02)

@@ -59,6 +59,7 @@ def test_size_parsing(text, expected) -> None:
     ("engines:\n  - {name: a, url: 'http://h:1', colour: red}\n", "colour"),
     ("engines:\n  - {name: a, url: 'http://h:1'}\n  - {name: a, url: 'http://h:2'}\n", "unique"),
     ("engines:\n  - name: a\n    launch: {model_dir: m, port: 1, cpu_bind: '0', kv_cache_memory: lots}\n", "kv_cache_memory"),
+    ("engines:\n  - name: a\n    launch: {model_dir: m, port: 1, cpu_bind: 'first'}\n", "cpu_bind"),
     ("engines: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_cluster_file_is_one_line_exit_2(tmp_path, yaml_text, needle) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import threading
 import time
 
@@ -396,3 +397,27 @@ def test_client_disconnect_frees_the_engine_slot(live_cluster, tmp_path):
             assert inflight == 0, info["engines"]
             r = client.post("/v1/completions", json=completion(n_out=2))
             assert r.status_code == 200
+
+
+def test_each_engine_runs_pinned_to_its_own_cpus(live_cluster):
+    """Every process of an engine (API server, EngineCore, worker) stays on the engine's cpu_bind,
+    so one engine's busy API server cannot slow the other engine's forward passes."""
+    from deploy.engines import running_pid
+
+    cluster = live_cluster.session_cluster()
+    available = os.sched_getaffinity(0)
+    for spec in cluster.engines:
+        pid = running_pid(cluster, spec)
+        assert pid is not None
+        group = os.getpgid(pid)
+        members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == group]
+        assert len(members) >= 3, members  # API server, EngineCore, worker (and helpers)
+        for member in members:
+            assert os.sched_getaffinity(member) == (spec.launch.cpus & available or available), member
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

@@ -93,6 +93,7 @@ class Engine:
         self.perf: IterationModel = (ProfileModel(profile) if profile
                                      else RooflineModel(gpu, model, config.tp, config.weight_bits, config.kv_bits))
         self.request_overhead_s = profile.request_overhead_s if profile else 0.0
+        self.call_engine_s = profile.call_engine_s if profile else 0.0
         self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
         self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
                                        else config.max_num_batched_tokens)
@@ -159,7 +160,7 @@ class Engine:
             from envs.sim.perf import solo_call_latency_s
 
             mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
-            cached = self.request_overhead_s + solo_call_latency_s(
+            cached = self.request_overhead_s + self.call_engine_s + solo_call_latency_s(
                 self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
             self._latency_cache[step] = cached
         return cached
@@ -243,6 +244,7 @@ class Engine:
         # 2) admit waiting requests in the local policy's order (not in an iteration that had to
         #    preempt: memory is short). Admission reserves the whole prompt's blocks, so a
         #    half-prefilled prompt never has to evict others to continue.
+        new_calls = 0
         while waiting and budget > 0 and len(running) < self.max_num_seqs and not any_preempted:
             seq = waiting[0][2]
             chunk = min(seq.prefill_left, budget)
@@ -252,6 +254,7 @@ class Engine:
             heapq.heappop(waiting)
             if math.isnan(seq.admit_time_s):
                 seq.admit_time_s = now_s
+                new_calls += 1
             running.append(seq)
             self.free_blocks -= need
             seq.blocks += need
@@ -275,7 +278,7 @@ class Engine:
             d_ctx = 0
             for seq in decodes:
                 d_ctx += seq.kv_tokens + 1
-            dur = self.perf.iteration_s(p_tokens, p_ctx, pairs, len(decodes), d_ctx)
+            dur = self.perf.iteration_s(p_tokens, p_ctx, pairs, len(decodes), d_ctx) + new_calls * self.call_engine_s
             self._seg_k = 1
             self._seg_cost = None
         else:
