@@ -21,7 +21,8 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
         raise PolicyError(f"{source}: a policy file must be a mapping with 'kind' (heuristic or trained)")
     kind = spec.get("kind", "heuristic")
     if kind != "heuristic":
-        raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic', or a trained policy directory)")
+        raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic' or 'combined', or a trained "
+                          f"policy directory)")
     unknown = sorted(set(spec) - {"kind", "name", "base", "dispatch", "local", "meta"})
     if unknown:
         raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: kind, name, base, dispatch, local, meta)")
@@ -71,6 +72,10 @@ def load_policy(name_or_path: str | Path) -> Policy:
             raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise PolicyError(f"policy: {path} cannot be parsed ({exc.__class__.__name__}); fix the file syntax") from None
+        if isinstance(raw, dict) and raw.get("kind") == "combined":
+            from policies.combined import combined_from_spec
+
+            return combined_from_spec(raw, path.parent, source=f"policy file {path.name}")
         return policy_from_spec(raw, source=f"policy file {path.name}")
     if text.endswith(POLICY_FILE_SUFFIXES) or "/" in text:
         raise PolicyError(f"policy: file {text} not found (check the path)")

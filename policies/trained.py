@@ -272,13 +272,17 @@ class TrainedKnobsPolicy(TrainedPolicy):
             return  # no decision yet in this episode (the first comes with the first call)
         self._decide(cluster)
 
-    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+    def bind(self, cluster: ClusterView) -> None:
+        """First knob decision of an episode, when the policy first sees `cluster`."""
         if self._bound is not cluster:
             self.check_cluster(cluster)
             self._bound = cluster
             self._observer.reset(cluster)
             self._action = self._default_action()
             self._decide(cluster)
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        self.bind(cluster)
         return self.heuristic.dispatch(call, cluster)
 
     def queue_key(self, call: CallView, engine: EngineView) -> float:
