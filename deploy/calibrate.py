@@ -24,10 +24,9 @@ simulator adds once per call without occupying the engine.
 Under load (`measure_under_load` + `fit_under_load`): isolated calls on an otherwise idle engine
 underestimate what calls see when both engines, the gateway and the client share the cores. A
 generic synthetic call stream (Poisson arrivals, log-uniform prompt/output sizes; not a trace's
-workflows; groups of calls sent at once, as fan-out stages send them) is sent through the gateway;
-the simulator replays the very same calls on the engines that served them, and per engine an
-iteration-cost scale, an engine time per call and a per-call overhead are chosen so that simulated
-latencies match the measured ones (least mean |log(sim/real)|).
+workflows) is sent through the gateway; the simulator replays the very same calls on the engines
+that served them, and per engine an iteration-cost scale and a per-call overhead are chosen so
+that simulated latencies match the measured ones (least mean |log(sim/real)|).
 `measure_path_overhead` measures the overhead of the client -> gateway -> engine path alone.
 """
 
@@ -322,13 +321,10 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
 @dataclass
 class LoadPlan:
     """A synthetic call stream for `calibrate_under_load` (generic, not any trace's workflows):
-    Poisson arrivals of groups of 1..fanout calls sent at once (as agentic fan-out stages send
-    them, so the engine time per call is measured where it matters), prompt and output lengths
-    log-uniform."""
+    Poisson arrivals, prompt and output lengths log-uniform."""
 
     rate_calls_s: float = 8.0
-    fanout: int = 6
-    duration_s: float = 45.0  # ~180 calls per engine: at 20 s the fit moved by 10-20% between runs
+    duration_s: float = 20.0
     prompt_tokens: tuple[int, int] = (10, 700)
     output_tokens: tuple[int, int] = (1, 40)
     seed: int = 7
@@ -349,16 +345,15 @@ def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tin
     plan = plan or LoadPlan()
     rng = random.Random(plan.seed)
     calls, t = [], 0.0
-    group_rate = plan.rate_calls_s / ((1 + plan.fanout) / 2)
     while True:
-        t += rng.expovariate(group_rate)
+        t += rng.expovariate(plan.rate_calls_s)
         if t > plan.duration_s:
             break
         lo, hi = plan.prompt_tokens
         n_in = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
         lo, hi = plan.output_tokens
         n_out = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-        calls.extend((t, n_in, n_out) for _ in range(rng.randint(1, plan.fanout)))
+        calls.append((t, n_in, n_out))
 
     async def run() -> list[LoadSample]:
         prober = EngineProber(url.rstrip("/"), model, rng)
@@ -399,7 +394,7 @@ def scaled_profile(profile: PerfProfile, k: float) -> PerfProfile:
 
 
 def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile], scale: dict[str, float],
-                     overhead: dict[str, float], call_engine: dict[str, float] | None = None) -> np.ndarray:
+                     overhead: dict[str, float]) -> np.ndarray:
     """Simulated latency of every sample: each call a one-call workflow arriving when it was sent,
     on the engine that served it, with the profiles' iteration costs x `scale` and `overhead`."""
     from envs.sim.cluster import ClusterSimulator
@@ -411,7 +406,6 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
     for name in names:
         p = scaled_profile(profiles[name], scale.get(name, 1.0))
         p.request_overhead_s = overhead.get(name, p.request_overhead_s)
-        p.call_engine_s = (call_engine or {}).get(name, p.call_engine_s)
         tmp.append(p)
     import tempfile
 
@@ -443,40 +437,34 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
 
 def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
                    scales: tuple[float, ...] = tuple(np.round(np.arange(0.5, 5.01, 0.1), 2)),
-                   overheads_ms: tuple[float, ...] = tuple(range(0, 301, 3)),
-                   call_engine_ms: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)) -> dict[str, dict[str, float]]:
-    """Per engine, the iteration-cost scale, engine time per call and per-call overhead under which
-    the simulator best reproduces the calls measured under load (least mean |log(sim / real)|).
-    The engines are independent given each call's engine, so one grid of simulations fits all."""
+                   overheads_ms: tuple[float, ...] = tuple(range(0, 301, 3))) -> dict[str, dict[str, float]]:
+    """Per engine, the iteration-cost scale and per-call overhead under which the simulator best
+    reproduces the calls measured under load (least mean |log(sim / real)|). The engines are
+    independent given each call's engine, so one grid of simulations fits all of them."""
     real = np.array([s.latency_s for s in samples])
     names = sorted(profiles)
     mask = {n: np.array([s.engine == n for s in samples]) for n in names}
-    best: dict[str, tuple[float, float, float, float]] = {}
+    best: dict[str, tuple[float, float, float]] = {}
     for k in scales:
-        for c in call_engine_ms:
-            # overhead shifts every latency by a constant: simulate once without it, add it after
-            base = simulate_samples(samples, profiles, {n: k for n in names}, {n: 0.0 for n in names},
-                                    {n: c / 1e3 for n in names})
-            for n in names:
-                m = mask[n]
-                if not m.any():
-                    continue
-                for o in overheads_ms:
-                    err = float(np.mean(np.abs(np.log((base[m] + o / 1e3) / real[m]))))
-                    if n not in best or err < best[n][3]:
-                        best[n] = (float(k), c / 1e3, o / 1e3, err)
-    return {n: {"scale": b[0], "call_engine_s": b[1], "overhead_s": b[2], "mean_abs_log_err": b[3],
-                "n_calls": float(mask[n].sum())} for n, b in best.items()}
+        # overhead shifts every latency by a constant: simulate once without it, add it after
+        base = simulate_samples(samples, profiles, {n: k for n in names}, {n: 0.0 for n in names})
+        for n in names:
+            m = mask[n]
+            if not m.any():
+                continue
+            for o in overheads_ms:
+                err = float(np.mean(np.abs(np.log((base[m] + o / 1e3) / real[m]))))
+                if n not in best or err < best[n][2]:
+                    best[n] = (float(k), o / 1e3, err)
+    return {n: {"scale": b[0], "overhead_s": b[1], "mean_abs_log_err": b[2], "n_calls": float(mask[n].sum())}
+            for n, b in best.items()}
 
 
 def apply_load_fit(profile: PerfProfile, fit: dict[str, float]) -> PerfProfile:
-    """The profile with iteration costs x fit['scale'], request overhead fit['overhead_s'] and, when
-    fitted, engine time per call fit['call_engine_s']."""
+    """The profile with iteration costs x fit['scale'] and request overhead fit['overhead_s']."""
     k = fit["scale"]
     p = scaled_profile(profile, k)
     p.request_overhead_s = fit["overhead_s"]
-    if "call_engine_s" in fit:
-        p.call_engine_s = fit["call_engine_s"]
     p.fit.update({"load_scale": k, "load_overhead_s": fit["overhead_s"], "request_overhead_s": fit["overhead_s"],
                   "load_mean_abs_log_err": fit["mean_abs_log_err"], "load_n_calls": fit["n_calls"]})
     return p
