@@ -9,7 +9,7 @@ Steps (all on this machine, real vLLM CPU engines from deploy/clusters/local-cpu
 5. print the prediction error: per-call latency (median, p90) and workflow latency (median, p90),
    both as errors of the distributions' percentiles and as pairwise errors of matched calls.
 
-    .venv/bin/python benchmarks/sim_vs_real.py [--queries 12 --rate 0.5 --token-scale 0.05]
+    .venv/bin/python benchmarks/sim_vs_real.py [--queries 30 --rate 0.5 --token-scale 0.05]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", default=str(REPO / "deploy" / "clusters" / "local-cpu.yaml"))
     parser.add_argument("--trace", default="chess_trace1")
-    parser.add_argument("--queries", type=int, default=12)
+    parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--rate", type=float, default=0.5)
     parser.add_argument("--slo-scale", type=float, default=3.0)
     parser.add_argument("--token-scale", type=float, default=0.05)
@@ -224,7 +224,8 @@ def main() -> None:
                           f"(mean |log err| {f['mean_abs_log_err']:.2f} over {f['n_calls']:.0f} calls)")
             for name, profile in by_name.items():
                 profile.save(profiles[name])
-                print(f"calibrated {name}: {profile.iteration.model_dump()} overhead "
+                print(f"calibrated {name}: {profile.iteration.model_dump()} engine time per call "
+                      f"{profile.call_engine_s*1e3:.2f} ms, overhead "
                       f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms)")
             print(f"calibration took {time.perf_counter() - t0:.0f} s")
         loads["before_replay"] = loadavg_1m()
