@@ -55,6 +55,27 @@ class Urgency(LocalOrder):
         return w * slack_key + (1.0 - w) * call.ready_time_s
 
 
+# Calls already past saving wait behind every call that can still make it (about 3 years of
+# simulated time would have to pass for a readiness-time gap to outweigh this).
+HOPELESS_OFFSET_S = 1e8
+
+
+class UrgencyTriage(Urgency):
+    """Urgency with triage: a call that would miss its deadline even if admitted the moment it
+    became ready (deadline - T_e(s) < ready time) is queued behind every call that can still make
+    it. Under overload, pure urgency serves the most hopeless calls first and drags savable
+    workflows down with them; triage lets those workflows meet their SLO instead. On the paper
+    cluster at 0.12 q/s it raises tuned HexGen's SLO-goodput by 11-14% (heuristics/README.md)."""
+
+    name = "urgency-triage"
+
+    def key(self, call: CallView, engine: EngineView) -> float:
+        key = super().key(call, engine)
+        if call.deadline_s - engine.expected_latency_s(call.step) < call.ready_time_s:
+            return key + HOPELESS_OFFSET_S
+        return key
+
+
 # Tenant priorities are small integers; one priority level outweighs any readiness-time gap
 # (a run would need to last about 30 years of simulated time to break this).
 PRIORITY_LEVEL_S = 1e9

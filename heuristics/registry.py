@@ -12,7 +12,7 @@ from typing import Any, Callable
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
                                  WorkloadBalanced)
-from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency
+from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
@@ -26,6 +26,7 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "fcfs": FCFS,
     "edf": EarliestDeadlineFirst,
     "urgency": Urgency,
+    "urgency-triage": UrgencyTriage,
     "priority": TenantPriority,
 }
 
@@ -62,6 +63,8 @@ NAMED: dict[str, Named] = {
                       about="ablation: workload-balanced (outstanding W) + FCFS"),
     "least-work+urgency": Named("least-work", "urgency", about="earliest expected finish + urgency order"),
     "rr+edf": Named("round-robin", "edf", about="round robin + earliest deadline first"),
+    "hexgen+triage": Named("workload-balanced", "urgency-triage",
+                           about="HexGen, with calls that can no longer meet their deadline queued last"),
 }
 
 

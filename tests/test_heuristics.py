@@ -205,6 +205,22 @@ def test_local_orders():
     assert u.key(a, fast) == pytest.approx(0.25 * 28.0 + 0.75 * 0.0)
 
 
+def test_triage_queues_hopeless_calls_behind_savable_ones():
+    """A call that misses its deadline even if admitted when ready goes last; the rest keep the
+    urgency order; with no hopeless call, triage is exactly urgency."""
+    from heuristics.local import UrgencyTriage
+
+    e = FakeEngine({"gen": 2.0})
+    hopeless = FakeCall(step="gen", ready_time_s=10.0, deadline_s=11.0)  # needs 2 s, has 1 s
+    savable_late = FakeCall(step="gen", ready_time_s=0.0, deadline_s=40.0)
+    savable_soon = FakeCall(step="gen", ready_time_s=5.0, deadline_s=20.0)
+    order = lambda lo, calls: sorted(calls, key=lambda x: lo.key(x, e))
+    assert order(Urgency(), [hopeless, savable_late, savable_soon])[0] is hopeless  # pure urgency: worst first
+    assert order(UrgencyTriage(), [hopeless, savable_late, savable_soon]) == [savable_soon, savable_late, hopeless]
+    assert [UrgencyTriage(0.4).key(x, e) for x in (savable_late, savable_soon)] == \
+        [Urgency(0.4).key(x, e) for x in (savable_late, savable_soon)]
+
+
 def test_urgency_key_is_time_invariant_equivalent_of_paper_urgency():
     """Paper: admit max(elapsed + T_e(s) - budget). For any common `now`, that is min(deadline - T_e(s))."""
     e = FakeEngine({"gen": 3.0, "short": 0.2})
