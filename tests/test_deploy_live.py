@@ -352,14 +352,19 @@ def test_shipped_trained_policies_serve(live_cluster, tmp_path):
     dispatch networks pick engines from the live view, knob policies set knobs on it."""
     from pathlib import Path
 
-    from policies.trained import load_trained_policy, read_metadata
+    from policies import load_policy
+    from policies.combined import CombinedPolicy
+    from policies.trained import read_metadata
 
-    shipped = [p for p in sorted((Path(__file__).resolve().parent.parent / "policies" / "pretrained").glob("*"))
-               if p.is_dir() or p.suffix == ".zip"]
+    pretrained = Path(__file__).resolve().parent.parent / "policies" / "pretrained"
+    shipped = [p for p in sorted(pretrained.glob("*")) if (p / "policy.yaml").exists() or p.suffix == ".zip"]
     assert shipped, "policies/pretrained ships at least one trained policy"
-    for path in shipped:
-        policy = load_trained_policy(path)
-        is_knobs = "Knobs" in str(read_metadata(path).get("env_id", ""))
+    combined = sorted(p for p in pretrained.glob("*.yaml"))  # "both": dispatch network + knob controller
+    for path in shipped + combined:
+        policy = load_policy(path)
+        knobs = policy.local_policy if isinstance(policy, CombinedPolicy) else policy
+        is_knobs = path in shipped and "Knobs" in str(read_metadata(path).get("env_id", "")) or \
+            isinstance(policy, CombinedPolicy)
         engines = []
         with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
             with httpx.Client(base_url=gw.url, timeout=60) as client:
@@ -372,7 +377,7 @@ def test_shipped_trained_policies_serve(live_cluster, tmp_path):
                 time.sleep(policy.interval_s + 0.2 if policy.interval_s < 2 else 0.1)
         assert set(engines) <= {"fast", "slow"} and len(engines) == 4
         if is_knobs:
-            assert policy.knob_history, path  # it chose knobs (first call) on the live view
+            assert knobs.knob_history, path  # it chose knobs (first call) on the live view
 
 
 def test_client_disconnect_frees_the_engine_slot(live_cluster, tmp_path):
