@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.sim.errors import UserError
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE
 from training.evaluate import Cell, evaluate, markdown_table, plot
 
@@ -41,6 +42,24 @@ CELLS = [
     Cell(cluster="mixed-16", rate_qps=0.6, load="burst"),
     Cell(trace="chess_financial", cluster="paper", rate_qps=0.12, load="constant"),
 ]
+
+
+def with_triage(tuned: Path) -> Path:
+    """The tuned policy with its urgency order replaced by urgency-triage (same knobs)."""
+    import yaml
+
+    spec = yaml.safe_load(tuned.read_text())
+    spec["name"] = "hexgen-tuned+triage"
+    spec["local"]["name"] = "urgency-triage"
+    out = tuned.with_name("hexgen-tuned+triage.yaml")
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def policy_label(path: str) -> str:
+    """A policy's name in tables: the directory of `.../NAME/policy`, else the file's stem."""
+    p = Path(path)
+    return p.parent.name if p.name == "policy" else p.stem
 
 
 def tune_hexgen(cell: Cell, out: Path, trials: int = 30, n_seeds: int = 4) -> Path:
@@ -80,17 +99,27 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10, help="test seeds per cell")
     ap.add_argument("--trials", type=int, default=30, help="Optuna trials per cell for tuned hexgen")
     ap.add_argument("--cells", type=str, default="", help="comma-separated cell indices (default: all)")
+    ap.add_argument("--cell", action="append", default=[], metavar="CLUSTER:RATE:LOAD",
+                    help="a cell of your own instead of the built-in list (repeatable), e.g. mixed-16:1.6:step")
     ap.add_argument("--ship", type=Path, default=None, help="copy the first policy here with eval_report.json")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
 
     cells = CELLS if not args.cells else [CELLS[int(i)] for i in args.cells.split(",")]
+    if args.cell:
+        cells = []
+        for text in args.cell:
+            try:
+                cluster, rate, load = text.split(":")
+                cells.append(Cell(cluster=cluster, rate_qps=float(rate), load=load))
+            except (ValueError, UserError):
+                ap.error(f"--cell {text!r}: write CLUSTER:RATE:LOAD, e.g. mixed-16:1.6:step")
     seeds = [TEST_SEED_BASE + i for i in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
     merged: dict | None = None
     for cell in cells:
         tuned = tune_hexgen(cell, args.out, trials=args.trials)
-        baselines = ["rr", "hexgen", str(tuned), "least-work+urgency"] + args.policy[1:]
+        baselines = ["rr", "hexgen", str(tuned), str(with_triage(tuned)), "least-work+urgency"] + args.policy[1:]
         res = evaluate(args.policy[0], baselines, [cell], seeds, workers=args.workers)
         res["cells"][0]["tuned_policy"] = json.loads(json.dumps(__import__("yaml").safe_load(tuned.read_text())))
         if merged is None:
@@ -100,7 +129,7 @@ def main() -> None:
         c = res["cells"][0]
         r = c["ratios"][res["policy"]]["hexgen-tuned"]["goodput_qps"]
         print(f"{cell.label}: goodput ratio to tuned hexgen {r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]", flush=True)
-    merged["baselines"] = ["rr", "hexgen", "hexgen-tuned", "least-work+urgency"] + [Path(p).parent.name for p in args.policy[1:]]
+    merged["baselines"] = ["rr", "hexgen", "hexgen-tuned", "hexgen-tuned+triage", "least-work+urgency"] + [policy_label(p) for p in args.policy[1:]]
     merged["note"] = ("hexgen-tuned is tuned per cell (Optuna, 30 trials, tuning seeds 150000-150003, the cell's own load "
                       "shape); test seeds 200000+ are disjoint from training (<100000), training-eval (100000+) and tuning.")
     (args.out / "results.json").write_text(json.dumps(merged, indent=2))

@@ -363,8 +363,9 @@ def test_shipped_trained_policies_serve(live_cluster, tmp_path):
     for path in shipped + combined:
         policy = load_policy(path)
         knobs = policy.local_policy if isinstance(policy, CombinedPolicy) else policy
-        is_knobs = path in shipped and "Knobs" in str(read_metadata(path).get("env_id", "")) or \
-            isinstance(policy, CombinedPolicy)
+        is_knobs = hasattr(knobs, "knob_history")
+        if path in shipped:
+            assert is_knobs == ("Knobs" in str(read_metadata(path).get("env_id", ""))), path
         engines = []
         with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
             with httpx.Client(base_url=gw.url, timeout=60) as client:
