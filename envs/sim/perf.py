@@ -152,7 +152,7 @@ class PerfProfile(BaseModel):
     request_overhead_s: float = Field(0.0, ge=0.0)
     # engine time each new call adds to the iteration that admits it: work per request that shares
     # the engine's own CPU (tokenising, scheduling, output handling), so k calls arriving together
-    # take longer than one; ~3 ms on the vLLM CPU engines here, negligible on GPUs
+    # take longer than one; ~1-2 ms on the vLLM CPU engines here, negligible on GPUs
     call_engine_s: float = Field(0.0, ge=0.0)
     kv_capacity_tokens: PositiveInt | None = None  # overrides the memory-derived KV size
     max_num_seqs: PositiveInt | None = None
