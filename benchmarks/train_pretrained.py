@@ -10,6 +10,9 @@
 4. `benchmarks/train_report.py` on all three (+ the dispatch policy with the urgency weight 0.5
    that tuned HexGen favours at heavy load: "both" knobs and learned dispatch), and with --ship
    copies the dispatch policy with its report to policies/pretrained/dispatch-heavy.
+5. `agentsched train --config training/configs/dispatch-paper-triage.yaml` (BC of tuned HexGen on
+   the paper cluster, urgency-triage queues, 200k steps; the best checkpoint is kept) and its report
+   on the three heavy paper cells (--ship: policies/pretrained/dispatch-paper-triage).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def named_copy(src: Path, dst: Path, name: str, local: dict | None = None) -> Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
-    ap.add_argument("--ship", action="store_true", help="write policies/pretrained/dispatch-heavy")
+    ap.add_argument("--ship", action="store_true",
+                    help="write policies/pretrained/dispatch-heavy and policies/pretrained/dispatch-paper-triage")
     args = ap.parse_args()
     out = args.out
     run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-heavy.yaml", "--out", str(out / "dispatch-b"), "--no-progress"])
@@ -65,6 +69,15 @@ def main() -> None:
         cmd += ["--policy", str(p)]
     if args.ship:
         cmd += ["--ship", "policies/pretrained/dispatch-heavy"]
+    run(cmd)
+    # the paper-cluster policy: tuned HexGen cloned, urgency-triage queues (~8 minutes)
+    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-paper-triage.yaml", "--out", str(out / "dpt"),
+                      "--no-progress"])
+    p5 = named_copy(out / "dpt" / "policy", final / "dispatch-paper-triage", "dispatch-paper-triage")
+    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-paper"), "--policy", str(p5),
+           "--policy", str(p1)] + [arg for load in ("constant", "step", "burst") for arg in ("--cell", f"paper:0.12:{load}")]
+    if args.ship:
+        cmd += ["--ship", "policies/pretrained/dispatch-paper-triage"]
     run(cmd)
 
 
