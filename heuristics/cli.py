@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from envs.sim.errors import UserError
+from heuristics.bench import DEFAULT_POLICIES
 
 
 def register(app: typer.Typer) -> None:
@@ -102,8 +103,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def bench_command(
     trace: str = typer.Option("chess_trace1", help="CHESS trace file, or a shipped trace name"),
     cluster: str = typer.Option("paper", help="cluster name (paper, mixed-16, llama8b) or YAML file"),
-    policies: str = typer.Option(",".join(("rr", "random", "lor", "least-work", "llmd", "hexgen", "hexgen-outstanding",
-                                           "rr+urgency", "wb+fcfs")),
+    policies: str = typer.Option(",".join(DEFAULT_POLICIES),
                                  help="comma-separated policy names or policy files; rr is always added (the baseline)"),
     rates: Optional[str] = typer.Option(None, help="arrival rates, q/s, comma-separated; default: 0.05,0.1,0.15,0.25,0.4 x the cluster's estimated capacity"),
     slo_scales: str = typer.Option("1.5,2,3,4,6", help="SLO scales, comma-separated"),
