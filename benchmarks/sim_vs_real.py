@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,11 +142,14 @@ def main() -> None:
     parser.add_argument("--no-load-calibration", action="store_true",
                         help="skip the under-load refit (synthetic call stream through the gateway)")
     parser.add_argument("--port", type=int, default=18999, help="the benchmark's gateway port")
+    parser.add_argument("--effort", type=int, default=1,
+                        help="repeat every calibration measurement this many times (and lengthen the load stream "
+                             "as much): less noise in the fitted profiles, at ~90 s of calibration per unit")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from deploy.calibrate import (apply_load_fit, calibrate, fit_under_load, loadavg_1m, measure_path_overhead,
-                                  measure_under_load)
+    from deploy.calibrate import (CalibrationPlan, LoadPlan, apply_load_fit, calibrate, fit_under_load, loadavg_1m,
+                                  measure_path_overhead, measure_under_load)
     from deploy.cluster import load_cluster
     from deploy.engines import engines_up
     from deploy.replay import ReplayConfig, replay
@@ -182,11 +186,12 @@ def main() -> None:
     # 3. the gateway runs during calibration too: its 100 ms /metrics scrapes load the engines'
     #    API servers during the replay, so they must during calibration as well
     port = args.port
-    gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(gw_cluster),
-                                "--policy", "rr", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    set_nice([], [gateway.pid], args.nice)
-    loads: dict[str, float] = {"before_calibration": loadavg_1m()}
-    try:
+
+    def start_gateway() -> subprocess.Popen:
+        proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(gw_cluster),
+                                 "--policy", "rr", "--port", str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        set_nice([], [proc.pid], args.nice)
         import httpx
 
         for _ in range(100):
@@ -195,15 +200,29 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        return proc
+
+    def stop_gateway(proc: subprocess.Popen) -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    gateway = start_gateway()
+    loads: dict[str, float] = {"before_calibration": loadavg_1m()}
+    try:
         if not args.skip_calibration:
             # all engines at once by default: during the replay they run together on the shared
             # cores, so each engine's iterations and API-server work compete with the other's
             from concurrent.futures import ThreadPoolExecutor
 
             t0 = time.perf_counter()
+            base_plan = CalibrationPlan()
+            plan = replace(base_plan, prefill_repeats=base_plan.prefill_repeats * args.effort,
+                           decode_repeats=base_plan.decode_repeats * args.effort,
+                           burst_repeats=base_plan.burst_repeats * args.effort)
             with ThreadPoolExecutor(1 if args.sequential_calibration else len(cluster.engines)) as pool:
                 fitted = list(pool.map(lambda spec: calibrate(spec.base_url, profiles[spec.name],
-                                                              max_num_seqs=spec.batch_limit)[0], cluster.engines))
+                                                              max_num_seqs=spec.batch_limit, plan=plan)[0],
+                                       cluster.engines))
             by_name = dict(zip((spec.name for spec in cluster.engines), fitted))
             # the request path replay uses: client -> gateway -> engine and back
             path = measure_path_overhead(f"http://127.0.0.1:{port}", by_name, calls=20 * len(by_name))
@@ -217,25 +236,33 @@ def main() -> None:
                 # cost scale and per-call overhead that hold with both engines, the gateway and the
                 # client busy together on the shared cores
                 loads["load_calibration"] = loadavg_1m()
-                samples = measure_under_load(f"http://127.0.0.1:{port}")
+                load_plan = LoadPlan()
+                samples = measure_under_load(f"http://127.0.0.1:{port}",
+                                             replace(load_plan, duration_s=load_plan.duration_s * args.effort))
+                (args.out / "load-samples.json").write_text(json.dumps([asdict(x) for x in samples]))
                 for name, f in fit_under_load(samples, by_name).items():
                     by_name[name] = apply_load_fit(by_name[name], f)
-                    print(f"load fit {name}: iteration x{f['scale']:.1f}, overhead {f['overhead_s']*1e3:.0f} ms "
+                    print(f"load fit {name}: iteration x{f['scale']:.2f}, overhead {f['overhead_s']*1e3:.2f} ms, "
+                          f"API server {f.get('frontend_s', 0.0)*1e3:.2f} ms per call "
                           f"(mean |log err| {f['mean_abs_log_err']:.2f} over {f['n_calls']:.0f} calls)")
             for name, profile in by_name.items():
                 profile.save(profiles[name])
                 print(f"calibrated {name}: {profile.iteration.model_dump()} engine time per call "
-                      f"{profile.call_engine_s*1e3:.2f} ms, overhead "
+                      f"{profile.call_engine_s*1e3:.2f} ms, API server per call {profile.call_frontend_s*1e3:.2f} ms, overhead "
                       f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms)")
             print(f"calibration took {time.perf_counter() - t0:.0f} s")
+        # a fresh gateway for the replay: its round robin starts at the first engine, as the
+        # simulated one does (the calibration streams leave it at an arbitrary phase, and calls
+        # matched by position would then be compared across engines)
+        stop_gateway(gateway)
+        gateway = start_gateway()
         loads["before_replay"] = loadavg_1m()
         real, _ = replay(ReplayConfig(gateway=f"http://127.0.0.1:{port}", trace=str(trace), rate_qps=args.rate,
                                       slo_scale=args.slo_scale, token_scale=1.0, queries=args.queries, seed=args.seed),
                          out=args.out / "replay.json", with_records=True)
         loads["after_replay"] = loadavg_1m()
     finally:
-        gateway.terminate()
-        gateway.wait(10)
+        stop_gateway(gateway)
         set_nice(groups, [os.getpid()], 0)
 
     # 4. simulate the same run with the calibrated profiles
@@ -247,8 +274,6 @@ def main() -> None:
                    seed=args.seed, queries=args.queries)
     sim_result, sim = simulate(spec, load_policy("rr"))
     wfs, calls, _ = records_from_simulator(sim)
-    from dataclasses import asdict
-
     (args.out / "simulate.json").write_text(json.dumps(dict(sim_result, call_records=[asdict(c) for c in calls],
                                                             workflow_records=[asdict(w) for w in wfs]),
                                                        indent=1, default=float))

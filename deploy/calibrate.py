@@ -23,10 +23,13 @@ simulator adds once per call without occupying the engine.
 
 Under load (`measure_under_load` + `fit_under_load`): isolated calls on an otherwise idle engine
 underestimate what calls see when both engines, the gateway and the client share the cores. A
-generic synthetic call stream (Poisson arrivals, log-uniform prompt/output sizes; not a trace's
-workflows) is sent through the gateway; the simulator replays the very same calls on the engines
-that served them, and per engine an iteration-cost scale and a per-call overhead are chosen so
-that simulated latencies match the measured ones (least mean |log(sim/real)|).
+generic synthetic call stream (Poisson arrivals of groups of 1-6 calls sent at once, log-uniform
+prompt/output sizes; not a trace's workflows) is sent through the gateway; the simulator replays
+the very same calls on the engines that served them, and per engine an iteration-cost scale, a
+per-call overhead and the API server's time per call (`call_frontend_s`: calls sent together
+reach the scheduler one at a time and stretch the iteration in flight) are chosen so that
+simulated latencies match the measured ones (least mean |log(sim/real)|). The groups are what
+identify `call_frontend_s`; it then replaces `call_engine_s` (both are per-call CPU).
 `measure_path_overhead` measures the overhead of the client -> gateway -> engine path alone.
 """
 
@@ -320,13 +323,17 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
 
 @dataclass
 class LoadPlan:
-    """A synthetic call stream for `calibrate_under_load` (generic, not any trace's workflows):
-    Poisson arrivals, prompt and output lengths log-uniform."""
+    """A synthetic call stream for `fit_under_load` (generic, not any trace's workflows): Poisson
+    arrivals of groups of calls sent at once (agentic fan-outs), prompt and output lengths
+    log-uniform, the same within a group (one fan-out's calls are alike)."""
 
     rate_calls_s: float = 8.0
     duration_s: float = 45.0  # ~180 calls per engine: at 20 s the fit moved by 10-20% between runs
     prompt_tokens: tuple[int, int] = (10, 700)
     output_tokens: tuple[int, int] = (1, 40)
+    # a group's size is drawn from these; single calls alone leave the API-server time per call
+    # (call_frontend_s) unidentified, and it is what a fan-out's calls wait for on a shared core
+    group_sizes: tuple[int, ...] = (1, 1, 2, 3, 4, 6)
     seed: int = 7
 
 
@@ -339,21 +346,30 @@ class LoadSample:
     latency_s: float
 
 
-def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tiny") -> list[LoadSample]:
-    """Send `plan`'s call stream through `url` (a gateway, as `replay` does; non-streamed) and
-    record every call's latency and the engine that served it."""
-    plan = plan or LoadPlan()
+def load_plan_calls(plan: LoadPlan) -> list[tuple[float, int, int]]:
+    """(send time, prompt tokens, output tokens) of every call in the plan's stream."""
     rng = random.Random(plan.seed)
+    sizes = plan.group_sizes or (1,)
+    group_rate = plan.rate_calls_s / (sum(sizes) / len(sizes))
     calls, t = [], 0.0
     while True:
-        t += rng.expovariate(plan.rate_calls_s)
+        t += rng.expovariate(group_rate)
         if t > plan.duration_s:
             break
         lo, hi = plan.prompt_tokens
         n_in = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
         lo, hi = plan.output_tokens
         n_out = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-        calls.append((t, n_in, n_out))
+        calls.extend((t, n_in, n_out) for _ in range(rng.choice(sizes)))
+    return calls
+
+
+def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tiny") -> list[LoadSample]:
+    """Send `plan`'s call stream through `url` (a gateway, as `replay` does; non-streamed) and
+    record every call's latency and the engine that served it."""
+    plan = plan or LoadPlan()
+    calls = load_plan_calls(plan)
+    rng = random.Random(plan.seed + 1)  # the prompts' token ids
 
     async def run() -> list[LoadSample]:
         prober = EngineProber(url.rstrip("/"), model, rng)
@@ -382,7 +398,7 @@ def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tin
 
 
 def scaled_profile(profile: PerfProfile, k: float) -> PerfProfile:
-    """The profile with every engine-CPU cost (iterations and per-call engine time) times k."""
+    """The profile with every engine-CPU cost (iterations, per-call engine and API-server time) times k."""
     k = float(k)
     c = profile.iteration
     p = profile.model_copy(deep=True)
@@ -390,13 +406,15 @@ def scaled_profile(profile: PerfProfile, k: float) -> PerfProfile:
                                       decode_seq_s=c.decode_seq_s * k, context_token_s=c.context_token_s * k,
                                       attn_pair_s=c.attn_pair_s * k)
     p.call_engine_s = profile.call_engine_s * k
+    p.call_frontend_s = profile.call_frontend_s * k
     return p
 
 
 def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile], scale: dict[str, float],
-                     overhead: dict[str, float]) -> np.ndarray:
+                     overhead: dict[str, float], frontend: dict[str, float] | None = None) -> np.ndarray:
     """Simulated latency of every sample: each call a one-call workflow arriving when it was sent,
-    on the engine that served it, with the profiles' iteration costs x `scale` and `overhead`."""
+    on the engine that served it, with the profiles' iteration costs x `scale`, `overhead` and,
+    where given, API-server time per call `frontend` (in place of the engine time per call)."""
     from envs.sim.cluster import ClusterSimulator
     from envs.sim.config import ClusterConfig
     from envs.sim.workload import CallSpec, WorkflowSpec
@@ -406,6 +424,9 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
     for name in names:
         p = scaled_profile(profiles[name], scale.get(name, 1.0))
         p.request_overhead_s = overhead.get(name, p.request_overhead_s)
+        if frontend is not None and name in frontend:
+            p.call_frontend_s = frontend[name]
+            p.call_engine_s = 0.0
         tmp.append(p)
     import tempfile
 
@@ -437,34 +458,71 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
 
 def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
                    scales: tuple[float, ...] = tuple(np.round(np.arange(0.5, 5.01, 0.1), 2)),
-                   overheads_ms: tuple[float, ...] = tuple(range(0, 301, 3))) -> dict[str, dict[str, float]]:
-    """Per engine, the iteration-cost scale and per-call overhead under which the simulator best
+                   overheads_ms: tuple[float, ...] = tuple(np.round(np.arange(0.0, 300.01, 0.25), 2)),
+                   frontends_ms: tuple[float, ...] | None = tuple(float(x) for x in range(0, 9)),
+                   refine_step: float = 0.01, refine_frontend_ms: float = 0.25) -> dict[str, dict[str, float]]:
+    """Per engine, the iteration-cost scale, per-call overhead and API-server time per call
+    (`frontends_ms`; None keeps the profiles' own per-call times) under which the simulator best
     reproduces the calls measured under load (least mean |log(sim / real)|). The engines are
-    independent given each call's engine, so one grid of simulations fits all of them."""
+    independent given each call's engine, so one grid of simulations fits all of them. After the
+    coarse grid, each engine's scale (and API-server time) is refined in `refine_step`
+    (`refine_frontend_ms`) steps around its best: small calls are a few base iterations plus the
+    overhead, so a 0.1 step in scale or a 3 ms step in overhead alone moved their predicted median
+    by 10%."""
     real = np.array([s.latency_s for s in samples])
     names = sorted(profiles)
     mask = {n: np.array([s.engine == n for s in samples]) for n in names}
-    best: dict[str, tuple[float, float, float]] = {}
-    for k in scales:
+    overheads_s = np.asarray(overheads_ms, dtype=float) / 1e3
+    best: dict[str, tuple[float, float, float, float | None]] = {}
+
+    def scan(scale_of: dict[str, float], frontend_of: dict[str, float] | None) -> None:
         # overhead shifts every latency by a constant: simulate once without it, add it after
-        base = simulate_samples(samples, profiles, {n: k for n in names}, {n: 0.0 for n in names})
+        base = simulate_samples(samples, profiles, scale_of, {n: 0.0 for n in names}, frontend_of)
         for n in names:
             m = mask[n]
             if not m.any():
                 continue
-            for o in overheads_ms:
-                err = float(np.mean(np.abs(np.log((base[m] + o / 1e3) / real[m]))))
-                if n not in best or err < best[n][2]:
-                    best[n] = (float(k), o / 1e3, err)
-    return {n: {"scale": b[0], "overhead_s": b[1], "mean_abs_log_err": b[2], "n_calls": float(mask[n].sum())}
-            for n, b in best.items()}
+            errs = np.mean(np.abs(np.log((base[m][None, :] + overheads_s[:, None]) / real[m][None, :])), axis=1)
+            i = int(np.argmin(errs))
+            if n not in best or errs[i] < best[n][2]:
+                best[n] = (float(scale_of[n]), float(overheads_s[i]), float(errs[i]),
+                           None if frontend_of is None else frontend_of[n])
+
+    for k in scales:
+        for f in (frontends_ms if frontends_ms is not None else (None,)):
+            scan({n: float(k) for n in names}, None if f is None else {n: f / 1e3 for n in names})
+    if refine_step > 0 and best:
+        coarse = {n: best[n][0] for n in best}
+        width = max(np.diff(sorted(scales)).max(initial=0.0), refine_step) if len(scales) > 1 else 0.0
+        f_offsets = [0.0]
+        if frontends_ms is not None and len(frontends_ms) > 1 and refine_frontend_ms > 0:
+            f_width = float(np.diff(sorted(frontends_ms)).max())
+            f_offsets = [float(x) for x in np.arange(-f_width, f_width + refine_frontend_ms / 2, refine_frontend_ms)]
+        coarse_f = {n: (best[n][3] or 0.0) * 1e3 if n in best else 0.0 for n in names}
+        for d in np.arange(-width, width + refine_step / 2, refine_step):
+            for df in f_offsets:
+                frontend = (None if frontends_ms is None
+                            else {n: max(0.0, round(coarse_f[n] + df, 4)) / 1e3 for n in names})
+                scan({n: max(refine_step, round(coarse.get(n, 1.0) + float(d), 4)) for n in names}, frontend)
+    out: dict[str, dict[str, float]] = {}
+    for n, (k, o, err, f) in best.items():
+        out[n] = {"scale": k, "overhead_s": o, "mean_abs_log_err": err, "n_calls": float(mask[n].sum())}
+        if f is not None:
+            out[n]["frontend_s"] = f
+    return out
 
 
 def apply_load_fit(profile: PerfProfile, fit: dict[str, float]) -> PerfProfile:
-    """The profile with iteration costs x fit['scale'] and request overhead fit['overhead_s']."""
+    """The profile with iteration costs x fit['scale'], request overhead fit['overhead_s'] and,
+    if fitted, API-server time per call fit['frontend_s'] (which then carries all per-call CPU:
+    the engine time per call from the idle-engine bursts is dropped, not counted twice)."""
     k = fit["scale"]
     p = scaled_profile(profile, k)
     p.request_overhead_s = fit["overhead_s"]
+    if "frontend_s" in fit:
+        p.call_frontend_s = fit["frontend_s"]
+        p.call_engine_s = 0.0
+        p.fit["load_frontend_s"] = fit["frontend_s"]
     p.fit.update({"load_scale": k, "load_overhead_s": fit["overhead_s"], "request_overhead_s": fit["overhead_s"],
                   "load_mean_abs_log_err": fit["mean_abs_log_err"], "load_n_calls": fit["n_calls"]})
     return p

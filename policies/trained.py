@@ -358,8 +358,7 @@ def check_observation_spec(path: Path, meta: dict[str, Any]) -> None:
             f"({current['fingerprint']}); retrain it (agentsched train) or use the matching agentsched version")
 
 
-def _extract_zip(path: Path) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="agentsched-policy-"))
+def _extract_zip(path: Path, target: Path) -> Path:
     try:
         with zipfile.ZipFile(path) as zf:
             for member in zf.namelist():
@@ -391,7 +390,15 @@ def load_trained_policy(path: str | Path) -> TrainedPolicy:
     path = Path(path)
     if not path.exists():
         raise PolicyError(f"policy: {path} not found (check the path)")
-    root = _extract_zip(path) if path.suffix == ".zip" and path.is_file() else path
+    if path.suffix == ".zip" and path.is_file():
+        # everything is read into memory, so the extracted copy goes away at once
+        with tempfile.TemporaryDirectory(prefix="agentsched-policy-") as tmp:
+            return _load_trained_root(path, _extract_zip(path, Path(tmp)))
+    return _load_trained_root(path, path)
+
+
+def _load_trained_root(path: Path, root: Path) -> TrainedPolicy:
+    """`root` holds the policy's files; `path` is what the user named (for messages)."""
     meta = read_metadata(root)
     # a model.zip alone (not a policy directory) is caught by read_metadata
     check_observation_spec(path, meta)
@@ -415,8 +422,6 @@ def load_trained_policy(path: str | Path) -> TrainedPolicy:
         raise PolicyError(f"policy: {path}: model observation shape {model.observation_space.shape} does not match "
                           f"policy.yaml's {list(expected_shape)}")
     network = _Network(model, obs_rms)
-    if path.suffix == ".zip" and root != path:
-        pass  # keep the extracted copy for the process lifetime (the model is already in memory)
     if meta["env_id"] == DISPATCH_ENV_ID:
         if meta.get("max_engines") is None:
             raise PolicyError(f"policy: {path}: a Dispatch policy needs max_engines in {METADATA_FILE}")

@@ -52,7 +52,7 @@ def test_load_fit_recovers_scale_and_overhead() -> None:
     truth = simulate_samples(samples, profiles, {"fast": 2.0, "slow": 1.5}, {"fast": 0.030, "slow": 0.012})
     for s, lat in zip(samples, truth):
         s.latency_s = float(lat)
-    fit = fit_under_load(samples, profiles)
+    fit = fit_under_load(samples, profiles, frontends_ms=None)
     assert fit["fast"]["scale"] == pytest.approx(2.0) and fit["fast"]["overhead_s"] == pytest.approx(0.030)
     assert fit["slow"]["scale"] == pytest.approx(1.5) and fit["slow"]["overhead_s"] == pytest.approx(0.012)
     p = apply_load_fit(profiles["fast"], fit["fast"])
@@ -60,6 +60,48 @@ def test_load_fit_recovers_scale_and_overhead() -> None:
     again = simulate_samples(samples, {"fast": p, "slow": apply_load_fit(profiles["slow"], fit["slow"])},
                              {}, {})
     assert np.allclose(again, truth)
+
+
+def test_load_fit_refines_off_the_coarse_grid() -> None:
+    """A scale between the coarse grid's 0.1 steps and an overhead off a whole millisecond are
+    recovered to the refine step, not rounded to the coarse grid."""
+    rng = random.Random(1)
+    samples = [LoadSample(i * 0.1, "fast" if i % 2 else "slow", rng.randint(10, 700), rng.randint(1, 40), 0.0)
+               for i in range(120)]
+    profiles = _profiles()
+    truth = simulate_samples(samples, profiles, {"fast": 1.57, "slow": 0.93}, {"fast": 0.0105, "slow": 0.00475})
+    for s, lat in zip(samples, truth):
+        s.latency_s = float(lat)
+    fit = fit_under_load(samples, profiles, frontends_ms=None)
+    assert fit["fast"]["scale"] == pytest.approx(1.57, abs=0.011)
+    assert fit["slow"]["scale"] == pytest.approx(0.93, abs=0.011)
+    assert fit["fast"]["overhead_s"] == pytest.approx(0.0105, abs=0.0006)
+    assert fit["slow"]["overhead_s"] == pytest.approx(0.00475, abs=0.0006)
+    assert fit["fast"]["mean_abs_log_err"] < 0.01
+
+
+def test_load_fit_recovers_api_server_time_per_call_from_fan_outs() -> None:
+    """Groups of calls sent at once (LoadPlan's fan-outs) identify the API-server time per call:
+    the fit recovers it with the scale and overhead, and the fitted profile reproduces the stream."""
+    from deploy.calibrate import LoadPlan, load_plan_calls
+
+    plan = LoadPlan(duration_s=12.0, seed=3)
+    calls = load_plan_calls(plan)
+    assert len({t for t, _, _ in calls}) < len(calls)  # some calls are sent together
+    samples = [LoadSample(t, "fast" if i % 2 else "slow", n_in, n_out, 0.0) for i, (t, n_in, n_out) in enumerate(calls)]
+    profiles = _profiles()
+    truth = simulate_samples(samples, profiles, {"fast": 1.2, "slow": 0.9}, {"fast": 0.006, "slow": 0.004},
+                             {"fast": 0.003, "slow": 0.0015})
+    for s, lat in zip(samples, truth):
+        s.latency_s = float(lat)
+    fit = fit_under_load(samples, profiles, scales=(0.8, 0.9, 1.0, 1.1, 1.2, 1.3), frontends_ms=(0.0, 1.0, 2.0, 3.0, 4.0))
+    assert fit["fast"]["frontend_s"] == pytest.approx(0.003, abs=0.0003)
+    assert fit["slow"]["frontend_s"] == pytest.approx(0.0015, abs=0.0003)
+    assert fit["fast"]["scale"] == pytest.approx(1.2, abs=0.011) and fit["slow"]["scale"] == pytest.approx(0.9, abs=0.011)
+    fitted = {n: apply_load_fit(profiles[n], fit[n]) for n in profiles}
+    assert fitted["fast"].call_frontend_s == pytest.approx(0.003, abs=0.0003) and fitted["fast"].call_engine_s == 0.0
+    again = simulate_samples(samples, fitted, {}, {})
+    assert np.median(np.abs(again - truth) / truth) < 0.02
 
 
 def test_fit_separates_engine_time_per_call_from_path_overhead() -> None:

@@ -427,3 +427,31 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def test_load_calibration_stream_through_the_gateway_fits_both_engines(live_cluster, tmp_path):
+    """sim_vs_real's under-load refit on real engines: the grouped call stream goes through the
+    gateway to both engines, and the fit gives each engine a scale, overhead and API-server time
+    under which the simulator reproduces the measured median latency."""
+    from deploy.calibrate import LoadPlan, apply_load_fit, fit_under_load, measure_under_load, simulate_samples
+    from envs.sim.perf import PerfProfile, ProfileCoefficients
+
+    with thread_gateway(live_cluster.cluster(tmp_path), load_named("rr")) as gw:
+        samples = measure_under_load(gw.url, LoadPlan(rate_calls_s=6.0, duration_s=4.0, prompt_tokens=(10, 200),
+                                                      output_tokens=(1, 8), seed=5))
+    assert {s.engine for s in samples} == {"fast", "slow"}
+    sent = sorted(s.sent_s for s in samples)
+    assert sum(b - a < 0.005 for a, b in zip(sent, sent[1:])) >= 3  # fan-out groups went out together
+    assert all(0 < s.latency_s < 30 for s in samples)
+    # a rough prior profile (what `calibrate` would write); the fit scales it to the measurements
+    prior = {name: PerfProfile(engine=name, iteration=ProfileCoefficients(
+        base_s=0.004, prefill_token_s=2e-5, decode_seq_s=1e-4, context_token_s=1e-8), max_num_seqs=8,
+        max_num_batched_tokens=2048, block_size_tokens=128, kv_capacity_tokens=65536) for name in ("fast", "slow")}
+    fit = fit_under_load(samples, prior, scales=(0.5, 1.0, 2.0, 4.0), frontends_ms=(0.0, 2.0, 4.0), refine_step=0)
+    fitted = {n: apply_load_fit(prior[n], fit[n]) for n in prior}
+    sim = simulate_samples(samples, fitted, {}, {})
+    real = [s.latency_s for s in samples]
+    import numpy as np
+
+    assert abs(np.median(sim) - np.median(real)) / np.median(real) < 0.25
+    assert all(f["n_calls"] > 0 and f["frontend_s"] >= 0 for f in fit.values())

@@ -39,14 +39,20 @@ def _decisions(policy, spec):
     return [c.engine_id for c in sim.calls], result
 
 
-def test_round_trip_identical_actions(saved_policy, tmp_path):
+def test_round_trip_identical_actions(saved_policy, tmp_path, monkeypatch):
+    import tempfile
+
     from policies.trained import zip_trained_policy
 
     path, model = saved_policy
     spec = RunSpec(cluster="paper", rate_qps=0.08, queries=10, seed=3)
     a = load_policy(path)
     b = load_policy(path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     z = load_policy(zip_trained_policy(path, tmp_path / "p.zip"))
+    assert list(scratch.iterdir()) == []  # the zip's extracted copy is gone once loaded
     da, ra = _decisions(a, spec)
     assert da == _decisions(b, spec)[0] == _decisions(z, spec)[0]
     assert ra["n_finished"] == 10

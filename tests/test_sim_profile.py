@@ -84,3 +84,60 @@ def test_call_engine_time_serialises_calls_admitted_together(tmp_path: Path) -> 
         plain, costly = finish_times(0.0, k), finish_times(0.003, k)
         assert max(costly) == pytest.approx(max(plain) + 0.003 * k)
         assert min(costly) >= min(plain) + 0.003 - 1e-12
+
+
+def _one_stage_run(tmp_path: Path, profile_edit, k: int, failures=()) -> "object":
+    from envs.sim.cluster import ClusterSimulator
+    from envs.sim.workload import CallSpec, WorkflowSpec
+
+    cluster_path = _write(tmp_path)
+    profile = PerfProfile.load(tmp_path / "profile.yaml")
+    profile_edit(profile)
+    profile.save(tmp_path / "profile.yaml")
+    specs = [WorkflowSpec(stages=(tuple(CallSpec("s", 16, 1) for _ in range(k)),))]
+    sim = ClusterSimulator(load_cluster(cluster_path), specs, [0.0], slo_scale=1.0, step_tokens={"s": (16.0, 1.0)},
+                           failures=failures)
+    while (call := sim.next_decision()) is not None:
+        sim.dispatch(call, 0 if sim.engines[0].healthy else 1)
+    return sim
+
+
+def test_api_server_time_lets_a_fan_out_reach_the_engine_one_at_a_time(tmp_path: Path) -> None:
+    """k calls sent at once with call_frontend_s = f: the first reaches the scheduler after f and
+    runs alone, its iteration stretched by f for each of the k - 1 others the API server takes in
+    meanwhile; those run in the next iteration. What the vLLM CPU engines do (2-3 ms per call)."""
+    f = 0.003
+
+    def set_f(value: float):
+        def edit(profile: PerfProfile) -> None:
+            profile.call_frontend_s = value
+        return edit
+
+    solo_plain = _one_stage_run(tmp_path, set_f(0.0), 1).calls[0].finish_time_s
+    solo = _one_stage_run(tmp_path, set_f(f), 1)
+    assert solo.calls[0].finish_time_s == pytest.approx(solo_plain + f)
+    assert solo.engines[0].expected_latency_s("s") == pytest.approx(_one_stage_run(
+        tmp_path, set_f(0.0), 1).engines[0].expected_latency_s("s") + f)
+    k = 4
+    fan = _one_stage_run(tmp_path, set_f(f), k)
+    first = min(c.finish_time_s for c in fan.calls)
+    assert first == pytest.approx(solo_plain + k * f)
+    admitted = sorted(c.admit_time_s for c in fan.calls)
+    assert admitted[0] == pytest.approx(f) and all(t == pytest.approx(first) for t in admitted[1:])
+    assert all(c.finish_time_s > first for c in fan.calls if c.admit_time_s > f)
+
+
+def test_calls_inside_a_failing_engines_api_server_go_back_to_dispatch(tmp_path: Path) -> None:
+    """A call the API server still holds when its engine fails is not lost: it is dispatched again."""
+    from envs.sim.cluster import Failure
+
+    def slow_frontend(profile: PerfProfile) -> None:
+        profile.call_frontend_s = 1.0
+
+    sim = _one_stage_run(tmp_path, slow_frontend, 3, failures=[Failure(engine=0, at_s=1.5, duration_s=10.0)])
+    assert all(c.finish_time_s == c.finish_time_s for c in sim.calls)  # all finished (not nan)
+    first, *held = sim.calls  # the API server passes one call per second: the 1st is done by 1.5 s
+    assert first.attempts == 1 and first.engine_id == 0 and first.finish_time_s < 1.5
+    # the 2nd and 3rd were still in the failing engine's API server: both are sent again at once
+    assert all(c.attempts == 2 and c.engine_id == 1 and c.dispatch_time_s == pytest.approx(1.5) for c in held)
+    assert sim.workflows[0].finish_time_s == sim.workflows[0].finish_time_s

@@ -56,7 +56,7 @@ def engine_latency_table(spec: EngineSpec, cluster: Cluster) -> dict[str, float]
 
             profile = PerfProfile.load(path)
             model = ProfileModel(profile)
-            overhead = profile.request_overhead_s + profile.call_engine_s  # as the simulator's Engine adds them
+            overhead = profile.solo_overhead_s  # as the simulator's Engine adds it
             batched = profile.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS
             return {
                 step: overhead + solo_call_latency_s(model, n_in, n_out, batched)

@@ -29,7 +29,7 @@ from envs.sim.workload import WorkflowSpec, step_mean_tokens
 if TYPE_CHECKING:
     from policies.base import Policy
 
-EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE = range(6)
+EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
 ARRIVAL_RATE_WINDOW_S = 60.0
 
 
@@ -208,6 +208,8 @@ class ClusterSimulator:
                     self._engine_done(engine, t)
                 elif kind == EV_CALL_DONE:
                     self._call_finished(self.calls[a], t)
+                elif kind == EV_FRONTEND:
+                    self._reach_scheduler(self.calls[a], b, t)  # b: the dispatch attempt it belongs to
                 elif kind == EV_ARRIVAL:
                     self._arrive(a, t)
                 elif kind == EV_FAIL:
@@ -250,6 +252,24 @@ class ClusterSimulator:
         engine.outstanding_work_s += expected
         engine.assigned_work_s += expected
         engine.assigned_calls += 1
+        if engine.call_frontend_s > 0.0:
+            engine.in_frontend.append(call)
+            self._push(engine.frontend_ready_s(now), EV_FRONTEND, call.call_id, call.attempts)
+            return
+        engine.enqueue(call, self.queue_key(call, engine))
+        self._kick(engine, now)
+
+    def _reach_scheduler(self, call: LLMCall, attempt: int, now: float) -> None:
+        """A call leaves its engine's API server (call_frontend_s after it was its turn)."""
+        engine = self.engines[call.engine_id]
+        frontend = engine.in_frontend
+        if attempt != call.attempts or not frontend or frontend[0] is not call:
+            return  # its engine failed meanwhile: _fail already sent the call back to dispatch
+        frontend.popleft()
+        end = engine.stretch(engine.call_frontend_s)
+        if end is not None:
+            engine.version += 1
+            self._push(end, EV_ENGINE, engine.engine_id, engine.version)
         engine.enqueue(call, self.queue_key(call, engine))
         self._kick(engine, now)
 

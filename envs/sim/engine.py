@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from typing import Callable
 
 from envs.sim.catalog import GPUSpec, ModelSpec
@@ -93,7 +94,9 @@ class Engine:
         self.perf: IterationModel = (ProfileModel(profile) if profile
                                      else RooflineModel(gpu, model, config.tp, config.weight_bits, config.kv_bits))
         self.request_overhead_s = profile.request_overhead_s if profile else 0.0
+        self.solo_overhead_s = profile.solo_overhead_s if profile else 0.0
         self.call_engine_s = profile.call_engine_s if profile else 0.0
+        self.call_frontend_s = profile.call_frontend_s if profile else 0.0
         self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
         self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
                                        else config.max_num_batched_tokens)
@@ -129,6 +132,8 @@ class Engine:
         self.kv_block_seconds = 0.0
         self.preemptions = 0
         self.version = 0  # bumps invalidate a scheduled completion event
+        self.frontend_free_s = 0.0  # when the API server is done with the calls sent so far
+        self.in_frontend: deque[LLMCall] = deque()  # sent here, not yet seen by the scheduler (FIFO)
         self.busy_until_s = math.nan  # end of the planned iteration/segment, nan when idle
         self._enqueue_seq = 0
         # the plan in flight
@@ -160,7 +165,7 @@ class Engine:
             from envs.sim.perf import solo_call_latency_s
 
             mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
-            cached = self.request_overhead_s + self.call_engine_s + solo_call_latency_s(
+            cached = self.solo_overhead_s + solo_call_latency_s(
                 self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
             self._latency_cache[step] = cached
         return cached
@@ -174,6 +179,22 @@ class Engine:
         call.key = key
         self._enqueue_seq += 1
         heapq.heappush(self.waiting, (key, self._enqueue_seq, call))
+
+    def frontend_ready_s(self, now_s: float) -> float:
+        """When a call sent now reaches the scheduler: the API server takes calls one at a time."""
+        ready = max(now_s, self.frontend_free_s) + self.call_frontend_s
+        self.frontend_free_s = ready
+        return ready
+
+    def stretch(self, extra_s: float) -> float | None:
+        """The plan in flight loses `extra_s` of CPU to the API server (it shares the engine's
+        core): it ends that much later. Returns the new end, or None when idle."""
+        if math.isnan(self.busy_until_s):
+            return None
+        self._seg_start_s += extra_s  # a decode segment's iteration count stays right for interrupt()
+        self.busy_until_s += extra_s
+        self.busy_s += extra_s
+        return self.busy_until_s
 
     def interrupt(self, now_s: float) -> float | None:
         """Cut a planned decode segment at the end of the iteration in progress; the new end time,
@@ -382,7 +403,8 @@ class Engine:
 
     def drain(self) -> list[LLMCall]:
         """Take every running and waiting call off the engine (failure); progress is lost."""
-        calls = list(self.running) + [entry[2] for entry in self.waiting]
+        calls = list(self.running) + [entry[2] for entry in self.waiting] + list(self.in_frontend)
+        self.in_frontend.clear()
         for seq in calls:
             seq.reset_progress()
             seq.admit_time_s = math.nan
@@ -397,4 +419,5 @@ class Engine:
         self._seg_cost = None
         self.busy_until_s = math.nan
         self.version += 1
+        self.frontend_free_s = 0.0
         return calls

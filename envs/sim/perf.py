@@ -154,11 +154,23 @@ class PerfProfile(BaseModel):
     # the engine's own CPU (tokenising, scheduling, output handling), so k calls arriving together
     # take longer than one; ~1-2 ms on the vLLM CPU engines here, negligible on GPUs
     call_engine_s: float = Field(0.0, ge=0.0)
+    # API-server time per call before the engine's scheduler sees it, on the engine's own CPU:
+    # calls sent together reach the scheduler one at a time (the first starts an iteration alone,
+    # the rest wait for the next one), and each stretches the iteration in flight. 2-3 ms on the
+    # vLLM CPU engines here (a fan-out of 4 calls takes ~2x one call); 0 (off) on GPU engines,
+    # whose API server has cores of its own
+    call_frontend_s: float = Field(0.0, ge=0.0)
     kv_capacity_tokens: PositiveInt | None = None  # overrides the memory-derived KV size
     max_num_seqs: PositiveInt | None = None
     max_num_batched_tokens: PositiveInt | None = None
     block_size_tokens: PositiveInt | None = None  # KV page size (vLLM CPU uses 128, GPUs 16)
     fit: dict[str, float] = {}  # goodness of fit, for the record
+
+    @property
+    def solo_overhead_s(self) -> float:
+        """What a call alone on the engine pays besides its iterations; the simulator's expected
+        latencies and the gateway's both add exactly this."""
+        return self.request_overhead_s + self.call_engine_s + self.call_frontend_s
 
     @classmethod
     def load(cls, path: str | Path) -> "PerfProfile":
