@@ -9,7 +9,7 @@ Steps (all on this machine, real vLLM CPU engines from deploy/clusters/local-cpu
 5. print the prediction error: per-call latency (median, p90) and workflow latency (median, p90),
    both as errors of the distributions' percentiles and as pairwise errors of matched calls.
 
-    .venv/bin/python benchmarks/sim_vs_real.py [--queries 30 --rate 0.5 --token-scale 0.05]
+    .venv/bin/python benchmarks/sim_vs_real.py [--queries 30 --rate 0.5 --token-scale 0.05 --effort 2]
 """
 
 from __future__ import annotations
@@ -142,10 +142,13 @@ def main() -> None:
     parser.add_argument("--no-load-calibration", action="store_true",
                         help="skip the under-load refit (synthetic call stream through the gateway)")
     parser.add_argument("--port", type=int, default=18999, help="the benchmark's gateway port")
-    parser.add_argument("--effort", type=int, default=1,
+    parser.add_argument("--effort", type=int, default=2,
                         help="repeat every calibration measurement this many times (and lengthen the load stream "
-                             "as much): less noise in the fitted profiles, at ~90 s of calibration per unit")
+                             "as much): less noise in the fitted profiles, at ~90 s of calibration per unit "
+                             "(per-call p50 error over runs: 3-17%% at 1, 4-18%% with median 7%% at 2)")
     args = parser.parse_args()
+    if args.effort < 1:
+        parser.error(f"--effort must be a whole number >= 1, got {args.effort}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     from deploy.calibrate import (CalibrationPlan, LoadPlan, apply_load_fit, calibrate, fit_under_load, loadavg_1m,

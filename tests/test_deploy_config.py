@@ -136,3 +136,28 @@ def test_http1_pool_chunked_and_keepalive() -> None:
         server.close()
 
     asyncio.run(go())
+
+
+def test_gateway_expected_latency_adds_what_the_simulator_adds(tmp_path) -> None:
+    """The gateway's T_e(s) from a profile pays the same per-call times as the simulator's Engine:
+    request overhead, engine time and API-server time per call (PerfProfile.solo_overhead_s)."""
+    import yaml
+
+    from deploy.gateway.state import engine_latency_table
+    from envs.sim.perf import PerfProfile
+
+    raw = yaml.safe_load((REPO / "deploy" / "clusters" / "local-cpu.yaml").read_text())
+    base = PerfProfile.load(REPO / "deploy" / "profiles" / "cpu-fast.yaml")
+    tables = []
+    for name, (overhead, engine, frontend) in {"zero": (0.0, 0.0, 0.0), "costly": (0.004, 0.001, 0.002)}.items():
+        p = base.model_copy(deep=True)
+        p.request_overhead_s, p.call_engine_s, p.call_frontend_s = overhead, engine, frontend
+        p.save(tmp_path / f"{name}.yaml")
+        raw["engines"][0]["profile"] = str(tmp_path / f"{name}.yaml")
+        raw["workdir"] = str(tmp_path / "work")
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(raw))
+        cluster = load_cluster(tmp_path / "cluster.yaml")
+        tables.append(engine_latency_table(cluster.engines[0], cluster))
+    zero, costly = tables
+    assert zero.keys() == costly.keys() and len(zero) >= 5
+    assert all(costly[s] - zero[s] == pytest.approx(0.007) for s in zero)
