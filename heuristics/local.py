@@ -7,6 +7,8 @@ same for all waiting calls at any instant, so that is what the keys below use.
 
 from __future__ import annotations
 
+import math
+
 from envs.sim.view import CallView, EngineView
 from heuristics.base import LocalOrder, check_unit_interval
 
@@ -62,16 +64,30 @@ HOPELESS_OFFSET_S = 1e8
 
 class UrgencyTriage(Urgency):
     """Urgency with triage: a call that would miss its deadline even if admitted the moment it
-    became ready (deadline - T_e(s) < ready time) is queued behind every call that can still make
-    it. Under overload, pure urgency serves the most hopeless calls first and drags savable
-    workflows down with them; triage lets those workflows meet their SLO instead. On the paper
-    cluster at 0.12 q/s it raises tuned HexGen's SLO-goodput by 11-14% (heuristics/README.md)."""
+    became ready (deadline - margin * T_e(s) < ready time) is queued behind every call that can
+    still make it. Under overload, pure urgency serves the most hopeless calls first and drags
+    savable workflows down with them; triage lets those workflows meet their SLO instead. On the
+    paper cluster at 0.12 q/s it raises tuned HexGen's SLO-goodput by 11-14% (heuristics/README.md).
+    `margin` > 1 gives up earlier: a call whose slice of the budget is less than `margin` solo
+    latencies is unlikely to make it through a loaded engine's queue and batch either."""
 
     name = "urgency-triage"
+    knobs = ("weight", "margin")
+    search_space = {"weight": ("float", 0.0, 1.0), "margin": ("float", 1.0, 3.0)}
+
+    def __init__(self, weight: float = 1.0, margin: float = 1.0) -> None:
+        super().__init__(weight)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
+            raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
+                             f"got {margin!r}")
+        self.margin = float(margin)
 
     def key(self, call: CallView, engine: EngineView) -> float:
-        key = super().key(call, engine)
-        if call.deadline_s - engine.expected_latency_s(call.step) < call.ready_time_s:
+        t_e = engine.expected_latency_s(call.step)
+        w = self.weight
+        slack_key = call.deadline_s - t_e
+        key = slack_key if w == 1.0 else w * slack_key + (1.0 - w) * call.ready_time_s
+        if call.deadline_s - self.margin * t_e < call.ready_time_s:
             return key + HOPELESS_OFFSET_S
         return key
 

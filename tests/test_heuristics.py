@@ -219,6 +219,12 @@ def test_triage_queues_hopeless_calls_behind_savable_ones():
     assert order(UrgencyTriage(), [hopeless, savable_late, savable_soon]) == [savable_soon, savable_late, hopeless]
     assert [UrgencyTriage(0.4).key(x, e) for x in (savable_late, savable_soon)] == \
         [Urgency(0.4).key(x, e) for x in (savable_late, savable_soon)]
+    # a margin gives up earlier: 3 s of slice for a 2 s call is savable alone, not at margin 2
+    tight = FakeCall(step="gen", ready_time_s=5.0, deadline_s=8.0)
+    assert order(UrgencyTriage(), [tight, savable_late])[0] is tight
+    assert order(UrgencyTriage(margin=2.0), [tight, savable_late]) == [savable_late, tight]
+    with pytest.raises(ValueError, match="margin"):
+        UrgencyTriage(margin=-1.0)
 
 
 def test_urgency_key_is_time_invariant_equivalent_of_paper_urgency():

@@ -169,13 +169,21 @@ def test_shipped_policy_is_small_and_complete(path):
         assert (path / name).exists(), name
 
 
-@pytest.mark.parametrize("path", _shipped(), ids=lambda p: p.name)
-def test_shipped_policy_reproduces_its_report(path):
+def _shipped_reports() -> list[tuple[Path, Path]]:
+    """(policy, its report): trained policy directories, and policy files with NAME.eval_report.json beside them."""
+    dirs = [(p, p / "eval_report.json") for p in _shipped()]
+    files = sorted((p, p.with_name(p.stem + ".eval_report.json")) for p in PRETRAINED.glob("*.yaml")
+                   if p.with_name(p.stem + ".eval_report.json").exists()) if PRETRAINED.exists() else []
+    return dirs + files
+
+
+@pytest.mark.parametrize("path,report_path", _shipped_reports(), ids=lambda p: p.name)
+def test_shipped_policy_reproduces_its_report(path, report_path):
     """Re-run two seeds of the report's first two cells: simulation is deterministic, so the
     per-seed goodput must match the report (to float noise)."""
     from training.evaluate import Cell, evaluate
 
-    report = json.loads((path / "eval_report.json").read_text())
+    report = json.loads(report_path.read_text())
     for cell in report["cells"][:2]:
         c = {k: cell["cell"][k] for k in ("trace", "cluster", "rate_qps", "load", "slo_scale", "queries", "generated")}
         seeds = report["seeds"][:2]
