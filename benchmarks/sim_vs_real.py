@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--effort", type=int, default=2,
                         help="repeat every calibration measurement this many times (and lengthen the load stream "
                              "as much): less noise in the fitted profiles, at ~90 s of calibration per unit "
-                             "(per-call p50 error over runs: 3-17%% at 1, 4-18%% with median 7%% at 2)")
+                             "(per-call p50 error over runs: 3-17%%, median 11%%, at 1; 3-18%%, median 7%%, at 2)")
     args = parser.parse_args()
     if args.effort < 1:
         parser.error(f"--effort must be a whole number >= 1, got {args.effort}")
