@@ -44,14 +44,22 @@ def _profiles() -> dict[str, PerfProfile]:
         for name, b in (("fast", 0.004), ("slow", 0.008))}
 
 
-def test_load_fit_recovers_scale_and_overhead() -> None:
-    rng = random.Random(0)
+def _measured(seed: int, profiles: dict[str, PerfProfile], scale: dict[str, float],
+              overhead: dict[str, float]) -> tuple[list[LoadSample], np.ndarray]:
+    """120 calls alternating between the engines, 'measured' as the simulator predicts them under
+    the given true scale and overhead."""
+    rng = random.Random(seed)
     samples = [LoadSample(i * 0.1, "fast" if i % 2 else "slow", rng.randint(10, 700), rng.randint(1, 40), 0.0)
                for i in range(120)]
-    profiles = _profiles()
-    truth = simulate_samples(samples, profiles, {"fast": 2.0, "slow": 1.5}, {"fast": 0.030, "slow": 0.012})
+    truth = simulate_samples(samples, profiles, scale, overhead)
     for s, lat in zip(samples, truth):
         s.latency_s = float(lat)
+    return samples, truth
+
+
+def test_load_fit_recovers_scale_and_overhead() -> None:
+    profiles = _profiles()
+    samples, truth = _measured(0, profiles, {"fast": 2.0, "slow": 1.5}, {"fast": 0.030, "slow": 0.012})
     fit = fit_under_load(samples, profiles, frontends_ms=None)
     assert fit["fast"]["scale"] == pytest.approx(2.0) and fit["fast"]["overhead_s"] == pytest.approx(0.030)
     assert fit["slow"]["scale"] == pytest.approx(1.5) and fit["slow"]["overhead_s"] == pytest.approx(0.012)
@@ -65,13 +73,8 @@ def test_load_fit_recovers_scale_and_overhead() -> None:
 def test_load_fit_refines_off_the_coarse_grid() -> None:
     """A scale between the coarse grid's 0.1 steps and an overhead off a whole millisecond are
     recovered to the refine step, not rounded to the coarse grid."""
-    rng = random.Random(1)
-    samples = [LoadSample(i * 0.1, "fast" if i % 2 else "slow", rng.randint(10, 700), rng.randint(1, 40), 0.0)
-               for i in range(120)]
     profiles = _profiles()
-    truth = simulate_samples(samples, profiles, {"fast": 1.57, "slow": 0.93}, {"fast": 0.0105, "slow": 0.00475})
-    for s, lat in zip(samples, truth):
-        s.latency_s = float(lat)
+    samples, _ = _measured(1, profiles, {"fast": 1.57, "slow": 0.93}, {"fast": 0.0105, "slow": 0.00475})
     fit = fit_under_load(samples, profiles, frontends_ms=None)
     assert fit["fast"]["scale"] == pytest.approx(1.57, abs=0.011)
     assert fit["slow"]["scale"] == pytest.approx(0.93, abs=0.011)
