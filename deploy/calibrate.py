@@ -316,7 +316,9 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
     for name, lat in latencies.items():
         if name in profiles:
             p = profiles[name]
-            model_s = p.call_engine_s + solo_call_latency_s(ProfileModel(p), n_in, 1, p.max_num_batched_tokens or 8192)
+            # everything a solo call pays on the engine side, as the simulator adds it
+            engine_side_s = p.solo_overhead_s - p.request_overhead_s
+            model_s = engine_side_s + solo_call_latency_s(ProfileModel(p), n_in, 1, p.max_num_batched_tokens or 8192)
             overheads[name] = max(0.0, statistics.median(lat) - model_s)
     return overheads
 

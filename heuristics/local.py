@@ -50,7 +50,10 @@ class Urgency(LocalOrder):
         self.weight = check_unit_interval("weight", weight)
 
     def key(self, call: CallView, engine: EngineView) -> float:
-        slack_key = call.deadline_s - engine.expected_latency_s(call.step)
+        return self._blend(call, engine.expected_latency_s(call.step))
+
+    def _blend(self, call: CallView, t_e: float) -> float:
+        slack_key = call.deadline_s - t_e
         w = self.weight
         if w == 1.0:
             return slack_key
@@ -84,9 +87,7 @@ class UrgencyTriage(Urgency):
 
     def key(self, call: CallView, engine: EngineView) -> float:
         t_e = engine.expected_latency_s(call.step)
-        w = self.weight
-        slack_key = call.deadline_s - t_e
-        key = slack_key if w == 1.0 else w * slack_key + (1.0 - w) * call.ready_time_s
+        key = self._blend(call, t_e)
         if call.deadline_s - self.margin * t_e < call.ready_time_s:
             return key + HOPELESS_OFFSET_S
         return key

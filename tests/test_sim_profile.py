@@ -65,20 +65,10 @@ def test_request_overhead_delays_the_workflow_not_the_engine(tmp_path: Path) -> 
 def test_call_engine_time_serialises_calls_admitted_together(tmp_path: Path) -> None:
     """k calls arriving at once on one engine: each adds call_engine_s to the iteration that admits
     it, so the last one (and the engine) finishes k * call_engine_s later; a solo call pays it once."""
-    from envs.sim.cluster import ClusterSimulator
-    from envs.sim.workload import CallSpec, WorkflowSpec
-
-    cluster_path = _write(tmp_path)
-
     def finish_times(call_engine_s: float, k: int) -> list[float]:
-        profile = PerfProfile.load(tmp_path / "profile.yaml")
-        profile.call_engine_s = call_engine_s
-        profile.save(tmp_path / "profile.yaml")
-        specs = [WorkflowSpec(stages=(tuple(CallSpec("s", 16, 1) for _ in range(k)),))]
-        sim = ClusterSimulator(load_cluster(cluster_path), specs, [0.0], slo_scale=1.0, step_tokens={"s": (16.0, 1.0)})
-        while (call := sim.next_decision()) is not None:
-            sim.dispatch(call, 0)
-        return [c.finish_time_s for c in sim.calls]
+        def edit(profile: PerfProfile) -> None:
+            profile.call_engine_s = call_engine_s
+        return [c.finish_time_s for c in _one_stage_run(tmp_path, edit, k).calls]
 
     for k in (1, 4):
         plain, costly = finish_times(0.0, k), finish_times(0.003, k)
