@@ -93,6 +93,36 @@ class UrgencyTriage(Urgency):
         return key
 
 
+class WorkflowFirst(LocalOrder):
+    """Whole workflows first: an engine admits the calls of the workflow with the earliest
+    end-to-end deadline first (arrival order within one tenant), and a call past saving (its slice
+    of the budget is under `margin` x T_e(s), as in urgency-triage) waits behind every call that
+    can still make it.
+
+    Per-call orders (urgency, FCFS by readiness) interleave workflows: under overload each step
+    of every workflow waits behind the steps of all the others, so all of them advance and many
+    finish late. Ordering by the workflow lets the earliest workflows run their 15-30 dependent
+    calls back to back and meet their SLO; the rest wait, and are given up on once hopeless. On
+    the paper cluster at 0.12 q/s it beats urgency-triage's order under the same dispatch by
+    5-10% (heuristics/README.md)."""
+
+    name = "workflow-first"
+    knobs = ("margin",)
+    search_space = {"margin": ("float", 1.0, 3.0)}
+
+    def __init__(self, margin: float = 2.0) -> None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
+            raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
+                             f"got {margin!r}")
+        self.margin = float(margin)
+
+    def key(self, call: CallView, engine: EngineView) -> float:
+        key = call.workflow_deadline_s
+        if call.deadline_s - self.margin * engine.expected_latency_s(call.step) < call.ready_time_s:
+            return key + HOPELESS_OFFSET_S
+        return key
+
+
 # Tenant priorities are small integers; one priority level outweighs any readiness-time gap
 # (a run would need to last about 30 years of simulated time to break this).
 PRIORITY_LEVEL_S = 1e9

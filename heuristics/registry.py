@@ -12,7 +12,7 @@ from typing import Any, Callable
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
                                  WorkloadBalanced)
-from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage
+from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage, WorkflowFirst
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
@@ -27,6 +27,7 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "edf": EarliestDeadlineFirst,
     "urgency": Urgency,
     "urgency-triage": UrgencyTriage,
+    "workflow-first": WorkflowFirst,
     "priority": TenantPriority,
 }
 
@@ -65,6 +66,8 @@ NAMED: dict[str, Named] = {
     "rr+edf": Named("round-robin", "edf", about="round robin + earliest deadline first"),
     "hexgen+triage": Named("workload-balanced", "urgency-triage",
                            about="HexGen, with calls that can no longer meet their deadline queued last"),
+    "least-work+workflow": Named("least-work", "workflow-first",
+                                 about="earliest expected finish + whole workflows first (hopeless calls last)"),
 }
 
 

@@ -161,3 +161,32 @@ def test_gateway_expected_latency_adds_what_the_simulator_adds(tmp_path) -> None
     zero, costly = tables
     assert zero.keys() == costly.keys() and len(zero) >= 5
     assert all(costly[s] - zero[s] == pytest.approx(0.007) for s in zero)
+
+
+def test_gateway_calls_carry_their_workflow_deadline(tmp_path) -> None:
+    """Every call of a workflow carries the workflow's end-to-end deadline (what workflow-first
+    orders by), as in the simulator; no engine is contacted."""
+    import yaml
+
+    from deploy.gateway.core import Gateway
+    from policies import load_policy
+
+    raw = yaml.safe_load((REPO / "deploy" / "clusters" / "local-cpu.yaml").read_text())
+    raw["workdir"] = str(tmp_path / "work")
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(raw))
+
+    async def calls():
+        gw = Gateway(load_cluster(tmp_path / "cluster.yaml"), load_policy("least-work+workflow"))
+        first = gw.new_call(workflow_key="q1", step="keyword_extraction", tenant="t", input_tokens=10,
+                            output_tokens=5, stream=False, slo_s=40.0)
+        later = gw.new_call(workflow_key="q1", step="revise", tenant="t", input_tokens=10, output_tokens=5,
+                            stream=False, slo_s=40.0)
+        other = gw.new_call(workflow_key="q2", step="revise", tenant="t", input_tokens=10, output_tokens=5,
+                            stream=False, slo_s=10.0)
+        return gw, first, later, other
+
+    gw, first, later, other = asyncio.run(calls())
+    wf = gw.state.workflow(first.workflow_id)
+    assert first.workflow_deadline_s == later.workflow_deadline_s == wf.deadline_s == pytest.approx(wf.arrival_time_s + 40.0)
+    assert other.workflow_deadline_s == pytest.approx(gw.state.workflow(other.workflow_id).arrival_time_s + 10.0)
+    assert later.deadline_s < later.workflow_deadline_s  # a call's own slice ends before its workflow's

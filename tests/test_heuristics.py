@@ -23,6 +23,7 @@ class FakeCall:
     step: str = "gen"
     ready_time_s: float = 0.0
     deadline_s: float = 100.0
+    workflow_deadline_s: float = 200.0
     call_id: int = 0
     workflow_id: int = 0
     tenant: str = "default"
@@ -116,6 +117,21 @@ def test_least_work_is_earliest_expected_finish():
     assert LeastWork().dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 1
     fast_busy.outstanding_work_s = 5.0  # now 7 < 8
     assert LeastWork().dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 0
+
+
+def test_least_work_backlog_weight_discounts_a_batching_engine_backlog():
+    """At weight 0.25 a backlog of 20 solo seconds counts as 5: the fast engine (5 + 2 = 7) beats
+    the idle slow one (8), which plain earliest finish (20 + 2 = 22) picks."""
+    fast_busy = FakeEngine({"gen": 2.0}, outstanding_work_s=20.0)
+    slow_idle = FakeEngine({"gen": 8.0}, outstanding_work_s=0.0)
+    assert LeastWork().dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 1
+    assert LeastWork(backlog_weight=0.25).dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 0
+    fast_busy.outstanding_work_s = 28.0  # 7 + 2 = 9 > 8: the slow engine again
+    assert LeastWork(backlog_weight=0.25).dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 1
+    assert LeastWork(backlog_weight=0.5).get_knobs() == {"backlog_weight": 0.5}
+    for bad in (-0.1, float("inf"), "x", True):
+        with pytest.raises(ValueError, match="backlog_weight"):
+            LeastWork(backlog_weight=bad)
 
 
 def test_weighted_scoring_queue_and_kv():
@@ -225,6 +241,39 @@ def test_triage_queues_hopeless_calls_behind_savable_ones():
     assert order(UrgencyTriage(margin=2.0), [tight, savable_late]) == [savable_late, tight]
     with pytest.raises(ValueError, match="margin"):
         UrgencyTriage(margin=-1.0)
+
+
+def test_workflow_first_orders_by_workflow_deadline_and_gives_up_on_hopeless_calls():
+    """Calls of the workflow due first go first, whatever their own slice or readiness; a call
+    whose slice is under margin x T_e(s) goes behind every savable one."""
+    from heuristics.local import WorkflowFirst
+
+    e = FakeEngine({"gen": 2.0})
+    old_wf_late_step = FakeCall(step="gen", ready_time_s=50.0, deadline_s=90.0, workflow_deadline_s=100.0)
+    new_wf_first_step = FakeCall(step="gen", ready_time_s=0.0, deadline_s=10.0, workflow_deadline_s=150.0)
+    old_wf_hopeless = FakeCall(step="gen", ready_time_s=60.0, deadline_s=63.0, workflow_deadline_s=100.0)  # 3 s < 2 x 2 s
+    calls = [new_wf_first_step, old_wf_hopeless, old_wf_late_step]
+    order = lambda lo: sorted(calls, key=lambda x: lo.key(x, e))
+    assert order(WorkflowFirst()) == [old_wf_late_step, new_wf_first_step, old_wf_hopeless]
+    assert order(Urgency()) == [new_wf_first_step, old_wf_hopeless, old_wf_late_step]  # per-call slack
+    assert order(WorkflowFirst(margin=1.0))[0] is old_wf_hopeless  # 3 s is enough for 2 s alone
+    with pytest.raises(ValueError, match="margin"):
+        WorkflowFirst(margin=-1.0)
+
+
+def test_calls_carry_their_workflow_deadline_in_the_simulator():
+    from envs.sim.scenario import RunSpec, simulate
+
+    seen = []
+
+    class Spy(HeuristicPolicy):
+        def dispatch(self, call, cluster):
+            seen.append((call.workflow_deadline_s, cluster.workflow(call.workflow_id).deadline_s))
+            return super().dispatch(call, cluster)
+
+    policy = load_policy("least-work+workflow")
+    simulate(RunSpec(cluster="paper", rate_qps=0.1, queries=3, seed=0), Spy(policy.dispatcher, policy.local, name="spy"))
+    assert seen and all(a == b for a, b in seen)
 
 
 def test_urgency_key_is_time_invariant_equivalent_of_paper_urgency():

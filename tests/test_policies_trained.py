@@ -128,6 +128,7 @@ class _Workflow:
 class _Call:
     call_id, workflow_id, tenant, step, stage_index, fanout = 0, 0, "t", "revise", 1, 1
     input_tokens, output_tokens, ready_time_s, deadline_s, priority = 4000, 200, 10.0, 60.0, 0
+    workflow_deadline_s = 200.0
 
 
 class _View:

@@ -226,7 +226,7 @@ class Gateway:
             call_id=next(self._call_ids), workflow_id=wf.workflow_id, tenant=tenant, step=step,
             stage_index=stage_index if stage_index is not None else position, fanout=fanout,
             input_tokens=input_tokens, output_tokens=output_tokens, ready_time_s=now, deadline_s=deadline,
-            priority=priority, stream=stream,
+            workflow_deadline_s=wf.deadline_s, priority=priority, stream=stream,
         )
 
     def call_finished(self, call: CallState, ok: bool) -> None:

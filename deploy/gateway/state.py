@@ -85,6 +85,7 @@ class CallState:
     output_tokens: int
     ready_time_s: float
     deadline_s: float
+    workflow_deadline_s: float
     priority: int
     stream: bool = False
     attempts: int = 0

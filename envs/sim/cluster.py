@@ -354,6 +354,7 @@ class ClusterSimulator:
         for call in stage:
             call.ready_time_s = now
             call.deadline_s = deadline
+            call.workflow_deadline_s = workflow.deadline_s
             call.position = position
             self._ready.append(call)
 

@@ -36,7 +36,7 @@ class LLMCall:
 
     __slots__ = (
         "call_id", "workflow_id", "tenant", "step", "stage_index", "fanout", "input_tokens", "output_tokens",
-        "ready_time_s", "deadline_s", "priority", "position",
+        "ready_time_s", "deadline_s", "workflow_deadline_s", "priority", "position",
         # placement and timing
         "engine_id", "dispatch_time_s", "admit_time_s", "first_token_time_s", "finish_time_s",
         "expected_s", "key", "preemptions", "attempts",
@@ -58,6 +58,7 @@ class LLMCall:
         self.position = 0
         self.ready_time_s = math.nan
         self.deadline_s = math.inf
+        self.workflow_deadline_s = math.inf
         self.engine_id = -1
         self.dispatch_time_s = math.nan
         self.admit_time_s = math.nan

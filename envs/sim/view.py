@@ -27,6 +27,7 @@ class CallView(Protocol):
     output_tokens: int  # requested max tokens (the simulator knows the true length; a gateway knows max_tokens)
     ready_time_s: float  # when the call became ready for dispatch
     deadline_s: float  # absolute deadline: the paper's proportional slice of the workflow's remaining budget
+    workflow_deadline_s: float  # the workflow's end-to-end deadline (arrival + SLO)
     priority: int  # tenant priority, lower is more important
 
 
