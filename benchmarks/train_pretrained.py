@@ -1,4 +1,4 @@
-"""Reproduce the shipped policy and its report (about 30-40 minutes on 2 free cores).
+"""Reproduce the shipped trained policies and their reports (about 45-60 minutes on 2 free cores).
 
     python benchmarks/train_pretrained.py [--out runs/pretrained] [--ship]
 
@@ -13,6 +13,9 @@
 5. `agentsched train --config training/configs/dispatch-paper-triage.yaml` (BC of tuned HexGen on
    the paper cluster, urgency-triage queues, 200k steps; the best checkpoint is kept) and its report
    on the three heavy paper cells (--ship: policies/pretrained/dispatch-paper-triage).
+6. `agentsched train --config training/configs/dispatch-overload.yaml` (BC of the least-work+workflow
+   heuristic on both clusters at overload, workflow-first queues, 100k steps; ~6 minutes) and its
+   report on every cell (--ship: policies/pretrained/dispatch-overload).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
     ap.add_argument("--ship", action="store_true",
-                    help="write policies/pretrained/dispatch-heavy and policies/pretrained/dispatch-paper-triage")
+                    help="write policies/pretrained/dispatch-heavy, dispatch-paper-triage and dispatch-overload")
     args = ap.parse_args()
     out = args.out
     run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-heavy.yaml", "--out", str(out / "dispatch-b"), "--no-progress"])
@@ -79,6 +82,18 @@ def main() -> None:
     if args.ship:
         cmd += ["--ship", "policies/pretrained/dispatch-paper-triage"]
     run(cmd)
+    # one network for both clusters at overload: least-work+workflow cloned, workflow-first queues
+    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-overload.yaml", "--out", str(out / "overload"),
+                      "--no-progress"])
+    p6 = named_copy(out / "overload" / "policy", final / "dispatch-overload", "dispatch-overload")
+    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-overload"), "--policy", str(p6),
+           "--policy", "policies/pretrained/least-work+workflow.yaml",
+           "--policy", "policies/pretrained/dispatch-paper-triage+margin3.yaml"]
+    if args.ship:
+        cmd += ["--ship", "policies/pretrained/dispatch-overload"]
+    run(cmd)
+    if args.ship:
+        shutil.copyfile(out / "overload" / "summary.json", "policies/pretrained/dispatch-overload/train_summary.json")
 
 
 if __name__ == "__main__":

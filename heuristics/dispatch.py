@@ -85,8 +85,8 @@ class LeastWork(Dispatcher):
     takes to drain its backlog: it runs many of those calls at once. `backlog_weight` < 1 is that
     correction (about 1 / the calls an engine overlaps). It matters because the call's own latency
     is not discounted: at weight 1 the dispatcher spreads calls onto slow engines too early, and
-    under overload (mixed-16 at 1.6 q/s) weights of 0.08-0.2 raise SLO-goodput by about 40% over
-    weight 1 on tuning seeds (heuristics/README.md). Weight 1 is the plain earliest-finish rule.
+    under overload (mixed-16 at 1.6 q/s) weight 0.07 raises SLO-goodput by 33-40% over weight 1 on
+    tuning seeds (heuristics/README.md, "Overload"). Weight 1 is the plain earliest-finish rule.
     """
 
     name = "least-work"

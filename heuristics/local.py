@@ -102,9 +102,9 @@ class WorkflowFirst(LocalOrder):
     Per-call orders (urgency, FCFS by readiness) interleave workflows: under overload each step
     of every workflow waits behind the steps of all the others, so all of them advance and many
     finish late. Ordering by the workflow lets the earliest workflows run their 15-30 dependent
-    calls back to back and meet their SLO; the rest wait, and are given up on once hopeless. On
-    the paper cluster at 0.12 q/s it beats urgency-triage's order under the same dispatch by
-    5-10% (heuristics/README.md)."""
+    calls back to back and meet their SLO; the rest wait, and are given up on once hopeless. Most
+    of its gain over urgency is the giving up: urgency-triage at the same margin comes within
+    0-3% of it (heuristics/README.md, "Overload")."""
 
     name = "workflow-first"
     knobs = ("margin",)

@@ -1,0 +1,28 @@
+"""benchmarks/train_report.py: the report behind every shipped policy, and its --ship step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_report_ships_a_policy_file_with_its_report_beside_it(tmp_path):
+    """A heuristic policy file ships as NAME.yaml + NAME.eval_report.json + NAME.REPORT.md, the
+    layout the reproduce-the-report test reads; the report compares against per-cell tuned HexGen."""
+    ship = tmp_path / "mine.yaml"
+    proc = subprocess.run([sys.executable, "benchmarks/train_report.py", "--policy",
+                           "policies/pretrained/least-work+workflow.yaml", "--cell", "paper:0.04:constant",
+                           "--seeds", "1", "--trials", "1", "--out", str(tmp_path / "out"), "--ship", str(ship)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ship.read_text() == (REPO / "policies/pretrained/least-work+workflow.yaml").read_text()
+    report = json.loads((tmp_path / "mine.eval_report.json").read_text())
+    assert report["policy"] == "least-work+workflow" and report["seeds"] == [200000]
+    cell = report["cells"][0]
+    assert cell["cell"]["label"] == "paper/chess_trace1/constant@0.04"
+    assert {"rr", "hexgen", "hexgen-tuned", "hexgen-tuned+triage"} <= set(cell["ratios"]["least-work+workflow"])
+    assert "| paper/chess_trace1/constant@0.04 | least-work+workflow |" in (tmp_path / "mine.REPORT.md").read_text()
