@@ -84,6 +84,39 @@ def test_warm_start_reproduces_hexgen_on_most_states():
     assert agreement >= 0.75, agreement
 
 
+def test_scenario_experts_label_each_scenario_with_its_own_expert(monkeypatch):
+    """`warm_start.scenario_experts`: every state of scenario i (here told apart by its number of
+    queries) is labelled by expert i, in the expert episodes and in the DAgger rounds."""
+    from policies.loader import load_policy
+    from training import bc
+    from training.envs import make_single_env, make_vec_env
+    from training.train import build_model
+
+    scenarios = [{**TINY_SCENARIO, "queries": 5}, {**TINY_SCENARIO, "queries": 7}]
+    experts = ["rr", "least-work+workflow"]
+    cfg = tiny_config(scenarios=scenarios, env_kwargs={"max_engines": 4},
+                      warm_start={"scenario_experts": experts, "episodes": 4, "epochs": 1, "dagger_rounds": 1,
+                                  "holdout_episodes": 2})
+    seen = []
+    real_collect = bc.collect
+
+    def spy(env, expert, seeds, *args, **kwargs):
+        data, metrics = real_collect(env, expert, seeds, *args, **kwargs)
+        seen.extend((m["n_workflows"], expert.name) for m in metrics)
+        return data, metrics
+
+    monkeypatch.setattr(bc, "collect", spy)
+    model = build_model(cfg, make_vec_env(cfg), None)
+    report = bc.warm_start(model, lambda i: make_single_env(cfg, i), [load_policy(e) for e in experts], scenarios=2,
+                           seeds=[1, 2, 3, 4], holdout_seeds=[5, 6], epochs=1, batch_size=64, learning_rate=1e-3,
+                           dagger_rounds=1, value_pretrain=False, seed=0)
+    assert report["expert"] == experts
+    assert {n for n, _ in seen} == {5, 7} and len(seen) == 4 + 2 + 2
+    assert all(name == experts[0 if n == 5 else 1] for n, name in seen), seen
+    with pytest.raises(UserError, match="scenario_experts has 1 entries for 2 scenarios"):
+        tiny_config(scenarios=scenarios, warm_start={"scenario_experts": ["rr"]})
+
+
 def test_eval_seeds_must_not_overlap_training_seeds():
     with pytest.raises(UserError, match="overlap"):
         tiny_config(eval={"seeds": [5]})

@@ -165,21 +165,26 @@ def agreement(policy: Any, data: Dataset, normalise: Callable[[np.ndarray], np.n
     return float((learner_actions(policy, obs, masks, normalise) == actions).mean())
 
 
-def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any, *, scenarios: int, seeds: list[int],
+def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[Any], *, scenarios: int, seeds: list[int],
                holdout_seeds: list[int], epochs: int, batch_size: int, learning_rate: float, dagger_rounds: int,
                value_pretrain: bool, seed: int, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
                log: Callable[[str, float], None] | None = None, progress: Callable[[str], None] | None = None
                ) -> dict[str, Any]:
     """Clone `expert` into `model.policy` (+ DAgger rounds). Episodes rotate over the scenarios
-    (`make_env(i)` builds an env of scenario i). Returns a report with the agreement figures."""
+    (`make_env(i)` builds an env of scenario i); `expert` may be a list with one expert per
+    scenario. Returns a report with the agreement figures."""
     gamma = float(getattr(model, "gamma", 0.99))
     say = progress or (lambda s: None)
     envs = [make_env(i) for i in range(scenarios)]
+    experts = list(expert) if isinstance(expert, (list, tuple)) else [expert] * scenarios
+    if len(experts) != scenarios:
+        raise ValueError(f"{len(experts)} experts for {scenarios} scenarios")
 
     def run(seed_list: list[int], learner: Any = None) -> tuple[Dataset, list[dict]]:
         data, metrics = Dataset(), []
         for k, s in enumerate(seed_list):
-            d, m = collect(envs[k % len(envs)], expert, [s], gamma, learner, normalise)
+            i = k % len(envs)
+            d, m = collect(envs[i], experts[i], [s], gamma, learner, normalise)
             data.extend(d)
             metrics += m
         return data, metrics
@@ -187,7 +192,8 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any, *, scena
     say(f"warm start: collecting {len(seeds)} expert episodes")
     data, expert_metrics = run(seeds)
     holdout, _ = run(holdout_seeds)
-    report: dict[str, Any] = {"expert": getattr(expert, "name", str(expert)), "rounds": []}
+    names = [getattr(e, "name", str(e)) for e in experts]
+    report: dict[str, Any] = {"expert": names[0] if len(set(names)) == 1 else names, "rounds": []}
     stats = fit(model.policy, data, epochs, batch_size, learning_rate, seed, value_pretrain, normalise, log)
     agree = agreement(model.policy, holdout, normalise)
     report["rounds"].append({"round": 0, "samples": len(data), **stats, "holdout_agreement": agree})

@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
                 from policies.loader import load_policy
 
                 load_policy(warm_start)  # fail early on a bad name
-                ws = cfg.warm_start.model_copy(update={"expert": warm_start}) if cfg.warm_start else WarmStartConfig(expert=warm_start)
+                ws = (cfg.warm_start.model_copy(update={"expert": warm_start, "scenario_experts": None}) if cfg.warm_start
+                      else WarmStartConfig(expert=warm_start))
                 cfg = cfg.model_copy(update={"warm_start": ws})
         out_dir = out or Path("runs") / cfg.name
         summary = train(cfg, out_dir, progress=progress, console=_console())

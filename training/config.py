@@ -59,6 +59,9 @@ class WarmStartConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     expert: str = "hexgen"
+    # one expert per training scenario, in order (e.g. a heuristic tuned for each cluster): the
+    # network learns to tell the scenarios apart from the state; replaces `expert`
+    scenario_experts: list[str] | None = Field(None, min_length=1)
     episodes: PositiveInt = 16  # expert episodes collected (per DAgger round as well)
     epochs: PositiveInt = 20
     batch_size: PositiveInt = 64
@@ -110,6 +113,10 @@ class TrainConfig(BaseModel):
             if clash:
                 raise ValueError(f"eval.seeds {clash[:3]} overlap the training seeds [{lo}, {hi}); "
                                  f"use seeds >= {hi} (evaluation must be on held-out episodes)")
+        experts = self.warm_start.scenario_experts if self.warm_start else None
+        if experts is not None and len(experts) != len(self.scenarios):
+            raise ValueError(f"warm_start.scenario_experts has {len(experts)} entries for {len(self.scenarios)} scenarios "
+                             f"(give one expert per scenario, in the same order)")
         return self
 
     # ---- io -----------------------------------------------------------------------------------

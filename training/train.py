@@ -143,7 +143,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
 
     if config.warm_start is not None:
         ws = config.warm_start
-        expert = load_policy(ws.expert)
+        expert = [load_policy(e) for e in ws.scenario_experts] if ws.scenario_experts else load_policy(ws.expert)
         rng = np.random.default_rng([config.seed, 11])
         seeds = [int(s) for s in rng.choice(TRAIN_SEED_COUNT, size=ws.episodes + ws.holdout_episodes, replace=False)
                  + TRAIN_SEED_BASE]
