@@ -16,6 +16,9 @@
 6. `agentsched train --config training/configs/dispatch-overload.yaml` (BC of the least-work+workflow
    heuristic on both clusters at overload, workflow-first queues, 100k steps; ~6 minutes) and its
    report on every cell (--ship: policies/pretrained/dispatch-overload).
+7. `agentsched train --config training/configs/dispatch-overload-2t.yaml` (the same, cloned from the
+   heuristic tuned for each cluster: policies/pretrained/teachers/) and its report on every cell
+   (--ship: policies/pretrained/dispatch-overload-2t).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
     ap.add_argument("--ship", action="store_true",
-                    help="write policies/pretrained/dispatch-heavy, dispatch-paper-triage and dispatch-overload")
+                    help="write policies/pretrained/dispatch-heavy, dispatch-paper-triage, dispatch-overload and dispatch-overload-2t")
     args = ap.parse_args()
     out = args.out
     run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-heavy.yaml", "--out", str(out / "dispatch-b"), "--no-progress"])
@@ -94,6 +97,19 @@ def main() -> None:
     run(cmd)
     if args.ship:
         shutil.copyfile(out / "overload" / "summary.json", "policies/pretrained/dispatch-overload/train_summary.json")
+    # the same with one teacher per cluster (the recommended policy)
+    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-overload-2t.yaml", "--out", str(out / "overload-2t"),
+                      "--no-progress"])
+    p7 = named_copy(out / "overload-2t" / "policy", final / "dispatch-overload-2t", "dispatch-overload-2t")
+    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-overload-2t"), "--policy", str(p7),
+           "--policy", "policies/pretrained/least-work+workflow.yaml", "--policy", str(p6),
+           "--policy", "policies/pretrained/teachers/least-work+workflow-paper.yaml",
+           "--policy", "policies/pretrained/teachers/least-work+workflow-mixed-16.yaml"]
+    if args.ship:
+        cmd += ["--ship", "policies/pretrained/dispatch-overload-2t"]
+    run(cmd)
+    if args.ship:
+        shutil.copyfile(out / "overload-2t" / "summary.json", "policies/pretrained/dispatch-overload-2t/train_summary.json")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def main() -> None:
                 shutil.rmtree(args.ship)
             shutil.copytree(src, args.ship)
             report, table = args.ship / "eval_report.json", args.ship / "REPORT.md"
-        report.write_text(json.dumps(merged, indent=2))
+        report.write_text(json.dumps(merged, separators=(",", ":")))  # compact: shipped in the repository
         table.write_text(markdown_table(merged))
         print(f"shipped {args.policy[0]} -> {args.ship}")
 
