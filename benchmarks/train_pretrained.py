@@ -77,40 +77,33 @@ def main() -> None:
         cmd += ["--ship", "policies/pretrained/dispatch-heavy"]
     run(cmd)
     # the paper-cluster policy: tuned HexGen cloned, urgency-triage queues (~8 minutes)
-    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-paper-triage.yaml", "--out", str(out / "dpt"),
-                      "--no-progress"])
-    p5 = named_copy(out / "dpt" / "policy", final / "dispatch-paper-triage", "dispatch-paper-triage")
-    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-paper"), "--policy", str(p5),
-           "--policy", str(p1)] + [arg for load in ("constant", "step", "burst") for arg in ("--cell", f"paper:0.12:{load}")]
-    if args.ship:
-        cmd += ["--ship", "policies/pretrained/dispatch-paper-triage"]
-    run(cmd)
+    paper_cells = [arg for load in ("constant", "step", "burst") for arg in ("--cell", f"paper:0.12:{load}")]
+    train_and_report(out, "dispatch-paper-triage", ["--policy", str(p1)] + paper_cells, args.ship)
     # one network for both clusters at overload: least-work+workflow cloned, workflow-first queues
-    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-overload.yaml", "--out", str(out / "overload"),
-                      "--no-progress"])
-    p6 = named_copy(out / "overload" / "policy", final / "dispatch-overload", "dispatch-overload")
-    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-overload"), "--policy", str(p6),
-           "--policy", "policies/pretrained/least-work+workflow.yaml",
-           "--policy", "policies/pretrained/dispatch-paper-triage+margin3.yaml"]
-    if args.ship:
-        cmd += ["--ship", "policies/pretrained/dispatch-overload"]
-    run(cmd)
-    if args.ship:
-        shutil.copyfile(out / "overload" / "summary.json", "policies/pretrained/dispatch-overload/train_summary.json")
+    p6 = train_and_report(out, "dispatch-overload", ["--policy", "policies/pretrained/least-work+workflow.yaml",
+                                                     "--policy", "policies/pretrained/dispatch-paper-triage+margin3.yaml"],
+                          args.ship)
     # the same with one teacher per cluster (the recommended policy)
-    run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-overload-2t.yaml", "--out", str(out / "overload-2t"),
-                      "--no-progress"])
-    p7 = named_copy(out / "overload-2t" / "policy", final / "dispatch-overload-2t", "dispatch-overload-2t")
-    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / "report-overload-2t"), "--policy", str(p7),
-           "--policy", "policies/pretrained/least-work+workflow.yaml", "--policy", str(p6),
-           "--policy", "policies/pretrained/teachers/least-work+workflow-paper.yaml",
-           "--policy", "policies/pretrained/teachers/least-work+workflow-mixed-16.yaml"]
-    if args.ship:
-        cmd += ["--ship", "policies/pretrained/dispatch-overload-2t"]
-    run(cmd)
-    if args.ship:
-        shutil.copyfile(out / "overload-2t" / "summary.json", "policies/pretrained/dispatch-overload-2t/train_summary.json")
+    train_and_report(out, "dispatch-overload-2t", ["--policy", "policies/pretrained/least-work+workflow.yaml",
+                                                   "--policy", str(p6),
+                                                   "--policy", "policies/pretrained/teachers/least-work+workflow-paper.yaml",
+                                                   "--policy", "policies/pretrained/teachers/least-work+workflow-mixed-16.yaml"],
+                     args.ship)
 
+
+def train_and_report(out: Path, name: str, report_args: list[str], ship: bool) -> Path:
+    """Train training/configs/NAME.yaml, copy its best policy to OUT/final/NAME, report it (the policy
+    first, then `report_args`); with `ship`, to policies/pretrained/NAME with its training summary."""
+    run(AGENTSCHED + ["train", "--config", f"training/configs/{name}.yaml", "--out", str(out / name), "--no-progress"])
+    policy = named_copy(out / name / "policy", out / "final" / name, name)
+    cmd = [sys.executable, "benchmarks/train_report.py", "--out", str(out / f"report-{name}"), "--policy", str(policy)]
+    cmd += report_args
+    if ship:
+        cmd += ["--ship", f"policies/pretrained/{name}"]
+    run(cmd)
+    if ship:
+        shutil.copyfile(out / name / "summary.json", f"policies/pretrained/{name}/train_summary.json")
+    return policy
 
 if __name__ == "__main__":
     main()
