@@ -65,6 +65,20 @@ class Urgency(LocalOrder):
 HOPELESS_OFFSET_S = 1e8
 
 
+def check_margin(margin: float) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
+        raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
+                         f"got {margin!r}")
+    return float(margin)
+
+
+def past_saving(call: CallView, t_e: float, margin: float) -> bool:
+    """The call's slice of its budget is under `margin` solo latencies: even admitted the moment it
+    became ready (margin 1), or through a loaded engine's queue and batch (margin > 1), it is
+    unlikely to meet its deadline."""
+    return call.deadline_s - margin * t_e < call.ready_time_s
+
+
 class UrgencyTriage(Urgency):
     """Urgency with triage: a call that would miss its deadline even if admitted the moment it
     became ready (deadline - margin * T_e(s) < ready time) is queued behind every call that can
@@ -80,17 +94,12 @@ class UrgencyTriage(Urgency):
 
     def __init__(self, weight: float = 1.0, margin: float = 1.0) -> None:
         super().__init__(weight)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
-            raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
-                             f"got {margin!r}")
-        self.margin = float(margin)
+        self.margin = check_margin(margin)
 
     def key(self, call: CallView, engine: EngineView) -> float:
         t_e = engine.expected_latency_s(call.step)
         key = self._blend(call, t_e)
-        if call.deadline_s - self.margin * t_e < call.ready_time_s:
-            return key + HOPELESS_OFFSET_S
-        return key
+        return key + HOPELESS_OFFSET_S if past_saving(call, t_e, self.margin) else key
 
 
 class WorkflowFirst(LocalOrder):
@@ -111,16 +120,11 @@ class WorkflowFirst(LocalOrder):
     search_space = {"margin": ("float", 1.0, 3.0)}
 
     def __init__(self, margin: float = 2.0) -> None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
-            raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
-                             f"got {margin!r}")
-        self.margin = float(margin)
+        self.margin = check_margin(margin)
 
     def key(self, call: CallView, engine: EngineView) -> float:
         key = call.workflow_deadline_s
-        if call.deadline_s - self.margin * engine.expected_latency_s(call.step) < call.ready_time_s:
-            return key + HOPELESS_OFFSET_S
-        return key
+        return key + HOPELESS_OFFSET_S if past_saving(call, engine.expected_latency_s(call.step), self.margin) else key
 
 
 # Tenant priorities are small integers; one priority level outweighs any readiness-time gap
