@@ -36,7 +36,7 @@ DEFAULT_SLO_SCALES = (1.5, 2.0, 3.0, 4.0, 6.0)
 DEFAULT_RATIO_LOAD = 0.1  # the deadline ratio's rate, x estimated capacity
 DEFAULT_RATIO_SCALE = 3.0  # the goodput ratio's SLO scale
 DEFAULT_POLICIES = ("rr", "random", "lor", "least-work", "llmd", "hexgen", "hexgen-outstanding", "rr+urgency", "wb+fcfs",
-                    "hexgen+triage")
+                    "hexgen+triage", "least-work+workflow")
 POINT_METRICS = ("slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s", "latency_p95_s", "latency_p99_s",
                  "n_workflows", "n_failed", "preemptions", "cost_usd", "sim_wall_s", "base_slo_s")
 SCALE_BOUNDS = (0.25, 64.0)  # deadline bisection range of SLO scales

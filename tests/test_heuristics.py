@@ -261,6 +261,17 @@ def test_workflow_first_orders_by_workflow_deadline_and_gives_up_on_hopeless_cal
         WorkflowFirst(margin=-1.0)
 
 
+def test_named_least_work_workflow_is_the_shipped_policy_file():
+    """The name gives the knobs the shipped file was picked with (on tuning seeds), so
+    `--policy least-work+workflow` and the file are the same policy."""
+    from pathlib import Path
+
+    shipped = load_policy(Path(__file__).resolve().parent.parent / "policies/pretrained/least-work+workflow.yaml")
+    named = load_policy("least-work+workflow")
+    assert named.spec()["dispatch"] == shipped.spec()["dispatch"] == {"name": "least-work", "backlog_weight": 0.07}
+    assert named.spec()["local"] == shipped.spec()["local"] == {"name": "workflow-first", "margin": 2.0}
+
+
 def test_calls_carry_their_workflow_deadline_in_the_simulator():
     from envs.sim.scenario import RunSpec, simulate
 
