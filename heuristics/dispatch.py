@@ -76,37 +76,46 @@ class LeastOutstandingRequests(Dispatcher):
 
 
 class LeastWork(Dispatcher):
-    """Earliest expected finish: the engine minimising backlog_weight x outstanding work + this
-    call's latency.
+    """Earliest expected finish: the engine minimising
+
+        backlog_weight x outstanding work + T_e(s) x (1 + queue_weight x waiting calls + kv_weight x KV use)
 
     `outstanding_work_s` is already in that engine's own solo seconds (each call's T_e(s) when it
     was placed), so it is normalised by the engine's speed: a call of 10 s on an A6000 counts
     twice what it counts on an A100. But solo seconds over-estimate how long a batching engine
     takes to drain its backlog: it runs many of those calls at once. `backlog_weight` < 1 is that
-    correction (about 1 / the calls an engine overlaps). It matters because the call's own latency
-    is not discounted: at weight 1 the dispatcher spreads calls onto slow engines too early, and
-    under overload (mixed-16 at 1.6 q/s) weight 0.07 raises SLO-goodput by 33-40% over weight 1 on
-    tuning seeds (heuristics/README.md, "Overload"). Weight 1 is the plain earliest-finish rule.
+    correction (about 1 / the calls an engine overlaps). At weight 1 the dispatcher spreads calls
+    onto slow engines too early; under overload (mixed-16 at 1.6 q/s) weight 0.07 raises
+    SLO-goodput by 33-40% on tuning seeds (heuristics/README.md, "Overload").
+
+    What a discounted backlog misses is whether the engine can take the call *now*: calls waiting
+    for admission mean its batch is full (each delays this call by about `queue_weight` x T_e(s)),
+    and a nearly full KV cache slows admission and risks preemption (`kv_weight`). With both terms
+    one setting suits both shipped clusters, where the backlog weight alone has to be tuned for
+    each. All weights at their defaults (1, 0, 0) give the plain earliest-finish rule.
     """
 
     name = "least-work"
-    knobs = ("backlog_weight",)
-    search_space = {"backlog_weight": ("float", 0.02, 1.0)}
+    knobs = ("backlog_weight", "queue_weight", "kv_weight")
+    search_space = {"backlog_weight": ("float", 0.02, 1.0), "queue_weight": ("float", 0.0, 2.0),
+                    "kv_weight": ("float", 0.0, 4.0)}
 
-    def __init__(self, backlog_weight: float = 1.0) -> None:
-        if (isinstance(backlog_weight, bool) or not isinstance(backlog_weight, (int, float))
-                or not 0.0 <= backlog_weight < math.inf):
-            raise ValueError(f"backlog_weight must be a number >= 0 (1 = solo seconds of backlog count in full), "
-                             f"got {backlog_weight!r}")
+    def __init__(self, backlog_weight: float = 1.0, queue_weight: float = 0.0, kv_weight: float = 0.0) -> None:
+        for knob, value in (("backlog_weight", backlog_weight), ("queue_weight", queue_weight), ("kv_weight", kv_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+                raise ValueError(f"{knob} must be a number >= 0, got {value!r}")
         self.backlog_weight = float(backlog_weight)
+        self.queue_weight = float(queue_weight)
+        self.kv_weight = float(kv_weight)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         step = call.step
-        weight = self.backlog_weight
+        backlog, queue, kv = self.backlog_weight, self.queue_weight, self.kv_weight
         best, best_s = -1, math.inf
         for i, e in enumerate(cluster.engines):
             if e.healthy:
-                finish_s = weight * e.outstanding_work_s + e.expected_latency_s(step)
+                finish_s = backlog * e.outstanding_work_s + e.expected_latency_s(step) * (
+                    1.0 + queue * e.num_waiting + kv * e.kv_usage)
                 if finish_s < best_s:
                     best, best_s = i, finish_s
         if best < 0:

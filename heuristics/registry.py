@@ -66,9 +66,11 @@ NAMED: dict[str, Named] = {
     "rr+edf": Named("round-robin", "edf", about="round robin + earliest deadline first"),
     "hexgen+triage": Named("workload-balanced", "urgency-triage",
                            about="HexGen, with calls that can no longer meet their deadline queued last"),
-    "least-work+workflow": Named("least-work", "workflow-first", {"backlog_weight": 0.07},
-                                 about="earliest expected finish with the backlog discounted for batching + whole "
-                                       "workflows first (hopeless calls last); beats tuned HexGen under overload"),
+    "least-work+workflow": Named("least-work", "workflow-first",
+                                 {"backlog_weight": 0.07, "queue_weight": 0.6, "kv_weight": 2.0},
+                                 about="earliest expected finish with the backlog discounted for batching and full "
+                                       "engines penalised + whole workflows first (hopeless calls last); beats tuned "
+                                       "HexGen under overload"),
 }
 
 

@@ -128,10 +128,27 @@ def test_least_work_backlog_weight_discounts_a_batching_engine_backlog():
     assert LeastWork(backlog_weight=0.25).dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 0
     fast_busy.outstanding_work_s = 28.0  # 7 + 2 = 9 > 8: the slow engine again
     assert LeastWork(backlog_weight=0.25).dispatch(FakeCall(), cluster(fast_busy, slow_idle)) == 1
-    assert LeastWork(backlog_weight=0.5).get_knobs() == {"backlog_weight": 0.5}
+    assert LeastWork(backlog_weight=0.5).get_knobs() == {"backlog_weight": 0.5, "queue_weight": 0.0, "kv_weight": 0.0}
     for bad in (-0.1, float("inf"), "x", True):
         with pytest.raises(ValueError, match="backlog_weight"):
             LeastWork(backlog_weight=bad)
+
+
+def test_least_work_queue_and_kv_weights_steer_away_from_a_full_engine():
+    """Two equally fast engines with equal (discounted) backlog: the one whose batch is full
+    (calls waiting) or whose KV cache is nearly full costs more once those weights are set."""
+    full = FakeEngine({"gen": 4.0}, outstanding_work_s=10.0, num_waiting=3, kv_usage=0.9)
+    free = FakeEngine({"gen": 4.0}, outstanding_work_s=12.0, num_waiting=0, kv_usage=0.1)
+    assert LeastWork().dispatch(FakeCall(), cluster(full, free)) == 0  # 10 + 4 < 12 + 4
+    assert LeastWork(queue_weight=0.5).dispatch(FakeCall(), cluster(full, free)) == 1  # 10 + 4 x 2.5 = 20 > 16
+    assert LeastWork(kv_weight=1.0).dispatch(FakeCall(), cluster(full, free)) == 1  # 10 + 4 x 1.9 = 17.6 > 16.4
+    # the expected finish it minimises, spelled out
+    lw = LeastWork(backlog_weight=0.1, queue_weight=0.5, kv_weight=2.0)
+    costs = [0.1 * e.outstanding_work_s + 4.0 * (1 + 0.5 * e.num_waiting + 2.0 * e.kv_usage) for e in (full, free)]
+    assert lw.dispatch(FakeCall(), cluster(full, free)) == costs.index(min(costs))
+    for knob in ("queue_weight", "kv_weight"):
+        with pytest.raises(ValueError, match=knob):
+            LeastWork(**{knob: -1.0})
 
 
 def test_weighted_scoring_queue_and_kv():
@@ -268,7 +285,8 @@ def test_named_least_work_workflow_is_the_shipped_policy_file():
 
     shipped = load_policy(Path(__file__).resolve().parent.parent / "policies/pretrained/least-work+workflow.yaml")
     named = load_policy("least-work+workflow")
-    assert named.spec()["dispatch"] == shipped.spec()["dispatch"] == {"name": "least-work", "backlog_weight": 0.07}
+    assert named.spec()["dispatch"] == shipped.spec()["dispatch"] == {"name": "least-work", "backlog_weight": 0.07,
+                                                                      "queue_weight": 0.6, "kv_weight": 2.0}
     assert named.spec()["local"] == shipped.spec()["local"] == {"name": "workflow-first", "margin": 2.0}
 
 
