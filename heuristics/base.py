@@ -66,6 +66,13 @@ def check_unit_interval(knob: str, value: Any) -> float:
     return float(value)
 
 
+def check_non_negative(knob: str, value: Any, meaning: str = "") -> float:
+    """A finite number >= 0; `meaning` (e.g. "1 = ...") is added to the message to say what values do."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{knob} must be a number >= 0{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return float(value)
+
+
 def check_int(knob: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{knob} must be an integer, got {value!r}")

@@ -12,7 +12,7 @@ import random
 from typing import Any
 
 from envs.sim.view import CallView, ClusterView
-from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_unit_interval
+from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative, check_unit_interval
 
 
 class RoundRobin(Dispatcher):
@@ -101,12 +101,9 @@ class LeastWork(Dispatcher):
                     "kv_weight": ("float", 0.0, 4.0)}
 
     def __init__(self, backlog_weight: float = 1.0, queue_weight: float = 0.0, kv_weight: float = 0.0) -> None:
-        for knob, value in (("backlog_weight", backlog_weight), ("queue_weight", queue_weight), ("kv_weight", kv_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
-                raise ValueError(f"{knob} must be a number >= 0, got {value!r}")
-        self.backlog_weight = float(backlog_weight)
-        self.queue_weight = float(queue_weight)
-        self.kv_weight = float(kv_weight)
+        self.backlog_weight = check_non_negative("backlog_weight", backlog_weight)
+        self.queue_weight = check_non_negative("queue_weight", queue_weight)
+        self.kv_weight = check_non_negative("kv_weight", kv_weight)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         step = call.step
@@ -137,11 +134,8 @@ class WeightedScoring(Dispatcher):
     search_space = {"queue_weight": ("float", 0.0, 4.0), "kv_weight": ("float", 0.0, 4.0)}
 
     def __init__(self, queue_weight: float = 2.0, kv_weight: float = 2.0, seed: int = 0) -> None:
-        for knob, value in (("queue_weight", queue_weight), ("kv_weight", kv_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"{knob} must be a number >= 0, got {value!r}")
-        self.queue_weight = float(queue_weight)
-        self.kv_weight = float(kv_weight)
+        self.queue_weight = check_non_negative("queue_weight", queue_weight)
+        self.kv_weight = check_non_negative("kv_weight", kv_weight)
         self.seed = check_int("seed", seed)
         self._rng = random.Random(self.seed)
 

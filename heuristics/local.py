@@ -7,10 +7,8 @@ same for all waiting calls at any instant, so that is what the keys below use.
 
 from __future__ import annotations
 
-import math
-
 from envs.sim.view import CallView, EngineView
-from heuristics.base import LocalOrder, check_unit_interval
+from heuristics.base import LocalOrder, check_non_negative, check_unit_interval
 
 
 class FCFS(LocalOrder):
@@ -66,10 +64,7 @@ HOPELESS_OFFSET_S = 1e8
 
 
 def check_margin(margin: float) -> float:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
-        raise ValueError(f"margin must be a number >= 0 (1 = give up only on calls that cannot make it alone), "
-                         f"got {margin!r}")
-    return float(margin)
+    return check_non_negative("margin", margin, "1 = give up only on calls that cannot make it alone")
 
 
 def past_saving(call: CallView, t_e: float, margin: float) -> bool:
