@@ -202,10 +202,13 @@ class ProfileModel(IterationModel):
 
 
 def solo_call_latency_s(model: IterationModel, input_tokens: int, output_tokens: int,
-                        max_num_batched_tokens: int) -> float:
-    """Latency of one call alone on an engine: chunked prefill, then output_tokens - 1 decodes."""
+                        max_num_batched_tokens: int, cached_tokens: int = 0) -> float:
+    """Latency of one call alone on an engine: chunked prefill, then output_tokens - 1 decodes.
+
+    The first `cached_tokens` of the prompt are a prefix-cache hit: they are not prefilled, but the
+    prefill of the rest still attends to them (vLLM's automatic prefix caching)."""
     total = 0.0
-    done = 0
+    done = max(0, min(int(cached_tokens), input_tokens - 1))  # vLLM always computes the last prompt token
     while done < input_tokens:
         chunk = min(max_num_batched_tokens, input_tokens - done)
         pairs = chunk * (done + (chunk + 1) / 2.0)
