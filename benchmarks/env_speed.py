@@ -19,7 +19,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
-import envs  # noqa: F401  (registers the envs)
+import envs.gym  # noqa: F401  (registers the envs)
 from envs.gym.scenario import Scenario
 from envs.sim.scenario import build_simulator
 

@@ -269,10 +269,9 @@ def main() -> None:
         set_nice(groups, [os.getpid()], 0)
 
     # 4. simulate the same run with the calibrated profiles
-    sim_cluster = ClusterConfig.model_validate({"name": "local-cpu-calibrated", "engines": [
-        {"name": spec.name, "gpu": "L4", "model": "Llama-3.1-8B", "profile": str(profiles[spec.name]),
-         "max_num_seqs": spec.batch_limit}
-        for spec in cluster.engines]})
+    # the engines as the simulator describes them: the same function the gateway builds its model from
+    sim_cluster = ClusterConfig(name="local-cpu-calibrated",
+                                engines=[spec.engine_config(profiles[spec.name]) for spec in cluster.engines])
     spec = RunSpec(trace=str(trace), cluster=sim_cluster, rate_qps=args.rate, slo_scale=args.slo_scale,
                    seed=args.seed, queries=args.queries)
     sim_result, sim = simulate(spec, load_policy("rr"))

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from envs.sim.config import (DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
+                             EngineConfig)
 from envs.sim.errors import UserError, load_yaml_mapping
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -76,7 +78,7 @@ class LaunchSpec(_Strict):
     pin_processes: bool = True
     kv_cache_memory: str = "64M"
     max_model_len: int = Field(4096, ge=16)
-    max_num_seqs: int = Field(32, ge=1)
+    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     enforce_eager: bool = True
     enable_prefix_caching: bool = False  # off: replayed prompts are random, and the simulator has no prefix cache
@@ -110,10 +112,19 @@ class EngineSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     url: str | None = None  # http://host:port ; derived from launch.host/port when omitted
-    gpu: str = "cpu"  # type label: keys the latency table / profile
+    gpu: str = "cpu"  # GPU type (catalog name) or a label of the engine type, e.g. cpu-fast
     model: str | None = None  # model name sent upstream; default launch.served_model_name or "tiny"
+    # the served model's architecture in the catalog (envs/data/models.yaml), with tp and weight
+    # precision: with a catalog GPU and no profile, expected latencies and KV capacity come from the
+    # simulator's roofline of that engine
+    architecture: str | None = None
+    tp: Literal[1, 2, 4, 8] = 1
+    weight_bits: Literal[4, 8, 16] = 16
+    kv_bits: Literal[4, 8, 16] = 16
     price_per_hour: float = Field(0.0, ge=0)
     max_num_seqs: int | None = Field(None, ge=1)  # the engine's batch limit; default from launch
+    max_num_batched_tokens: int = Field(DEFAULT_MAX_NUM_BATCHED_TOKENS, ge=1)  # vLLM's chunked-prefill budget
+    block_size_tokens: int = Field(DEFAULT_BLOCK_SIZE_TOKENS, ge=1)  # vLLM's KV page size (the CPU build: 128)
     max_inflight: int | None = Field(None, ge=1)  # gateway's in-flight cap; default max_num_seqs
     profile: str | None = None  # performance profile YAML written by `agentsched calibrate`
     latency_s: dict[str, float] | None = None  # explicit solo latency per step (overrides profile)
@@ -144,11 +155,22 @@ class EngineSpec(_Strict):
     def batch_limit(self) -> int:
         if self.max_num_seqs is not None:
             return self.max_num_seqs
-        return self.launch.max_num_seqs if self.launch else 256
+        return self.launch.max_num_seqs if self.launch else DEFAULT_MAX_NUM_SEQS
 
     @property
     def inflight_cap(self) -> int:
         return self.max_inflight if self.max_inflight is not None else self.batch_limit
+
+    def engine_config(self, profile_path: Path | None = None) -> EngineConfig:
+        """This engine as the simulator describes engines: the gateway builds its engine model from
+        it with the simulator's own function (`envs.sim.model.build_engine_model`), and
+        sim-vs-real simulates the same engines from it."""
+        return EngineConfig(gpu=self.gpu, model=self.architecture or self.model_name, tp=self.tp,
+                            weight_bits=self.weight_bits, kv_bits=self.kv_bits, max_num_seqs=self.batch_limit,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            block_size_tokens=self.block_size_tokens,
+                            profile=str(profile_path) if profile_path else None, name=self.name,
+                            price_per_hour=self.price_per_hour)
 
 
 class GatewaySpec(_Strict):
@@ -232,6 +254,10 @@ class Cluster:
     @property
     def vllm_python(self) -> Path:
         return self.path(self.spec.vllm_python)
+
+    def engine_configs(self) -> list[EngineConfig]:
+        """Every engine as the simulator describes it (profiles resolved against this file)."""
+        return [spec.engine_config(self.path(spec.profile) if spec.profile else None) for spec in self.engines]
 
 
 def load_cluster(path: str | Path) -> Cluster:

@@ -1,17 +1,8 @@
-"""agentsched environments: the discrete-event cluster simulator (envs.sim) and Gymnasium envs
-(envs.gym), registered here as `agentsched/Dispatch-v0` and `agentsched/Knobs-v0`.
-
-Registration only records entry points (the env modules load on `gymnasium.make`), so importing
-the simulator stays cheap.
+"""agentsched environments: the discrete-event cluster simulator (`envs.sim`, which imports
+nothing of Gymnasium) and the Gymnasium envs over it (`envs.gym`, which registers the ids below
+when imported: `import envs.gym`, or Gymnasium's module form "envs.gym:agentsched/Dispatch-v0").
 """
-
-from gymnasium.envs.registration import register, registry
 
 DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
 KNOBS_ENV_ID = "agentsched/Knobs-v0"
-
-for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),
-                        (KNOBS_ENV_ID, "envs.gym.knobs_env:KnobsEnv")):
-    if _env_id not in registry:
-        # no TimeLimit: episodes end with their workload or at the scenario's simulated horizon
-        register(id=_env_id, entry_point=_entry, disable_env_checker=False)
+ENV_IDS = (DISPATCH_ENV_ID, KNOBS_ENV_ID)

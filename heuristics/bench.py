@@ -75,17 +75,16 @@ def capacity_qps_estimate(trace: str, cluster: str) -> float:
     Decode, KV-cache limits and imbalance make the real capacity lower; it only sets the scale of
     the default rates."""
     from envs.sim.config import load_cluster
-    from envs.sim.engine import Engine
-    from envs.sim.catalog import load_catalog
+    from envs.sim.model import StepTokens, build_engine_model
     from envs.sim.workload import load_trace
 
     workflows = load_trace(trace)
     mean_in = sum(c.input_tokens for w in workflows for s in w.stages for c in s) / len(workflows)
-    catalog = load_catalog()
     tokens_per_s = 0.0
-    for i, spec in enumerate(load_cluster(cluster).expanded()):
-        engine = Engine(i, spec, catalog.gpu(spec.gpu), catalog.model(spec.model), {})
+    for spec in load_cluster(cluster).expanded():
+        engine = build_engine_model(spec, StepTokens({}))
         n = engine.max_num_batched_tokens
+        assert engine.perf is not None
         tokens_per_s += n / engine.perf.iteration_s(n, n, n * (n + 1) / 2.0, 0, 0)
     return tokens_per_s / mean_in
 

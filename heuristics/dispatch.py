@@ -167,8 +167,7 @@ class WorkloadBalanced(Dispatcher):
     For a call of step s, pick the healthy engine maximising
         alpha * T_base(s) / T_e(s)  -  (1 - alpha) * W_e / W_base
     where T_e(s) is the expected solo latency of step s on e, W_e the work on e, and "base" the
-    reference engine: the healthy engine with the smallest T_e(s) (the simulator's base type is the
-    fastest one too; `cluster.base_latency_s` gives T_base). alpha=1 sends everything to the fastest
+    reference engine: the healthy engine with the smallest T_e(s). alpha=1 sends everything to the fastest
     engine; alpha=0 balances work only.
 
     `work="assigned"` is the paper: W_e = cumulative expected seconds ever assigned to e. It

@@ -47,8 +47,7 @@ OBS_RMS_FILE = "obs_rms.npz"
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "eval_report.json"
 
-DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
-KNOBS_ENV_ID = "agentsched/Knobs-v0"
+from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 
 ALGORITHMS = ("ppo", "maskable_ppo", "sac")
 

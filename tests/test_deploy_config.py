@@ -143,7 +143,8 @@ def test_gateway_expected_latency_adds_what_the_simulator_adds(tmp_path) -> None
     request overhead, engine time and API-server time per call (PerfProfile.solo_overhead_s)."""
     import yaml
 
-    from deploy.gateway.state import engine_latency_table
+    from deploy.gateway.state import build_engine_model
+    from envs.sim.model import StepTokens
     from envs.sim.perf import PerfProfile
 
     raw = yaml.safe_load((REPO / "deploy" / "clusters" / "local-cpu.yaml").read_text())
@@ -157,7 +158,8 @@ def test_gateway_expected_latency_adds_what_the_simulator_adds(tmp_path) -> None
         raw["workdir"] = str(tmp_path / "work")
         (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(raw))
         cluster = load_cluster(tmp_path / "cluster.yaml")
-        tables.append(engine_latency_table(cluster.engines[0], cluster))
+        model = build_engine_model(cluster.engines[0], cluster, StepTokens.from_reference(cluster.gateway.token_scale))
+        tables.append(model.latency_by_step(model.step_tokens.steps()))
     zero, costly = tables
     assert zero.keys() == costly.keys() and len(zero) >= 5
     assert all(costly[s] - zero[s] == pytest.approx(0.007) for s in zero)

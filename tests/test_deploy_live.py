@@ -257,8 +257,8 @@ def test_metrics_scraped_under_kv_pressure(live_cluster, tmp_path):
             watcher.join()
         gauge = httpx.get(gw.url + "/metrics").text
     assert codes == [200] * 24
-    kv_cache_tokens = max(s["kv_cache_tokens"] or 0 for s in samples)
-    assert 0 < kv_cache_tokens < 24 * 1660  # the load does not fit in the KV cache at once
+    kv_capacity_tokens = max(s["scraped_kv_capacity_tokens"] or 0 for s in samples)
+    assert 0 < kv_capacity_tokens < 24 * 1660  # the load does not fit in the KV cache at once
     assert max(s["kv_usage"] for s in samples) >= 0.6
     assert max(s["num_waiting"] for s in samples) > 0
     assert max(s["num_running"] for s in samples) <= 16  # the engine's --max-num-seqs

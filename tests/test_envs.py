@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import envs  # noqa: F401  (registers the envs)
+import envs.gym  # noqa: F401  (registers the envs)
 from envs.gym import InvalidActionError, Scenario
 from envs.sim.scenario import simulate
 
@@ -190,7 +190,7 @@ def _sb3_rollout(vec_env_cls, steps: int = 100) -> tuple[np.ndarray, np.ndarray]
     from stable_baselines3.common.env_util import make_vec_env
 
     # "module:id": SB3's subprocesses start fresh (forkserver) and must import `envs` to register the ids
-    venv = make_vec_env("envs:agentsched/Dispatch-v0", n_envs=2, seed=3, vec_env_cls=vec_env_cls,
+    venv = make_vec_env("envs.gym:agentsched/Dispatch-v0", n_envs=2, seed=3, vec_env_cls=vec_env_cls,
                         env_kwargs={"scenario": VEC_SCENARIO, "render_mode": None})
     obs = venv.reset()
     observations, rewards = [obs], []

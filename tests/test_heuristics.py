@@ -49,6 +49,7 @@ class FakeEngine:
     assigned_calls: int = 0
     price_per_hour: float = 1.0
     max_num_seqs: int = 256
+    kv_capacity_tokens: int = 1 << 20
 
     def expected_latency_s(self, step: str) -> float:
         return self.latency_s[step]
@@ -67,9 +68,6 @@ class FakeCluster:
 
     def workflow(self, workflow_id: int):
         return self._workflows[workflow_id]
-
-    def base_latency_s(self, step: str) -> float:
-        return min(e.expected_latency_s(step) for e in self.engines)
 
 
 def cluster(*engines: FakeEngine) -> FakeCluster:

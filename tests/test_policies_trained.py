@@ -101,7 +101,7 @@ def test_not_a_policy_directory(tmp_path):
 def test_wrong_env_is_rejected(saved_policy):
     import gymnasium as gym
 
-    import envs  # noqa: F401
+    import envs.gym  # noqa: F401
 
     path, _ = saved_policy
     policy = load_policy(path)
@@ -116,6 +116,7 @@ class _Engine:
         self.num_running, self.num_waiting, self.kv_usage = i, 0, 0.1 * i
         self.outstanding_work_s, self.assigned_work_s, self.assigned_calls = 5.0 * i, 10.0 * i, i
         self.price_per_hour, self.max_num_seqs, self._lat = 2.0, 64, lat
+        self.kv_capacity_tokens = 100_000
 
     def expected_latency_s(self, step):
         return self._lat
@@ -143,9 +144,6 @@ class _View:
 
     def workflow(self, workflow_id):
         return _Workflow()
-
-    def base_latency_s(self, step):
-        return 5.0
 
 
 def test_dispatch_from_any_cluster_view(saved_policy):

@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
-DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
-KNOBS_ENV_ID = "agentsched/Knobs-v0"
+from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 
 # Seed blocks used across training/; disjoint by construction.
 TRAIN_SEED_BASE, TRAIN_SEED_COUNT = 0, 100_000

@@ -61,7 +61,7 @@ def make_env(config: TrainConfig, rank: int, seed: int, monitor: bool = True) ->
     scenario = scenarios[rank % len(scenarios)]
 
     def _init() -> gym.Env:
-        import envs  # noqa: F401  (registers the env ids)
+        import envs.gym  # noqa: F401  (registers the env ids)
 
         env = gym.make(config.env_id, **env_kwargs_for(config, scenario))
         if config.env_id == DISPATCH_ENV_ID and config.algo == "ppo":
@@ -89,6 +89,6 @@ def make_vec_env(config: TrainConfig, seed: int | None = None) -> Any:
 
 def make_single_env(config: TrainConfig, scenario_index: int = 0) -> gym.Env:
     """One raw env (no Monitor, no remap) for data collection and checks."""
-    import envs  # noqa: F401
+    import envs.gym  # noqa: F401
 
     return gym.make(config.env_id, **env_kwargs_for(config, config.scenarios[scenario_index]))

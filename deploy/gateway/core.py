@@ -215,13 +215,18 @@ class Gateway:
         st = self.state
         now = st.now_s
         wf = self._workflow(workflow_key, tenant, slo_s, now)
-        position = st.slo.position(step, wf.position)
-        wf.position = position + 1
-        wf.expected_remaining_s = st.slo.remaining_after(position)
+        if stage_index is not None and stage_index == wf.stage_index:
+            position, deadline = wf.stage_position, wf.stage_deadline_s  # a sibling of a fan-out stage
+        else:
+            position = st.slo.position(step, wf.position)
+            wf.position = position + 1
+            wf.expected_remaining_s = st.slo.remaining_after(position)
+            deadline = st.slo.call_deadline_s(now, wf.deadline_s, step, position)
+            wf.stage_index = stage_index if stage_index is not None else -1
+            wf.stage_position, wf.stage_deadline_s = position, deadline
         wf.last_seen_s = now
         wf.inflight += 1
         wf.closing = wf.closing or last or workflow_key is None
-        deadline = st.slo.call_deadline_s(now, wf.deadline_s, step, position)
         return CallState(
             call_id=next(self._call_ids), workflow_id=wf.workflow_id, tenant=tenant, step=step,
             stage_index=stage_index if stage_index is not None else position, fanout=fanout,
@@ -295,16 +300,14 @@ class Gateway:
         engine.queued += 1
         call.engine_id = engine.engine_id
         call.expected_s = engine.expected_latency_s(call.step)
-        engine.outstanding_work_s += call.expected_s
-        engine.assigned_work_s += call.expected_s
-        engine.assigned_calls += 1
+        engine.ledger.place(call.expected_s)
         self._pump(engine)
         return fut
 
     def _release(self, call: CallState, engine: EngineState, admitted: bool) -> None:
         if admitted:
             engine.inflight -= 1
-        engine.outstanding_work_s = max(0.0, engine.outstanding_work_s - call.expected_s)
+        engine.ledger.finish(call.expected_s)
         self._pump(engine)
 
     async def acquire(self, call: CallState, exclude: set[int]) -> EngineState:
@@ -409,7 +412,7 @@ class Gateway:
         engine.kv_usage = float(values.get(VLLM_KV_USAGE, 0.0))
         engine.preemptions_total = float(values.get(VLLM_PREEMPTIONS, engine.preemptions_total))
         if "kv_cache_size_tokens" in values:
-            engine.kv_cache_tokens = int(values["kv_cache_size_tokens"])
+            engine.scraped_kv_capacity_tokens = int(values["kv_cache_size_tokens"])
         engine.last_scrape_s = self.state.now_s
 
     async def _control_loop(self) -> None:
@@ -451,7 +454,8 @@ class Gateway:
             "engines": [
                 {"name": e.name, "gpu": e.gpu, "url": e.spec.base_url, "price_per_hour": e.price_per_hour, "healthy": e.healthy, "inflight": e.inflight,
                  "queued": e.queued, "num_running": e.num_running, "num_waiting": e.num_waiting,
-                 "kv_usage": e.kv_usage, "preemptions_total": e.preemptions_total, "kv_cache_tokens": e.kv_cache_tokens,
+                 "kv_usage": e.kv_usage, "preemptions_total": e.preemptions_total, "kv_capacity_tokens": e.kv_capacity_tokens,
+                 "scraped_kv_capacity_tokens": e.scraped_kv_capacity_tokens,
                  "assigned_calls": e.assigned_calls, "outstanding_work_s": e.outstanding_work_s,
                  "latency_s": e.latency_table}
                 for e in st.engines

@@ -1,8 +1,10 @@
 """Live cluster state as the read-only view policies see (envs/sim/view.py), kept by the gateway.
 
-The classes here are plain objects with exactly the attributes of `CallView`, `EngineView`,
-`WorkflowView` and `ClusterView`, so a policy written against the simulator runs unchanged. The
-gateway mutates them; policies only read them. Times are seconds on the gateway's monotonic
+The classes here have exactly the attributes of `CallView`, `EngineView`, `WorkflowView` and
+`ClusterView`. What does not change while an engine runs is the simulator's own `EngineModel`
+(`envs.sim.model`), built from the same engine description; the load accounting, the SLO model and
+the arrival window are the simulator's classes too, fed here by live events (a call queued, sent,
+finished; a scrape of /metrics). The gateway mutates them; policies only read them. Times are seconds on the gateway's monotonic
 clock (`time.monotonic() - start`).
 """
 
@@ -12,63 +14,51 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence, overload
+from typing import Callable, Iterator, Sequence, overload
 
 from deploy.cluster import Cluster, EngineSpec
+from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
+from envs.sim.model import (ArrivalWindow, EngineModel, StepTokens, WorkLedger, cluster_slo_model,
+                            reference_latency_table)
+from envs.sim.model import build_engine_model as sim_build_engine_model
 from envs.sim.slo import REFERENCE_PATH, SLOModel
 from envs.sim.workload import normalise_step
 
-ARRIVAL_RATE_WINDOW_S = 60.0  # recent_arrival_rate_qps looks back this far
+
+def reference_gpu_types() -> list[str]:
+    with open(REFERENCE_PATH) as handle:
+        return list(json.load(handle)["latency_s"])
+
 # Finished workflows stay in `ClusterState.workflows` at least this long after arrival (knob
 # policies look back 300 s for burstiness), then the finished prefix is compacted away.
 WORKFLOW_RETENTION_S = 900.0
-DEFAULT_MAX_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill budget when the profile does not say
+# KV capacity of an engine known only by its GPU type, until its /metrics tells (every call fits)
+UNKNOWN_KV_CAPACITY_TOKENS = 2**31 - 1
 
 
-def reference_data() -> dict:
-    with open(REFERENCE_PATH) as handle:
-        return json.load(handle)
+def build_engine_model(spec: EngineSpec, cluster: Cluster, step_tokens: StepTokens) -> EngineModel:
+    """The engine model of one engine of the cluster file, built with the simulator's function from
+    the simulator's description of the engine (`EngineSpec.engine_config`).
 
-
-def stage_tokens(token_scale: float) -> dict[str, tuple[int, int]]:
-    """Mean (input, output) tokens per CHESS step, scaled like the replay scales its prompts."""
-    ref = reference_data()["stage_mean_tokens"]
-    return {
-        step: (max(1, round(t["input_tokens"] * token_scale)), max(1, round(t["output_tokens"] * token_scale)))
-        for step, t in ref.items()
-    }
-
-
-def engine_latency_table(spec: EngineSpec, cluster: Cluster) -> dict[str, float]:
-    """Expected solo latency per step on this engine (the paper's T_e(s)).
-
-    Sources, first that applies: the engine's explicit `latency_s`; its calibrated `profile`
-    evaluated at the standard step sizes times the gateway's token scale; the reference table of
-    its `gpu` type (real GPUs, unscaled tokens).
+    Expected latencies, first that applies: the engine's explicit `latency_s`; its calibrated
+    `profile` (or the roofline of its catalog `gpu` and `architecture`) at the standard step sizes
+    times the gateway's token scale; the paper's measured table of its `gpu` type (real GPUs,
+    unscaled tokens). KV capacity: the profile's or the roofline's, else unknown until scraped.
     """
-    if spec.latency_s:
-        return dict(spec.latency_s)
-    if spec.profile:
-        path = cluster.path(spec.profile)
-        if path.exists():
-            from envs.sim.perf import PerfProfile, ProfileModel, solo_call_latency_s
-
-            profile = PerfProfile.load(path)
-            model = ProfileModel(profile)
-            overhead = profile.solo_overhead_s  # as the simulator's Engine adds it
-            batched = profile.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS
-            return {
-                step: overhead + solo_call_latency_s(model, n_in, n_out, batched)
-                for step, (n_in, n_out) in stage_tokens(cluster.gateway.token_scale).items()
-            }
-    ref = reference_data()["latency_s"]
-    if spec.gpu in ref:
-        return dict(ref[spec.gpu])
-    raise UserError(
-        f"engine {spec.name!r}: no latency source (add `profile:` written by `agentsched calibrate`, "
-        f"`latency_s:` per step, or a gpu type among {sorted(ref)})"
-    )
+    config = spec.engine_config(cluster.path(spec.profile) if spec.profile else None)
+    catalog = load_catalog()
+    modelled = bool(config.profile) or (spec.architecture is not None)
+    table = dict(spec.latency_s) if spec.latency_s else None
+    if table is None and not modelled:
+        table = reference_latency_table(spec.gpu)
+        if table is None:
+            raise UserError(
+                f"engine {spec.name!r}: no latency source (add `profile:` written by `agentsched calibrate`, "
+                f"`architecture:` with a catalog gpu, `latency_s:` per step, or a gpu type among "
+                f"{sorted(reference_gpu_types())})")
+    return sim_build_engine_model(config, step_tokens, catalog, latency_table=table,
+                                  kv_capacity_tokens=None if modelled else UNKNOWN_KV_CAPACITY_TOKENS)
 
 
 @dataclass(slots=True)
@@ -106,6 +96,11 @@ class WorkflowState:
     calls_done: int = 0
     expected_remaining_s: float = 0.0
     position: int = 0  # pointer into the standard workflow
+    # the stage in progress (calls with the same X-Stage-Index are one fan-out stage, as in the
+    # simulator: one standard position and one deadline for all of them)
+    stage_index: int = -1
+    stage_position: int = 0
+    stage_deadline_s: float = 0.0
     inflight: int = 0
     last_seen_s: float = 0.0
     closing: bool = False  # the client said the last stage has been sent
@@ -180,50 +175,72 @@ class WorkflowLog(Sequence[WorkflowState]):
 
 
 class EngineState:
-    """One engine (satisfies EngineView): own in-flight accounting merged with scraped /metrics."""
+    """One engine (satisfies EngineView): its `EngineModel` (the simulator's), the gateway's own
+    in-flight accounting, and what the engine's /metrics said."""
 
-    def __init__(self, engine_id: int, spec: EngineSpec, latency_s: Mapping[str, float]) -> None:
+    def __init__(self, engine_id: int, spec: EngineSpec, model: EngineModel) -> None:
         self.engine_id = engine_id
         self.spec = spec
-        self.name = spec.name
-        self.gpu = spec.gpu
+        self.model = model
+        self.name = model.name
+        self.gpu = model.gpu
         self.healthy = True
-        self.price_per_hour = spec.price_per_hour
-        self.max_num_seqs = spec.batch_limit
+        self.price_per_hour = model.price_per_hour
+        self.max_num_seqs = model.max_num_seqs
         self.inflight_cap = spec.inflight_cap
-        self._latency_s = dict(latency_s)
-        self._default_latency_s = sum(self._latency_s.values()) / max(1, len(self._latency_s))
+        self.expected_latency_s = model.expected_latency_s  # EngineView
+        self.ledger = WorkLedger()
         # own accounting
         self.inflight = 0  # calls the gateway has sent and not yet seen finish
         self.queued = 0  # calls held in the gateway's urgency queue for this engine
-        self.outstanding_work_s = 0.0
-        self.assigned_work_s = 0.0
-        self.assigned_calls = 0
         # scraped from the engine's /metrics
         self.scraped_running = 0
         self.scraped_waiting = 0
         self.kv_usage = 0.0
         self.preemptions_total = 0.0
-        self.kv_cache_tokens: int | None = None
+        self.scraped_kv_capacity_tokens: int | None = None
         self.last_scrape_s: float | None = None
         self.scrape_failures = 0
 
     @property
+    def outstanding_work_s(self) -> float:
+        return self.ledger.outstanding_work_s
+
+    @property
+    def assigned_work_s(self) -> float:
+        return self.ledger.assigned_work_s
+
+    @property
+    def assigned_calls(self) -> int:
+        return self.ledger.assigned_calls
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """The engine's own figure once scraped (vLLM's cache_config_info), else the model's."""
+        scraped = self.scraped_kv_capacity_tokens
+        return scraped if scraped is not None else self.model.kv_capacity_tokens
+
+    @property
     def num_running(self) -> int:
-        # the scrape lags by up to one interval; our own count is exact for what we sent
-        return max(self.scraped_running, min(self.inflight, self.max_num_seqs)) if self.last_scrape_s else min(self.inflight, self.max_num_seqs)
+        """Calls in the engine's batch. The gateway knows exactly how many calls are at the engine
+        (`inflight`); the split into batch and queue is the engine's, from its last scrape: calls
+        sent since then count as waiting until a scrape shows them running (as the simulator counts
+        calls still in the API server). Before any scrape, vLLM's rule: up to max_num_seqs run."""
+        if self.last_scrape_s is None:
+            return min(self.inflight, self.max_num_seqs)
+        return min(self.inflight, self.scraped_running)
 
     @property
     def num_waiting(self) -> int:
-        upstream_waiting = max(self.scraped_waiting, self.inflight - self.max_num_seqs, 0)
+        """Calls sent here and not yet in the batch, plus the gateway's own queue for the engine."""
+        upstream_waiting = self.inflight - self.num_running
+        if self.last_scrape_s is not None and self.scraped_waiting > upstream_waiting:
+            upstream_waiting = self.scraped_waiting  # the engine queues more than we sent (other clients)
         return upstream_waiting + self.queued
-
-    def expected_latency_s(self, step: str) -> float:
-        return self._latency_s.get(step, self._default_latency_s)
 
     @property
     def latency_table(self) -> dict[str, float]:
-        return dict(self._latency_s)
+        return self.model.latency_by_step(self.model.step_tokens.steps())
 
 
 class ClusterState:
@@ -233,20 +250,21 @@ class ClusterState:
     compacted after `WORKFLOW_RETENTION_S`); `open_workflows` maps id -> not yet finished ones.
     """
 
-    def __init__(self, engines: Sequence[EngineState], slo_model: SLOModel, base_latency_s: Mapping[str, float]) -> None:
+    def __init__(self, engines: Sequence[EngineState], slo_model: SLOModel,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.engines: list[EngineState] = list(engines)
         self.slo = slo_model
-        self._base_latency_s = dict(base_latency_s)
-        self._t0 = time.monotonic()
+        self._clock = clock
+        self._t0 = clock()
         self.workflows = WorkflowLog()
         self.open_workflows: dict[int, WorkflowState] = {}
-        self._arrivals: deque[float] = deque()
+        self._arrivals = ArrivalWindow()
         self.finished_workflows = 0
         self.met_workflows = 0
 
     @property
     def now_s(self) -> float:
-        return time.monotonic() - self._t0
+        return self._clock() - self._t0
 
     def workflow(self, workflow_id: int) -> WorkflowState:
         wf = self.open_workflows.get(workflow_id)
@@ -256,42 +274,28 @@ class ClusterState:
         self.workflows.append(wf)
         self.open_workflows[wf.workflow_id] = wf
 
-    def base_latency_s(self, step: str) -> float:
-        return self._base_latency_s.get(step, self.slo.expected(step))
-
     def note_arrival(self, now_s: float) -> None:
-        self._arrivals.append(now_s)
-        self._trim(now_s)
-
-    def _trim(self, now_s: float) -> None:
-        while self._arrivals and self._arrivals[0] < now_s - ARRIVAL_RATE_WINDOW_S:
-            self._arrivals.popleft()
+        self._arrivals.note(now_s)
 
     @property
     def recent_arrival_rate_qps(self) -> float:
-        now = self.now_s
-        self._trim(now)
-        window = min(ARRIVAL_RATE_WINDOW_S, max(now, 1e-3))
-        return len(self._arrivals) / window
+        return self._arrivals.rate_qps(self.now_s)
 
     @property
     def slo_attainment_so_far(self) -> float:
         return self.met_workflows / self.finished_workflows if self.finished_workflows else 1.0
 
 
-def build_cluster_state(cluster: Cluster) -> ClusterState:
-    tables = [engine_latency_table(spec, cluster) for spec in cluster.engines]
-    engines = [EngineState(i, spec, table) for i, (spec, table) in enumerate(zip(cluster.engines, tables))]
-    by_type: dict[str, dict[str, float]] = {}
-    for spec, table in zip(cluster.engines, tables):
-        by_type.setdefault(spec.gpu, table)
-    slo_model = SLOModel.from_engine_latencies(list(by_type.values()))
-    # the reference (base) engine type: the slowest type, the one the SLO must be feasible on
-    base = max(by_type.values(), key=lambda t: sum(t.values()))
-    return ClusterState(engines, slo_model, base)
+def build_cluster_state(cluster: Cluster, clock: Callable[[], float] = time.monotonic) -> ClusterState:
+    """The live view of a cluster file: the simulator's engine models and SLO model of its engines,
+    with the standard CHESS step sizes scaled by the gateway's `token_scale`."""
+    step_tokens = StepTokens.from_reference(cluster.gateway.token_scale)
+    models = [build_engine_model(spec, cluster, step_tokens) for spec in cluster.engines]
+    engines = [EngineState(i, spec, model) for i, (spec, model) in enumerate(zip(cluster.engines, models))]
+    return ClusterState(engines, cluster_slo_model(models, step_tokens.steps()), clock)
 
 
 __all__ = [
     "CallState", "WorkflowState", "WorkflowLog", "EngineState", "ClusterState", "build_cluster_state",
-    "engine_latency_table", "stage_tokens", "normalise_step",
+    "build_engine_model", "normalise_step",
 ]

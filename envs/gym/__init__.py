@@ -1,4 +1,4 @@
-"""Gymnasium environments over the cluster simulator (registered by `import envs`).
+"""Gymnasium environments over the cluster simulator (registered by `import envs.gym`).
 
 - `agentsched/Dispatch-v0` (`DispatchEnv`): one decision per ready LLM call, which engine gets it
   (`Discrete(max_engines)`, masked; `info["action_mask"]`, `action_masks()` for MaskablePPO).
@@ -8,7 +8,7 @@
 Both draw episodes from a `Scenario` (pydantic, YAML; shipped: `default`, `train-randomized`,
 `test-heldout` in envs/gym/scenarios/). Reward: `envs.gym.reward`. Typical use:
 
-    import gymnasium as gym, envs
+    import gymnasium as gym, envs.gym
     env = gym.make("agentsched/Dispatch-v0", scenario="train-randomized")
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())  # a valid engine
@@ -26,7 +26,7 @@ Both draw episodes from a `Scenario` (pydantic, YAML; shipped: `default`, `train
         result, _ = simulate(scenario.run_spec(seed), hexgen)  # ... and the identical simulator run
 
 Subprocess vector envs that start fresh interpreters (SB3's `SubprocVecEnv` uses forkserver) must
-import `envs` to see the ids: pass `"envs:agentsched/Dispatch-v0"` (Gymnasium's module:id form) or
+import `envs.gym` to see the ids: pass `"envs.gym:agentsched/Dispatch-v0"` (Gymnasium's module:id form) or
 the class `DispatchEnv` to `make_vec_env`. `make_vec_env` asks for render_mode="rgb_array", which
 these envs ignore (add `"render_mode": None` to env_kwargs to silence Gymnasium's warning).
 
@@ -35,10 +35,19 @@ observation with `envs.gym.observation.DispatchObservation(max_engines).build(ca
 reads only the view protocols; `valid_actions(cluster)` is the mask.
 """
 
+from gymnasium.envs.registration import register, registry
+
+from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.gym.dispatch_env import DispatchEnv, InvalidActionError
 from envs.gym.knobs_env import Knob, KnobsEnv, KnobsObservation
 from envs.gym.observation import DispatchObservation
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
+
+for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),
+                        (KNOBS_ENV_ID, "envs.gym.knobs_env:KnobsEnv")):
+    if _env_id not in registry:
+        # no TimeLimit: episodes end with their workload or at the scenario's simulated horizon
+        register(id=_env_id, entry_point=_entry, disable_env_checker=False)
 
 __all__ = ["DispatchEnv", "DispatchObservation", "InvalidActionError", "Knob", "KnobsEnv", "KnobsObservation",
            "RandomClusterSpec", "Randomization", "Scenario"]

@@ -18,8 +18,7 @@ log1p(n). Typical values stay within [-5, 5] and every value is clipped to [-OBS
 the declared Box bounds, under any load.
 
 Only the read-only view protocols (`envs.sim.view`) are read, so a trained policy builds the same
-vector inside `simulate` and in the deploy gateway (engines that do not expose
-`kv_capacity_tokens` count as fitting every call).
+vector inside `simulate` and in the deploy gateway (a test checks both views give equal vectors).
 
 Speed: the vector is built in plain Python floats and converted once (numpy per-call overhead on
 a handful of numbers costs more than the arithmetic); per-step latencies of every engine for every
@@ -135,13 +134,12 @@ class DispatchObservation:
 
     def _engine_static(self, step: str) -> list[tuple]:
         """Per engine: (engine, latency_s, relative speed, latency feature, KV capacity in tokens,
-        price feature). Engines that do not tell their KV capacity (not in the view protocol) are
-        assumed to fit every call."""
+        price feature)."""
         engines = self._cluster.engines
         lats = [e.expected_latency_s(step) for e in engines]
         fastest = min(lats)
         rows = [(e, lat, fastest / lat if lat > 0 else 1.0, min(math.log1p(lat * INV_TIME_SCALE), OBS_CLIP),
-                 getattr(e, "kv_capacity_tokens", math.inf), min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
+                 e.kv_capacity_tokens, min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
                 for e, lat in zip(engines, lats)]
         self._per_step[step] = rows
         return rows

@@ -23,14 +23,13 @@ import numpy as np
 from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
-from envs.sim.slo import SLOModel, standard_workflow
+from envs.sim.model import ArrivalWindow, StepTokens, build_engine_model, cluster_slo_model
 from envs.sim.workload import WorkflowSpec, step_mean_tokens
 
 if TYPE_CHECKING:
     from policies.base import Policy
 
 EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
-ARRIVAL_RATE_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,25 +106,17 @@ class ClusterSimulator:
             raise ValueError("one arrival time per workflow")
         catalog = load_catalog()
         self.config = cluster
-        self.step_tokens = step_tokens or step_mean_tokens(workflows)
+        self.step_tokens = (step_tokens if isinstance(step_tokens, StepTokens)
+                            else StepTokens(step_tokens or step_mean_tokens(workflows)))
         self.engines: list[Engine] = []
         for i, spec in enumerate(cluster.expanded()):
-            engine = Engine(i, spec, catalog.gpu(spec.gpu), catalog.model(spec.model), self.step_tokens)
+            engine = Engine(i, build_engine_model(spec, self.step_tokens, catalog), spec)
             if record_timeline:
                 engine.timeline = []
             self.engines.append(engine)
-        # the paper's SLO: averaged over distinct engine types
-        by_type: dict[tuple, Engine] = {}
-        for engine in self.engines:
-            by_type.setdefault((engine.gpu, engine.tp, engine.config.weight_bits, engine.config.profile), engine)
-        steps = list(self.step_tokens)
-        self.slo = SLOModel.from_engine_latencies(
-            [{s: e.expected_latency_s(s) for s in steps} for e in by_type.values()],
-            standard if standard is not None else standard_workflow())
+        models = [e.model for e in self.engines]
+        self.slo = cluster_slo_model(models, self.step_tokens.steps(), standard)
         self.slo_scale = slo_scale
-        # reference engine for the paper's T_base / W_base: the engine type that runs the
-        # standard workflow fastest (one step alone is a poor guide: short calls hide speed)
-        self.base_engine = min(self.engines, key=lambda e: sum(e.expected_latency_s(s) for s in self.slo.standard))
         self.queue_key = queue_key or (lambda call, engine: call.ready_time_s)
         self.tenants = list(tenants)
         self.now_s = 0.0
@@ -141,7 +132,7 @@ class ClusterSimulator:
         shares = np.array([t.share for t in self.tenants], dtype=float)
         self._tenant_of = rng.choice(len(self.tenants), size=len(workflows), p=shares / shares.sum())
         self._next_arrival = 0
-        self._recent_arrivals: deque[float] = deque()
+        self._recent_arrivals = ArrivalWindow()
         self.finished_workflows = 0
         self.met_workflows = 0
         self.failed_calls = 0
@@ -163,16 +154,9 @@ class ClusterSimulator:
     def workflow(self, workflow_id: int) -> Workflow:
         return self.workflows[workflow_id]
 
-    def base_latency_s(self, step: str) -> float:
-        return self.base_engine.expected_latency_s(step)
-
     @property
     def recent_arrival_rate_qps(self) -> float:
-        window = self._recent_arrivals
-        while window and window[0] < self.now_s - ARRIVAL_RATE_WINDOW_S:
-            window.popleft()
-        span = min(ARRIVAL_RATE_WINDOW_S, self.now_s) or 1.0
-        return len(window) / span
+        return self._recent_arrivals.rate_qps(self.now_s)
 
     @property
     def slo_attainment_so_far(self) -> float:
@@ -249,9 +233,7 @@ class ClusterSimulator:
             return
         expected = engine.expected_latency_s(call.step)
         call.expected_s = expected
-        engine.outstanding_work_s += expected
-        engine.assigned_work_s += expected
-        engine.assigned_calls += 1
+        engine.ledger.place(expected)
         if engine.call_frontend_s > 0.0:
             engine.in_frontend.append(call)
             self._push(engine.frontend_ready_s(now), EV_FRONTEND, call.call_id, call.attempts)
@@ -304,7 +286,7 @@ class ClusterSimulator:
         finished = engine.complete(now)
         overhead = engine.request_overhead_s
         for call in finished:
-            engine.outstanding_work_s -= call.expected_s
+            engine.ledger.finish(call.expected_s)
             if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
                 call.finish_time_s = now + overhead
                 self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
@@ -331,7 +313,7 @@ class ClusterSimulator:
         slo_s = self.slo.base_slo_s * self.slo_scale * tenant.slo_scale
         workflow = Workflow(wid, tenant, now, slo_s, stages)
         self.workflows.append(workflow)
-        self._recent_arrivals.append(now)
+        self._recent_arrivals.note(now)
         self._start_next_stage(workflow, now)
         self._next_arrival = index + 1
         if self._next_arrival < len(self._specs):

@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "data" / "clusters"
+# vLLM's engine defaults, where a config or profile does not say (one place for the simulator and
+# the gateway's cluster files)
+DEFAULT_MAX_NUM_SEQS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # the chunked-prefill token budget per iteration
+DEFAULT_BLOCK_SIZE_TOKENS = 16  # vLLM's KV page size on GPUs (the CPU build uses 128)
 
 
 class EngineConfig(BaseModel):
@@ -23,13 +28,14 @@ class EngineConfig(BaseModel):
     count: PositiveInt = 1
     weight_bits: Literal[4, 8, 16] = 16
     kv_bits: Literal[4, 8, 16] = 16
-    max_num_seqs: PositiveInt = 256
-    max_num_batched_tokens: PositiveInt = 8192
+    max_num_seqs: PositiveInt = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: PositiveInt = DEFAULT_MAX_NUM_BATCHED_TOKENS
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    block_size_tokens: PositiveInt = 16
+    block_size_tokens: PositiveInt = DEFAULT_BLOCK_SIZE_TOKENS
     activation_reserve_gb: float = Field(2.0, ge=0.0)  # per GPU, for activations and CUDA graphs
     profile: str | None = None  # a measured performance profile (YAML) that replaces the roofline
     name: str | None = None
+    price_per_hour: float | None = Field(None, ge=0.0)  # overrides the catalog's price x tp
 
 
 class ClusterConfig(BaseModel):
@@ -43,6 +49,9 @@ class ClusterConfig(BaseModel):
         models = {e.model for e in engines}
         if len(models) > 1:
             raise ValueError(f"all engines must serve the same model, got {sorted(models)}")
+        names = [e.name for e in engines if e.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"engine names must be unique, got {names}")
         return engines
 
     def expanded(self) -> list[EngineConfig]:
@@ -50,8 +59,9 @@ class ClusterConfig(BaseModel):
         out = []
         for spec in self.engines:
             for i in range(spec.count):
-                name = spec.name or f"{spec.gpu}"
-                out.append(spec.model_copy(update={"count": 1, "name": f"{name}-{len(out)}"}))
+                # a named single engine keeps its name (the gateway's cluster files name every engine)
+                name = spec.name if spec.name and spec.count == 1 else f"{spec.name or spec.gpu}-{len(out)}"
+                out.append(spec.model_copy(update={"count": 1, "name": name}))
         return out
 
 

@@ -20,11 +20,9 @@ import math
 from collections import deque
 from typing import Callable
 
-from envs.sim.catalog import GPUSpec, ModelSpec
 from envs.sim.config import EngineConfig
-from envs.sim.perf import DecodeSegmentCost, IterationModel, PerfProfile, ProfileModel, RooflineModel
-
-GB = 1e9
+from envs.sim.model import EngineModel, StepTokens, WorkLedger, build_engine_model
+from envs.sim.perf import DecodeSegmentCost, IterationModel
 
 
 def _key_of(call: "LLMCall") -> float:
@@ -81,54 +79,37 @@ class LLMCall:
 
 
 class Engine:
-    """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue()."""
+    """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue().
 
-    def __init__(self, engine_id: int, config: EngineConfig, gpu: GPUSpec, model: ModelSpec,
-                 step_mean_tokens: dict[str, tuple[float, float]]):
+    Its static facts (expected latencies, limits, KV capacity, price) are its `EngineModel`, the
+    one the deploy gateway builds for the same engine; they are copied into attributes here only
+    because the scheduling loop reads them on every iteration."""
+
+    def __init__(self, engine_id: int, model: EngineModel, config: EngineConfig):
         self.engine_id = engine_id
-        self.name = config.name or f"engine-{engine_id}"
-        self.gpu = gpu.name
+        self.model = model
+        self.name = model.name
+        self.gpu = model.gpu
         self.config = config
         self.tp = config.tp
-        self.price_per_hour = gpu.price_per_hour * config.tp
-        profile = PerfProfile.load(config.profile) if config.profile else None
-        self.perf: IterationModel = (ProfileModel(profile) if profile
-                                     else RooflineModel(gpu, model, config.tp, config.weight_bits, config.kv_bits))
-        self.request_overhead_s = profile.request_overhead_s if profile else 0.0
-        self.solo_overhead_s = profile.solo_overhead_s if profile else 0.0
-        self.call_engine_s = profile.call_engine_s if profile else 0.0
-        self.call_frontend_s = profile.call_frontend_s if profile else 0.0
-        self.max_num_seqs = (profile.max_num_seqs if profile and profile.max_num_seqs else config.max_num_seqs)
-        self.max_num_batched_tokens = (profile.max_num_batched_tokens if profile and profile.max_num_batched_tokens
-                                       else config.max_num_batched_tokens)
-        self.block_size = (profile.block_size_tokens if profile and profile.block_size_tokens
-                           else config.block_size_tokens)
-        if profile and profile.kv_capacity_tokens:
-            kv_tokens = profile.kv_capacity_tokens
-        else:
-            usable = gpu.memory_gb * GB * config.gpu_memory_utilization * config.tp
-            weights = model.parameters * config.weight_bits / 8.0
-            reserve = config.activation_reserve_gb * GB * config.tp
-            kv_tokens = int((usable - weights - reserve) / model.kv_bytes_per_token(config.kv_bits))
-        if kv_tokens < self.max_num_batched_tokens:
-            from envs.sim.errors import UserError
-
-            raise UserError(
-                f"engines: {model.name} with {config.weight_bits}-bit weights leaves room for only {max(kv_tokens, 0)} KV "
-                f"tokens on {gpu.name} x tp{config.tp} (need at least max_num_batched_tokens={self.max_num_batched_tokens}); "
-                f"raise tp, lower weight_bits or raise gpu_memory_utilization")
-        self.total_blocks = max(0, kv_tokens // self.block_size)
-        self.kv_capacity_tokens = self.total_blocks * self.block_size
-        self._latency_cache: dict[str, float] = {}
-        self.step_mean_tokens = step_mean_tokens
+        self.price_per_hour = model.price_per_hour
+        assert model.perf is not None, "a simulated engine needs an iteration model"
+        self.perf: IterationModel = model.perf
+        self.request_overhead_s = model.request_overhead_s
+        self.call_engine_s = model.call_engine_s
+        self.call_frontend_s = model.call_frontend_s
+        self.max_num_seqs = model.max_num_seqs
+        self.max_num_batched_tokens = model.max_num_batched_tokens
+        self.block_size = model.block_size_tokens
+        self.kv_capacity_tokens = model.kv_capacity_tokens
+        self.total_blocks = model.kv_capacity_tokens // self.block_size
+        self.expected_latency_s = model.expected_latency_s  # EngineView
+        self.ledger = WorkLedger()
         # dynamic state
         self.healthy = True
         self.waiting: list[tuple[float, int, LLMCall]] = []  # heap by (queue key, arrival order)
         self.running: list[LLMCall] = []
         self.free_blocks = self.total_blocks
-        self.outstanding_work_s = 0.0
-        self.assigned_work_s = 0.0
-        self.assigned_calls = 0
         self.busy_s = 0.0
         self.kv_block_seconds = 0.0
         self.preemptions = 0
@@ -147,6 +128,11 @@ class Engine:
         # cap on iterations per decode segment; 1 turns fast-forward off (tests compare both)
         self.max_segment_iterations: int | None = None
 
+    @classmethod
+    def from_config(cls, engine_id: int, config: EngineConfig, step_tokens: StepTokens | None = None) -> "Engine":
+        """An engine on its own (tests, calibration): its model built as the simulator builds it."""
+        return cls(engine_id, build_engine_model(config, step_tokens or StepTokens({})), config)
+
     # ---- EngineView -----------------------------------------------------------------------
     @property
     def num_running(self) -> int:
@@ -154,22 +140,25 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Calls sent here and not yet in the batch: in the API server or in the scheduler's queue
+        (the gateway counts the same: sent beyond the batch, plus its own queue)."""
+        return len(self.waiting) + len(self.in_frontend)
 
     @property
     def kv_usage(self) -> float:
         return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
 
-    def expected_latency_s(self, step: str) -> float:
-        cached = self._latency_cache.get(step)
-        if cached is None:
-            from envs.sim.perf import solo_call_latency_s
+    @property
+    def outstanding_work_s(self) -> float:
+        return self.ledger.outstanding_work_s
 
-            mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
-            cached = self.solo_overhead_s + solo_call_latency_s(
-                self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
-            self._latency_cache[step] = cached
-        return cached
+    @property
+    def assigned_work_s(self) -> float:
+        return self.ledger.assigned_work_s
+
+    @property
+    def assigned_calls(self) -> int:
+        return self.ledger.assigned_calls
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
@@ -413,7 +402,7 @@ class Engine:
         self.running = []
         self.waiting = []
         self.free_blocks = self.total_blocks
-        self.outstanding_work_s = 0.0
+        self.ledger.clear_outstanding()
         self._plan_prefills = []
         self._plan_decodes = []
         self._seg_k = 0

@@ -1,7 +1,7 @@
 """The read-only cluster-state view: the one contract between schedulers and the world.
 
 The simulator, the Gymnasium envs and the deploy gateway all hand policies objects that satisfy
-these protocols; a policy that only reads them runs unchanged in simulation and against live vLLM
+these protocols, built from one model of engines and load (`envs.sim.model`); a policy that only reads them runs unchanged in simulation and against live vLLM
 engines. The simulator passes its own live objects (no copies, for speed), so policies must treat
 everything here as read-only.
 
@@ -47,6 +47,7 @@ class EngineView(Protocol):
     assigned_calls: int  # cumulative calls ever placed here
     price_per_hour: float
     max_num_seqs: int
+    kv_capacity_tokens: int  # tokens of KV cache (the engine's own figure once scraped); a call fits if its context does
 
     def expected_latency_s(self, step: str) -> float:
         """Expected latency of one call of `step` alone on this engine (the paper's T_e(s))."""
@@ -77,10 +78,6 @@ class ClusterView(Protocol):
     met_workflows: int
 
     def workflow(self, workflow_id: int) -> WorkflowView: ...
-
-    def base_latency_s(self, step: str) -> float:
-        """Expected latency of `step` on the cluster's reference (base) engine type."""
-        ...
 
     @property
     def recent_arrival_rate_qps(self) -> float: ...
