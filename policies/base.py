@@ -20,7 +20,12 @@ class PolicyError(ValueError):
 
 
 class Policy(ABC):
+    """Everything the simulator, the envs and the gateway ask of a policy; nothing else is looked up."""
+
     name: str = "policy"
+    # period of `on_interval` in seconds (simulated or wall-clock); None: the policy needs no ticks
+    # (the gateway then ticks at its cluster file's control_interval_s)
+    interval_s: float | None = None
 
     @abstractmethod
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
@@ -29,6 +34,10 @@ class Policy(ABC):
     def queue_key(self, call: CallView, engine: EngineView) -> float:
         """Admission order at an engine; default FCFS by readiness time."""
         return call.ready_time_s
+
+    def bind(self, cluster: ClusterView) -> None:
+        """Called with the cluster before a decision (a knob controller takes its first decision
+        when it first sees the cluster); default does nothing."""
 
     def on_interval(self, cluster: ClusterView) -> None:
         """Periodic hook (control interval) for policies that adapt knobs; default does nothing."""

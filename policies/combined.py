@@ -34,17 +34,18 @@ class CombinedPolicy(Policy):
         """Control interval of whichever part has one (the local part's first), so the simulator
         and the gateway tick `on_interval` as they would for that part alone."""
         for part in (self.local_policy, self.dispatch_policy):
-            interval = getattr(part, "interval_s", None)
-            if interval:
-                return float(interval)
+            if part.interval_s:
+                return float(part.interval_s)
         return None
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         # a knob controller takes its first decision when it first sees the cluster
-        bind = getattr(self.local_policy, "bind", None)
-        if bind is not None:
-            bind(cluster)
+        self.local_policy.bind(cluster)
         return self.dispatch_policy.dispatch(call, cluster)
+
+    def bind(self, cluster: ClusterView) -> None:
+        self.dispatch_policy.bind(cluster)
+        self.local_policy.bind(cluster)
 
     def queue_key(self, call: CallView, engine: EngineView) -> float:
         return self.local_policy.queue_key(call, engine)

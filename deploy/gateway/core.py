@@ -154,8 +154,8 @@ class Gateway:
     @property
     def control_interval_s(self) -> float:
         """Period of `policy.on_interval`: the policy's own `interval_s` when it has one (as in the
-        simulator, `envs/sim/scenario.py::_tick_kwargs`), else the cluster's `control_interval_s`."""
-        interval = getattr(self.policy, "interval_s", None)
+        simulator, `ClusterSimulator(policy=...)`), else the cluster's `control_interval_s`."""
+        interval = self.policy.interval_s
         return float(interval) if interval else self.config.control_interval_s
 
     def begin_shutdown(self) -> int:

@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,10 +24,8 @@ from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.model import ArrivalWindow, StepTokens, build_engine_model, cluster_slo_model
+from envs.sim.view import SchedulingPolicy
 from envs.sim.workload import WorkflowSpec, step_mean_tokens
-
-if TYPE_CHECKING:
-    from policies.base import Policy
 
 EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
 
@@ -101,7 +99,11 @@ class ClusterSimulator:
         record_timeline: bool = False,
         tick_interval_s: float | None = None,
         on_tick: Callable[["ClusterSimulator"], None] | None = None,
+        policy: SchedulingPolicy | None = None,
     ):
+        """`policy`, when given, is the one policy of the run: its queue_key orders every engine's
+        queue, its on_interval ticks every interval_s, and `run()` asks it for every dispatch
+        (the Gymnasium env passes no policy and answers dispatch decisions itself)."""
         if len(arrival_times_s) != len(workflows):
             raise ValueError("one arrival time per workflow")
         catalog = load_catalog()
@@ -117,6 +119,11 @@ class ClusterSimulator:
         models = [e.model for e in self.engines]
         self.slo = cluster_slo_model(models, self.step_tokens.steps(), standard)
         self.slo_scale = slo_scale
+        self.policy = policy
+        if policy is not None:
+            queue_key = queue_key or policy.queue_key
+            if policy.interval_s and tick_interval_s is None:
+                tick_interval_s, on_tick = float(policy.interval_s), policy.on_interval
         self.queue_key = queue_key or (lambda call, engine: call.ready_time_s)
         self.tenants = list(tenants)
         self.now_s = 0.0
@@ -258,8 +265,11 @@ class ClusterSimulator:
     def healthy_engines(self) -> list[int]:
         return [e.engine_id for e in self.engines if e.healthy]
 
-    def run(self, policy: "Policy") -> None:
-        """Run to the end, answering every dispatch decision with `policy`."""
+    def run(self, policy: SchedulingPolicy | None = None) -> None:
+        """Run to the end, answering every dispatch decision with `policy` (default: the run's own)."""
+        policy = policy or self.policy
+        if policy is None:
+            raise SimulationError("run() needs a policy (pass it to the simulator or to run)")
         while True:
             call = self.next_decision()
             if call is None:

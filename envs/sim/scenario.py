@@ -128,9 +128,8 @@ def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_tim
 def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:
     """Run `policy` on `spec`; the result dict of `agentsched simulate` and the finished simulator."""
     policy.reset()
-    sim = build_simulator(spec, queue_key=policy.queue_key, record_timeline=record_timeline,
-                          **_tick_kwargs(policy))
-    sim.run(policy)
+    sim = build_simulator(spec, record_timeline=record_timeline, policy=policy)
+    sim.run()
     wfs, calls, engines = records_from_simulator(sim)
     result = summarize(wfs, calls, engines, sim_wall_s=sim.wall_s,
                        extra={"policy": policy.spec(), "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
@@ -138,10 +137,3 @@ def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple
                               "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
                               "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
     return result, sim
-
-
-def _tick_kwargs(policy: Any) -> dict[str, Any]:
-    interval = getattr(policy, "interval_s", None)
-    if interval:
-        return {"tick_interval_s": float(interval), "on_tick": policy.on_interval}
-    return {}

@@ -84,3 +84,17 @@ class ClusterView(Protocol):
 
     @property
     def slo_attainment_so_far(self) -> float: ...
+
+
+@runtime_checkable
+class SchedulingPolicy(Protocol):
+    """What the simulator asks of a policy (`policies.base.Policy` provides it): the engine for a
+    ready call, an engine's admission order, and an optional periodic hook."""
+
+    interval_s: float | None
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int: ...
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float: ...
+
+    def on_interval(self, cluster: ClusterView) -> None: ...
