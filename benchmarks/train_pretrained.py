@@ -9,16 +9,16 @@
 3. `agentsched train --config training/configs/knobs-ppo.yaml --total-timesteps 100000`
 4. `benchmarks/train_report.py` on all three (+ the dispatch policy with the urgency weight 0.5
    that tuned HexGen favours at heavy load: "both" knobs and learned dispatch), and with --ship
-   copies the dispatch policy with its report to policies/pretrained/dispatch-heavy.
+   copies the dispatch policy with its report to experiments/policies/dispatch-heavy.
 5. `agentsched train --config training/configs/dispatch-paper-triage.yaml` (BC of tuned HexGen on
    the paper cluster, urgency-triage queues, 200k steps; the best checkpoint is kept) and its report
-   on the three heavy paper cells (--ship: policies/pretrained/dispatch-paper-triage).
+   on the three heavy paper cells (--ship: experiments/policies/dispatch-paper-triage).
 6. `agentsched train --config training/configs/dispatch-overload.yaml` (BC of the least-work+workflow
    heuristic on both clusters at overload, workflow-first queues, 100k steps; ~6 minutes) and its
-   report on every cell (--ship: policies/pretrained/dispatch-overload).
+   report on every cell (--ship: policies/pretrained/learned).
 7. `agentsched train --config training/configs/dispatch-overload-2t.yaml` (the same, cloned from the
-   heuristic tuned for each cluster: policies/pretrained/teachers/) and its report on every cell
-   (--ship: policies/pretrained/dispatch-overload-2t).
+   heuristic tuned for each cluster: experiments/policies/teachers/) and its report on every cell
+   (--ship: experiments/policies/dispatch-overload-2t).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
     ap.add_argument("--ship", action="store_true",
-                    help="write policies/pretrained/dispatch-heavy, dispatch-paper-triage, dispatch-overload and dispatch-overload-2t")
+                    help="write experiments/policies/dispatch-heavy, dispatch-paper-triage, dispatch-overload and dispatch-overload-2t")
     args = ap.parse_args()
     out = args.out
     run(AGENTSCHED + ["train", "--config", "training/configs/dispatch-heavy.yaml", "--out", str(out / "dispatch-b"), "--no-progress"])
@@ -74,20 +74,20 @@ def main() -> None:
     for p in (p1, p2, p3, p4):
         cmd += ["--policy", str(p)]
     if args.ship:
-        cmd += ["--ship", "policies/pretrained/dispatch-heavy"]
+        cmd += ["--ship", "experiments/policies/dispatch-heavy"]
     run(cmd)
     # the paper-cluster policy: tuned HexGen cloned, urgency-triage queues (~8 minutes)
     paper_cells = [arg for load in ("constant", "step", "burst") for arg in ("--cell", f"paper:0.12:{load}")]
     train_and_report(out, "dispatch-paper-triage", ["--policy", str(p1)] + paper_cells, args.ship)
     # one network for both clusters at overload: least-work+workflow cloned, workflow-first queues
-    p6 = train_and_report(out, "dispatch-overload", ["--policy", "policies/pretrained/least-work+workflow.yaml",
-                                                     "--policy", "policies/pretrained/dispatch-paper-triage+margin3.yaml"],
+    p6 = train_and_report(out, "dispatch-overload", ["--policy", "policies/pretrained/least-work+workflow",
+                                                     "--policy", "experiments/policies/dispatch-paper-triage+margin3.yaml"],
                           args.ship)
     # the same with one teacher per cluster (the recommended policy)
-    train_and_report(out, "dispatch-overload-2t", ["--policy", "policies/pretrained/least-work+workflow.yaml",
+    train_and_report(out, "dispatch-overload-2t", ["--policy", "policies/pretrained/least-work+workflow",
                                                    "--policy", str(p6),
-                                                   "--policy", "policies/pretrained/teachers/least-work+workflow-paper.yaml",
-                                                   "--policy", "policies/pretrained/teachers/least-work+workflow-mixed-16.yaml"],
+                                                   "--policy", "experiments/policies/teachers/least-work+workflow-paper.yaml",
+                                                   "--policy", "experiments/policies/teachers/least-work+workflow-mixed-16.yaml"],
                      args.ship)
 
 

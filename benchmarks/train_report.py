@@ -1,7 +1,7 @@
 """Evaluation report of trained policies against rr, hexgen and per-cell Optuna-tuned hexgen.
 
     python benchmarks/train_report.py --policy runs/dispatch-a/policy [--policy runs/knobs-a/policy] \
-        --out runs/report [--ship policies/pretrained/dispatch-maskppo]
+        --out runs/report [--ship policies/pretrained/learned]
 
 Cells: the paper cluster and mixed-16, each at a light, a heavy and two shifting loads (a rate step
 0.5x -> 1.5x and a 3x burst, around the heavy rate), mixed-16 also at its real overload (1.6 q/s:
@@ -141,16 +141,18 @@ def main() -> None:
     plot(merged, args.out)
     print(markdown_table(merged))
     if args.ship:
+        # shipped policies have one layout: a directory with policy.yaml (+ the network's files),
+        # eval_report.json and REPORT.md
         src = Path(args.policy[0])
-        if src.is_file():  # a policy file: NAME.yaml with NAME.eval_report.json and NAME.REPORT.md beside it
-            if src.resolve() != args.ship.resolve():
-                shutil.copyfile(src, args.ship)
-            report, table = args.ship.with_name(args.ship.stem + ".eval_report.json"), args.ship.with_name(args.ship.stem + ".REPORT.md")
-        else:
+        if src.resolve() != args.ship.resolve():
             if args.ship.exists():
                 shutil.rmtree(args.ship)
-            shutil.copytree(src, args.ship)
-            report, table = args.ship / "eval_report.json", args.ship / "REPORT.md"
+            if src.is_file():
+                args.ship.mkdir(parents=True)
+                shutil.copyfile(src, args.ship / "policy.yaml")
+            else:
+                shutil.copytree(src, args.ship)
+        report, table = args.ship / "eval_report.json", args.ship / "REPORT.md"
         report.write_text(json.dumps(merged, separators=(",", ":")))  # compact: shipped in the repository
         table.write_text(markdown_table(merged))
         print(f"shipped {args.policy[0]} -> {args.ship}")

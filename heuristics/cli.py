@@ -285,6 +285,7 @@ def policies_command() -> None:
 
     from heuristics import registry
     from policies import load_policy
+    from policies.loader import LEARNED_POLICY, RECOMMENDED_POLICY, shipped_policies
 
     table = Table(title="named policies (or give a policy file: {base: hexgen, dispatch: {alpha: 0.3}})")
     for col in ("name", "dispatch", "local", "knobs", "what"):
@@ -292,5 +293,16 @@ def policies_command() -> None:
     for name, entry in registry.NAMED.items():
         knobs = load_policy(name).knobs()
         text = "; ".join(f"{k}={v}" for part in knobs.values() for k, v in part.items())
-        table.add_row(name, entry.dispatch, entry.local, text, entry.about)
+        label = f"{name} (recommended)" if name == RECOMMENDED_POLICY else name
+        table.add_row(label, entry.dispatch, entry.local, text, entry.about)
     _console().print(table)
+    shipped = Table(title="shipped policies (policies/pretrained/NAME: policy, config, REPORT.md, eval_report.json)")
+    for col in ("name", "kind", "what"):
+        shipped.add_column(col)
+    for name in shipped_policies():
+        policy = load_policy(name)
+        what = {RECOMMENDED_POLICY: "recommended: the tuned heuristic",
+                LEARNED_POLICY: "the best learned policy"}.get(name, "a trained example")
+        shipped.add_row(f"{name} (recommended)" if name == RECOMMENDED_POLICY else name, policy.spec().get("kind", "?"),
+                        f"{what} ({policy.name})")
+    _console().print(shipped)

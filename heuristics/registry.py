@@ -7,7 +7,10 @@ DISPATCHERS or LOCAL_ORDERS, and give useful combinations a name in NAMED.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
@@ -32,6 +35,10 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
 }
 
 
+# the shipped policies (policies/pretrained/NAME/): a tuned heuristic's knobs live in its policy file only
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "policies" / "pretrained"
+
+
 @dataclass(frozen=True)
 class Named:
     """A named combination: dispatcher and local order names, default knobs, and why it exists."""
@@ -47,6 +54,13 @@ class Named:
 
     def __getitem__(self, i: int) -> str:
         return (self.dispatch, self.local)[i]
+
+
+def named_from_policy_file(path: Path, about: str) -> Named:
+    """A named combination whose layers and knobs are a shipped heuristic policy file's."""
+    spec = yaml.safe_load(path.read_text())
+    dispatch, local = dict(spec["dispatch"]), dict(spec["local"])
+    return Named(dispatch.pop("name"), local.pop("name"), dispatch, local, about=about)
 
 
 NAMED: dict[str, Named] = {
@@ -66,11 +80,11 @@ NAMED: dict[str, Named] = {
     "rr+edf": Named("round-robin", "edf", about="round robin + earliest deadline first"),
     "hexgen+triage": Named("workload-balanced", "urgency-triage",
                            about="HexGen, with calls that can no longer meet their deadline queued last"),
-    "least-work+workflow": Named("least-work", "workflow-first",
-                                 {"backlog_weight": 0.07, "queue_weight": 0.6, "kv_weight": 2.0},
-                                 about="earliest expected finish with the backlog discounted for batching and full "
-                                       "engines penalised + whole workflows first (hopeless calls last); beats tuned "
-                                       "HexGen under overload"),
+    "least-work+workflow": named_from_policy_file(
+        SHIPPED_DIR / "least-work+workflow" / "policy.yaml",
+        about="earliest expected finish with the backlog discounted for batching and full engines penalised + whole "
+              "workflows first (hopeless calls last); the recommended policy (knobs tuned on tuning seeds, in its "
+              "policy file)"),
 }
 
 

@@ -8,10 +8,21 @@ from typing import Any
 
 import yaml
 
+from heuristics import registry
 from policies.base import Policy, PolicyError
 from policies.heuristic import HeuristicPolicy
 
 POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+# shipped policies, each a directory in one layout: policy.yaml (+ model.zip for a network),
+# config.yaml (how it was made), REPORT.md and eval_report.json
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+RECOMMENDED_POLICY = "least-work+workflow"
+LEARNED_POLICY = "learned"
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies in policies/pretrained/ (each loads by name: `--policy learned`)."""
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "policy.yaml").is_file())
 
 
 def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
@@ -38,8 +49,6 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
     if name is not None and not isinstance(name, str):
         raise PolicyError(f"{source}: name: must be a string, got {name!r}")
     if base is not None:  # a named policy with knob overrides
-        from heuristics import registry
-
         if base not in registry.NAMED:
             raise PolicyError(f"{source}: base: unknown policy name {base!r} (known: {', '.join(registry.NAMED)})")
         entry = registry.NAMED[base]
@@ -59,6 +68,10 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
 def load_policy(name_or_path: str | Path) -> Policy:
     text = str(name_or_path)
     path = Path(text)
+    if path.is_dir() and (path / "policy.yaml").is_file():
+        kind = (yaml.safe_load((path / "policy.yaml").read_text()) or {}).get("kind")
+        if kind in ("heuristic", "combined"):
+            path = path / "policy.yaml"  # a shipped heuristic in the directory layout
     if path.exists():
         if path.is_dir() or path.suffix == ".zip":
             try:
@@ -79,6 +92,11 @@ def load_policy(name_or_path: str | Path) -> Policy:
         return policy_from_spec(raw, source=f"policy file {path.name}")
     if text.endswith(POLICY_FILE_SUFFIXES) or "/" in text:
         raise PolicyError(f"policy: file {text} not found (check the path)")
+    if text not in registry.NAMED and text in shipped_policies():
+        return load_policy(PRETRAINED_DIR / text)
+    if text not in registry.NAMED:
+        raise PolicyError(f"policy: unknown policy name {text!r} (heuristics: {', '.join(registry.NAMED)}; shipped: "
+                          f"{', '.join(shipped_policies())}; or give a policy file or trained policy directory)")
     return HeuristicPolicy.named(text)
 
 

@@ -281,7 +281,7 @@ def test_named_least_work_workflow_is_the_shipped_policy_file():
     `--policy least-work+workflow` and the file are the same policy."""
     from pathlib import Path
 
-    shipped = load_policy(Path(__file__).resolve().parent.parent / "policies/pretrained/least-work+workflow.yaml")
+    shipped = load_policy(Path(__file__).resolve().parent.parent / "policies/pretrained/least-work+workflow")
     named = load_policy("least-work+workflow")
     assert named.spec()["dispatch"] == shipped.spec()["dispatch"] == {"name": "least-work", "backlog_weight": 0.07,
                                                                       "queue_weight": 0.6, "kv_weight": 2.0}
