@@ -11,12 +11,15 @@ engine:
   semaphore of `vllm bench serve`, no rate approximation);
 - `request_rate: inf` without a cap: all N requests at time 0 (a burst);
 - a finite `request_rate`: N single-call workflows at seeded Poisson times.
-Nothing is fitted to these points (their `split` is `validate`; `fit` points are left out of the
-validation figures). A run counts as saturated in the simulator when it served less than 90% of
+The shipped roofline factors are fitted to nothing here (they come from hexgen_stage_latency.json).
+`--fit` fits per-GPU factors (compute, memory, overhead, within the physical bounds of
+envs.sim.calibration) to the points whose `split` is `fit` and simulates every point with them; the
+headline figures of both modes are over `validate` points only, so no reported validation figure
+was fitted to. A run counts as saturated in the simulator when it served less than 90% of
 an offered finite rate (closed loops and bursts are never "stable" or "saturated": they queue by
 construction).
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/published_vllm.py [--ids ID,...] [--json out.json]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/published_vllm.py [--fit] [--ids ID,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,19 +32,23 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.optimize import least_squares
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from rich.console import Console
 from rich.table import Table
 
-from envs.sim.catalog import DATA_DIR
+from envs.sim.calibration import LOWER, UPPER
+from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig, EngineConfig
+from envs.sim.perf import RooflineModel
 from envs.sim.workload import CallSpec, PoissonArrivals, WorkflowSpec
 
 PUBLISHED_PATH = DATA_DIR / "reference" / "published_vllm.json"
 STEP = "request"
 SATURATED_SHARE = 0.9  # served / offered rate below this: the simulated engine cannot keep up
 GOAL_MEDIAN_E2E_ERROR = 0.15
+PRIOR_WEIGHT = 0.1  # weight of log(factor / shipped factor) beside the fit points' log errors in --fit
 
 
 class Source(BaseModel):
@@ -142,17 +149,23 @@ def workload_for(point: PublishedPoint, seed: int = 0) -> tuple[list[WorkflowSpe
     return workflows, times - times[0]
 
 
-def build_simulator(point: PublishedPoint, seed: int = 0) -> ClusterSimulator:
+def build_simulator(point: PublishedPoint, seed: int = 0, efficiency: Efficiency | None = None) -> ClusterSimulator:
+    """The point's one-engine simulator; `efficiency` replaces the catalog's roofline factors of its GPU."""
     workflows, times = workload_for(point, seed)
     call = workflows[0].stages[0][0]
-    return ClusterSimulator(cluster_for(point), workflows, times, slo_scale=1.0, standard=[STEP],
-                            step_tokens={STEP: (float(call.input_tokens), float(call.output_tokens))})
+    sim = ClusterSimulator(cluster_for(point), workflows, times, slo_scale=1.0, standard=[STEP],
+                           step_tokens={STEP: (float(call.input_tokens), float(call.output_tokens))})
+    if efficiency is not None:
+        catalog = load_catalog()
+        gpu = catalog.gpu(point.gpu).model_copy(update={"efficiency": efficiency})
+        sim.engines[0].perf = RooflineModel(gpu, catalog.model(point.model), point.tp, point.weight_bits, point.kv_bits)
+    return sim
 
 
-def simulate_point(point: PublishedPoint, seed: int = 0) -> Simulated:
+def simulate_point(point: PublishedPoint, seed: int = 0, efficiency: Efficiency | None = None) -> Simulated:
     """Run the point's workload to the end on its one engine and measure as vllm bench serve does
     (TTFT and E2E from the moment the client sends the request)."""
-    sim = build_simulator(point, seed)
+    sim = build_simulator(point, seed, efficiency)
     while (call := sim.next_decision()) is not None:
         sim.dispatch(call, 0)
     calls = sim.calls
@@ -175,6 +188,41 @@ def relative_error(simulated: float, measured: float | None) -> float | None:
     return None if measured is None else simulated / measured - 1.0
 
 
+def fit_efficiency(points: list[PublishedPoint]) -> dict[str, Efficiency]:
+    """Per GPU type: the factors that best reproduce the E2E and TPOT of its `fit` points (least
+    squares on log ratios, within the physical bounds)."""
+    by_gpu: dict[str, list[PublishedPoint]] = {}
+    for point in points:
+        if point.split == "fit":
+            by_gpu.setdefault(load_catalog().canonical_gpu(point.gpu), []).append(point)
+    fitted = {}
+    for gpu, fit_points in by_gpu.items():
+        start = load_catalog().gpu(gpu).efficiency
+        assert start is not None
+        x0 = np.clip(np.log([start.compute, start.memory, max(start.overhead_s, LOWER[2])]),
+                     np.log(LOWER) + 1e-6, np.log(UPPER) - 1e-6)
+
+        def residuals(x: np.ndarray) -> np.ndarray:
+            eff = Efficiency(compute=math.exp(x[0]), memory=math.exp(x[1]), overhead_s=math.exp(x[2]))
+            out = []
+            for point in fit_points:
+                sim, m = simulate_point(point, efficiency=eff), point.measured
+                # E2E and TPOT only: a lightly loaded engine's TTFT is mostly per-request API-server time
+                # (HTTP, chat template, tokenisation), which the iteration model does not hold
+                for simulated, measured in ((sim.mean_e2e_ms, m.mean_e2e_ms), (sim.mean_tpot_ms, m.mean_tpot_ms)):
+                    if measured is not None:
+                        out.append(math.log(max(simulated, 1e-9) / measured))
+            # a weak pull towards the shipped factors keeps what the fit points cannot tell apart
+            # (e.g. memory efficiency from prefill-bound points) where it was
+            out.extend(PRIOR_WEIGHT * (x - x0))
+            return np.array(out)
+
+        x = least_squares(residuals, x0=x0, bounds=(np.log(LOWER), np.log(UPPER)), diff_step=1e-3).x
+        c, m, o = np.exp(x)
+        fitted[gpu] = Efficiency(compute=round(float(c), 4), memory=round(float(m), 4), overhead_s=round(float(o), 5))
+    return fitted
+
+
 def _load_label(point: PublishedPoint) -> str:
     load = point.workload
     if load.request_rate != "inf":
@@ -186,22 +234,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", default="", help="comma-separated point ids (default: all)")
     parser.add_argument("--json", default="", help="also write the per-point figures to this JSON file")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit per-GPU factors to the `fit` points and simulate every point with them")
     args = parser.parse_args()
     points = load_points()
+    console = Console(width=220)
+    fitted: dict[str, Efficiency] = {}
+    if args.fit:
+        fitted = fit_efficiency(points)
+        for gpu, eff in fitted.items():
+            console.print(f"fitted to the `fit` points of {gpu}: {eff.model_dump()} "
+                          f"(shipped: {load_catalog().gpu(gpu).efficiency.model_dump()})")
     if args.ids:
         wanted = set(args.ids.split(","))
         unknown = wanted - {p.id for p in points}
         if unknown:
             raise SystemExit(f"--ids: unknown point(s) {', '.join(sorted(unknown))}")
         points = [p for p in points if p.id in wanted]
-    table = Table(title="published vLLM measurements vs the simulator (errors: sim / real - 1)")
+    factors = "factors fitted to the `fit` points" if args.fit else "shipped factors"
+    table = Table(title=f"published vLLM measurements vs the simulator, {factors} (errors: sim / real - 1)")
     for column in ("point", "gpu", "model", "in/out", "load", "E2E real s", "E2E sim s", "E2E err",
                    "TTFT real ms", "TTFT sim ms", "TTFT err", "TPOT real ms", "TPOT sim ms", "TPOT err",
                    "dur err", "split"):
         table.add_column(column, justify="left" if column in ("point", "gpu", "model", "load", "split") else "right")
     rows = []
     for point in points:
-        sim = simulate_point(point)
+        sim = simulate_point(point, efficiency=fitted.get(load_catalog().canonical_gpu(point.gpu)))
         m = point.measured
         errors = {"e2e": relative_error(sim.mean_e2e_ms, m.mean_e2e_ms),
                   "ttft": relative_error(sim.mean_ttft_ms, m.mean_ttft_ms),
@@ -216,7 +274,6 @@ def main() -> None:
                       "-" if m.mean_ttft_ms is None else f"{m.mean_ttft_ms:.0f}", f"{sim.mean_ttft_ms:.0f}", fmt(errors["ttft"]),
                       "-" if m.mean_tpot_ms is None else f"{m.mean_tpot_ms:.1f}", f"{sim.mean_tpot_ms:.1f}", fmt(errors["tpot"]),
                       fmt(errors["duration"]), point.split)
-    console = Console(width=220)
     console.print(table)
     validation = [r for r in rows if r["split"] == "validate"]
     if validation:
