@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -223,6 +224,10 @@ def fit_efficiency(points: list[PublishedPoint]) -> dict[str, Efficiency]:
     return fitted
 
 
+def _percent(error: float | None) -> str:
+    return "-" if error is None else f"{error:+.0%}"
+
+
 def _load_label(point: PublishedPoint) -> str:
     load = point.workload
     if load.request_rate != "inf":
@@ -249,7 +254,9 @@ def main() -> None:
         wanted = set(args.ids.split(","))
         unknown = wanted - {p.id for p in points}
         if unknown:
-            raise SystemExit(f"--ids: unknown point(s) {', '.join(sorted(unknown))}")
+            print(f"--ids: unknown point(s) {', '.join(sorted(unknown))}; known: {', '.join(p.id for p in points)}",
+                  file=sys.stderr)
+            raise SystemExit(2)
         points = [p for p in points if p.id in wanted]
     factors = "factors fitted to the `fit` points" if args.fit else "shipped factors"
     table = Table(title=f"published vLLM measurements vs the simulator, {factors} (errors: sim / real - 1)")
@@ -267,13 +274,12 @@ def main() -> None:
                   "duration": relative_error(sim.duration_s, m.duration_s)}
         rows.append({"id": point.id, "split": point.split, "simulated": sim.model_dump(), "measured": m.model_dump(),
                      "errors": errors})
-        fmt = lambda e: "-" if e is None else f"{e:+.0%}"  # noqa: E731
         table.add_row(point.id, point.gpu, point.model, f"{point.workload.input_tokens:.0f}/{point.workload.output_tokens:.0f}",
                       _load_label(point) + (" SATURATED" if sim.saturated else ""),
-                      f"{m.mean_e2e_ms / 1e3:.2f}", f"{sim.mean_e2e_ms / 1e3:.2f}", fmt(errors["e2e"]),
-                      "-" if m.mean_ttft_ms is None else f"{m.mean_ttft_ms:.0f}", f"{sim.mean_ttft_ms:.0f}", fmt(errors["ttft"]),
-                      "-" if m.mean_tpot_ms is None else f"{m.mean_tpot_ms:.1f}", f"{sim.mean_tpot_ms:.1f}", fmt(errors["tpot"]),
-                      fmt(errors["duration"]), point.split)
+                      f"{m.mean_e2e_ms / 1e3:.2f}", f"{sim.mean_e2e_ms / 1e3:.2f}", _percent(errors["e2e"]),
+                      "-" if m.mean_ttft_ms is None else f"{m.mean_ttft_ms:.0f}", f"{sim.mean_ttft_ms:.0f}", _percent(errors["ttft"]),
+                      "-" if m.mean_tpot_ms is None else f"{m.mean_tpot_ms:.1f}", f"{sim.mean_tpot_ms:.1f}", _percent(errors["tpot"]),
+                      _percent(errors["duration"]), point.split)
     console.print(table)
     validation = [r for r in rows if r["split"] == "validate"]
     if validation:
