@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.sim.errors import UserError
+from policies.loader import policy_label
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE
 from training.evaluate import Cell, evaluate, markdown_table, plot
 
@@ -58,12 +59,6 @@ def with_triage(tuned: Path) -> Path:
     out = tuned.with_name("hexgen-tuned+triage.yaml")
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
-
-
-def policy_label(path: str) -> str:
-    """A policy's name in tables: the directory of `.../NAME/policy`, else the file's stem."""
-    p = Path(path)
-    return p.parent.name if p.name == "policy" else p.stem
 
 
 def tune_hexgen(cell: Cell, out: Path, trials: int = 30, n_seeds: int = 4) -> Path:

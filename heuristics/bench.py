@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from envs.sim.errors import UserError
+from policies.loader import policy_label
 
 TARGET_ATTAINMENT = 0.95
 DEFAULT_LOADS = (0.05, 0.1, 0.15, 0.25, 0.4)  # x estimated capacity
@@ -92,14 +93,6 @@ def capacity_qps_estimate(trace: str, cluster: str) -> float:
 # ---- single runs (these run in worker processes) ------------------------------------------------
 
 PolicyRef = str | dict  # a name, a policy file path, or a policy spec dict (what tuning passes around)
-
-
-def policy_label(ref: PolicyRef) -> str:
-    """Display name of a policy reference: the name itself, a policy file's stem, a spec's name."""
-    if isinstance(ref, dict):
-        return str(ref.get("name") or ref.get("base") or "policy")
-    p = Path(ref)
-    return p.stem if p.suffix in (".yaml", ".yml", ".json") else ref
 
 
 def make_policy(ref: PolicyRef) -> Any:

@@ -65,6 +65,22 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
     return HeuristicPolicy.build(d_name, l_name, dispatch, local, name=name)
 
 
+def policy_label(ref: str | Path | dict[str, Any]) -> str:
+    """A policy reference's name in tables and reports: a name as it is; a spec's name; a policy
+    file's stem, or its directory's name for the shipped layout (`NAME/policy.yaml`); a trained
+    policy directory's name (`NAME/policy`, `best_policy`, ... are named after their run)."""
+    if isinstance(ref, dict):
+        return str(ref.get("name") or ref.get("base") or "policy")
+    p = Path(ref)
+    if p.suffix in POLICY_FILE_SUFFIXES:
+        return p.parent.name if p.stem == "policy" and p.parent.name else p.stem
+    if p.exists():
+        if p.name in ("policy", "best_policy", "final_policy"):
+            return p.parent.name if p.name == "policy" else f"{p.parent.name}/{p.name}"
+        return p.name
+    return str(ref)
+
+
 def load_policy(name_or_path: str | Path) -> Policy:
     text = str(name_or_path)
     path = Path(text)

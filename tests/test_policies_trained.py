@@ -160,20 +160,29 @@ def _shipped() -> list[Path]:
     return sorted(p for p in PRETRAINED.iterdir() if (p / "policy.yaml").exists()) if PRETRAINED.exists() else []
 
 
+def test_shipped_policies_are_the_recommended_one_and_at_most_two_trained() -> None:
+    from policies.loader import LEARNED_POLICY, RECOMMENDED_POLICY, shipped_policies
+
+    names = shipped_policies()
+    assert RECOMMENDED_POLICY in names and LEARNED_POLICY in names and len(names) <= 3
+    assert load_policy(RECOMMENDED_POLICY).spec()["kind"] == "heuristic"
+    assert load_policy(LEARNED_POLICY).spec()["kind"] == "trained"
+
+
 @pytest.mark.parametrize("path", _shipped(), ids=lambda p: p.name)
 def test_shipped_policy_is_small_and_complete(path):
+    """One layout: policy, config, REPORT.md, eval_report.json (+ model.zip for a network)."""
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size < 2 * 1024 * 1024
-    for name in ("policy.yaml", "model.zip", "config.yaml", "eval_report.json"):
+    trained = yaml.safe_load((path / "policy.yaml").read_text())["kind"] == "trained"
+    for name in ("policy.yaml", "config.yaml", "REPORT.md", "eval_report.json") + (("model.zip",) if trained else ()):
         assert (path / name).exists(), name
+    assert load_policy(path.name).spec() == load_policy(path).spec()  # loads by name too
 
 
 def _shipped_reports() -> list[tuple[Path, Path]]:
-    """(policy, its report): trained policy directories, and policy files with NAME.eval_report.json beside them."""
-    dirs = [(p, p / "eval_report.json") for p in _shipped()]
-    files = sorted((p, p.with_name(p.stem + ".eval_report.json")) for p in PRETRAINED.glob("*.yaml")
-                   if p.with_name(p.stem + ".eval_report.json").exists()) if PRETRAINED.exists() else []
-    return dirs + files
+    """(policy, its report) of every shipped policy directory."""
+    return [(p, p / "eval_report.json") for p in _shipped()]
 
 
 @pytest.mark.parametrize("path,report_path", _shipped_reports(), ids=lambda p: p.name)

@@ -28,6 +28,7 @@ import numpy as np
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
+from policies.loader import policy_label
 
 METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
 RATIO_METRICS = ("goodput_qps", "slo_attainment")
@@ -109,14 +110,6 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, confidence: float,
     ratios = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1.0), np.nan)
     a = (1 - confidence) / 2
     return float(num.mean() / den.mean()), float(np.nanquantile(ratios, a)), float(np.nanquantile(ratios, 1 - a))
-
-
-def policy_label(name: str) -> str:
-    p = Path(name)
-    if p.exists():
-        return p.stem if p.is_file() else (p.name if p.name not in ("policy", "best_policy", "final_policy")
-                                           else f"{p.parent.name}/{p.name}")
-    return name
 
 
 _POLICY_CACHE: dict[str, Any] = {}
