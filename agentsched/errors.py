@@ -31,8 +31,8 @@ def format_user_error(exc: BaseException) -> str | None:
     """One-line message for an exception that stems from user input, or None for a real bug."""
     if isinstance(exc, (UserError, PolicyError)):
         return _one_line(str(exc))
-    if isinstance(exc, USAGE_ERRORS):
-        return _one_line(exc.format_message())
+    if isinstance(exc, USAGE_ERRORS):  # typer >= 0.29 words its own checks through pydantic
+        return _one_line(exc.format_message().replace("Value error, ", ""))
     if isinstance(exc, ABORTS):
         return "aborted"
     if isinstance(exc, ValidationError):

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from envs.sim.errors import UserError, load_yaml_mapping, validate_as
+from envs.gym.scenario import Scenario
+from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
 DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
 KNOBS_ENV_ID = "agentsched/Knobs-v0"
@@ -30,6 +31,15 @@ TUNE_SEED_BASE = 150_000  # tune-rl's objective
 TEST_SEED_BASE = 200_000  # final reports (agentsched evaluate, tune-rl's test report)
 
 ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
+
+
+def _check_scenario(raw: dict[str, Any], where: str) -> None:
+    """Validate one scenario mapping as an `envs.gym.Scenario` (field names and values, trace and
+    cluster exist); the error names the scenario's field."""
+    try:
+        Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{where}.{pydantic_error_text(exc)}") from None
 
 
 class NormalizeConfig(BaseModel):
@@ -52,6 +62,13 @@ class EvalConfig(BaseModel):
     scenarios: list[dict[str, Any]] | None = None  # default: the training scenarios (nominal values per seed)
     baseline: str | None = "hexgen"  # heuristic scored on the same episodes (the curve's reference line)
     metric: Literal["goodput_qps", "slo_attainment"] = "goodput_qps"  # picks the best model
+
+    @field_validator("scenarios")
+    @classmethod
+    def _valid_scenarios(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, s in enumerate(v or []):
+            _check_scenario(s, f"scenarios.{i}")
+        return v
 
 
 class WarmStartConfig(BaseModel):
@@ -83,7 +100,7 @@ class TrainConfig(BaseModel):
     vec_env: Literal["subproc", "dummy"] = "subproc"
     normalize: NormalizeConfig | None = None
     # episodes: env i draws from scenarios[i % len(scenarios)] (envs.gym.Scenario fields)
-    scenarios: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
+    scenarios: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, validate_default=True)
     env_kwargs: dict[str, Any] = {}  # DispatchEnv / KnobsEnv keyword arguments (max_engines, local_order, ...)
     hyperparams: dict[str, Any] = {}  # the algorithm's constructor arguments (learning_rate, n_steps, ...)
     policy_kwargs: dict[str, Any] = {}  # e.g. {net_arch: [128, 128]}
@@ -94,11 +111,12 @@ class TrainConfig(BaseModel):
     @field_validator("scenarios")
     @classmethod
     def _scenario_seeds(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Training episodes draw from the training seed block unless a scenario says otherwise;
+        every scenario is validated here, at load time, not when the first env starts."""
         out = []
-        for s in v:
-            s = dict(s)
-            s.setdefault("seed_base", TRAIN_SEED_BASE)
-            s.setdefault("seed_count", TRAIN_SEED_COUNT)
+        for i, s in enumerate(v):
+            s = {"seed_base": TRAIN_SEED_BASE, "seed_count": TRAIN_SEED_COUNT, **s}
+            _check_scenario(s, f"scenarios.{i}")
             out.append(s)
         return out
 
@@ -141,8 +159,6 @@ class TrainConfig(BaseModel):
 
     # ---- helpers ------------------------------------------------------------------------------
     def scenario_objects(self) -> list[Any]:
-        from envs.gym.scenario import Scenario
-
         try:
             return [Scenario.coerce(s) for s in self.scenarios]
         except ValidationError as exc:
@@ -150,7 +166,5 @@ class TrainConfig(BaseModel):
             raise UserError(f"config {self.name}: scenarios.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
 
     def eval_scenarios(self) -> list[Any]:
-        from envs.gym.scenario import Scenario
-
         raw = self.eval.scenarios if self.eval.scenarios is not None else self.scenarios
         return [Scenario.coerce(s) for s in raw]

@@ -72,19 +72,6 @@ class Cell:
                        seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals())
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'a-b' (inclusive) or 'a,b,c'."""
-    try:
-        if "-" in text and "," not in text:
-            lo, hi = (int(x) for x in text.split("-", 1))
-            if hi < lo:
-                raise ValueError
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--seeds: {text!r} is not 'a-b' or a comma-separated list of integers") from None
-
-
 def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]

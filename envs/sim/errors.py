@@ -21,8 +21,10 @@ class UserError(Exception):
 def pydantic_error_text(exc: ValidationError) -> str:
     """The first validation error as `field.path: message` (pydantic's "Value error, " dropped)."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "input"
+    where = ".".join(str(p) for p in first.get("loc", ()))
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not where or message.startswith(f"{where}.") or message.startswith(f"{where}:"):
+        return message  # a model-level check, or a validator that already names the full path
     return f"{where}: {message}"
 
 
