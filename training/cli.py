@@ -109,8 +109,10 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
-        from training.evaluate import Cell, evaluate, print_table
+        from training.evaluate import Cell, evaluate, load_cached_policy, print_table
 
+        for name in [policy, *baselines]:
+            load_cached_policy(name)  # a bad name or file: one line, before any simulation
         cells = [Cell(trace=t, cluster=c, rate_qps=r, load=l, slo_scale=slo_scale, queries=queries, generated=generated)
                  for c in cluster for t in trace for r in rate for l in load]
         for cell in cells:

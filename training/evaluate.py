@@ -109,7 +109,8 @@ def policy_label(name: str) -> str:
 _POLICY_CACHE: dict[str, Any] = {}
 
 
-def _load(name: str) -> Any:
+def load_cached_policy(name: str) -> Any:
+    """`load_policy`, once per process (workers run many seeds of the same policy)."""
     from policies.loader import load_policy
 
     if name not in _POLICY_CACHE:
@@ -119,7 +120,7 @@ def _load(name: str) -> Any:
 
 def _run_one(args: tuple[str, Cell, int]) -> dict[str, Any]:
     name, cell, seed = args
-    result, _ = simulate(cell.run_spec(seed), _load(name))
+    result, _ = simulate(cell.run_spec(seed), load_cached_policy(name))
     return {k: result.get(k) for k in METRICS}
 
 
@@ -131,7 +132,7 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
     names = [policy] + [b for b in baselines if b != policy]
     labels: dict[str, str] = {}
     for n in names:
-        _load(n)  # fail early, one line, before any long run
+        load_cached_policy(n)  # fail early, one line, before any long run
         label = policy_label(n)
         while label in labels.values():
             label += "'"
