@@ -3,9 +3,9 @@
 Every (cell, policy, seed) is one `envs.sim.scenario.simulate` run, exactly what `agentsched
 simulate` and `agentsched bench` run, so the numbers are comparable. A cell is a workload, a
 cluster, a load level and shape, and an SLO scale. For each cell and policy we report the mean over
-seeds and a percentile-bootstrap interval of the mean; for every policy and every baseline, the
-ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* bootstrap interval (seeds are
-resampled jointly, so the common noise of a hard seed cancels).
+seeds and a BCa bootstrap interval of the mean (`scipy.stats.bootstrap`); for every policy and every
+baseline, the ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* BCa interval
+(seeds are resampled jointly, so the common noise of a hard seed cancels).
 
 Load shapes (the "shifting" load):
 - constant: Poisson at the rate;
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
@@ -73,29 +75,52 @@ class Cell:
 
 
 def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Mean over seeds and its BCa bootstrap interval (`scipy.stats.bootstrap`); NaN seeds dropped."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if not len(values):
         return math.nan, math.nan, math.nan
-    idx = rng.integers(len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
-    means = values[idx].mean(1)
-    a = (1 - confidence) / 2
-    return float(values.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    mean = float(values.mean())
+    return (mean, *_bca_interval((values,), _mean, mean, confidence, rng))
 
 
 def bootstrap_ratio(num: np.ndarray, den: np.ndarray, confidence: float,
                     rng: np.random.Generator) -> tuple[float, float, float]:
-    """Ratio of means with a paired bootstrap interval (same seeds resampled for both)."""
+    """Ratio of means with a paired BCa bootstrap interval: the same seeds are resampled for both
+    (`paired=True`), so the noise a hard seed puts on both policies cancels."""
     num, den = np.asarray(num, float), np.asarray(den, float)
     ok = ~(np.isnan(num) | np.isnan(den))
     num, den = num[ok], den[ok]
     if not len(num) or den.mean() <= 0:
         return math.nan, math.nan, math.nan
-    idx = rng.integers(len(num), size=(BOOTSTRAP_RESAMPLES, len(num)))
-    d = den[idx].mean(1)
-    ratios = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1.0), np.nan)
-    a = (1 - confidence) / 2
-    return float(num.mean() / den.mean()), float(np.nanquantile(ratios, a)), float(np.nanquantile(ratios, 1 - a))
+    ratio = float(num.mean() / den.mean())
+    return (ratio, *_bca_interval((num, den), _ratio_of_means, ratio, confidence, rng))
+
+
+def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return values.mean(axis=axis)
+
+
+def _ratio_of_means(num: np.ndarray, den: np.ndarray, axis: int = -1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num.mean(axis=axis) / den.mean(axis=axis)
+
+
+def _bca_interval(data: tuple[np.ndarray, ...], statistic: Any, point: float, confidence: float,
+                  rng: np.random.Generator) -> tuple[float, float]:
+    """`scipy.stats.bootstrap(method="BCa")`; with one seed, or when every resample gives the same
+    value (identical seeds, an exact gain on every seed), the interval is the point itself, as the
+    BCa acceleration is undefined there."""
+    if len(data[0]) < 2:
+        return point, point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (stats.DegenerateDataWarning, RuntimeWarning))
+        result = stats.bootstrap(data, statistic, paired=len(data) > 1, vectorized=True, confidence_level=confidence,
+                                 n_resamples=BOOTSTRAP_RESAMPLES, method="BCa", rng=rng)
+    lo, hi = (float(x) for x in result.confidence_interval)
+    if not (math.isfinite(lo) and math.isfinite(hi)) and np.allclose(result.bootstrap_distribution, point):
+        return point, point
+    return lo, hi
 
 
 def policy_label(name: str) -> str:
