@@ -270,3 +270,15 @@ def test_bench_takes_a_yaml_workflow_template_like_simulate():
 
     check_scenario("react-agent.yaml", "paper", 5, [0, 1])
     assert capacity_qps_estimate("react-agent.yaml", "paper") > capacity_qps_estimate("chess_trace1", "paper")
+
+
+def test_calls_too_large_for_some_engines_show_in_the_printed_table(tmp_path, capsys, monkeypatch):
+    """A call that fits the A100s but not the A6000/L40S of the paper's cluster: round robin sends
+    some to the small engines, and the table and a warning say so (not only the JSON)."""
+    flow = tmp_path / "mid.yaml"
+    flow.write_text("stages:\n  - step: plan\n    input_tokens: {median: 30000}\n    output_tokens: {median: 10}\n")
+    code, out, err = run_main(capsys, monkeypatch, ["simulate", "--trace", str(flow), "--queries", "8", "--policy", "rr"])
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "n_failed" in line)
+    n_failed = int(row.split("│")[2])
+    assert n_failed > 0 and f"warning: {n_failed} workflows failed" in out
