@@ -282,3 +282,27 @@ def test_calls_too_large_for_some_engines_show_in_the_printed_table(tmp_path, ca
     row = next(line for line in out.splitlines() if "n_failed" in line)
     n_failed = int(row.split("│")[2])
     assert n_failed > 0 and f"warning: {n_failed} workflows failed" in out
+
+
+def test_click_and_typer_usage_errors_are_both_user_errors():
+    """typer >= 0.26 vendors Click (its errors are not click's); either family is one line."""
+    import click
+    import typer
+    from pydantic import BaseModel, PositiveInt, ValidationError
+
+    from agentsched.errors import format_user_error
+
+    class Model(BaseModel):
+        n: PositiveInt
+
+    try:
+        Model(n=0)
+    except ValidationError as exc:
+        invalid = exc
+    assert format_user_error(click.BadParameter("bad value", param_hint="'--x'")) == "Invalid value for '--x': bad value"
+    assert format_user_error(click.UsageError("No such option: --y")) == "No such option: --y"
+    assert format_user_error(typer.BadParameter("bad value", param_hint="'--x'")) == "Invalid value for '--x': bad value"
+    assert format_user_error(invalid).startswith("n: Input should be greater than 0")
+    assert format_user_error(FileNotFoundError(2, "No such file", "x.yaml")) == "file not found: x.yaml (check the path)"
+    assert format_user_error(RuntimeError("bug")) is None
+    assert format_user_error(KeyError("seed_base")) is None
