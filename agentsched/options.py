@@ -100,7 +100,9 @@ def _check_creatable_dir(directory: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise typer.BadParameter(f"{existing} is a file, so {directory} cannot be created (pick another path)")
+        if existing == directory.absolute():
+            raise typer.BadParameter(f"{directory} is a file, not a directory (pick another path)")
+        raise typer.BadParameter(f"{existing} is a file, so directory {directory} cannot be created (pick another path)")
     if not _can_create_in(existing):
         what = "is not writable" if existing == directory.absolute() else f"cannot be created ({existing} is not writable)"
         raise typer.BadParameter(f"directory {directory} {what}; pick another path")

@@ -89,6 +89,7 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "--tenants", "{bad_tenants}"], "slo_scale"),
     (["simulate", "--tenants", "{missing}"], "--tenants"),
     (["simulate", "--chrome-trace", "{a_file}/t.json"], "--chrome-trace"),
+    (["simulate", "--chrome-trace", "/proc/timeline.json"], "directory /proc is not writable"),
     (["simulate", "--out", "{dir}"], "--out"),
     # bench
     (["bench", "--seeds", "1,,2"], "--seeds"),
