@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from agentsched.options import positive_float, writable_dir, writable_file
+from envs.sim.scenario import RunSpec, workload_for
 
 engines_app = typer.Typer(help="Start and stop local vLLM CPU engines listed in a cluster file.")
 
@@ -130,6 +131,8 @@ def replay_cmd(
         from envs.sim.errors import UserError
 
         raise UserError(f"--gateway {gateway!r} must be a URL like http://127.0.0.1:8000")
+    # the trace (or YAML template) loads as for `simulate`: its mistakes are one line before any call is sent
+    workload_for(RunSpec(trace=trace, rate_qps=rate, slo_scale=slo_scale, queries=queries, seed=seed))
     cfg = ReplayConfig(gateway=gateway, trace=trace, rate_qps=rate, slo_scale=slo_scale, token_scale=token_scale,
                        queries=queries, seed=seed, tenant=tenant, api_key=api_key, stream=stream)
     result, _ = replay(cfg, out=out, with_records=records)

@@ -155,6 +155,8 @@ CASES: list[tuple[list[str], str]] = [
     (["replay", "--gateway", "http://127.0.0.1:9", "--trace", "chess_trace1", "--rate", "0", "--slo-scale", "3"], "--rate"),
     (["replay", "--gateway", "http://127.0.0.1:9", "--trace", "chess_trace1", "--rate", "1", "--slo-scale", "3",
       "--queries", "0"], "--queries"),
+    (["replay", "--gateway", "http://127.0.0.1:9", "--trace", "{bad_json}", "--rate", "1", "--slo-scale", "3"],
+     "not valid JSON"),
     # calibrate
     (["calibrate", "--engine", "127.0.0.1:8101"], "--engine"),
     (["calibrate", "--engine", "http://127.0.0.1:9", "--max-num-seqs", "0"], "--max-num-seqs"),
