@@ -45,6 +45,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "sac_dispatch": ("sac.yaml", "name: x\nalgo: sac\nenv_id: agentsched/Dispatch-v0\n"),
         "eval_overlap": ("overlap.yaml", "name: x\neval: {seeds: [5]}\n"),
         "bad_scenario": ("scenario.yaml", "name: x\nscenarios:\n  - {rate_qps: -1}\n"),
+        "bad_env_kwargs": ("envkw.yaml", "name: x\nenv_kwargs: {max_engine: 4}\n"),
         "experts_mismatch": ("experts.yaml", "name: x\nscenarios: [{}, {}]\nwarm_start: {scenario_experts: [rr]}\n"),
         "a_file": ("plain.txt", "not a directory\n"),
     }
@@ -118,6 +119,7 @@ CASES: list[tuple[list[str], str]] = [
     (["train", "--config", "{eval_overlap}"], "eval.seeds"),
     (["train", "--config", "{bad_scenario}"], "scenarios.0.rate_qps"),
     (["train", "--config", "{experts_mismatch}"], "scenario_experts"),
+    (["train", "--config", "{bad_env_kwargs}"], "env_kwargs.max_engine"),
     (["train", "--config", "smoke", "--total-timesteps", "0"], "--total-timesteps"),
     (["train", "--config", "smoke", "--n-envs", "x"], "--n-envs"),
     (["train", "--config", "smoke", "--warm-start", "nosuch"], "nosuch"),

@@ -13,11 +13,14 @@ measured on episodes the agent trained on.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from envs.gym.dispatch_env import DispatchEnv
+from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import Scenario
 from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
@@ -31,6 +34,7 @@ TUNE_SEED_BASE = 150_000  # tune-rl's objective
 TEST_SEED_BASE = 200_000  # final reports (agentsched evaluate, tune-rl's test report)
 
 ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
+ENV_CLASSES = {DISPATCH_ENV_ID: DispatchEnv, KNOBS_ENV_ID: KnobsEnv}  # what `env_kwargs` are passed to
 
 
 def _check_scenario(raw: dict[str, Any], where: str) -> None:
@@ -125,6 +129,12 @@ class TrainConfig(BaseModel):
         allowed = ALGOS_FOR_ENV[self.env_id]
         if self.algo not in allowed:
             raise ValueError(f"algo {self.algo!r} does not fit {self.env_id} (use {' or '.join(allowed)})")
+        env_class = ENV_CLASSES[self.env_id]
+        accepted = set(inspect.signature(env_class.__init__).parameters) - {"self", "scenario"}
+        unknown = sorted(set(self.env_kwargs) - accepted)
+        if unknown:
+            raise ValueError(f"env_kwargs.{unknown[0]}: {env_class.__name__} takes no such argument "
+                             f"(it takes {', '.join(sorted(accepted))}; episodes come from `scenarios`)")
         for s in self.scenarios:
             lo, hi = s["seed_base"], s["seed_base"] + s["seed_count"]
             clash = [seed for seed in self.eval.seeds if lo <= seed < hi]
