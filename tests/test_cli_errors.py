@@ -311,3 +311,12 @@ def test_click_and_typer_usage_errors_are_both_user_errors():
     assert format_user_error(FileNotFoundError(2, "No such file", "x.yaml")) == "file not found: x.yaml (check the path)"
     assert format_user_error(RuntimeError("bug")) is None
     assert format_user_error(KeyError("seed_base")) is None
+
+
+def test_evaluate_without_out_says_nothing_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(capsys, monkeypatch, ["evaluate", "--policy", "hexgen", "--baselines", "rr", "--queries", "4",
+                                                    "--seeds", "0-1"])
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("nothing written: pass --out DIR")
+    assert not list(tmp_path.iterdir())
