@@ -1,30 +1,52 @@
 """The `agentsched` command: one typer app; each area registers its own commands.
 
 Each area module exposes `register(app)`; heavy imports stay inside the commands so that
-`agentsched --help` is instant. User mistakes raise `UserError` (or a pydantic/Policy error),
-which is printed as one line on stderr with exit code 2, never a traceback.
+`agentsched --help` is instant.
+
+One error path for the whole command (`main`): a user mistake (a `UserError`, a pydantic or policy
+error, or typer's own usage error: unknown option or command, missing option, a value of the wrong
+type or out of range) is printed as one line on stderr, `error: ...`, naming the option or field
+and the fix, with exit code 2. Anything else is a bug: its traceback is kept and the exit code is 1.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
+from typing import Sequence
 
 import typer
 
+from agentsched.errors import USAGE_ERRORS, format_user_error
+
+PROG = "agentsched"
+
 app = typer.Typer(
-    name="agentsched",
+    name=PROG,
     help="Schedule agentic LLM workflows on heterogeneous GPU clusters: simulate, benchmark, train, deploy.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    """Without a command, print the help (not an error: nothing was asked for)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+
+
 # area modules that provide register(app); a missing one is skipped so areas can land independently
 AREAS = ("envs.cli", "heuristics.cli", "training.cli", "deploy.cli")
+_registered = False
 
 
 def _register_all() -> None:
+    global _registered
+    if _registered:
+        return
     for module_name in AREAS:
         try:
             module = importlib.import_module(module_name)
@@ -33,23 +55,68 @@ def _register_all() -> None:
                 continue
             raise
         module.register(app)
+    _registered = True
 
 
-def main() -> None:
-    from envs.sim.errors import UserError, format_user_error
+def command_names(group: typer.Typer = app) -> dict[str, typer.Typer | None]:
+    """Registered commands (value None) and sub-groups (value: the group), by name."""
+    names: dict[str, typer.Typer | None] = {c.name: None for c in group.registered_commands if c.name}
+    names.update({g.name: g.typer_instance for g in group.registered_groups if g.name})
+    return names
 
+
+def command_path(args: Sequence[str]) -> list[str]:
+    """The command words of `args` (e.g. ['engines', 'up']), as far as they name real commands."""
+    path: list[str] = []
+    group: typer.Typer | None = app
+    for arg in args:
+        if group is None or arg.startswith("-"):
+            break
+        names = command_names(group)
+        if arg not in names:
+            break
+        path.append(arg)
+        group = names[arg]
+    return path
+
+
+def usage_hint(args: Sequence[str], message: str) -> str:
+    """What to run to see the valid choices, appended to typer's own usage messages."""
+    path = command_path(args)
+    if message.startswith("No such command") and "Did you mean" not in message:
+        known = sorted(command_names(_group_at(path)))
+        typed = next((a for a in args if not a.startswith("-") and a not in path), "")
+        close = difflib.get_close_matches(typed, known, n=1)
+        return f" (did you mean '{close[0]}'?)" if close else f" (commands: {', '.join(known)})"
+    return f" (see '{' '.join([PROG, *path, '--help'])}')"
+
+
+def _group_at(path: Sequence[str]) -> typer.Typer:
+    group = app
+    for name in path:
+        sub = command_names(group).get(name)
+        if sub is None:
+            break
+        group = sub
+    return group
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line; user mistakes exit 2 with one line, bugs keep their traceback (exit 1)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     _register_all()
     try:
-        app(standalone_mode=False)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:  # pydantic validation and policy errors are user errors too
+        code = app(args=args, prog_name=PROG, standalone_mode=False)
+    except Exception as exc:
         message = format_user_error(exc)
         if message is None:
             raise
+        if isinstance(exc, USAGE_ERRORS):
+            message += usage_hint(args, message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(code, int) and code:  # typer.Exit(n) and Ctrl-C (130) return their code here
+        sys.exit(code)
 
 
 if __name__ == "__main__":

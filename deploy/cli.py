@@ -6,12 +6,35 @@ stays instant.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-engines_app = typer.Typer(help="Start and stop local vLLM CPU engines listed in a cluster file.", no_args_is_help=True)
+from agentsched.options import positive_float, writable_dir, writable_file
+from envs.sim.scenario import RunSpec, workload_for
+
+engines_app = typer.Typer(help="Start and stop local vLLM CPU engines listed in a cluster file.")
+
+
+@engines_app.callback(invoke_without_command=True)
+def _engines_help(ctx: typer.Context) -> None:
+    """Without `up` or `down`, print the help (not an error)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+
+
+class LogLevel(str, Enum):
+    """uvicorn's log levels."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 @engines_app.command("up")
@@ -43,12 +66,12 @@ def engines_down_cmd(
 
 
 def make_tiny_model_cmd(
-    out_dir: Path = typer.Argument(..., help="folder to write config, weights and tokenizer to"),
+    out_dir: Path = typer.Argument(..., parser=writable_dir, help="folder to write config, weights and tokenizer to"),
     hidden: int = typer.Option(128, min=16),
     layers: int = typer.Option(2, min=1),
     heads: int = typer.Option(4, min=1),
     kv_heads: int = typer.Option(2, min=1),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     python: Optional[Path] = typer.Option(None, help="python with transformers; default .venv-vllm/bin/python"),
 ) -> None:
     """Build a deterministic tiny random Llama + locally trained BPE tokenizer that vLLM can serve."""
@@ -72,25 +95,27 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AGENTSCHED_API_KEY",
                                           help="require 'Authorization: Bearer KEY'"),
-    log_level: str = typer.Option("warning", "--log-level"),
+    log_level: LogLevel = typer.Option(LogLevel.warning, "--log-level"),
 ) -> None:
     """Run the workflow-aware gateway (OpenAI-compatible) in front of the cluster's engines."""
     from deploy.cluster import load_cluster
     from deploy.gateway.server import resolve_policy, run_gateway
 
     spec = load_cluster(cluster)
-    run_gateway(spec, resolve_policy(policy), host=host, port=port, api_key=api_key, log_level=log_level)
+    run_gateway(spec, resolve_policy(policy), host=host, port=port, api_key=api_key, log_level=log_level.value)
 
 
 def replay_cmd(
     gateway: str = typer.Option(..., "--gateway", help="gateway base URL, e.g. http://127.0.0.1:8000"),
     trace: str = typer.Option(..., "--trace", help="CHESS trace JSON or shipped name (chess_trace1)"),
-    rate: float = typer.Option(..., "--rate", help="workflow arrival rate, queries per second"),
-    slo_scale: float = typer.Option(..., "--slo-scale", help="SLO = scale x base SLO of the gateway's cluster"),
-    token_scale: float = typer.Option(1.0, "--token-scale", help="multiply input/output lengths (tiny CPU engines: 0.05)"),
+    rate: float = typer.Option(..., "--rate", parser=positive_float, help="workflow arrival rate, queries per second"),
+    slo_scale: float = typer.Option(..., "--slo-scale", parser=positive_float, help="SLO = scale x base SLO of the gateway's cluster"),
+    token_scale: float = typer.Option(1.0, "--token-scale", parser=positive_float,
+                                      help="multiply input/output lengths (tiny CPU engines: 0.05)"),
     queries: Optional[int] = typer.Option(None, "--queries", min=1, help="number of workflows (default: whole trace)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="result JSON (same keys as `agentsched simulate`)"),
-    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", parser=writable_file,
+                                       help="result JSON (same keys as `agentsched simulate`)"),
+    seed: int = typer.Option(0, "--seed", min=0),
     tenant: str = typer.Option("default", "--tenant"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AGENTSCHED_API_KEY"),
     records: bool = typer.Option(False, "--records", help="also write per-call and per-workflow records"),
@@ -106,6 +131,8 @@ def replay_cmd(
         from envs.sim.errors import UserError
 
         raise UserError(f"--gateway {gateway!r} must be a URL like http://127.0.0.1:8000")
+    # the trace (or YAML template) loads as for `simulate`: its mistakes are one line before any call is sent
+    workload_for(RunSpec(trace=trace, rate_qps=rate, slo_scale=slo_scale, queries=queries, seed=seed))
     cfg = ReplayConfig(gateway=gateway, trace=trace, rate_qps=rate, slo_scale=slo_scale, token_scale=token_scale,
                        queries=queries, seed=seed, tenant=tenant, api_key=api_key, stream=stream)
     result, _ = replay(cfg, out=out, with_records=records)
@@ -124,7 +151,8 @@ def register(app: typer.Typer) -> None:
 
 def calibrate_cmd(
     engine: str = typer.Option(..., "--engine", help="base URL of a live vLLM engine, e.g. http://127.0.0.1:8101"),
-    out: Path = typer.Option(Path("profile.yaml"), "--out", help="profile YAML to write (envs/sim/perf.py format)"),
+    out: Path = typer.Option(Path("profile.yaml"), "--out", parser=writable_file,
+                             help="profile YAML to write (envs/sim/perf.py format)"),
     model: Optional[str] = typer.Option(None, "--model", help="model name; default: the engine's first model"),
     max_num_seqs: int = typer.Option(32, "--max-num-seqs", min=1, help="the engine's --max-num-seqs"),
 ) -> None:

@@ -1,66 +1,89 @@
-"""`agentsched simulate`: one simulated run, summary table and JSON."""
+"""`agentsched simulate`: one simulated run, summary table and JSON.
+
+Also `check_run`, the up-front check of a run that `simulate`, `bench`, `tune` and `evaluate` all
+use: trace or workflow template, cluster, and that every call of the workload can fit on at least
+one engine, before any simulation starts.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
-from envs.sim.errors import UserError
+from agentsched.options import positive_float, writable_file
+from envs.sim.errors import UserError, validate_as
+from envs.sim.scenario import RunSpec, TenantSpec, build_simulator, is_template, workload_for
 
 
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate_command)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0 or math.isinf(value):
-        raise UserError(f"--{name}: must be a positive number, got {value} (e.g. --{name} 0.2)")
+def check_run(spec: RunSpec) -> None:
+    """Fail in one line, before any simulation, on a run that cannot work: a missing or malformed
+    trace, template or cluster (their loaders raise `UserError`), or a call whose context (input +
+    output tokens) is larger than the KV cache of every engine of the cluster. vLLM refuses such a
+    call on every engine, so its workflow could only fail; calls that fit on some engines but not
+    on others still run, and show up as `n_failed` when a policy sends them to a small engine."""
+    sim = build_simulator(spec)
+    capacity_tokens = max(engine.kv_capacity_tokens for engine in sim.engines)
+    workflows, _ = workload_for(spec)
+    for qi, workflow in enumerate(workflows):
+        for stage in workflow.stages:
+            for call in stage:
+                context_tokens = call.input_tokens + call.output_tokens
+                if context_tokens > capacity_tokens:
+                    fields = ("that stage's input_tokens/output_tokens" if is_template(spec.trace)
+                              else "its input_length/output_length")
+                    raise UserError(
+                        f"trace: {spec.trace}: call '{call.step}' of query {qi} needs {context_tokens} tokens of context "
+                        f"(input {call.input_tokens} + output {call.output_tokens}), more than the largest KV cache of "
+                        f"cluster {sim.config.name} ({capacity_tokens} tokens); lower {fields} or use a larger cluster")
 
 
 def simulate_command(
-    trace: str = typer.Option("chess_trace1", help="CHESS trace file, or a shipped trace name"),
+    trace: str = typer.Option("chess_trace1", help="CHESS trace file, a shipped trace name, or a YAML workflow template"),
     cluster: str = typer.Option("paper", help="cluster name (paper, mixed-16, llama8b) or YAML file"),
     policy: str = typer.Option("rr", help="heuristic name, policy file or trained policy path"),
-    rate: float = typer.Option(0.1, help="mean arrival rate, queries/s (Poisson)"),
-    slo_scale: float = typer.Option(3.0, help="SLO = scale x base SLO of the standard workflow"),
-    seed: int = typer.Option(0, help="seed of workload draws and arrivals"),
-    queries: Optional[int] = typer.Option(None, help="number of queries; more than the trace draws from a generator fitted to it"),
-    burstiness: float = typer.Option(1.0, help="CV of inter-arrival times (1 = Poisson, >1 = bursty Gamma)"),
+    rate: float = typer.Option(0.1, parser=positive_float, help="mean arrival rate, queries/s (Poisson)"),
+    slo_scale: float = typer.Option(3.0, parser=positive_float, help="SLO = scale x base SLO of the standard workflow"),
+    seed: int = typer.Option(0, min=0, help="seed of workload draws and arrivals"),
+    queries: Optional[int] = typer.Option(None, min=1, help="number of queries; more than the trace draws from a generator fitted to it"),
+    burstiness: float = typer.Option(1.0, parser=positive_float, help="CV of inter-arrival times (1 = Poisson, >1 = bursty Gamma)"),
     tenants: Optional[Path] = typer.Option(None, help="YAML list of tenants: name, slo_scale, priority, share (default: one tenant)"),
-    out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
-    chrome_trace: Optional[Path] = typer.Option(None, help="write a Chrome/Perfetto trace of engine timelines here"),
+    out: Optional[Path] = typer.Option(None, parser=writable_file, help="write the result JSON here"),
+    chrome_trace: Optional[Path] = typer.Option(None, parser=writable_file,
+                                                help="write a Chrome/Perfetto trace of engine timelines here"),
 ) -> None:
     """Simulate one workload on one cluster under one policy."""
     from rich.console import Console
     from rich.table import Table
 
     from envs.sim.metrics import chrome_trace as make_chrome_trace
-    from envs.sim.scenario import RunSpec, simulate
+    from envs.sim.scenario import simulate
     from policies import load_policy
 
-    _check_positive("rate", rate)
-    _check_positive("slo-scale", slo_scale)
-    _check_positive("burstiness", burstiness)
-    if queries is not None and queries <= 0:
-        raise UserError(f"--queries: must be a positive integer, got {queries}")
     loaded = load_policy(policy)
     extra = {"tenants": _load_tenants(tenants)} if tenants is not None else {}
     spec = RunSpec(trace=trace, cluster=cluster, rate_qps=rate, slo_scale=slo_scale, seed=seed, queries=queries,
                    burstiness_cv=burstiness, **extra)
-    spec.cluster_config()  # validate before running
+    check_run(spec)
     result, sim = simulate(spec, loaded, record_timeline=chrome_trace is not None)
     table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("n_workflows", "n_calls", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
+    for key in ("n_workflows", "n_calls", "n_failed", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
                 "latency_p95_s", "latency_p99_s", "cost_usd", "preemptions", "sim_wall_s"):
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if result["n_failed"]:
+        print(f"warning: {result['n_failed']} workflows failed: a call was sent to an engine whose KV cache cannot "
+              f"hold its context (n_failed; such calls fit only on the cluster's larger engines)")
     if len(result["per_tenant"]) > 1:
         for name, stats in result["per_tenant"].items():
             print(f"tenant {name}: {stats['n_workflows']} workflows, SLO attainment {stats['slo_attainment']:.3f}")
@@ -76,11 +99,6 @@ def simulate_command(
 
 def _load_tenants(path: Path) -> list:
     """Tenants file: a YAML list (or a mapping with a `tenants` list) of TenantSpec fields."""
-    import yaml
-
-    from envs.sim.errors import validate_as
-    from envs.sim.scenario import TenantSpec
-
     if not path.is_file():
         raise UserError(f"--tenants: file {path} not found")
     try:

@@ -77,9 +77,9 @@ def capacity_qps_estimate(trace: str, cluster: str) -> float:
     the default rates."""
     from envs.sim.config import load_cluster
     from envs.sim.model import StepTokens, build_engine_model
-    from envs.sim.workload import load_trace
+    from envs.sim.scenario import RunSpec, workload_for
 
-    workflows = load_trace(trace)
+    workflows, _ = workload_for(RunSpec(trace=trace, cluster=cluster))  # a CHESS trace or a YAML template, as simulate
     mean_in = sum(c.input_tokens for w in workflows for s in w.stages for c in s) / len(workflows)
     tokens_per_s = 0.0
     for spec in load_cluster(cluster).expanded():

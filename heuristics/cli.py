@@ -14,7 +14,11 @@ from typing import Any, Optional
 
 import typer
 
+from agentsched.options import (LIST_METAVAR, FloatList, IntList, TextList, parse_float_list, parse_int_list,
+                                parse_text_list, positive_float, writable_dir, writable_file)
+from envs.cli import check_run
 from envs.sim.errors import UserError
+from envs.sim.scenario import RunSpec
 from heuristics.bench import DEFAULT_POLICIES
 
 
@@ -24,58 +28,13 @@ def register(app: typer.Typer) -> None:
     app.command("policies")(policies_command)
 
 
-# ---- flag parsing --------------------------------------------------------------------------------
+# ---- validation ----------------------------------------------------------------------------------
 
-def parse_floats(flag: str, text: str | None, example: str) -> list[float] | None:
-    """A comma-separated list of positive numbers, or None when the flag was not given."""
-    if text is None:
-        return None
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise UserError(f"--{flag}: {part!r} is not a number (e.g. --{flag} {example})") from None
-        if not value > 0 or math.isinf(value):
-            raise UserError(f"--{flag}: values must be positive numbers, got {part} (e.g. --{flag} {example})")
-        values.append(value)
-    if not values:
-        raise UserError(f"--{flag}: give at least one value (e.g. --{flag} {example})")
-    return sorted(set(values))
-
-
-def parse_ints(flag: str, text: str, example: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise UserError(f"--{flag}: {part!r} is not an integer (e.g. --{flag} {example})") from None
-    if not values:
-        raise UserError(f"--{flag}: give at least one integer (e.g. --{flag} {example})")
-    return list(dict.fromkeys(values))
-
-
-def check_positive(flag: str, value: float | None) -> None:
-    if value is not None and (not value > 0 or math.isinf(value)):
-        raise UserError(f"--{flag}: must be a positive number, got {value}")
-
-
-def validate_scenario(trace: str, cluster: str, queries: int | None) -> None:
-    """Fail fast, in the main process, on a bad trace/cluster/queries (one-line errors)."""
-    from envs.sim.config import load_cluster
-    from envs.sim.workload import load_trace
-
-    load_trace(trace)
-    load_cluster(cluster)
-    if queries is not None and queries <= 0:
-        raise UserError(f"--queries: must be a positive integer, got {queries}")
+def check_scenario(trace: str, cluster: str, queries: int | None, seeds: list[int]) -> None:
+    """Fail fast, in the main process, on a bad trace/template or cluster, or a call that fits on
+    no engine (one-line errors); arrivals do not change the workload, so one check per seed."""
+    for seed in seeds:
+        check_run(RunSpec(trace=trace, cluster=cluster, queries=queries, seed=seed))
 
 
 def _console() -> Any:
@@ -101,19 +60,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
 # ---- bench ---------------------------------------------------------------------------------------
 
 def bench_command(
-    trace: str = typer.Option("chess_trace1", help="CHESS trace file, or a shipped trace name"),
+    trace: str = typer.Option("chess_trace1", help="CHESS trace file, a shipped trace name, or a YAML workflow template"),
     cluster: str = typer.Option("paper", help="cluster name (paper, mixed-16, llama8b) or YAML file"),
-    policies: str = typer.Option(",".join(DEFAULT_POLICIES),
-                                 help="comma-separated policy names or policy files; rr is always added (the baseline)"),
-    rates: Optional[str] = typer.Option(None, help="arrival rates, q/s, comma-separated; default: 0.05,0.1,0.15,0.25,0.4 x the cluster's estimated capacity"),
-    slo_scales: str = typer.Option("1.5,2,3,4,6", help="SLO scales, comma-separated"),
-    seeds: str = typer.Option("0,1", help="seeds, comma-separated; attainment is pooled over them"),
-    queries: Optional[int] = typer.Option(None, help="queries per run (default: the whole trace; more draws from a fitted generator)"),
-    ratio_rate: Optional[float] = typer.Option(None, help="rate (q/s) of the deadline ratio; default 0.1 x estimated capacity"),
-    ratio_scale: float = typer.Option(3.0, help="SLO scale of the goodput ratio"),
+    policies: TextList = typer.Option(",".join(DEFAULT_POLICIES), parser=parse_text_list, metavar=LIST_METAVAR,
+                                      help="comma-separated policy names or policy files; rr is always added (the baseline)"),
+    rates: Optional[FloatList] = typer.Option(None, parser=parse_float_list, metavar=LIST_METAVAR,
+                                              help="arrival rates, q/s, comma-separated; default: 0.05,0.1,0.15,0.25,0.4 x the cluster's estimated capacity"),
+    slo_scales: FloatList = typer.Option("1.5,2,3,4,6", parser=parse_float_list, metavar=LIST_METAVAR,
+                                         help="SLO scales, comma-separated"),
+    seeds: IntList = typer.Option("0,1", parser=parse_int_list, metavar=LIST_METAVAR,
+                                  help="seeds, comma-separated (or a range a-b); attainment is pooled over them"),
+    queries: Optional[int] = typer.Option(None, min=1, help="queries per run (default: the whole trace; more draws from a fitted generator)"),
+    ratio_rate: Optional[float] = typer.Option(None, parser=positive_float,
+                                               help="rate (q/s) of the deadline ratio; default 0.1 x estimated capacity"),
+    ratio_scale: float = typer.Option(3.0, parser=positive_float, help="SLO scale of the goodput ratio"),
     ratios: bool = typer.Option(True, "--ratios/--no-ratios", help="search the thresholds behind the headline ratios"),
-    workers: Optional[int] = typer.Option(None, help="worker processes (default: all cores)"),
-    out: Path = typer.Option(Path("runs/bench"), help="output directory: results.json, CSVs and PNG plots"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: all cores)"),
+    out: Path = typer.Option(Path("runs/bench"), parser=writable_dir, help="output directory: results.json, CSVs and PNG plots"),
 ) -> None:
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
     import os
@@ -126,22 +89,16 @@ def bench_command(
     from heuristics.plots import make_plots
 
     console = _console()
-    validate_scenario(trace, cluster, queries)
-    refs = [p.strip() for p in policies.split(",") if p.strip()]
-    if not refs:
-        raise UserError("--policies: give at least one policy (e.g. --policies rr,hexgen)")
+    refs = list(policies)
     if "rr" not in refs:
         refs.insert(0, "rr")
     for ref in refs:
         make_policy(ref)  # PolicyError: one line
-    check_positive("ratio-rate", ratio_rate)
-    check_positive("ratio-scale", ratio_scale)
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers: must be >= 1, got {workers}")
+    check_scenario(trace, cluster, queries, seeds)
     capacity = capacity_qps_estimate(trace, cluster)
-    rate_list = parse_floats("rates", rates, "0.02,0.05") or [round(capacity * f, 4) for f in DEFAULT_LOADS]
-    scale_list = parse_floats("slo-scales", slo_scales, "1.5,3,6")
-    seed_list = parse_ints("seeds", seeds, "0,1")
+    rate_list = rates or [round(capacity * f, 4) for f in DEFAULT_LOADS]
+    scale_list = slo_scales
+    seed_list = seeds
     ratio_rate_qps = ratio_rate if ratio_rate is not None else round(capacity * DEFAULT_RATIO_LOAD, 4)
     cfg = BenchConfig(Scenario(trace, cluster, queries), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
                       ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios)
@@ -161,6 +118,13 @@ def bench_command(
     _write_csv(out / "points.csv", results["points"])
     _write_csv(out / "summary.csv", results["summary"])
     print_bench_table(console, results)
+    failed = {}
+    for point in results["points"]:
+        failed[point["policy"]] = failed.get(point["policy"], 0) + point["n_failed"]
+    for policy, n_failed in failed.items():
+        if n_failed:
+            console.print(f"[yellow]warning:[/] {policy}: {n_failed} workflows failed over the grid (n_failed): calls were "
+                          f"sent to engines whose KV cache cannot hold their context")
     for warning in results.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"wrote {out / 'results.json'}, points.csv, summary.csv ({results['wall_s']:.1f} s)")
@@ -225,18 +189,20 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def tune_command(
     policy: str = typer.Option("hexgen", help="policy to tune: a name or policy file (its knobs with a search space are tuned)"),
-    trace: str = typer.Option("chess_trace1", help="CHESS trace file, or a shipped trace name"),
+    trace: str = typer.Option("chess_trace1", help="CHESS trace file, a shipped trace name, or a YAML workflow template"),
     cluster: str = typer.Option("paper", help="cluster name or YAML file"),
-    rate: Optional[float] = typer.Option(None, help="arrival rate, q/s (default 0.4 x the cluster's estimated capacity, where tuning has something to gain)"),
-    slo_scale: float = typer.Option(3.0, help="SLO scale"),
-    trials: int = typer.Option(30, help="Optuna trials in total (a resumed study only runs the missing ones)"),
-    seeds: str = typer.Option("0,1,2", help="tuning seeds (the objective)"),
-    test_seeds: str = typer.Option("100,101,102", help="held-out seeds for the report (never seen by tuning)"),
-    queries: Optional[int] = typer.Option(None, help="queries per run (default: the whole trace)"),
+    rate: Optional[float] = typer.Option(None, parser=positive_float, help="arrival rate, q/s (default 0.4 x the cluster's estimated capacity, where tuning has something to gain)"),
+    slo_scale: float = typer.Option(3.0, parser=positive_float, help="SLO scale"),
+    trials: int = typer.Option(30, min=1, help="Optuna trials in total (a resumed study only runs the missing ones)"),
+    seeds: IntList = typer.Option("0,1,2", parser=parse_int_list, metavar=LIST_METAVAR, help="tuning seeds (the objective)"),
+    test_seeds: IntList = typer.Option("100,101,102", parser=parse_int_list, metavar=LIST_METAVAR,
+                                       help="held-out seeds for the report (never seen by tuning)"),
+    queries: Optional[int] = typer.Option(None, min=1, help="queries per run (default: the whole trace)"),
     grid: bool = typer.Option(False, "--grid", help="the paper's sweep: alpha in {0, 0.1, ..., 0.5} at --rates"),
-    rates: Optional[str] = typer.Option(None, help="--grid rates, q/s (default 0.25,0.5 x estimated capacity: the paper's 0.5 and 1.0 q/s as relative loads)"),
-    out: Optional[Path] = typer.Option(None, help="tuned policy file (default runs/tune/<policy>-tuned.yaml); the Optuna SQLite study sits next to it"),
-    workers: Optional[int] = typer.Option(None, help="worker processes (default: all cores)"),
+    rates: Optional[FloatList] = typer.Option(None, parser=parse_float_list, metavar=LIST_METAVAR,
+                                              help="--grid rates, q/s (default 0.25,0.5 x estimated capacity: the paper's 0.5 and 1.0 q/s as relative loads)"),
+    out: Optional[Path] = typer.Option(None, parser=writable_file, help="tuned policy file (default runs/tune/<policy>-tuned.yaml); the Optuna SQLite study sits next to it"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: all cores)"),
     sampler_seed: int = typer.Option(0, help="seed of the TPE sampler"),
 ) -> None:
     """Tune a policy's knobs in simulation (Optuna TPE, or the paper's alpha grid); writes a policy file."""
@@ -248,22 +214,15 @@ def tune_command(
     from heuristics.tune import TuneConfig, run_grid, run_tpe
 
     console = _console()
-    validate_scenario(trace, cluster, queries)
     make_policy(policy)
-    check_positive("rate", rate)
-    check_positive("slo-scale", slo_scale)
-    if trials < 1:
-        raise UserError(f"--trials: must be >= 1, got {trials}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers: must be >= 1, got {workers}")
-    tune_seeds = parse_ints("seeds", seeds, "0,1,2")
-    held_out = parse_ints("test-seeds", test_seeds, "100,101")
+    tune_seeds, held_out = seeds, test_seeds
     overlap = sorted(set(tune_seeds) & set(held_out))
     if overlap:
         raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen (e.g. --test-seeds 100,101)")
+    check_scenario(trace, cluster, queries, tune_seeds + held_out)
     capacity = capacity_qps_estimate(trace, cluster)
     rate_qps = rate if rate is not None else round(0.4 * capacity, 4)
-    grid_rates = parse_floats("rates", rates, "0.05,0.09") or [round(0.25 * capacity, 4), round(0.5 * capacity, 4)]
+    grid_rates = rates or [round(0.25 * capacity, 4), round(0.5 * capacity, 4)]
     stem = Path(policy).stem if Path(policy).suffix in (".yaml", ".yml", ".json") else policy
     out_path = out or Path("runs/tune") / f"{stem}-{'grid' if grid else 'tuned'}.yaml"
     if out_path.suffix not in (".yaml", ".yml", ".json"):

@@ -83,12 +83,12 @@ def test_tiny_bench_writes_results_ratios_and_plots(tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--rates", "0.1,abc"], "--rates: 'abc' is not a number"),
-    (["--rates", "-1"], "--rates: values must be positive"),
+    (["--rates", "0.1,abc"], "'--rates': 'abc' is not a positive number"),
+    (["--rates", "-1"], "'--rates': '-1' is not a positive number"),
     (["--policies", "rr,hexgne"], "unknown policy name 'hexgne'"),
     (["--cluster", "nosuch"], "cluster: nosuch is neither a file nor a shipped cluster"),
     (["--trace", "nosuch"], "trace: nosuch is neither a file nor a shipped trace"),
-    (["--seeds", "x"], "--seeds: 'x' is not an integer"),
+    (["--seeds", "x"], "'--seeds': 'x' is not an integer"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(args, fragment, tmp_path, capsys, monkeypatch):
     proc = run_main(capsys, monkeypatch, "bench", "--out", str(tmp_path / "b"), *args)

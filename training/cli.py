@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from envs.sim.errors import UserError
+from agentsched.options import (LIST_METAVAR, FloatList, IntList, TextList, parse_float_list, parse_int_list,
+                                parse_text_list, positive_float, writable_dir)
+from envs.cli import check_run
+
+
+class Backend(str, Enum):
+    """Where tune-rl runs its trials."""
+
+    optuna = "optuna"
+    ray = "ray"
 
 
 def _console():
@@ -20,12 +30,12 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         config: str = typer.Option(..., "--config", help="training config YAML (or a name in training/configs/)"),
-        total_timesteps: Optional[int] = typer.Option(None, "--total-timesteps", help="override the config's total env steps"),
-        seed: Optional[int] = typer.Option(None, "--seed", help="override the config's seed"),
-        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<config name>)"),
+        total_timesteps: Optional[int] = typer.Option(None, "--total-timesteps", min=1, help="override the config's total env steps"),
+        seed: Optional[int] = typer.Option(None, "--seed", min=0, help="override the config's seed"),
+        out: Optional[Path] = typer.Option(None, "--out", parser=writable_dir, help="run directory (default runs/<config name>)"),
         warm_start: Optional[str] = typer.Option(None, "--warm-start",
                                                  help="behaviour-clone this heuristic before RL (e.g. hexgen); 'none' disables"),
-        n_envs: Optional[int] = typer.Option(None, "--n-envs", help="override the number of parallel envs"),
+        n_envs: Optional[int] = typer.Option(None, "--n-envs", min=1, help="override the number of parallel envs"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="rich progress bar"),
     ) -> None:
         """Train a policy with stable-baselines3 (PPO / MaskablePPO / SAC); TensorBoard logs in the run directory."""
@@ -55,23 +65,21 @@ def register(app: typer.Typer) -> None:
     @app.command("tune-rl")
     def tune_rl_cmd(
         config: str = typer.Option(..., "--config", help="training config YAML the trials start from"),
-        trials: int = typer.Option(10, "--trials", help="number of trials"),
-        timesteps: Optional[int] = typer.Option(None, "--timesteps", help="env steps per trial (default: the config's)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/tune-rl-<config name>)"),
-        backend: str = typer.Option("optuna", "--backend", help="optuna (in process) or ray (Ray Tune; RAY_ADDRESS to use a cluster)"),
-        tune_seeds: int = typer.Option(4, "--tune-seeds", help="episodes of the tuning seed block each trial is scored on"),
-        test_seeds: int = typer.Option(8, "--test-seeds", help="episodes of the (disjoint) test seed block for the report"),
+        trials: int = typer.Option(10, "--trials", min=1, help="number of trials"),
+        timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, help="env steps per trial (default: the config's)"),
+        out: Optional[Path] = typer.Option(None, "--out", parser=writable_dir, help="run directory (default runs/tune-rl-<config name>)"),
+        backend: Backend = typer.Option(Backend.optuna, "--backend", help="optuna (in process) or ray (Ray Tune; RAY_ADDRESS to use a cluster)"),
+        tune_seeds: int = typer.Option(4, "--tune-seeds", min=1, help="episodes of the tuning seed block each trial is scored on"),
+        test_seeds: int = typer.Option(8, "--test-seeds", min=1, help="episodes of the (disjoint) test seed block for the report"),
         sampler_seed: int = typer.Option(0, "--sampler-seed", help="seed of the Optuna sampler"),
     ) -> None:
         """Tune RL hyper-parameters with Optuna (median pruner) on tuning seeds; report on separate test seeds."""
         from training.config import TrainConfig
         from training.tune import tune_rl
 
-        if backend not in ("optuna", "ray"):
-            raise UserError(f"--backend: {backend!r} is not optuna or ray")
         cfg = TrainConfig.load(config)
         out_dir = out or Path("runs") / f"tune-rl-{cfg.name}"
-        report = tune_rl(cfg, out_dir, trials=trials, timesteps=timesteps, backend=backend, n_tune_seeds=tune_seeds,
+        report = tune_rl(cfg, out_dir, trials=trials, timesteps=timesteps, backend=backend.value, n_tune_seeds=tune_seeds,
                          n_test_seeds=test_seeds, sampler_seed=sampler_seed, console=_console())
         print(f"best hyperparams: {report['best_params']}")
         print(f"test seeds: {report['test']}")
@@ -80,34 +88,39 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
         policy: str = typer.Option(..., "--policy", help="policy to evaluate: heuristic name, policy file or trained policy path"),
-        baselines: str = typer.Option("rr,hexgen", "--baselines", help="comma-separated baselines (names, policy files, trained policies)"),
-        trace: str = typer.Option("chess_trace1", "--trace", help="trace(s), comma-separated"),
-        cluster: str = typer.Option("paper", "--cluster", help="cluster(s), comma-separated"),
-        rate: str = typer.Option("0.1", "--rate", help="mean arrival rate(s) q/s, comma-separated"),
-        load: str = typer.Option("constant", "--load", help="load shape(s): constant, step (0.5x -> 1.5x rate), burst (3x for a sixth of the run)"),
-        slo_scale: float = typer.Option(3.0, "--slo-scale", help="SLO scale"),
-        seeds: str = typer.Option("200000-200009", "--seeds", help="test seeds: 'a-b' or 'a,b,c' (keep them disjoint from training seeds)"),
-        queries: int = typer.Option(60, "--queries", help="queries per run"),
+        baselines: TextList = typer.Option("rr,hexgen", "--baselines", parser=parse_text_list, metavar=LIST_METAVAR,
+                                           help="comma-separated baselines (names, policy files, trained policies)"),
+        trace: TextList = typer.Option("chess_trace1", "--trace", parser=parse_text_list, metavar=LIST_METAVAR,
+                                       help="trace(s) or YAML workflow template(s), comma-separated"),
+        cluster: TextList = typer.Option("paper", "--cluster", parser=parse_text_list, metavar=LIST_METAVAR,
+                                         help="cluster(s), comma-separated"),
+        rate: FloatList = typer.Option("0.1", "--rate", parser=parse_float_list, metavar=LIST_METAVAR,
+                                       help="mean arrival rate(s) q/s, comma-separated"),
+        load: TextList = typer.Option("constant", "--load", parser=parse_text_list, metavar=LIST_METAVAR,
+                                      help="load shape(s): constant, step (0.5x -> 1.5x rate), burst (3x for a sixth of the run)"),
+        slo_scale: float = typer.Option(3.0, "--slo-scale", parser=positive_float, help="SLO scale"),
+        seeds: IntList = typer.Option("200000-200009", "--seeds", parser=parse_int_list, metavar=LIST_METAVAR,
+                                      help="test seeds: 'a-b' or 'a,b,c' (keep them disjoint from training seeds)"),
+        queries: int = typer.Option(60, "--queries", min=1, help="queries per run"),
         generated: bool = typer.Option(False, "--generated", help="all queries from the generator fitted to the trace"),
-        out: Optional[Path] = typer.Option(None, "--out", help="output directory (results.json, table, plots)"),
-        confidence: float = typer.Option(0.95, "--confidence", help="bootstrap confidence level"),
-        workers: int = typer.Option(1, "--workers", help="worker processes"),
+        out: Optional[Path] = typer.Option(None, "--out", parser=writable_dir,
+                                           help="output directory (results.json, table, plots); without it nothing is written"),
+        confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999, help="bootstrap confidence level"),
+        workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
-        from training.evaluate import Cell, evaluate, parse_seeds, print_table
+        from training.evaluate import Cell, evaluate, load_cached_policy, print_table
 
-        seed_list = parse_seeds(seeds)
-        cells = [Cell(trace=t, cluster=c, rate_qps=float(r), load=l, slo_scale=slo_scale, queries=queries, generated=generated)
-                 for c in _split(cluster) for t in _split(trace) for r in _split(rate) for l in _split(load)]
-        results = evaluate(policy, _split(baselines), cells, seed_list, confidence=confidence, out_dir=out,
-                           workers=workers)
+        for name in [policy, *baselines]:
+            load_cached_policy(name)  # a bad name or file: one line, before any simulation
+        cells = [Cell(trace=t, cluster=c, rate_qps=r, load=l, slo_scale=slo_scale, queries=queries, generated=generated)
+                 for c in cluster for t in trace for r in rate for l in load]
+        for cell in cells:
+            for seed in seeds:
+                check_run(cell.run_spec(seed))
+        results = evaluate(policy, baselines, cells, seeds, confidence=confidence, out_dir=out, workers=workers)
         print_table(results)
         if out:
-            print(f"results: {out / 'results.json'}")
-
-
-def _split(text: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise UserError(f"expected a comma-separated list, got {text!r}")
-    return items
+            print(f"results: {out / 'results.json'}, {out / 'table.md'}, plots in {out}")
+        else:
+            print("nothing written: pass --out DIR to keep results.json, table.md and the plots")

@@ -13,12 +13,16 @@ measured on episodes the agent trained on.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from envs.sim.errors import UserError, load_yaml_mapping, validate_as
+from envs.gym.dispatch_env import DispatchEnv
+from envs.gym.knobs_env import KnobsEnv
+from envs.gym.scenario import Scenario
+from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
 from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 
@@ -29,6 +33,16 @@ TUNE_SEED_BASE = 150_000  # tune-rl's objective
 TEST_SEED_BASE = 200_000  # final reports (agentsched evaluate, tune-rl's test report)
 
 ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
+ENV_CLASSES = {DISPATCH_ENV_ID: DispatchEnv, KNOBS_ENV_ID: KnobsEnv}  # what `env_kwargs` are passed to
+
+
+def _check_scenario(raw: dict[str, Any], where: str) -> None:
+    """Validate one scenario mapping as an `envs.gym.Scenario` (field names and values, trace and
+    cluster exist); the error names the scenario's field."""
+    try:
+        Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{where}.{pydantic_error_text(exc)}") from None
 
 
 class NormalizeConfig(BaseModel):
@@ -51,6 +65,13 @@ class EvalConfig(BaseModel):
     scenarios: list[dict[str, Any]] | None = None  # default: the training scenarios (nominal values per seed)
     baseline: str | None = "hexgen"  # heuristic scored on the same episodes (the curve's reference line)
     metric: Literal["goodput_qps", "slo_attainment"] = "goodput_qps"  # picks the best model
+
+    @field_validator("scenarios")
+    @classmethod
+    def _valid_scenarios(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, s in enumerate(v or []):
+            _check_scenario(s, f"scenarios.{i}")
+        return v
 
 
 class WarmStartConfig(BaseModel):
@@ -82,7 +103,7 @@ class TrainConfig(BaseModel):
     vec_env: Literal["subproc", "dummy"] = "subproc"
     normalize: NormalizeConfig | None = None
     # episodes: env i draws from scenarios[i % len(scenarios)] (envs.gym.Scenario fields)
-    scenarios: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
+    scenarios: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, validate_default=True)
     env_kwargs: dict[str, Any] = {}  # DispatchEnv / KnobsEnv keyword arguments (max_engines, local_order, ...)
     hyperparams: dict[str, Any] = {}  # the algorithm's constructor arguments (learning_rate, n_steps, ...)
     policy_kwargs: dict[str, Any] = {}  # e.g. {net_arch: [128, 128]}
@@ -93,11 +114,12 @@ class TrainConfig(BaseModel):
     @field_validator("scenarios")
     @classmethod
     def _scenario_seeds(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Training episodes draw from the training seed block unless a scenario says otherwise;
+        every scenario is validated here, at load time, not when the first env starts."""
         out = []
-        for s in v:
-            s = dict(s)
-            s.setdefault("seed_base", TRAIN_SEED_BASE)
-            s.setdefault("seed_count", TRAIN_SEED_COUNT)
+        for i, s in enumerate(v):
+            s = {"seed_base": TRAIN_SEED_BASE, "seed_count": TRAIN_SEED_COUNT, **s}
+            _check_scenario(s, f"scenarios.{i}")
             out.append(s)
         return out
 
@@ -106,6 +128,12 @@ class TrainConfig(BaseModel):
         allowed = ALGOS_FOR_ENV[self.env_id]
         if self.algo not in allowed:
             raise ValueError(f"algo {self.algo!r} does not fit {self.env_id} (use {' or '.join(allowed)})")
+        env_class = ENV_CLASSES[self.env_id]
+        accepted = set(inspect.signature(env_class.__init__).parameters) - {"self", "scenario"}
+        unknown = sorted(set(self.env_kwargs) - accepted)
+        if unknown:
+            raise ValueError(f"env_kwargs.{unknown[0]}: {env_class.__name__} takes no such argument "
+                             f"(it takes {', '.join(sorted(accepted))}; episodes come from `scenarios`)")
         for s in self.scenarios:
             lo, hi = s["seed_base"], s["seed_base"] + s["seed_count"]
             clash = [seed for seed in self.eval.seeds if lo <= seed < hi]
@@ -140,8 +168,6 @@ class TrainConfig(BaseModel):
 
     # ---- helpers ------------------------------------------------------------------------------
     def scenario_objects(self) -> list[Any]:
-        from envs.gym.scenario import Scenario
-
         try:
             return [Scenario.coerce(s) for s in self.scenarios]
         except ValidationError as exc:
@@ -149,7 +175,5 @@ class TrainConfig(BaseModel):
             raise UserError(f"config {self.name}: scenarios.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
 
     def eval_scenarios(self) -> list[Any]:
-        from envs.gym.scenario import Scenario
-
         raw = self.eval.scenarios if self.eval.scenarios is not None else self.scenarios
         return [Scenario.coerce(s) for s in raw]

@@ -3,9 +3,9 @@
 Every (cell, policy, seed) is one `envs.sim.scenario.simulate` run, exactly what `agentsched
 simulate` and `agentsched bench` run, so the numbers are comparable. A cell is a workload, a
 cluster, a load level and shape, and an SLO scale. For each cell and policy we report the mean over
-seeds and a percentile-bootstrap interval of the mean; for every policy and every baseline, the
-ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* bootstrap interval (seeds are
-resampled jointly, so the common noise of a hard seed cancels).
+seeds and a BCa bootstrap interval of the mean (`scipy.stats.bootstrap`); for every policy and every
+baseline, the ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* BCa interval
+(seeds are resampled jointly, so the common noise of a hard seed cancels).
 
 Load shapes (the "shifting" load):
 - constant: Poisson at the rate;
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
@@ -73,49 +75,60 @@ class Cell:
                        seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals())
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'a-b' (inclusive) or 'a,b,c'."""
-    try:
-        if "-" in text and "," not in text:
-            lo, hi = (int(x) for x in text.split("-", 1))
-            if hi < lo:
-                raise ValueError
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--seeds: {text!r} is not 'a-b' or a comma-separated list of integers") from None
-
-
 def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Mean over seeds and its BCa bootstrap interval (`scipy.stats.bootstrap`); NaN seeds dropped."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if not len(values):
         return math.nan, math.nan, math.nan
-    idx = rng.integers(len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
-    means = values[idx].mean(1)
-    a = (1 - confidence) / 2
-    return float(values.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    mean = float(values.mean())
+    return (mean, *_bca_interval((values,), _mean, mean, confidence, rng))
 
 
 def bootstrap_ratio(num: np.ndarray, den: np.ndarray, confidence: float,
                     rng: np.random.Generator) -> tuple[float, float, float]:
-    """Ratio of means with a paired bootstrap interval (same seeds resampled for both)."""
+    """Ratio of means with a paired BCa bootstrap interval: the same seeds are resampled for both
+    (`paired=True`), so the noise a hard seed puts on both policies cancels."""
     num, den = np.asarray(num, float), np.asarray(den, float)
     ok = ~(np.isnan(num) | np.isnan(den))
     num, den = num[ok], den[ok]
     if not len(num) or den.mean() <= 0:
         return math.nan, math.nan, math.nan
-    idx = rng.integers(len(num), size=(BOOTSTRAP_RESAMPLES, len(num)))
-    d = den[idx].mean(1)
-    ratios = np.where(d > 0, num[idx].mean(1) / np.where(d > 0, d, 1.0), np.nan)
-    a = (1 - confidence) / 2
-    return float(num.mean() / den.mean()), float(np.nanquantile(ratios, a)), float(np.nanquantile(ratios, 1 - a))
+    ratio = float(num.mean() / den.mean())
+    return (ratio, *_bca_interval((num, den), _ratio_of_means, ratio, confidence, rng))
+
+
+def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return values.mean(axis=axis)
+
+
+def _ratio_of_means(num: np.ndarray, den: np.ndarray, axis: int = -1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num.mean(axis=axis) / den.mean(axis=axis)
+
+
+def _bca_interval(data: tuple[np.ndarray, ...], statistic: Any, point: float, confidence: float,
+                  rng: np.random.Generator) -> tuple[float, float]:
+    """`scipy.stats.bootstrap(method="BCa")`; with one seed, or when every resample gives the same
+    value (identical seeds, an exact gain on every seed), the interval is the point itself, as the
+    BCa acceleration is undefined there."""
+    if len(data[0]) < 2:
+        return point, point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (stats.DegenerateDataWarning, RuntimeWarning))
+        result = stats.bootstrap(data, statistic, paired=len(data) > 1, vectorized=True, confidence_level=confidence,
+                                 n_resamples=BOOTSTRAP_RESAMPLES, method="BCa", rng=rng)
+    lo, hi = (float(x) for x in result.confidence_interval)
+    if not (math.isfinite(lo) and math.isfinite(hi)) and np.allclose(result.bootstrap_distribution, point):
+        return point, point
+    return lo, hi
 
 
 _POLICY_CACHE: dict[str, Any] = {}
 
 
-def _load(name: str) -> Any:
+def load_cached_policy(name: str) -> Any:
+    """`load_policy`, once per process (workers run many seeds of the same policy)."""
     from policies.loader import load_policy
 
     if name not in _POLICY_CACHE:
@@ -125,7 +138,7 @@ def _load(name: str) -> Any:
 
 def _run_one(args: tuple[str, Cell, int]) -> dict[str, Any]:
     name, cell, seed = args
-    result, _ = simulate(cell.run_spec(seed), _load(name))
+    result, _ = simulate(cell.run_spec(seed), load_cached_policy(name))
     return {k: result.get(k) for k in METRICS}
 
 
@@ -137,7 +150,7 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
     names = [policy] + [b for b in baselines if b != policy]
     labels: dict[str, str] = {}
     for n in names:
-        _load(n)  # fail early, one line, before any long run
+        load_cached_policy(n)  # fail early, one line, before any long run
         label = policy_label(n)
         while label in labels.values():
             label += "'"

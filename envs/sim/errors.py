@@ -1,42 +1,38 @@
-"""User-facing errors: one line that names the field and the fix."""
+"""User-facing errors: one line that names the field and the fix.
+
+Pure on purpose: the simulator core raises `UserError` and validates input files here, with no
+CLI library inside. How the command prints these (and typer's or pydantic's own errors) lives in
+`agentsched/errors.py`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import click
+import yaml
+from pydantic import ValidationError
 
 
 class UserError(Exception):
     """A mistake in user input (file, flag, field). Printed as one line; exit code 2."""
 
 
-def format_user_error(exc: BaseException) -> str | None:
-    """One-line message for exceptions that stem from user input, or None for real bugs."""
-    from pydantic import ValidationError
-
-    from policies.base import PolicyError
-
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "input"
-        return f"{where}: {first.get('msg', 'invalid value')} (fix this field and retry)"
-    if isinstance(exc, PolicyError):
-        return str(exc)
-    if isinstance(exc, click.exceptions.UsageError):
-        return exc.format_message()
-    if isinstance(exc, click.exceptions.Abort):
-        return "aborted"
-    if isinstance(exc, FileNotFoundError):
-        return f"file not found: {exc.filename} (check the path)"
-    return None
+def pydantic_error_text(exc: ValidationError) -> str:
+    """The first validation error as `field.path: message` (pydantic's "Value error, " dropped)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not where or message.startswith(f"{where}.") or message.startswith(f"{where}:"):
+        return message  # a model-level check, or a validator that already names the full path
+    return f"{where}: {message}"
 
 
 def load_yaml_mapping(path: Path, what: str, hint: str = "") -> dict:
     """Read a YAML file that must hold a mapping; syntax and shape mistakes become UserErrors."""
-    import yaml
-
+    if not path.is_file():
+        reason = "is a directory" if path.is_dir() else "not found"
+        raise UserError(f"{what}: file {path} {reason} (check the path)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -48,11 +44,7 @@ def load_yaml_mapping(path: Path, what: str, hint: str = "") -> dict:
 
 def validate_as(model: type, raw: dict, what: str, source: str) -> Any:
     """`model.model_validate(raw)`, with the first validation error as a one-line UserError."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "input"
-        raise UserError(f"{what}: {source}: {loc}: {err['msg']} (fix this field)") from None
+        raise UserError(f"{what}: {source}: {pydantic_error_text(exc)} (fix this field)") from None
