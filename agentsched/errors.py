@@ -27,8 +27,27 @@ else:
     ABORTS = (typer.Abort, click.Abort)
 
 
+# the optional extras (pyproject.toml) and the packages that only they install
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(("gymnasium", "stable_baselines3", "sb3_contrib", "torch", "tensorboard", "ray"), "train"),
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "httpx", "prometheus_client", "aiohttp", "openai"), "serve"),
+    **dict.fromkeys(("transformers", "tokenizers", "safetensors"), "tiny-model"),
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The extra to install when `exc` is the import of a package only an extra brings."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return EXTRA_OF_PACKAGE.get(exc.name.split(".")[0])
+    return None
+
+
 def format_user_error(exc: BaseException) -> str | None:
     """One-line message for an exception that stems from user input, or None for a real bug."""
+    extra = missing_extra(exc)
+    if extra is not None:
+        return (f"this needs the '{extra}' extra ({exc.name} is not installed): pip install 'agentsched[{extra}]' "
+                f"(or `make install`, which installs every extra)")
     if isinstance(exc, (UserError, PolicyError)):
         return _one_line(str(exc))
     if isinstance(exc, USAGE_ERRORS):  # typer >= 0.29 words its own checks through pydantic

@@ -259,9 +259,12 @@ def policies_command() -> None:
     for col in ("name", "kind", "what"):
         shipped.add_column(col)
     for name in shipped_policies():
-        policy = load_policy(name)
         what = {RECOMMENDED_POLICY: "recommended: the tuned heuristic",
                 LEARNED_POLICY: "the best learned policy"}.get(name, "a trained example")
-        shipped.add_row(f"{name} (recommended)" if name == RECOMMENDED_POLICY else name, policy.spec().get("kind", "?"),
-                        f"{what} ({policy.name})")
+        try:
+            policy = load_policy(name)
+            kind, what = policy.spec().get("kind", "?"), f"{what} ({policy.name})"
+        except ModuleNotFoundError as exc:  # a network without the [train] extra installed
+            kind, what = "trained", f"{what} (needs {exc.name}: pip install 'agentsched[train]')"
+        shipped.add_row(f"{name} (recommended)" if name == RECOMMENDED_POLICY else name, kind, what)
     _console().print(shipped)

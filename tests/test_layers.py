@@ -46,3 +46,45 @@ def test_simulator_core_sources_import_none_of_them() -> None:
         roots = _imported_roots(path)
         assert not roots & FORBIDDEN_IN_SIM, f"{path.name} imports {sorted(roots & FORBIDDEN_IN_SIM)}"
         assert not roots & (ours - {"envs"}), f"{path.name} imports {sorted(roots & (ours - {'envs'}))} (a higher layer)"
+
+
+BASE_INSTALL = """
+import importlib.abc, sys
+BLOCKED = {"gymnasium", "stable_baselines3", "sb3_contrib", "torch", "tensorboard", "ray",
+           "fastapi", "uvicorn", "starlette", "httpx", "prometheus_client", "aiohttp", "openai"}
+class WithoutExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, WithoutExtras())
+from agentsched.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _base_install(*args: str) -> subprocess.CompletedProcess:
+    """The CLI as a base install (no [train] or [serve] extra) would run it."""
+    return subprocess.run([sys.executable, "-c", BASE_INSTALL, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_base_install_simulates_benches_and_tunes(tmp_path) -> None:
+    for args in (["--help"], ["policies"],
+                 ["simulate", "--policy", "least-work+workflow", "--queries", "4", "--out", str(tmp_path / "r.json")],
+                 ["bench", "--policies", "rr,hexgen", "--rates", "0.05", "--slo-scales", "3", "--seeds", "0",
+                  "--queries", "4", "--workers", "1", "--out", str(tmp_path / "bench")],
+                 ["tune", "--policy", "hexgen", "--trials", "1", "--seeds", "0", "--test-seeds", "1", "--queries", "4",
+                  "--workers", "1", "--out", str(tmp_path / "tuned.yaml")]):
+        proc = _base_install(*args)
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+    assert (tmp_path / "r.json").exists() and (tmp_path / "tuned.yaml").exists()
+
+
+def test_base_install_names_the_extra_a_command_needs(tmp_path) -> None:
+    for args, extra in ((["train", "--config", "smoke"], "train"),
+                        (["serve", "--cluster", str(REPO / "deploy/clusters/local-cpu.yaml"), "--policy", "rr"], "serve")):
+        proc = _base_install(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-2000:])
+        assert f"agentsched[{extra}]" in lines[0] and "Traceback" not in proc.stderr
