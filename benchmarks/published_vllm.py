@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from envs.sim.calibration import LOWER, UPPER, write_factors
-from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog
+from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog, weight_class_of
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.perf import RooflineModel
@@ -214,7 +214,7 @@ def fit_efficiency(fit_points: list[PublishedPoint]) -> dict[str, Efficiency]:
     fitted = {}
     for gpu, gpu_points in by_gpu.items():
         spec = catalog.gpu(gpu)
-        classes = {spec.weight_class(p.weight_bits) for p in gpu_points}
+        classes = {weight_class_of(p.weight_bits) for p in gpu_points}
         if len(classes) != 1:
             raise ValueError(f"fit_efficiency: the fit points of {gpu} mix weight classes {sorted(classes)}")
         prior = spec.efficiency_for(4)
@@ -272,7 +272,7 @@ def main() -> None:
         fit_points = fit_split(points)
         fitted = fit_efficiency(fit_points)
         catalog = load_catalog()
-        classes = {catalog.gpu(p.gpu).weight_class(p.weight_bits) for p in fit_points}
+        classes = {weight_class_of(p.weight_bits) for p in fit_points}
         if len(classes) != 1:
             raise ValueError(f"the fit points mix weight classes {sorted(classes)}; fit them one class at a time")
         weight_class = classes.pop()

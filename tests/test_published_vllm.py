@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.sim.catalog import load_catalog
+from envs.sim.catalog import load_catalog, weight_class_of
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("published_vllm", ROOT / "benchmarks" / "published_vllm.py")
@@ -99,7 +99,7 @@ def test_bf16_points_simulate_with_the_w16_factors(points) -> None:
     catalog = load_catalog()
     for p in points:
         spec = catalog.gpu(p.gpu)
-        assert p.weight_bits == 16 and spec.weight_class(p.weight_bits) == "w16", p.id
+        assert p.weight_bits == 16 and weight_class_of(p.weight_bits) == "w16", p.id
         assert published.build_simulator(p).engines[0].perf.efficiency == spec.efficiency["w16"], p.id
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from envs.sim import calibration
-from envs.sim.catalog import DATA_DIR, WEIGHT_CLASSES, Efficiency, GPUSpec, load_catalog
+from envs.sim.catalog import DATA_DIR, WEIGHT_CLASSES, Efficiency, GPUSpec, load_catalog, weight_class_of
 from envs.sim.config import EngineConfig
 from envs.sim.engine import Engine
+from envs.sim.errors import UserError
 from envs.sim.model import StepTokens
 from envs.sim.perf import RooflineModel, solo_call_latency_s
 
@@ -50,25 +51,24 @@ def test_shipped_factors_are_physically_possible() -> None:
 def test_shipped_w4_factors_are_the_reference_fit() -> None:
     """`python -m envs.sim.calibration --write` is what produced the shipped w4 factors."""
     catalog = load_catalog()
-    assert calibration.reference_weight_class() == "w4"
+    assert weight_class_of(calibration.REFERENCE_WEIGHT_BITS) == "w4"
     for gpu_name, eff in calibration.fit_all(calibration.DEFAULT_PREFIX, REFERENCE).items():
         spec = catalog.gpu(gpu_name)
         assert spec.efficiency_source("w4") == "measured", gpu_name
         assert spec.efficiency["w4"].model_dump() == pytest.approx(eff.model_dump(), rel=1e-3), gpu_name
 
 
-def _gpu(fp8: bool = False, **efficiency) -> GPUSpec:
+def _gpu(**efficiency) -> GPUSpec:
     return GPUSpec(name="X", peak_tflops=100.0, hbm_bandwidth_gbps=1000.0, memory_gb=80, price_per_hour=1.0,
-                   fp8_tensor_cores=fp8, efficiency=efficiency)
+                   efficiency=efficiency)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_roofline_picks_the_factors_of_its_weight_bits(fp8: bool) -> None:
+def test_roofline_picks_the_factors_of_its_weight_bits() -> None:
     w4 = Efficiency(compute=0.9, memory=0.95, overhead_s=0.001)
     w16 = Efficiency(compute=0.4, memory=0.7, overhead_s=0.002)
-    gpu = _gpu(fp8, w4=w4, w16=w16)
+    gpu = _gpu(w4=w4, w16=w16)
     model = load_catalog().model("Llama-3.1-8B")
-    for bits, expected in ((4, w4), (16, w16), (8, w16 if fp8 else w4)):
+    for bits, expected in ((4, w4), (8, w4), (16, w16)):
         roofline = RooflineModel(gpu, model, 1, bits, 16)
         assert roofline.efficiency == expected, bits
         assert roofline.s_per_token == pytest.approx(2.0 * model.parameters / (100e12 * expected.compute))
@@ -80,8 +80,8 @@ def test_roofline_picks_the_factors_of_its_weight_bits(fp8: bool) -> None:
 
 def test_engines_use_their_weight_class_from_the_catalog() -> None:
     catalog = load_catalog()
-    for gpu, bits, weight_class in (("H100", 16, "w16"), ("H100", 4, "w4"), ("H100", 8, "w16"),
-                                    ("A100-80G", 8, "w4"), ("L40S", 8, "w16"), ("A6000", 16, "w16")):
+    for gpu, bits, weight_class in (("H100", 16, "w16"), ("H100", 4, "w4"), ("H100", 8, "w4"),
+                                    ("A100-80G", 8, "w4"), ("L40S", 16, "w16"), ("A6000", 16, "w16")):
         engine = Engine.from_config(0, EngineConfig(gpu=gpu, model="Llama-3.1-8B", tp=1, weight_bits=bits, name="e"))
         assert engine.perf.efficiency == catalog.gpu(gpu).efficiency[weight_class], (gpu, bits)
 
@@ -92,6 +92,8 @@ def test_plain_efficiency_block_applies_to_every_class() -> None:
     assert set(gpu.efficiency) == set(WEIGHT_CLASSES)
     assert all(e == Efficiency(**plain) for e in gpu.efficiency.values())
     assert gpu.efficiency_for(16) == gpu.efficiency_for(4)
+    with pytest.raises(UserError, match="efficiency.w16"):
+        _gpu(w4=plain).efficiency_for(16)
 
 
 def test_missing_classes_are_scaled_by_the_class_ratio_or_averaged(tmp_path: Path) -> None:

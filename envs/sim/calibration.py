@@ -33,7 +33,8 @@ import numpy as np
 import yaml
 from scipy.optimize import least_squares, minimize
 
-from envs.sim.catalog import DATA_DIR, EFFICIENCY_FIELDS, WEIGHT_CLASSES, Efficiency, WeightClass, load_catalog
+from envs.sim.catalog import (DATA_DIR, EFFICIENCY_FIELDS, WEIGHT_CLASSES, Efficiency, WeightClass, load_catalog,
+                              weight_class_of)
 from envs.sim.perf import RooflineModel, solo_call_latency_s
 
 REFERENCE_PATH = DATA_DIR / "reference" / "hexgen_stage_latency.json"
@@ -130,13 +131,6 @@ def fit_all(prefix: str, reference: dict | None = None) -> dict[str, Efficiency]
     return {gpu_name: fit_gpu(gpu_name, reference, cached) for gpu_name in reference["latency_s"]}
 
 
-def reference_weight_class() -> WeightClass:
-    """The factor set the reference table measures (its 4-bit weights; the same on every GPU)."""
-    classes = {gpu.weight_class(REFERENCE_WEIGHT_BITS) for gpu in load_catalog().gpus.values()}
-    assert len(classes) == 1, classes
-    return classes.pop()
-
-
 def write_factors(fitted: dict[str, Efficiency], weight_class: WeightClass,
                   path: Path = DATA_DIR / "gpus.yaml") -> None:
     """Store `fitted` (keyed by canonical GPU name) as the `weight_class` factors in the GPU catalog,
@@ -181,8 +175,8 @@ def main() -> None:
         for s, e in errors.items():
             print(f"    {s:22s} measured {reference['latency_s'][gpu_name][s]:8.3f}s  predicted {pred[s]:8.3f}s  {e:+.1%}")
     if args.write:
-        write_factors(fitted, reference_weight_class())
-        print(f"wrote the {reference_weight_class()} factors to {DATA_DIR / 'gpus.yaml'}")
+        write_factors(fitted, weight_class_of(REFERENCE_WEIGHT_BITS))
+        print(f"wrote the {weight_class_of(REFERENCE_WEIGHT_BITS)} factors to {DATA_DIR / 'gpus.yaml'}")
 
 
 if __name__ == "__main__":

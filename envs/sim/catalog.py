@@ -26,12 +26,24 @@ class Efficiency(BaseModel):
 
 
 # Weight classes the roofline keeps factors for, named by the weight precision they were measured at:
-# `w4` for weight-only quantized kernels (AWQ/GPTQ-Marlin: 4-bit weights dequantized inside the GEMM,
+# `w4` for weight-only quantized kernels (AWQ/GPTQ/FP8-Marlin: 4- or 8-bit weights dequantized inside the GEMM,
 # activations in 16 bit), `w16` for full 16-bit GEMMs (BF16/FP16 weights and activations).
 WeightClass = Literal["w4", "w16"]
 WEIGHT_CLASSES: tuple[WeightClass, ...] = ("w4", "w16")
 EFFICIENCY_FIELDS = frozenset(Efficiency.model_fields)
 EFFICIENCY_CAP = 1.0  # no GPU computes or reads faster than its catalog peak
+
+
+def weight_class_of(weight_bits: int) -> WeightClass:
+    """The factor set that serves `weight_bits`-bit weights: `w16` for 16-bit, `w4` for 4 and 8 bits.
+
+    8 bits takes the 4-bit factors. On Ampere (A100, A800, A6000, A40, A10G) vLLM runs FP8
+    checkpoints as weight-only W8A16 FP8-Marlin and 8-bit GPTQ as GPTQ-Marlin, the same
+    dequantize-inside-the-GEMM kernels as 4-bit AWQ/GPTQ-Marlin (vLLM docs,
+    features/quantization/fp8.md). On Ada/Hopper FP8 runs as W8A8 on FP8 tensor cores, whose peak
+    is twice the BF16 peak the factors are relative to, so the w16 factors would halve its compute;
+    no 8-bit measurement is in the repository to fit a class of its own."""
+    return "w16" if weight_bits >= 16 else "w4"
 
 
 class GPUSpec(BaseModel):
@@ -43,10 +55,6 @@ class GPUSpec(BaseModel):
     memory_gb: PositiveFloat
     price_per_hour: float = Field(ge=0.0)
     link_bandwidth_gbps: PositiveFloat = 32.0
-    # FP8 tensor cores (Ada, Hopper and later): vLLM runs 8-bit weights as FP8 W8A8 GEMMs on them;
-    # older GPUs run FP8 checkpoints as weight-only W8A16 FP8-Marlin (vLLM docs,
-    # features/quantization/fp8.md), the kernel family of 4-bit Marlin
-    fp8_tensor_cores: bool = False
     # roofline factors per weight class; a plain {compute, memory, overhead_s} block (the catalog's
     # earlier format) applies to every class. load_catalog fills the classes a GPU has no
     # measurements for (see fill_missing_efficiency)
@@ -62,20 +70,8 @@ class GPUSpec(BaseModel):
             return {weight_class: value for weight_class in WEIGHT_CLASSES}
         return value
 
-    def weight_class(self, weight_bits: int) -> WeightClass:
-        """The factor set that serves `weight_bits`-bit weights on this GPU.
-
-        4 bits and below: `w4`. 16 bits: `w16`. 8 bits: `w16` on GPUs with FP8 tensor cores (vLLM
-        runs W8A8 GEMMs there, activations quantized too, as dense as BF16), `w4` on older GPUs
-        (weight-only FP8-Marlin, the 4-bit kernels' dequantize-in-GEMM design)."""
-        if weight_bits <= 4:
-            return "w4"
-        if weight_bits >= 16:
-            return "w16"
-        return "w16" if self.fp8_tensor_cores else "w4"
-
     def efficiency_for(self, weight_bits: int) -> Efficiency:
-        weight_class = self.weight_class(weight_bits)
+        weight_class = weight_class_of(weight_bits)
         if weight_class not in self.efficiency:
             raise UserError(f"gpu: {self.name} has no roofline efficiency for {weight_class} weights "
                             f"(add efficiency.{weight_class} to the GPU catalog)")

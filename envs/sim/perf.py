@@ -90,7 +90,7 @@ class RooflineModel(IterationModel):
 
     Compute: 2 x parameters FLOPs per token (dense) + 4 x layers x hidden per (query, key) pair of
     attention. Memory: the weights once per iteration + every KV byte the attention reads.
-    Efficiency factors come from the GPU catalog, one set per weight class (`GPUSpec.weight_class`:
+    Efficiency factors come from the GPU catalog, one set per weight class (`catalog.weight_class_of`:
     4-bit weight-only kernels and 16-bit GEMMs reach different fractions of the same peaks), or
     from `efficiency` where a caller fits or compares factors.
     """
