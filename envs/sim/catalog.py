@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -145,9 +144,11 @@ def fill_missing_efficiency(gpus: dict[str, GPUSpec]) -> None:
     filled: dict[str, dict[WeightClass, tuple[Efficiency, str]]] = {n: {} for n in gpus}
     for weight_class in WEIGHT_CLASSES:
         known = list(measured[weight_class].values())
-        mean = Efficiency(compute=statistics.fmean(e.compute for e in known),
-                          memory=statistics.fmean(e.memory for e in known),
-                          overhead_s=statistics.fmean(e.overhead_s for e in known)) if known else None
+        # sum / len, not statistics.fmean: the same rounding as the catalog's earlier mean, so that
+        # engines on unmeasured GPUs simulate bit for bit as before
+        mean = Efficiency(compute=sum(e.compute for e in known) / len(known),
+                          memory=sum(e.memory for e in known) / len(known),
+                          overhead_s=sum(e.overhead_s for e in known) / len(known)) if known else None
         for name, gpu in gpus.items():
             if weight_class in gpu.efficiency:
                 continue
