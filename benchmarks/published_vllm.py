@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from rich.console import Console
 from rich.table import Table
 
-from envs.sim.calibration import LOWER, UPPER, write_factors
+from envs.sim.calibration import LOWER, REFERENCE_WEIGHT_BITS, UPPER, write_factors
 from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog, weight_class_of
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig, EngineConfig
@@ -217,7 +217,7 @@ def fit_efficiency(fit_points: list[PublishedPoint]) -> dict[str, Efficiency]:
         classes = {weight_class_of(p.weight_bits) for p in gpu_points}
         if len(classes) != 1:
             raise ValueError(f"fit_efficiency: the fit points of {gpu} mix weight classes {sorted(classes)}")
-        prior = spec.efficiency_for(4)
+        prior = spec.efficiency_for(REFERENCE_WEIGHT_BITS)
         x0 = np.clip(np.log([prior.compute, prior.memory, max(prior.overhead_s, LOWER[2])]),
                      np.log(LOWER) + 1e-6, np.log(UPPER) - 1e-6)
 
@@ -270,12 +270,12 @@ def main() -> None:
     fitted: dict[str, Efficiency] = {}
     if args.fit:
         fit_points = fit_split(points)
-        fitted = fit_efficiency(fit_points)
-        catalog = load_catalog()
         classes = {weight_class_of(p.weight_bits) for p in fit_points}
         if len(classes) != 1:
             raise ValueError(f"the fit points mix weight classes {sorted(classes)}; fit them one class at a time")
         weight_class = classes.pop()
+        fitted = fit_efficiency(fit_points)
+        catalog = load_catalog()
         for gpu, eff in fitted.items():
             spec = catalog.gpu(gpu)
             console.print(f"fitted to the `fit` points of {gpu}: {eff.model_dump()} (shipped {weight_class}: "
