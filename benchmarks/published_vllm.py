@@ -11,15 +11,17 @@ engine:
   semaphore of `vllm bench serve`, no rate approximation);
 - `request_rate: inf` without a cap: all N requests at time 0 (a burst);
 - a finite `request_rate`: N single-call workflows at seeded Poisson times.
-The shipped roofline factors are fitted to nothing here (they come from hexgen_stage_latency.json).
-`--fit` fits per-GPU factors (compute, memory, overhead, within the physical bounds of
-envs.sim.calibration) to the points whose `split` is `fit` and simulates every point with them; the
-headline figures of both modes are over `validate` points only, so no reported validation figure
-was fitted to. A run counts as saturated in the simulator when it served less than 90% of
+The points run BF16 weights, so they are simulated with the catalog's `w16` roofline factors (the
+`w4` ones come from hexgen_stage_latency.json, 4-bit weights). `--fit` fits per-GPU factors
+(compute, memory, overhead, within the physical bounds of envs.sim.calibration) to the points whose
+`split` is `fit`, and nothing else, and simulates every point with them; `--fit --write` stores
+them as the `w16` class of envs/data/gpus.yaml, which is how the shipped `w16` factors were made.
+The headline figures of both modes are over `validate` points only, so no reported validation
+figure was fitted to. A run counts as saturated in the simulator when it served less than 90% of
 an offered finite rate (closed loops and bursts are never "stable" or "saturated": they queue by
 construction).
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/published_vllm.py [--fit] [--ids ID,...] [--json out.json]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/published_vllm.py [--fit [--write]] [--ids ID,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from rich.console import Console
 from rich.table import Table
 
-from envs.sim.calibration import LOWER, UPPER
-from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog
+from envs.sim.calibration import LOWER, REFERENCE_WEIGHT_BITS, UPPER, write_factors
+from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog, weight_class_of
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.perf import RooflineModel
@@ -49,7 +51,7 @@ PUBLISHED_PATH = DATA_DIR / "reference" / "published_vllm.json"
 STEP = "request"
 SATURATED_SHARE = 0.9  # served / offered rate below this: the simulated engine cannot keep up
 GOAL_MEDIAN_E2E_ERROR = 0.15
-PRIOR_WEIGHT = 0.1  # weight of log(factor / shipped factor) beside the fit points' log errors in --fit
+PRIOR_WEIGHT = 0.1  # weight of log(factor / the GPU's w4 factor) beside the fit points' log errors in --fit
 
 
 class Source(BaseModel):
@@ -158,8 +160,8 @@ def build_simulator(point: PublishedPoint, seed: int = 0, efficiency: Efficiency
                            step_tokens={STEP: (float(call.input_tokens), float(call.output_tokens))})
     if efficiency is not None:
         catalog = load_catalog()
-        gpu = catalog.gpu(point.gpu).model_copy(update={"efficiency": efficiency})
-        sim.engines[0].perf = RooflineModel(gpu, catalog.model(point.model), point.tp, point.weight_bits, point.kv_bits)
+        sim.engines[0].perf = RooflineModel(catalog.gpu(point.gpu), catalog.model(point.model), point.tp,
+                                            point.weight_bits, point.kv_bits, efficiency=efficiency)
     return sim
 
 
@@ -189,32 +191,48 @@ def relative_error(simulated: float, measured: float | None) -> float | None:
     return None if measured is None else simulated / measured - 1.0
 
 
-def fit_efficiency(points: list[PublishedPoint]) -> dict[str, Efficiency]:
-    """Per GPU type: the factors that best reproduce the E2E and TPOT of its `fit` points (least
-    squares on log ratios, within the physical bounds)."""
+def fit_split(points: list[PublishedPoint]) -> list[PublishedPoint]:
+    """The points factors may be fitted to."""
+    return [p for p in points if p.split == "fit"]
+
+
+def fit_efficiency(fit_points: list[PublishedPoint]) -> dict[str, Efficiency]:
+    """Per GPU type: the factors that best reproduce the E2E and TPOT of `fit_points` (least squares
+    on log ratios, within the physical bounds), in the weight class the points run. Refuses any
+    point whose split is not `fit`, so no validation point can leak into the factors.
+
+    A weak prior pulls towards the GPU's `w4` factors (fitted to hexgen_stage_latency.json, never to
+    these points), not towards the shipped `w16` ones, so that a refit gives the same factors
+    whatever gpus.yaml held before."""
+    leaked = [p.id for p in fit_points if p.split != "fit"]
+    if leaked:
+        raise ValueError(f"fit_efficiency: points {', '.join(leaked)} are not in the `fit` split")
+    catalog = load_catalog()
     by_gpu: dict[str, list[PublishedPoint]] = {}
-    for point in points:
-        if point.split == "fit":
-            by_gpu.setdefault(load_catalog().canonical_gpu(point.gpu), []).append(point)
+    for point in fit_points:
+        by_gpu.setdefault(catalog.canonical_gpu(point.gpu), []).append(point)
     fitted = {}
-    for gpu, fit_points in by_gpu.items():
-        start = load_catalog().gpu(gpu).efficiency
-        assert start is not None
-        x0 = np.clip(np.log([start.compute, start.memory, max(start.overhead_s, LOWER[2])]),
+    for gpu, gpu_points in by_gpu.items():
+        spec = catalog.gpu(gpu)
+        classes = {weight_class_of(p.weight_bits) for p in gpu_points}
+        if len(classes) != 1:
+            raise ValueError(f"fit_efficiency: the fit points of {gpu} mix weight classes {sorted(classes)}")
+        prior = spec.efficiency_for(REFERENCE_WEIGHT_BITS)
+        x0 = np.clip(np.log([prior.compute, prior.memory, max(prior.overhead_s, LOWER[2])]),
                      np.log(LOWER) + 1e-6, np.log(UPPER) - 1e-6)
 
         def residuals(x: np.ndarray) -> np.ndarray:
             eff = Efficiency(compute=math.exp(x[0]), memory=math.exp(x[1]), overhead_s=math.exp(x[2]))
             out = []
-            for point in fit_points:
+            for point in gpu_points:
                 sim, m = simulate_point(point, efficiency=eff), point.measured
                 # E2E and TPOT only: a lightly loaded engine's TTFT is mostly per-request API-server time
                 # (HTTP, chat template, tokenisation), which the iteration model does not hold
                 for simulated, measured in ((sim.mean_e2e_ms, m.mean_e2e_ms), (sim.mean_tpot_ms, m.mean_tpot_ms)):
                     if measured is not None:
                         out.append(math.log(max(simulated, 1e-9) / measured))
-            # a weak pull towards the shipped factors keeps what the fit points cannot tell apart
-            # (e.g. memory efficiency from prefill-bound points) where it was
+            # what the fit points cannot tell apart (e.g. memory efficiency from prefill-bound
+            # points) stays near the prior
             out.extend(PRIOR_WEIGHT * (x - x0))
             return np.array(out)
 
@@ -241,15 +259,30 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the per-point figures to this JSON file")
     parser.add_argument("--fit", action="store_true",
                         help="fit per-GPU factors to the `fit` points and simulate every point with them")
+    parser.add_argument("--write", action="store_true",
+                        help="with --fit: store the fitted factors as the w16 class in envs/data/gpus.yaml")
     args = parser.parse_args()
+    if args.write and not args.fit:
+        print("--write: needs --fit (it stores the factors --fit finds)", file=sys.stderr)
+        raise SystemExit(2)
     points = load_points()
     console = Console(width=220)
     fitted: dict[str, Efficiency] = {}
     if args.fit:
-        fitted = fit_efficiency(points)
+        fit_points = fit_split(points)
+        classes = {weight_class_of(p.weight_bits) for p in fit_points}
+        if len(classes) != 1:
+            raise ValueError(f"the fit points mix weight classes {sorted(classes)}; fit them one class at a time")
+        weight_class = classes.pop()
+        fitted = fit_efficiency(fit_points)
+        catalog = load_catalog()
         for gpu, eff in fitted.items():
-            console.print(f"fitted to the `fit` points of {gpu}: {eff.model_dump()} "
-                          f"(shipped: {load_catalog().gpu(gpu).efficiency.model_dump()})")
+            spec = catalog.gpu(gpu)
+            console.print(f"fitted to the `fit` points of {gpu}: {eff.model_dump()} (shipped {weight_class}: "
+                          f"{spec.efficiency[weight_class].model_dump()}, {spec.efficiency_source(weight_class)})")
+        if args.write:
+            write_factors(fitted, weight_class)
+            console.print(f"wrote the {weight_class} factors to {DATA_DIR / 'gpus.yaml'}")
     if args.ids:
         wanted = set(args.ids.split(","))
         unknown = wanted - {p.id for p in points}

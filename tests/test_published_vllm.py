@@ -1,18 +1,20 @@
 """envs/data/reference/published_vllm.json and benchmarks/published_vllm.py: every published point is
-sourced and complete, and the point builder drives a one-engine simulation as the benchmark client
-drove the real engine."""
+sourced and complete, the point builder drives a one-engine simulation as the benchmark client
+drove the real engine, the shipped w16 factors are fitted to the `fit` split alone and reproduce
+the `validate` split."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
 
-from envs.sim.catalog import load_catalog
+from envs.sim.catalog import load_catalog, weight_class_of
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("published_vllm", ROOT / "benchmarks" / "published_vllm.py")
@@ -91,3 +93,65 @@ def test_the_json_has_no_unknown_fields() -> None:
     raw = json.loads(published.PUBLISHED_PATH.read_text())
     published.PublishedSet.model_validate(raw)  # extra="forbid" on every point
     assert all(p["split"] in ("fit", "validate") for p in raw["points"])
+
+
+def test_bf16_points_simulate_with_the_w16_factors(points) -> None:
+    catalog = load_catalog()
+    for p in points:
+        spec = catalog.gpu(p.gpu)
+        assert p.weight_bits == 16 and weight_class_of(p.weight_bits) == "w16", p.id
+        assert published.build_simulator(p).engines[0].perf.efficiency == spec.efficiency["w16"], p.id
+
+
+def test_validate_points_meet_the_goal_with_the_shipped_factors(points) -> None:
+    """Median |E2E error| over the `validate` points within the goal, and no validate run saturated."""
+    errors = []
+    for p in points:
+        if p.split == "validate":
+            sim = published.simulate_point(p)
+            assert not sim.saturated, p.id
+            errors.append(abs(sim.mean_e2e_ms / p.measured.mean_e2e_ms - 1))
+    assert len(errors) >= 9
+    assert statistics.median(errors) <= published.GOAL_MEDIAN_E2E_ERROR, errors
+
+
+def test_the_fit_sees_only_fit_points_and_gives_the_shipped_factors(points, monkeypatch) -> None:
+    """`--fit` hands the fit function the `fit` split alone, the fit simulates no other point, and
+    its factors are the shipped w16 ones (so they were made by `--fit --write`, not by hand)."""
+    simulated, handed = set(), []
+    real_simulate, real_fit = published.simulate_point, published.fit_efficiency
+
+    def spy_simulate(point, *args, **kwargs):
+        simulated.add(point.id)
+        return real_simulate(point, *args, **kwargs)
+
+    def spy_fit(fit_points):
+        handed.append([p.id for p in fit_points])
+        fitted.update(real_fit(fit_points))
+        return dict(fitted)
+
+    fitted: dict = {}
+    monkeypatch.setattr(published, "simulate_point", spy_simulate)
+    monkeypatch.setattr(published, "fit_efficiency", spy_fit)
+    monkeypatch.setattr(sys, "argv", ["published_vllm.py", "--fit", "--ids", points[1].id])
+    published.main()
+    fit_ids = {p.id for p in points if p.split == "fit"}
+    assert handed == [sorted(fit_ids, key=[p.id for p in points].index)]
+    assert fit_ids <= simulated and simulated - fit_ids == {points[1].id}  # the table row, after the fit
+    catalog = load_catalog()
+    assert {catalog.canonical_gpu(p.gpu) for p in points if p.split == "fit"} == set(fitted)
+    for gpu, eff in fitted.items():
+        assert catalog.gpu(gpu).efficiency_source("w16") == "measured"
+        assert catalog.gpu(gpu).efficiency["w16"].model_dump() == pytest.approx(eff.model_dump(), rel=2e-3), gpu
+
+
+def test_the_fit_refuses_validate_points(points) -> None:
+    with pytest.raises(ValueError, match="not in the `fit` split"):
+        published.fit_efficiency([p for p in points if p.split == "validate"][:1])
+
+
+def test_write_needs_fit(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["published_vllm.py", "--write"])
+    with pytest.raises(SystemExit) as exit_info:
+        published.main()
+    assert exit_info.value.code == 2 and "--write" in capsys.readouterr().err

@@ -1,9 +1,11 @@
-"""Fit the roofline's per-GPU efficiency factors to measured single-call latencies.
+"""Fit the roofline's per-GPU `w4` efficiency factors to measured single-call latencies.
 
 `python -m envs.sim.calibration [--prefix warm|cold] [--write]` fits (compute efficiency, memory
 efficiency, per-iteration overhead) of every GPU type in envs/data/reference/hexgen_stage_latency.json
 by least squares on log latency ratios, prints the per-cell errors, and with --write stores the
-factors in envs/data/gpus.yaml. Reference: Llama-3.1-70B, 4-bit weights, one GPU, one call at a time.
+factors as the `w4` class of envs/data/gpus.yaml. Reference: Llama-3.1-70B, 4-bit weights, one GPU,
+one call at a time, so these are the factors of 4-bit weight-only kernels; the `w16` class is fitted
+to published BF16 vLLM runs by `benchmarks/published_vllm.py --fit --write` (see `write_factors`).
 
 Bounds are physical: no GPU computes faster than its peak dense FLOP/s or reads faster than its HBM
 bandwidth, so both efficiencies are at most 1.0 of the catalog's peaks.
@@ -31,7 +33,8 @@ import numpy as np
 import yaml
 from scipy.optimize import least_squares, minimize
 
-from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog
+from envs.sim.catalog import (DATA_DIR, EFFICIENCY_FIELDS, WEIGHT_CLASSES, Efficiency, WeightClass, load_catalog,
+                              weight_class_of)
 from envs.sim.perf import RooflineModel, solo_call_latency_s
 
 REFERENCE_PATH = DATA_DIR / "reference" / "hexgen_stage_latency.json"
@@ -76,8 +79,8 @@ def reference_cached_tokens(reference: dict, prefix: str, templates: dict | None
 
 def predict(gpu_name: str, eff: Efficiency, reference: dict, cached: dict[str, int] | None = None) -> dict[str, float]:
     catalog = load_catalog()
-    gpu = catalog.gpu(gpu_name).model_copy(update={"efficiency": eff})
-    model = RooflineModel(gpu, catalog.model(REFERENCE_MODEL), 1, REFERENCE_WEIGHT_BITS, REFERENCE_KV_BITS)
+    model = RooflineModel(catalog.gpu(gpu_name), catalog.model(REFERENCE_MODEL), 1, REFERENCE_WEIGHT_BITS,
+                          REFERENCE_KV_BITS, efficiency=eff)
     cached = cached or {}
     return {
         step: solo_call_latency_s(model, tokens["input_tokens"], tokens["output_tokens"], REFERENCE_BATCHED_TOKENS,
@@ -128,12 +131,21 @@ def fit_all(prefix: str, reference: dict | None = None) -> dict[str, Efficiency]
     return {gpu_name: fit_gpu(gpu_name, reference, cached) for gpu_name in reference["latency_s"]}
 
 
-def write_factors(fitted: dict[str, Efficiency], path: Path = DATA_DIR / "gpus.yaml") -> None:
+def write_factors(fitted: dict[str, Efficiency], weight_class: WeightClass,
+                  path: Path = DATA_DIR / "gpus.yaml") -> None:
+    """Store `fitted` (keyed by canonical GPU name) as the `weight_class` factors in the GPU catalog,
+    keeping its header comment and every other class's factors. A plain (pre-class) block becomes
+    the factors of every other class."""
     text = path.read_text()
     head, _, _ = text.partition("gpus:\n")
     raw = yaml.safe_load(text)
     for name, eff in fitted.items():
-        raw["gpus"][name]["efficiency"] = eff.model_dump()
+        spec = raw["gpus"][name]
+        current = spec.get("efficiency") or {}
+        if current and set(current) <= EFFICIENCY_FIELDS:  # one block for every class
+            current = {c: dict(current) for c in WEIGHT_CLASSES}
+        current[weight_class] = eff.model_dump()
+        spec["efficiency"] = current
     path.write_text(head + yaml.safe_dump(raw, sort_keys=False, default_flow_style=None))
 
 
@@ -141,7 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefix", choices=PREFIX_MODES, default=DEFAULT_PREFIX,
                         help="what the reference engine had cached: each step's static template prefix (warm) or nothing (cold)")
-    parser.add_argument("--write", action="store_true", help="store the fitted factors in envs/data/gpus.yaml")
+    parser.add_argument("--write", action="store_true",
+                        help="store the fitted factors as the w4 class in envs/data/gpus.yaml")
     args = parser.parse_args()
     reference = load_reference()
     cached = reference_cached_tokens(reference, args.prefix)
@@ -162,8 +175,8 @@ def main() -> None:
         for s, e in errors.items():
             print(f"    {s:22s} measured {reference['latency_s'][gpu_name][s]:8.3f}s  predicted {pred[s]:8.3f}s  {e:+.1%}")
     if args.write:
-        write_factors(fitted)
-        print(f"wrote {DATA_DIR / 'gpus.yaml'}")
+        write_factors(fitted, weight_class_of(REFERENCE_WEIGHT_BITS))
+        print(f"wrote the {weight_class_of(REFERENCE_WEIGHT_BITS)} factors to {DATA_DIR / 'gpus.yaml'}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from envs.sim.catalog import GPUSpec, ModelSpec
+from envs.sim.catalog import Efficiency, GPUSpec, ModelSpec
 from envs.sim.errors import UserError, load_yaml_mapping, validate_as
 
 ALLREDUCE_LATENCY_S = 10e-6  # per all-reduce launch over NVLink/PCIe; a hardware constant, not a knob
@@ -90,12 +90,15 @@ class RooflineModel(IterationModel):
 
     Compute: 2 x parameters FLOPs per token (dense) + 4 x layers x hidden per (query, key) pair of
     attention. Memory: the weights once per iteration + every KV byte the attention reads.
-    Efficiency factors come from the GPU catalog (fitted to measured single-call latencies).
+    Efficiency factors come from the GPU catalog, one set per weight class (`catalog.weight_class_of`:
+    4-bit weight-only kernels and 16-bit GEMMs reach different fractions of the same peaks), or
+    from `efficiency` where a caller fits or compares factors.
     """
 
-    def __init__(self, gpu: GPUSpec, model: ModelSpec, tp: int, weight_bits: int, kv_bits: int):
-        eff = gpu.efficiency
-        assert eff is not None
+    def __init__(self, gpu: GPUSpec, model: ModelSpec, tp: int, weight_bits: int, kv_bits: int,
+                 efficiency: Efficiency | None = None):
+        eff = efficiency if efficiency is not None else gpu.efficiency_for(weight_bits)
+        self.efficiency = eff
         flops = gpu.peak_tflops * 1e12 * tp * eff.compute
         bandwidth = gpu.hbm_bandwidth_gbps * 1e9 * tp * eff.memory
         self.s_per_token = 2.0 * model.parameters / flops
