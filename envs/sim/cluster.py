@@ -24,7 +24,7 @@ from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.slo import SLOModel, standard_workflow
-from envs.sim.workload import WorkflowSpec, step_mean_tokens
+from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
 
 if TYPE_CHECKING:
     from policies.base import Policy
@@ -102,6 +102,7 @@ class ClusterSimulator:
         record_timeline: bool = False,
         tick_interval_s: float | None = None,
         on_tick: Callable[["ClusterSimulator"], None] | None = None,
+        prefix_cache: bool = True,
     ):
         if len(arrival_times_s) != len(workflows):
             raise ValueError("one arrival time per workflow")
@@ -110,7 +111,8 @@ class ClusterSimulator:
         self.step_tokens = step_tokens or step_mean_tokens(workflows)
         self.engines: list[Engine] = []
         for i, spec in enumerate(cluster.expanded()):
-            engine = Engine(i, spec, catalog.gpu(spec.gpu), catalog.model(spec.model), self.step_tokens)
+            engine = Engine(i, spec, catalog.gpu(spec.gpu), catalog.model(spec.model), self.step_tokens,
+                            prefix_cache=prefix_cache)
             if record_timeline:
                 engine.timeline = []
             self.engines.append(engine)
@@ -149,6 +151,10 @@ class ClusterSimulator:
         self.wall_s = 0.0
         self._on_tick = on_tick
         self._tick_interval_s = tick_interval_s
+        self.prefix_cache = prefix_cache
+        # chain keys of prompt prefixes: (parent chain key, segment identity) -> int, like vLLM's
+        # block hashes (a key names the whole text from the prompt's first token)
+        self._chain_keys: dict[tuple, int] = {}
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
         for f in failures:
@@ -247,7 +253,7 @@ class ClusterSimulator:
             # like vLLM rejecting a prompt longer than the engine's KV/max_model_len
             self._call_failed(call, now)
             return
-        expected = engine.expected_latency_s(call.step)
+        expected = engine.expected_call_latency_s(call)  # T_e(s) unless the engine holds part of the prompt
         call.expected_s = expected
         engine.outstanding_work_s += expected
         engine.assigned_work_s += expected
@@ -323,8 +329,10 @@ class ClusterSimulator:
         for si, stage in enumerate(spec.stages):
             calls = []
             for c in stage:
-                call = LLMCall(len(self.calls), wid, tenant.name, c.step, si, len(stage), c.input_tokens,
-                               c.output_tokens, tenant.priority)
+                call_id = len(self.calls)
+                segments = self._chain(c, call_id, wid, tenant.name) if c.segments else ()
+                call = LLMCall(call_id, wid, tenant.name, c.step, si, len(stage), c.input_tokens,
+                               c.output_tokens, tenant.priority, segments)
                 self.calls.append(call)
                 calls.append(call)
             stages.append(calls)
@@ -336,6 +344,24 @@ class ClusterSimulator:
         self._next_arrival = index + 1
         if self._next_arrival < len(self._specs):
             self._push(float(self._arrivals[self._next_arrival]), EV_ARRIVAL, self._next_arrival, 0)
+
+    def _chain(self, spec: CallSpec, call_id: int, workflow_id: int, tenant: str) -> tuple[tuple[int, int], ...]:
+        """The call's prompt as (chain key, tokens) segments: its shared segments, then its own
+        rest (unique to the call), covering exactly its input tokens."""
+        keys = self._chain_keys
+        parent = -1
+        out = []
+        used = 0
+        for seg in spec.segments:
+            scope = seg.scope
+            ident = (scope, seg.name) if scope == "template" else (
+                (scope, tenant, seg.name) if scope == "tenant" else (scope, workflow_id, seg.name))
+            parent = keys.setdefault((parent, ident), len(keys))
+            out.append((parent, seg.tokens))
+            used += seg.tokens
+        if spec.input_tokens > used:
+            out.append((keys.setdefault((parent, ("call", call_id)), len(keys)), spec.input_tokens - used))
+        return tuple(out)
 
     def _start_next_stage(self, workflow: Workflow, now: float) -> None:
         workflow.stage_index += 1

@@ -4,7 +4,11 @@ Iteration-level continuous batching with a token budget per iteration (`max_num_
 and a cap on running sequences (`max_num_seqs`); chunked prefill (running requests first, then
 waiting ones in the local policy's order); a paged KV cache whose block count comes from the
 memory left after weights; preemption by recompute (the lowest-priority running request frees
-its blocks and goes back to the queue) when a block cannot be allocated.
+its blocks and goes back to the queue) when a block cannot be allocated; optionally vLLM's automatic
+prefix caching (`envs.sim.prefix_cache`): an admitted call starts with the longest cached prefix of
+its prompt already in KV (`kv_tokens = hit`, `prefill_left = prompt - hit`; the uncached prefill
+still attends to the cached context), and cached blocks no running call uses fill the free pool
+until it needs them.
 
 The engine does not step token by token: when an iteration would contain only decodes and no
 waiting request can be admitted, it plans a *decode segment* of k identical iterations (k = until
@@ -22,7 +26,8 @@ from typing import Callable
 
 from envs.sim.catalog import GPUSpec, ModelSpec
 from envs.sim.config import EngineConfig
-from envs.sim.perf import DecodeSegmentCost, IterationModel, PerfProfile, ProfileModel, RooflineModel
+from envs.sim.perf import DecodeSegmentCost, IterationModel, PerfProfile, ProfileModel, RooflineModel, solo_call_latency_s
+from envs.sim.prefix_cache import CacheNode, PrefixCache
 
 GB = 1e9
 
@@ -42,10 +47,15 @@ class LLMCall:
         "expected_s", "key", "preemptions", "attempts",
         # engine-side progress
         "prefill_left", "generated", "kv_tokens", "blocks",
+        # prompt structure and prefix-cache state: (chain key, tokens) per segment (empty: unknown);
+        # the cache nodes the call uses while admitted, how many of its blocks are those nodes'
+        # (shared) blocks, and the prompt tokens its last admission read from the cache
+        "segments", "cache_nodes", "shared_blocks", "cached_tokens",
     )
 
     def __init__(self, call_id: int, workflow_id: int, tenant: str, step: str, stage_index: int, fanout: int,
-                 input_tokens: int, output_tokens: int, priority: int):
+                 input_tokens: int, output_tokens: int, priority: int,
+                 segments: tuple[tuple[object, int], ...] = ()):
         self.call_id = call_id
         self.workflow_id = workflow_id
         self.tenant = tenant
@@ -68,6 +78,8 @@ class LLMCall:
         self.key = 0.0
         self.preemptions = 0
         self.attempts = 0
+        self.segments = segments
+        self.cached_tokens = 0
         self.reset_progress()
 
     def reset_progress(self) -> None:
@@ -75,6 +87,8 @@ class LLMCall:
         self.generated = 0
         self.kv_tokens = 0
         self.blocks = 0
+        self.cache_nodes: list[CacheNode] | None = None
+        self.shared_blocks = 0
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"
@@ -84,7 +98,7 @@ class Engine:
     """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue()."""
 
     def __init__(self, engine_id: int, config: EngineConfig, gpu: GPUSpec, model: ModelSpec,
-                 step_mean_tokens: dict[str, tuple[float, float]]):
+                 step_mean_tokens: dict[str, tuple[float, float]], prefix_cache: bool = False):
         self.engine_id = engine_id
         self.name = config.name or f"engine-{engine_id}"
         self.gpu = gpu.name
@@ -146,6 +160,10 @@ class Engine:
         self.timeline: list[tuple[float, float, int, int]] | None = None  # (start, dur, prefill tokens, decodes)
         # cap on iterations per decode segment; 1 turns fast-forward off (tests compare both)
         self.max_segment_iterations: int | None = None
+        # vLLM's automatic prefix caching (None: off); blocks of the engine's own block size
+        self.prefix_cache: PrefixCache | None = PrefixCache(self.block_size) if prefix_cache else None
+        self.prefill_tokens_computed = 0  # prompt tokens actually prefilled (hits excluded, recomputes included)
+        self.prompt_tokens_admitted = 0  # prompt tokens of every admission (vLLM's prefix_cache_queries)
 
     # ---- EngineView -----------------------------------------------------------------------
     @property
@@ -170,6 +188,33 @@ class Engine:
                 self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
             self._latency_cache[step] = cached
         return cached
+
+    # ---- EngineView: prefix cache ------------------------------------------------------------
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes held in this engine's cache (in use or not); 0 when off."""
+        cache = self.prefix_cache
+        return cache.cached_blocks * self.block_size if cache is not None else 0
+
+    def cached_prefix_tokens(self, call: LLMCall) -> int:
+        """Prompt tokens of `call` this engine would read from its prefix cache if admitted now."""
+        cache = self.prefix_cache
+        if cache is None or not call.segments:
+            return 0
+        return cache.hit_tokens_for(call.segments, call.input_tokens)
+
+    def expected_call_latency_s(self, call: LLMCall) -> float:
+        """Expected latency of `call` alone on this engine given its cache hits here now: the
+        step's T_e(s), scaled by the share of this prompt's solo time that is left when the cached
+        prefix is not prefilled (exactly T_e(s) without hits)."""
+        hit = self.cached_prefix_tokens(call)
+        expected = self.expected_latency_s(call.step)
+        if hit == 0:
+            return expected
+        mean_out = max(1, int(round(self.step_mean_tokens.get(call.step, (1000.0, 100.0))[1])))
+        n = self.max_num_batched_tokens
+        full = solo_call_latency_s(self.perf, call.input_tokens, mean_out, n)
+        return expected * solo_call_latency_s(self.perf, call.input_tokens, mean_out, n, cached_tokens=hit) / full
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
@@ -221,6 +266,7 @@ class Engine:
             return None
         budget = self.max_num_batched_tokens
         bs = self.block_size
+        cache = self.prefix_cache
         prefills: list[tuple[LLMCall, int]] = []
         decodes: list[LLMCall] = []
         any_preempted = False
@@ -256,6 +302,8 @@ class Engine:
                 continue
             self.free_blocks -= need
             seq.blocks += need
+            if need and cache is not None:
+                cache.evict_down_to(self.free_blocks)
             if chunk:
                 prefills.append((seq, chunk))
                 budget -= chunk
@@ -269,17 +317,41 @@ class Engine:
         new_calls = 0
         while waiting and budget > 0 and len(running) < self.max_num_seqs and not any_preempted:
             seq = waiting[0][2]
+            prompt = seq.prefill_left  # a waiting call holds no KV: its whole prompt (+ output so far)
+            segments = seq.segments
+            if cache is not None and segments:
+                # blocks its chain takes from the free pool (cached ones back out of the free
+                # queue) + its partial last block and recomputed output
+                full = seq.input_tokens // bs
+                blocks = -(-prompt // bs)
+                need = cache.blocks_to_take(segments) + blocks - full
+                if need > self.free_blocks:
+                    break
+                hit = cache.hit_tokens_for(segments, prompt)
+                heapq.heappop(waiting)
+                seq.cache_nodes = cache.acquire(segments)
+                self.free_blocks -= need
+                cache.evict_down_to(self.free_blocks)
+                seq.shared_blocks = full
+                seq.blocks = blocks
+                seq.kv_tokens = hit
+                seq.prefill_left = prompt - hit
+                seq.cached_tokens = hit
+                cache.hit_tokens += hit
+                cache.query_tokens += prompt
+            else:
+                need = -(-prompt // bs)
+                if need > self.free_blocks:
+                    break
+                heapq.heappop(waiting)
+                self.free_blocks -= need
+                seq.blocks += need
+            self.prompt_tokens_admitted += prompt
             chunk = min(seq.prefill_left, budget)
-            need = -(-seq.prefill_left // bs)
-            if need > self.free_blocks:
-                break
-            heapq.heappop(waiting)
             if math.isnan(seq.admit_time_s):
                 seq.admit_time_s = now_s
                 new_calls += 1
             running.append(seq)
-            self.free_blocks -= need
-            seq.blocks += need
             prefills.append((seq, chunk))
             budget -= chunk
         self._seg_start_s = now_s
@@ -357,7 +429,9 @@ class Engine:
         finished: list[LLMCall] = []
         bs = self.block_size
         k = self._seg_k
+        computed = 0
         for seq, chunk in self._plan_prefills:
+            computed += chunk
             seq.kv_tokens += chunk
             seq.prefill_left -= chunk
             if seq.prefill_left == 0:
@@ -366,6 +440,8 @@ class Engine:
                     seq.first_token_time_s = now_s
                 if seq.generated >= seq.output_tokens:
                     finished.append(seq)
+        self.prefill_tokens_computed += computed
+        cache = self.prefix_cache
         for seq in self._plan_decodes:
             seq.kv_tokens += k
             seq.generated += k
@@ -374,14 +450,15 @@ class Engine:
                 if blocks > seq.blocks:
                     self.free_blocks -= blocks - seq.blocks
                     seq.blocks = blocks
+                    if cache is not None:
+                        cache.evict_down_to(self.free_blocks)
             if seq.generated >= seq.output_tokens:
                 finished.append(seq)
         if finished:
             done = set(map(id, finished))
             self.running = [s for s in self.running if id(s) not in done]
             for seq in finished:
-                self.free_blocks += seq.blocks
-                seq.blocks = 0
+                self._release_blocks(seq)
                 seq.finish_time_s = now_s
         self._plan_prefills = []
         self._plan_decodes = []
@@ -390,10 +467,21 @@ class Engine:
         self.busy_until_s = math.nan
         return finished
 
+    def _release_blocks(self, seq: LLMCall) -> None:
+        """A call leaves the running batch: its private blocks go back to the free pool as empty
+        blocks, its prompt chain's blocks as cached ones (evicted LRU when needed)."""
+        nodes = seq.cache_nodes
+        if nodes is not None:
+            self.free_blocks += seq.blocks - seq.shared_blocks + self.prefix_cache.release(nodes)
+            seq.cache_nodes = None
+            seq.shared_blocks = 0
+        else:
+            self.free_blocks += seq.blocks
+        seq.blocks = 0
+
     def _preempt(self, seq: LLMCall) -> None:
         self.running.remove(seq)
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self._release_blocks(seq)
         # recompute: the prompt and what was generated so far are prefilled again
         seq.prefill_left = seq.input_tokens + seq.generated
         seq.kv_tokens = 0
@@ -413,6 +501,8 @@ class Engine:
         self.running = []
         self.waiting = []
         self.free_blocks = self.total_blocks
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # a failed engine restarts with an empty cache
         self.outstanding_work_s = 0.0
         self._plan_prefills = []
         self._plan_decodes = []

@@ -47,6 +47,8 @@ class RunSpec(BaseModel):
     burstiness_cv: PositiveFloat = 1.0  # >1: Gamma arrivals with this CV (when `arrivals` is not given)
     tenants: list[TenantSpec] = [TenantSpec()]
     failures: list[FailureSpec] = []
+    # vLLM's automatic prefix caching on every engine (on by default, as in vLLM V1)
+    prefix_cache: bool = True
 
     def cluster_config(self) -> ClusterConfig:
         return self.cluster if isinstance(self.cluster, ClusterConfig) else load_cluster(self.cluster)
@@ -122,7 +124,8 @@ def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_tim
         spec.cluster_config(), workflows, times, spec.slo_scale, queue_key=queue_key,
         tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
         failures=[Failure(f.engine, f.at_s, f.duration_s) for f in spec.failures],
-        step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline, **kwargs)
+        step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline,
+        prefix_cache=spec.prefix_cache, **kwargs)
 
 
 def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:
@@ -136,7 +139,8 @@ def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple
                        extra={"policy": policy.spec(), "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
                               "seed": spec.seed, "trace": spec.trace,
                               "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
-                              "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+                              "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions,
+                              "prefix_cache": "on" if spec.prefix_cache else "off"})
     return result, sim
 
 
