@@ -12,6 +12,17 @@ import typer
 from envs.sim.errors import UserError
 
 
+PREFIX_CACHE_HELP = "on|off: vLLM's automatic prefix caching on every engine (on: vLLM's default; off: no cache)"
+
+
+def parse_on_off(option: str, value: str) -> bool:
+    """An on/off option's value (`--prefix-cache on|off`); anything else is a one-line UserError."""
+    text = value.strip().lower()
+    if text not in ("on", "off"):
+        raise UserError(f"--{option}: must be on or off, got {value!r}")
+    return text == "on"
+
+
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate_command)
 
@@ -33,6 +44,7 @@ def simulate_command(
     tenants: Optional[Path] = typer.Option(None, help="YAML list of tenants: name, slo_scale, priority, share (default: one tenant)"),
     out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
     chrome_trace: Optional[Path] = typer.Option(None, help="write a Chrome/Perfetto trace of engine timelines here"),
+    prefix_cache: str = typer.Option("on", help=PREFIX_CACHE_HELP),
 ) -> None:
     """Simulate one workload on one cluster under one policy."""
     from rich.console import Console
@@ -43,6 +55,7 @@ def simulate_command(
     from policies import load_policy
 
     _check_positive("rate", rate)
+    cache_on = parse_on_off("prefix-cache", prefix_cache)
     _check_positive("slo-scale", slo_scale)
     _check_positive("burstiness", burstiness)
     if queries is not None and queries <= 0:
@@ -50,14 +63,16 @@ def simulate_command(
     loaded = load_policy(policy)
     extra = {"tenants": _load_tenants(tenants)} if tenants is not None else {}
     spec = RunSpec(trace=trace, cluster=cluster, rate_qps=rate, slo_scale=slo_scale, seed=seed, queries=queries,
-                   burstiness_cv=burstiness, **extra)
+                   burstiness_cv=burstiness, prefix_cache=cache_on, **extra)
     spec.cluster_config()  # validate before running
     result, sim = simulate(spec, loaded, record_timeline=chrome_trace is not None)
-    table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}")
+    table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}, "
+                        f"prefix cache {'on' if cache_on else 'off'}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("n_workflows", "n_calls", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
-                "latency_p95_s", "latency_p99_s", "cost_usd", "preemptions", "sim_wall_s"):
+                "latency_p95_s", "latency_p99_s", "cost_usd", "preemptions", "prefix_cache_hit_rate", "prefill_tokens",
+                "prefix_cache_evicted_blocks", "sim_wall_s"):
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)

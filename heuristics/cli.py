@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from envs.cli import PREFIX_CACHE_HELP, parse_on_off
 from envs.sim.errors import UserError
 from heuristics.bench import DEFAULT_POLICIES
 
@@ -114,6 +115,7 @@ def bench_command(
     ratios: bool = typer.Option(True, "--ratios/--no-ratios", help="search the thresholds behind the headline ratios"),
     workers: Optional[int] = typer.Option(None, help="worker processes (default: all cores)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory: results.json, CSVs and PNG plots"),
+    prefix_cache: str = typer.Option("on", help=PREFIX_CACHE_HELP),
 ) -> None:
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
     import os
@@ -138,14 +140,15 @@ def bench_command(
     check_positive("ratio-scale", ratio_scale)
     if workers is not None and workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
-    capacity = capacity_qps_estimate(trace, cluster)
+    cache_on = parse_on_off("prefix-cache", prefix_cache)
+    capacity = capacity_qps_estimate(trace, cluster, cache_on)
     rate_list = parse_floats("rates", rates, "0.02,0.05") or [round(capacity * f, 4) for f in DEFAULT_LOADS]
     scale_list = parse_floats("slo-scales", slo_scales, "1.5,3,6")
     seed_list = parse_ints("seeds", seeds, "0,1")
     ratio_rate_qps = ratio_rate if ratio_rate is not None else round(capacity * DEFAULT_RATIO_LOAD, 4)
-    cfg = BenchConfig(Scenario(trace, cluster, queries), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
+    cfg = BenchConfig(Scenario(trace, cluster, queries, cache_on), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
                       ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios)
-    console.print(f"[bold]bench[/] {trace} on {cluster}: {len(refs)} policies x {len(rate_list)} rates x "
+    console.print(f"[bold]bench[/] {trace} on {cluster}, prefix cache {'on' if cache_on else 'off'}: {len(refs)} policies x {len(rate_list)} rates x "
                   f"{len(scale_list)} SLO scales x {len(seed_list)} seeds, {cfg.workers} workers; estimated capacity "
                   f"~{capacity:.3g} q/s (prefill-bound), rates {', '.join(f'{r:g}' for r in rate_list)} q/s")
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -183,6 +186,7 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
     table.add_column(f"attain @{rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"attain @{top_rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"p95 s @{top_rate:g} q/s", justify="right")
+    table.add_column(f"cache hit @{top_rate:g} q/s", justify="right")
     if results.get("ratios_vs_rr"):
         table.add_column(f"min SLO scale @{cfg['ratio_rate_qps']:g} q/s", justify="right")
         table.add_column(f"max rate @x{cfg['ratio_slo_scale']:g}", justify="right")
@@ -190,7 +194,8 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
         table.add_column("goodput ratio", justify="right")
     for policy in cfg["policies"]:
         row = [policy, _fmt(at.get(policy, {}).get("slo_attainment")), _fmt(at_top.get(policy, {}).get("slo_attainment")),
-               _fmt(at_top.get(policy, {}).get("latency_p95_s"), 4)]
+               _fmt(at_top.get(policy, {}).get("latency_p95_s"), 4),
+               _fmt(at_top.get(policy, {}).get("prefix_cache_hit_rate"))]
         if results.get("ratios_vs_rr"):
             t = results["thresholds"].get(policy, {})
             r = results["ratios_vs_rr"].get(policy, {})

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from envs.cli import PREFIX_CACHE_HELP, parse_on_off
 from envs.sim.errors import UserError
 
 
@@ -92,12 +93,14 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="output directory (results.json, table, plots)"),
         confidence: float = typer.Option(0.95, "--confidence", help="bootstrap confidence level"),
         workers: int = typer.Option(1, "--workers", help="worker processes"),
+        prefix_cache: str = typer.Option("on", "--prefix-cache", help=PREFIX_CACHE_HELP),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
         from training.evaluate import Cell, evaluate, parse_seeds, print_table
 
         seed_list = parse_seeds(seeds)
-        cells = [Cell(trace=t, cluster=c, rate_qps=float(r), load=l, slo_scale=slo_scale, queries=queries, generated=generated)
+        cells = [Cell(trace=t, cluster=c, rate_qps=float(r), load=l, slo_scale=slo_scale, queries=queries, generated=generated,
+                      prefix_cache=parse_on_off("prefix-cache", prefix_cache))
                  for c in _split(cluster) for t in _split(trace) for r in _split(rate) for l in _split(load)]
         results = evaluate(policy, _split(baselines), cells, seed_list, confidence=confidence, out_dir=out,
                            workers=workers)

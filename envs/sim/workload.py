@@ -226,6 +226,26 @@ def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
     return WorkflowSpec(tuple(stages), source=workflow.source)
 
 
+def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
+    """Prompt tokens of a query that engines with a warm prefix cache would not prefill: its
+    template and tenant segments, and its workflow segments from their second use on (up to the
+    first segment that misses; block rounding and evictions ignored). An upper bound on hits."""
+    seen: set[str] = set()
+    hits = 0
+    for stage in workflow.stages:
+        for call in stage:
+            missed = False
+            for seg in call.segments:
+                warm = seg.scope != "workflow" or seg.name in seen
+                if not missed and warm:
+                    hits += seg.tokens
+                else:
+                    missed = True
+        for call in stage:
+            seen.update(seg.name for seg in call.segments if seg.scope == "workflow")
+    return hits
+
+
 def _with_segments(call: CallSpec, segments: tuple[SegmentSpec, ...]) -> CallSpec:
     return CallSpec(call.step, call.input_tokens, call.output_tokens, tuple(s for s in segments if s.tokens > 0))
 
