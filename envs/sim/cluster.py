@@ -353,9 +353,11 @@ class ClusterSimulator:
         out = []
         used = 0
         for seg in spec.segments:
+            # the text's identity: its name in its scope, and its length (a prompt cut short of a
+            # template holds a different, shorter text)
             scope = seg.scope
-            ident = (scope, seg.name) if scope == "template" else (
-                (scope, tenant, seg.name) if scope == "tenant" else (scope, workflow_id, seg.name))
+            ident = (scope, seg.name, seg.tokens) if scope == "template" else (
+                (scope, tenant, seg.name, seg.tokens) if scope == "tenant" else (scope, workflow_id, seg.name, seg.tokens))
             parent = keys.setdefault((parent, ident), len(keys))
             out.append((parent, seg.tokens))
             used += seg.tokens
