@@ -353,14 +353,14 @@ class ClusterSimulator:
         out = []
         used = 0
         for seg in spec.segments:
-            # the text's identity: its name in its scope, and its length (a prompt cut short of a
+            # the text's identity: (scope, name, length) within its scope (a prompt cut short of a
             # template holds a different, shorter text)
-            scope = seg.scope
-            ident = (scope, seg.name, seg.tokens) if scope == "template" else (
-                (scope, tenant, seg.name, seg.tokens) if scope == "tenant" else (scope, workflow_id, seg.name, seg.tokens))
+            scope = seg[0]
+            ident = seg if scope == "template" else ((tenant, seg) if scope == "tenant" else (workflow_id, seg))
             parent = keys.setdefault((parent, ident), len(keys))
-            out.append((parent, seg.tokens))
-            used += seg.tokens
+            tokens = seg[2]
+            out.append((parent, tokens))
+            used += tokens
         if spec.input_tokens > used:
             out.append((keys.setdefault((parent, ("call", call_id)), len(keys)), spec.input_tokens - used))
         return tuple(out)

@@ -213,8 +213,18 @@ class Engine:
             return expected
         mean_out = max(1, int(round(self.step_mean_tokens.get(call.step, (1000.0, 100.0))[1])))
         n = self.max_num_batched_tokens
-        full = solo_call_latency_s(self.perf, call.input_tokens, mean_out, n)
-        return expected * solo_call_latency_s(self.perf, call.input_tokens, mean_out, n, cached_tokens=hit) / full
+        n_in = call.input_tokens
+        # solo_call_latency_s(..., cached_tokens=hit) / solo_call_latency_s(...), decode part once
+        decode_s = self._solo_decode_s(n_in, mean_out)
+        cold = solo_call_latency_s(self.perf, n_in, 1, n) + decode_s
+        warm = solo_call_latency_s(self.perf, n_in, 1, n, cached_tokens=hit) + decode_s
+        return expected * warm / cold
+
+    def _solo_decode_s(self, input_tokens: int, output_tokens: int) -> float:
+        """Decode time of a call alone after its prefill (output_tokens - 1 iterations)."""
+        if output_tokens <= 1:
+            return 0.0
+        return self.perf.decode_segment(1, input_tokens + 1).total_s(output_tokens - 1)
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
@@ -302,7 +312,7 @@ class Engine:
                 continue
             self.free_blocks -= need
             seq.blocks += need
-            if need and cache is not None:
+            if need and cache is not None and cache.evictable_blocks > self.free_blocks:
                 cache.evict_down_to(self.free_blocks)
             if chunk:
                 prefills.append((seq, chunk))
@@ -450,7 +460,7 @@ class Engine:
                 if blocks > seq.blocks:
                     self.free_blocks -= blocks - seq.blocks
                     seq.blocks = blocks
-                    if cache is not None:
+                    if cache is not None and cache.evictable_blocks > self.free_blocks:
                         cache.evict_down_to(self.free_blocks)
             if seq.generated >= seq.output_tokens:
                 finished.append(seq)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -34,12 +34,12 @@ def is_fanout_step(step: str) -> bool:
 SegmentScope = Literal["template", "tenant", "workflow"]
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentSpec:
+class SegmentSpec(NamedTuple):
     """A shared part of a prompt: `tokens` tokens of text named `name` within its scope. The same
-    (scope, name) is the same text: `template` for every call of every query and tenant, `tenant`
-    for the calls of one tenant, `workflow` for the calls of one query. A prompt's segments come
-    first, in order; the rest of its input is the call's own."""
+    (scope, name, tokens) is the same text: `template` for every call of every query and tenant,
+    `tenant` for the calls of one tenant, `workflow` for the calls of one query. A prompt's
+    segments come first, in order; the rest of its input is the call's own. (A named tuple: built
+    and hashed in C, once per call.)"""
 
     scope: SegmentScope
     name: str
