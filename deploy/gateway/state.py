@@ -91,6 +91,7 @@ class CallState:
     attempts: int = 0
     engine_id: int = -1
     expected_s: float = 0.0
+    segments: tuple = ()  # prompt structure unknown at the gateway (yet): no prefix-cache estimate
 
 
 @dataclass(slots=True)
@@ -220,6 +221,15 @@ class EngineState:
 
     def expected_latency_s(self, step: str) -> float:
         return self._latency_s.get(step, self._default_latency_s)
+
+    # prefix cache: not tracked by the gateway yet (live engines run without prefix caching)
+    prefix_cache_tokens = 0
+
+    def cached_prefix_tokens(self, call: CallState) -> int:
+        return 0
+
+    def expected_call_latency_s(self, call: CallState) -> float:
+        return self.expected_latency_s(call.step)
 
     @property
     def latency_table(self) -> dict[str, float]:
