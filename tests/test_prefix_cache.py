@@ -103,28 +103,29 @@ def test_last_prompt_token_is_always_computed() -> None:
 def test_eviction_is_least_recently_released_first_tail_first() -> None:
     engine = _engine(blocks=30)
     cache = engine.prefix_cache
+
+    def probe(key: int) -> int:  # cached tokens of a 176-token prompt starting with template `key`
+        return engine.cached_prefix_tokens(_call([(key, 160), (99, 16)]))
+
     t = 0.0
-    calls = {}
-    for key in (10, 20, 30):  # three 10-block templates, run one after the other: the pool is full of cache
-        calls[key] = _call([(key, 160), (key + 1, 1)])
-        _admit(engine, calls[key], now_s=t)
+    for key in (10, 20, 30):  # A, B, C: three 10-block prompts one after the other fill the pool with cache
+        _admit(engine, _call([(key, 160)]), now_s=t)
         t = _run_to_end(engine, t)
-    assert cache.evictable_blocks == 30 and engine.free_blocks == 30
-    d = _call([(40, 160), (41, 1)])  # needs 11 blocks: all of the oldest (10) and B's tail block
-    _admit(engine, d, now_s=t)
+    assert cache.evictable_blocks == 30 and engine.free_blocks == 30 and cache.evicted_blocks == 0
+    _admit(engine, _call([(40, 160), (41, 16)]), now_s=t)  # D needs 11 blocks: all of A and B's tail block
     assert cache.evicted_blocks == 11
-    assert engine.cached_prefix_tokens(_call([(10, 160), (11, 1)])) == 0
-    assert engine.cached_prefix_tokens(_call([(20, 160), (21, 1)])) == 9 * BS
-    assert engine.cached_prefix_tokens(_call([(30, 160), (31, 1)])) == 10 * BS
-    # a hit moves a chain to the back of the queue: touch C's template, then evict again
+    assert (probe(10), probe(20), probe(30)) == (0, 9 * BS, 10 * BS)
     t = _run_to_end(engine, t)
+    # a hit takes C's blocks out of the queue; the one block C's new call needs comes from B's tail
     c_again = _call([(30, 160), (32, 5)])
     _admit(engine, c_again, now_s=t)
+    assert c_again.cached_tokens == 160 and cache.evicted_blocks == 12
     t = _run_to_end(engine, t)
-    e = _call([(50, 160), (51, 1)])
-    _admit(engine, e, now_s=t)
-    assert engine.cached_prefix_tokens(_call([(20, 160), (21, 1)])) == 0  # B was older than C's reuse
-    assert engine.cached_prefix_tokens(_call([(30, 160), (31, 1)])) == 10 * BS
+    # queue now: B (8 blocks), D (tail node first, then its template), C: E's 11 blocks take B, D's tail
+    # node and one block of D's template, and leave C alone
+    _admit(engine, _call([(50, 160), (51, 16)]), now_s=t)
+    assert (probe(20), probe(40), probe(30)) == (0, 9 * BS, 10 * BS)
+    assert cache.evicted_blocks == 12 + 10
 
 
 def test_running_calls_blocks_are_never_evicted() -> None:
@@ -312,12 +313,14 @@ def test_cache_off_reproduces_the_cacheless_simulator(policy: str, seed: int) ->
 
 
 def test_metrics_and_chrome_trace_report_the_cache() -> None:
-    spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.05, seed=0, queries=30)
+    spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.02, seed=0, queries=20)
     result, sim = simulate(spec, load_policy("hexgen"), record_timeline=True)
     hits = sum(e.prefix_cache.hit_tokens for e in sim.engines)
     prompts = sum(e.prompt_tokens_admitted for e in sim.engines)
+    assert result["preemptions"] == 0  # so every call was admitted once
+    assert prompts == sum(c.input_tokens for c in sim.calls)
     assert result["prefix_cache_hit_rate"] == pytest.approx(hits / prompts)
-    assert result["prefill_tokens"] == prompts - hits  # no preemption at this load
+    assert result["prefill_tokens"] == prompts - hits
     assert result["prefix_cache"] == "on"
     for row, engine in zip(result["engines"], sim.engines):
         assert row["prefix_hit_tokens"] == engine.prefix_cache.hit_tokens
