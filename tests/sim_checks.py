@@ -27,6 +27,11 @@ def instrument_kv(sim: ClusterSimulator) -> list[str]:
                 if any(n.cached != n.blocks for n in in_use):
                     problems.append(f"{engine.name} {tag}: blocks of a running call were evicted")
                 evictable = sum(n.cached for n in cache.nodes.values() if n.refs == 0)
+                for entry in engine.waiting[:3]:  # the one-pass admission walk agrees with the view's
+                    seq = entry[2]
+                    if seq.segments and cache.admission(seq.segments, seq.prefill_left) != (
+                            cache.hit_tokens_for(seq.segments, seq.prefill_left), cache.blocks_to_take(seq.segments)):
+                        problems.append(f"{engine.name} {tag}: admission walk disagrees with hit_tokens_for/blocks_to_take")
                 if evictable != cache.evictable_blocks or evictable > engine.free_blocks:
                     problems.append(f"{engine.name} {tag}: KV used {engine.total_blocks - engine.free_blocks} + cached "
                                     f"{evictable} (counted {cache.evictable_blocks}) > capacity {engine.total_blocks}")

@@ -117,8 +117,16 @@ class _Engine:
         self.outstanding_work_s, self.assigned_work_s, self.assigned_calls = 5.0 * i, 10.0 * i, i
         self.price_per_hour, self.max_num_seqs, self._lat = 2.0, 64, lat
 
+    prefix_cache_tokens = 0
+
     def expected_latency_s(self, step):
         return self._lat
+
+    def cached_prefix_tokens(self, call):
+        return 1000 if self.engine_id == 1 else 0
+
+    def expected_call_latency_s(self, call):
+        return self._lat * (0.7 if self.cached_prefix_tokens(call) else 1.0)
 
 
 class _Workflow:
@@ -129,6 +137,7 @@ class _Call:
     call_id, workflow_id, tenant, step, stage_index, fanout = 0, 0, "t", "revise", 1, 1
     input_tokens, output_tokens, ready_time_s, deadline_s, priority = 4000, 200, 10.0, 60.0, 0
     workflow_deadline_s = 200.0
+    segments = ()
 
 
 class _View:

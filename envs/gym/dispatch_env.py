@@ -69,7 +69,8 @@ def metrics_of_episode(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[s
                      extra={"policy": policy_spec, "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
                             "seed": spec.seed, "trace": spec.trace,
                             "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
-                            "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+                            "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions,
+                            "prefix_cache": "on" if spec.prefix_cache else "off"})
 
 
 def render_text(sim: ClusterSimulator) -> str:

@@ -334,10 +334,10 @@ class Engine:
                 # queue) + its partial last block and recomputed output
                 full = seq.input_tokens // bs
                 blocks = -(-prompt // bs)
-                need = cache.blocks_to_take(segments) + blocks - full
+                hit, take = cache.admission(segments, prompt)
+                need = take + blocks - full
                 if need > self.free_blocks:
                     break
-                hit = cache.hit_tokens_for(segments, prompt)
                 heapq.heappop(waiting)
                 seq.cache_nodes = cache.acquire(segments)
                 self.free_blocks -= need

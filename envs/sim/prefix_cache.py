@@ -97,6 +97,36 @@ class PrefixCache:
         cap = (prompt_tokens - 1) // bs
         return (hit_blocks if hit_blocks < cap else cap) * bs
 
+    def admission(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> tuple[int, int]:
+        """(`hit_tokens_for`, `blocks_to_take`) in one pass over the segments."""
+        bs = self.block_size
+        nodes = self.nodes
+        start = 0
+        hit_blocks = 0
+        hitting = True
+        need = 0
+        for key, tokens in segments:
+            end = start + tokens
+            first = start // bs
+            last = end // bs
+            if last > first:
+                node = nodes.get(key)
+                if node is None:
+                    need += last - first
+                    hitting = False
+                else:
+                    if node.refs == 0:
+                        need += last - first
+                    if hitting:
+                        if node.cached < node.blocks:
+                            hit_blocks = first + node.cached
+                            hitting = False
+                        else:
+                            hit_blocks = last
+            start = end
+        cap = (prompt_tokens - 1) // bs
+        return (hit_blocks if hit_blocks < cap else cap) * bs, need
+
     def blocks_to_take(self, segments: Sequence[tuple[Hashable, int]]) -> int:
         """Blocks of the free pool that admitting the call's prompt takes: every block of its
         chain that no running call uses yet (cached ones are taken back out of the free queue,
