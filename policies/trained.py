@@ -181,12 +181,13 @@ class TrainedDispatchPolicy(TrainedPolicy):
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
         from envs.gym.dispatch_env import resolve_local_order
-        from envs.gym.observation import DispatchObservation
+        from envs.gym.observation import OBS_VERSION, DispatchObservation
 
         local = meta.get("local") or {}
         self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
         # the observation spec the network was trained on (older specs are still built)
-        self._obs = DispatchObservation(self.max_engines, int(meta["observation_spec"]["version"]))
+        spec = meta.get("observation_spec") or {}  # absent while training: the current spec
+        self._obs = DispatchObservation(self.max_engines, int(spec.get("version", OBS_VERSION)))
         self._bound: Any = None
 
     def reset(self) -> None:
