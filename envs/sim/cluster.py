@@ -153,8 +153,11 @@ class ClusterSimulator:
         self._tick_interval_s = tick_interval_s
         self.prefix_cache = prefix_cache
         # chain keys of prompt prefixes: (parent chain key, segment identity) -> int, like vLLM's
-        # block hashes (a key names the whole text from the prompt's first token)
+        # block hashes (a key names the whole text from the prompt's first token); a call's own
+        # rest gets a fresh key of the same counter (never shared, so never looked up)
         self._chain_keys: dict[tuple, int] = {}
+        self._n_chain_keys = 0
+        self._template_chains: dict[tuple, tuple[list[tuple[int, int]], int, int]] = {}
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
         for f in failures:
@@ -330,7 +333,8 @@ class ClusterSimulator:
             calls = []
             for c in stage:
                 call_id = len(self.calls)
-                segments = self._chain(c, call_id, wid, tenant.name) if c.segments else ()
+                # prompt structure only matters to a prefix cache (none: skip the work)
+                segments = self._chain(c, call_id, wid, tenant.name) if c.segments and self.prefix_cache else ()
                 call = LLMCall(call_id, wid, tenant.name, c.step, si, len(stage), c.input_tokens,
                                c.output_tokens, tenant.priority, segments)
                 self.calls.append(call)
@@ -348,21 +352,39 @@ class ClusterSimulator:
     def _chain(self, spec: CallSpec, call_id: int, workflow_id: int, tenant: str) -> tuple[tuple[int, int], ...]:
         """The call's prompt as (chain key, tokens) segments: its shared segments, then its own
         rest (unique to the call), covering exactly its input tokens."""
-        keys = self._chain_keys
-        parent = -1
-        out = []
-        used = 0
-        for seg in spec.segments:
-            # the text's identity: (scope, name, length) within its scope (a prompt cut short of a
-            # template holds a different, shorter text)
-            scope = seg[0]
-            ident = seg if scope == "template" else ((tenant, seg) if scope == "tenant" else (workflow_id, seg))
-            parent = keys.setdefault((parent, ident), len(keys))
-            tokens = seg[2]
-            out.append((parent, tokens))
-            used += tokens
+        segments = spec.segments
+        known = self._template_chains.get(segments)  # prompts that share only templates: computed once
+        if known is None:
+            keys = self._chain_keys
+            parent = -1
+            out = []
+            used = 0
+            templates_only = True
+            for seg in segments:
+                # the text's identity: (scope, name, length) within its scope (a prompt cut short
+                # of a template holds a different, shorter text)
+                scope = seg[0]
+                if scope == "template":
+                    ident = seg
+                else:
+                    templates_only = False
+                    ident = (tenant, seg) if scope == "tenant" else (workflow_id, seg)
+                key = keys.get((parent, ident))
+                if key is None:
+                    key = keys[(parent, ident)] = self._n_chain_keys
+                    self._n_chain_keys += 1
+                parent = key
+                tokens = seg[2]
+                out.append((parent, tokens))
+                used += tokens
+            if templates_only:
+                self._template_chains[segments] = (out, used, parent)
+        else:
+            out, used, parent = known
+            out = list(out)
         if spec.input_tokens > used:
-            out.append((keys.setdefault((parent, ("call", call_id)), len(keys)), spec.input_tokens - used))
+            out.append((self._n_chain_keys, spec.input_tokens - used))
+            self._n_chain_keys += 1
         return tuple(out)
 
     def _start_next_stage(self, workflow: Workflow, now: float) -> None:

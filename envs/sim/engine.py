@@ -341,7 +341,8 @@ class Engine:
                 heapq.heappop(waiting)
                 seq.cache_nodes = cache.acquire(segments)
                 self.free_blocks -= need
-                cache.evict_down_to(self.free_blocks)
+                if cache.evictable_blocks > self.free_blocks:
+                    cache.evict_down_to(self.free_blocks)
                 seq.shared_blocks = full
                 seq.blocks = blocks
                 seq.kv_tokens = hit

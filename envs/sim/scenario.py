@@ -94,10 +94,11 @@ def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
     path = str(resolve_trace_path(spec.trace))
     trace = _trace(path)
     if spec.generated:
-        workflows = _generator(path).sample(spec.queries or len(trace), wf_rng)
+        workflows = _generator(path).sample(spec.queries or len(trace), wf_rng, spec.prefix_cache)
     else:
         workflows = draw_workflows(trace, spec.queries, wf_rng,
-                                   _generator(path) if spec.queries and spec.queries > len(trace) else None)
+                                   _generator(path) if spec.queries and spec.queries > len(trace) else None,
+                                   spec.prefix_cache)
     times = spec.arrival_process().times(len(workflows), arr_rng)
     return workflows, times
 

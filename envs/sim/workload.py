@@ -247,7 +247,11 @@ def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
 
 
 def _with_segments(call: CallSpec, segments: tuple[SegmentSpec, ...]) -> CallSpec:
-    return CallSpec(call.step, call.input_tokens, call.output_tokens, tuple(s for s in segments if s.tokens > 0))
+    for s in segments:
+        if s.tokens <= 0:
+            segments = tuple(s for s in segments if s.tokens > 0)
+            break
+    return CallSpec(call.step, call.input_tokens, call.output_tokens, segments)
 
 
 def step_mean_tokens(workflows: Sequence[WorkflowSpec]) -> dict[str, tuple[float, float]]:
@@ -307,7 +311,9 @@ class TraceGenerator:
         chess = any(c.segments for wf in workflows for stage in wf.stages for c in stage)
         return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess)
 
-    def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
+    def sample(self, n: int, rng: np.random.Generator, prompt_segments: bool = True) -> list[WorkflowSpec]:
+        """`n` new queries; `prompt_segments=False` skips deriving their prompt structure (no
+        prefix cache to use it; the draws are the same)."""
         shapes = [self.shapes[int(i)] for i in rng.integers(len(self.shapes), size=n)]
         # draw every step's token pairs in one vectorised batch, then hand them out in order
         counts: dict[str, int] = {}
@@ -331,7 +337,7 @@ class TraceGenerator:
                 cursor[step] = at + width
                 stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
             spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}")
-            out.append(with_chess_segments(spec) if self.chess_segments else spec)
+            out.append(with_chess_segments(spec) if self.chess_segments and prompt_segments else spec)
         return out
 
 
@@ -551,9 +557,9 @@ ArrivalProcess = PoissonArrivals | GammaArrivals | PiecewiseArrivals | ReplayArr
 
 
 def draw_workflows(trace: Sequence[WorkflowSpec], n: int | None, rng: np.random.Generator,
-                   generator: TraceGenerator | None = None) -> list[WorkflowSpec]:
+                   generator: TraceGenerator | None = None, prompt_segments: bool = True) -> list[WorkflowSpec]:
     """The trace in order if it has enough queries; beyond it, new queries from the fitted generator."""
     if n is None or n <= len(trace):
         return list(trace[: n if n is not None else len(trace)])
     generator = generator or TraceGenerator.fit(trace)
-    return list(trace) + generator.sample(n - len(trace), rng)
+    return list(trace) + generator.sample(n - len(trace), rng, prompt_segments)
