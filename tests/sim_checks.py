@@ -66,6 +66,8 @@ def instrument_kv(sim: ClusterSimulator) -> list[str]:
 def check_finished_run(sim: ClusterSimulator) -> None:
     """Every call finished once (or its workflow is accounted failed); times ordered; stages respected."""
     assert sim.done, "events left after the run"
+    for c in sim.calls:  # a prompt's segments cover it exactly (or it has none)
+        assert not c.segments or sum(t for _, t in c.segments) == c.input_tokens, f"segments of call {c.call_id}"
     for wf in sim.workflows:
         assert not math.isnan(wf.finish_time_s), f"workflow {wf.workflow_id} never finished"
         if wf.failed:

@@ -157,7 +157,7 @@ class ClusterSimulator:
         # rest gets a fresh key of the same counter (never shared, so never looked up)
         self._chain_keys: dict[tuple, int] = {}
         self._n_chain_keys = 0
-        self._template_chains: dict[tuple, tuple[list[tuple[int, int]], int, int]] = {}
+        self._template_chains: dict[tuple, tuple[tuple[tuple[int, int], ...], int, int]] = {}
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
         for f in failures:
@@ -378,7 +378,7 @@ class ClusterSimulator:
                 out.append((parent, tokens))
                 used += tokens
             if templates_only:
-                self._template_chains[segments] = (out, used, parent)
+                self._template_chains[segments] = (tuple(out), used, parent)
         else:
             out, used, parent = known
             out = list(out)
