@@ -342,3 +342,32 @@ def test_cache_aware_policies_keep_invariants(policy: str) -> None:
     sim.run(p)
     assert not problems, problems[:3]
     check_finished_run(sim)
+
+
+def test_scenarios_and_cli_switch_the_cache(tmp_path: Path, capsys, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from agentsched.cli import _register_all, app
+    from envs.gym.scenario import Scenario
+    from tests.test_bench import run_main
+
+    spec = Scenario.coerce({"queries": 4, "prefix_cache": False}).run_spec(0)
+    assert spec.prefix_cache is False and Scenario.coerce({"queries": 4}).run_spec(0).prefix_cache is True
+    assert all(e.prefix_cache is None for e in build_simulator(spec).engines)
+    _register_all()
+    runner = CliRunner()
+    hit = {}
+    for switch in ("on", "off"):
+        out = tmp_path / f"{switch}.json"
+        res = runner.invoke(app, ["simulate", "--rate", "0.05", "--queries", "10", "--policy", "hexgen",
+                                  "--prefix-cache", switch, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        data = json.loads(out.read_text())
+        assert data["prefix_cache"] == switch
+        hit[switch] = data["prefix_cache_hit_rate"]
+    assert hit["off"] == 0.0 and 0.3 < hit["on"] < 0.9
+    for command in ("simulate", "bench", "evaluate"):
+        extra = ["--policy", "rr"] if command == "evaluate" else []
+        proc = run_main(capsys, monkeypatch, command, *extra, "--prefix-cache", "maybe")
+        assert proc.returncode == 2 and "--prefix-cache: must be on or off" in proc.stderr, (command, proc.stderr)
+        assert "Traceback" not in proc.stderr
