@@ -371,3 +371,28 @@ def test_scenarios_and_cli_switch_the_cache(tmp_path: Path, capsys, monkeypatch)
         proc = run_main(capsys, monkeypatch, command, *extra, "--prefix-cache", "maybe")
         assert proc.returncode == 2 and "--prefix-cache: must be on or off" in proc.stderr, (command, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_observation_v2_has_the_cache_features_and_v1_is_still_built() -> None:
+    from envs.gym.observation import (ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD, OBS_VERSION, DispatchObservation,
+                                      engine_block)
+
+    assert OBS_VERSION == 2 and ENGINE_FEATURES[: len(ENGINE_FEATURES_V1)] == ENGINE_FEATURES_V1
+    spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.05, seed=0, queries=6)
+    policy = load_policy("hexgen")
+    sim = build_simulator(spec, queue_key=policy.queue_key)
+    v1, v2 = DispatchObservation(4, version=1), DispatchObservation(4)
+    assert v1.size == N_HEAD + 4 * len(ENGINE_FEATURES_V1) and v2.size == N_HEAD + 4 * len(ENGINE_FEATURES)
+    share, latency = ENGINE_FEATURES.index("cached_share"), ENGINE_FEATURES.index("cached_latency")
+    seen_hit = False
+    while (call := sim.next_decision()) is not None:
+        a, b = v1.build(call, sim), v2.build(call, sim)
+        rows1, rows2 = engine_block(a, 4, 1), engine_block(b, 4)
+        assert (rows2[:, : len(ENGINE_FEATURES_V1)] == rows1).all()  # v1 features unchanged
+        for i, e in enumerate(sim.engines):
+            hit = e.cached_prefix_tokens(call)
+            assert rows2[i, share] == pytest.approx(hit / call.input_tokens, rel=1e-6)
+            assert rows2[i, latency] == pytest.approx(math.log1p(e.expected_call_latency_s(call) / 10.0), rel=1e-5)
+            seen_hit |= hit > 0
+        sim.dispatch(call, policy.dispatch(call, sim))
+    assert seen_hit
