@@ -162,6 +162,7 @@ class Engine:
         self.max_segment_iterations: int | None = None
         # vLLM's automatic prefix caching (None: off); blocks of the engine's own block size
         self.prefix_cache: PrefixCache | None = PrefixCache(self.block_size) if prefix_cache else None
+        self._step_decode_s: dict[str, float] = {}  # solo decode time per step (expected_call_latency_s)
         self.prefill_tokens_computed = 0  # prompt tokens actually prefilled (hits excluded, recomputes included)
         self.prompt_tokens_admitted = 0  # prompt tokens of every admission (vLLM's prefix_cache_queries)
 
@@ -208,23 +209,25 @@ class Engine:
         step's T_e(s), scaled by the share of this prompt's solo time that is left when the cached
         prefix is not prefilled (exactly T_e(s) without hits)."""
         hit = self.cached_prefix_tokens(call)
-        expected = self.expected_latency_s(call.step)
+        step = call.step
+        expected = self.expected_latency_s(step)
         if hit == 0:
             return expected
-        mean_out = max(1, int(round(self.step_mean_tokens.get(call.step, (1000.0, 100.0))[1])))
+        decode_s = self._step_decode_s.get(step)
+        if decode_s is None:
+            decode_s = self._step_decode_s[step] = self._solo_decode_s(step)
+        # prefill of this prompt alone, cold and with the hits (solo_call_latency_s with one output token)
         n = self.max_num_batched_tokens
         n_in = call.input_tokens
-        # solo_call_latency_s(..., cached_tokens=hit) / solo_call_latency_s(...), decode part once
-        decode_s = self._solo_decode_s(n_in, mean_out)
         cold = solo_call_latency_s(self.perf, n_in, 1, n) + decode_s
         warm = solo_call_latency_s(self.perf, n_in, 1, n, cached_tokens=hit) + decode_s
         return expected * warm / cold
 
-    def _solo_decode_s(self, input_tokens: int, output_tokens: int) -> float:
-        """Decode time of a call alone after its prefill (output_tokens - 1 iterations)."""
-        if output_tokens <= 1:
-            return 0.0
-        return self.perf.decode_segment(1, input_tokens + 1).total_s(output_tokens - 1)
+    def _solo_decode_s(self, step: str) -> float:
+        """Decode time of a call of `step` alone after its prefill, at the step's mean tokens."""
+        mean_in, mean_out = self.step_mean_tokens.get(step, (1000.0, 100.0))
+        out = max(1, int(round(mean_out)))
+        return self.perf.decode_segment(1, int(round(mean_in)) + 1).total_s(out - 1) if out > 1 else 0.0
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
