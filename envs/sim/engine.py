@@ -216,11 +216,18 @@ class Engine:
         decode_s = self._step_decode_s.get(step)
         if decode_s is None:
             decode_s = self._step_decode_s[step] = self._solo_decode_s(step)
-        # prefill of this prompt alone, cold and with the hits (solo_call_latency_s with one output token)
+        # prefill of this prompt alone, cold and with the hits (solo_call_latency_s with one output
+        # token; a prompt that fits one chunk is one iteration)
         n = self.max_num_batched_tokens
         n_in = call.input_tokens
-        cold = solo_call_latency_s(self.perf, n_in, 1, n) + decode_s
-        warm = solo_call_latency_s(self.perf, n_in, 1, n, cached_tokens=hit) + decode_s
+        if n_in <= n:
+            iteration_s = self.perf.iteration_s
+            rest = n_in - hit
+            cold = iteration_s(n_in, n_in, n_in * (n_in + 1) * 0.5, 0, 0) + decode_s
+            warm = iteration_s(rest, n_in, rest * (hit + (rest + 1) * 0.5), 0, 0) + decode_s
+        else:
+            cold = solo_call_latency_s(self.perf, n_in, 1, n) + decode_s
+            warm = solo_call_latency_s(self.perf, n_in, 1, n, cached_tokens=hit) + decode_s
         return expected * warm / cold
 
     def _solo_decode_s(self, step: str) -> float:
