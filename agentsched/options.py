@@ -12,7 +12,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, NewType
+from enum import Enum
+from typing import Any, Callable, NewType
 
 import typer
 
@@ -21,6 +22,21 @@ IntList = NewType("IntList", list)  # list[int], from "0,1" or "0-9" or "0-3,7"
 TextList = NewType("TextList", list)  # list[str], from "rr,hexgen"
 
 LIST_METAVAR = "A,B,..."
+
+
+class OnOff(str, Enum):
+    """A switch given as on/off (typer lists the choices and rejects anything else)."""
+
+    on = "on"
+    off = "off"
+
+
+PREFIX_CACHE_HELP = "vLLM's automatic prefix caching on every engine (on: vLLM's default; off: no cache)"
+
+
+def prefix_cache_option() -> Any:
+    """`--prefix-cache on|off`, the same on every command that simulates."""
+    return typer.Option(OnOff.on, "--prefix-cache", help=PREFIX_CACHE_HELP)
 
 
 def positive_float(text: str | float) -> float:

@@ -1,8 +1,10 @@
 """Time per dispatch decision (and per queue key) of every heuristic on a 64-engine cluster state.
 
 The state is a real simulator cluster of 64 engines (four GPU types, Llama-3.1-70B) whose engines
-carry random but plausible load (queues, KV use, outstanding and cumulative work), so
-`expected_latency_s` and every view field cost what they cost in a run. Target: <= 100 us per
+carry random but plausible load (queues, KV use, outstanding and cumulative work) and a prefix
+cache that holds some of the calls' prompt prefixes (each call's prompt is a step template, a
+per-query segment and its own rest), so `expected_latency_s`, `cached_prefix_tokens`,
+`expected_call_latency_s` and every view field cost what they cost in a run. Target: <= 100 us per
 hexgen decision. Run: .venv/bin/python benchmarks/decision_speed.py [--engines 64] [--decisions 20000]
 """
 
@@ -45,10 +47,17 @@ def make_state(n_engines: int, seed: int = 0):
     calls = []
     for i in range(256):
         step = steps[i % len(steps)]
-        c = LLMCall(i, i, "default", step, 0, 1, 1000, 50, 0)
+        # prompt chain: the step's template (key = step index), a per-query segment, the call's own rest
+        segments = ((steps.index(step), 600), (10_000 + i % 32, 300), (100_000 + i, 100))
+        c = LLMCall(i, i, "default", step, 0, 1, 1000, 50, 0, segments)
         c.ready_time_s = rng.uniform(0, 100)
         c.deadline_s = c.ready_time_s + rng.uniform(5, 100)
         calls.append(c)
+    for e in sim.engines:  # each engine's cache holds the chains of a random half of the calls
+        cache = e.prefix_cache
+        if cache is not None:
+            for c in rng.sample(calls, len(calls) // 2):
+                cache.release(cache.acquire(c.segments))
     return sim, calls
 
 

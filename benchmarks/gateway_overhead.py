@@ -182,9 +182,7 @@ def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> di
         e = policy.dispatch(call, gw.state)
         times[i] = time.perf_counter() - t0
         eng = gw.state.engines[e]
-        eng.outstanding_work_s += 0.01
-        eng.assigned_work_s += 0.01
-        eng.assigned_calls += 1
+        eng.ledger.place(0.01)
     return {"p50_us": float(np.percentile(times, 50) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6),
             "mean_us": float(times.mean() * 1e6), "n_engines": n_engines}
 

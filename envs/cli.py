@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 import yaml
 
-from agentsched.options import positive_float, writable_file
+from agentsched.options import OnOff, positive_float, prefix_cache_option, writable_file
 from envs.sim.errors import UserError, validate_as
 from envs.sim.scenario import RunSpec, TenantSpec, build_simulator, is_template, workload_for
 
@@ -58,6 +58,7 @@ def simulate_command(
     out: Optional[Path] = typer.Option(None, parser=writable_file, help="write the result JSON here"),
     chrome_trace: Optional[Path] = typer.Option(None, parser=writable_file,
                                                 help="write a Chrome/Perfetto trace of engine timelines here"),
+    prefix_cache: OnOff = prefix_cache_option(),
 ) -> None:
     """Simulate one workload on one cluster under one policy."""
     from rich.console import Console
@@ -67,17 +68,20 @@ def simulate_command(
     from envs.sim.scenario import simulate
     from policies import load_policy
 
+    cache_on = prefix_cache is OnOff.on
     loaded = load_policy(policy)
     extra = {"tenants": _load_tenants(tenants)} if tenants is not None else {}
     spec = RunSpec(trace=trace, cluster=cluster, rate_qps=rate, slo_scale=slo_scale, seed=seed, queries=queries,
-                   burstiness_cv=burstiness, **extra)
+                   burstiness_cv=burstiness, prefix_cache=cache_on, **extra)
     check_run(spec)
     result, sim = simulate(spec, loaded, record_timeline=chrome_trace is not None)
-    table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}")
+    table = Table(title=f"{loaded.name} on {cluster} @ {rate} q/s, SLO x{slo_scale}, seed {seed}, "
+                        f"prefix cache {'on' if cache_on else 'off'}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("n_workflows", "n_calls", "n_failed", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
-                "latency_p95_s", "latency_p99_s", "cost_usd", "preemptions", "sim_wall_s"):
+                "latency_p95_s", "latency_p99_s", "cost_usd", "preemptions", "prefix_cache_hit_rate", "prefill_tokens",
+                "prefix_cache_evicted_blocks", "sim_wall_s"):
         value = result[key]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)

@@ -39,7 +39,8 @@ DEFAULT_RATIO_SCALE = 3.0  # the goodput ratio's SLO scale
 DEFAULT_POLICIES = ("rr", "random", "lor", "least-work", "llmd", "hexgen", "hexgen-outstanding", "rr+urgency", "wb+fcfs",
                     "hexgen+triage", "least-work+workflow")
 POINT_METRICS = ("slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s", "latency_p95_s", "latency_p99_s",
-                 "n_workflows", "n_failed", "preemptions", "cost_usd", "sim_wall_s", "base_slo_s")
+                 "n_workflows", "n_failed", "preemptions", "cost_usd", "sim_wall_s", "base_slo_s", "prefix_cache_hit_rate",
+                 "prefill_tokens", "prefix_cache_evicted_blocks")
 SCALE_BOUNDS = (0.25, 64.0)  # deadline bisection range of SLO scales
 RATE_EXPANSIONS = 8  # doublings/halvings allowed when bracketing the goodput rate
 
@@ -51,6 +52,7 @@ class Scenario:
     trace: str = "chess_trace1"
     cluster: str = "paper"
     queries: int | None = None
+    prefix_cache: bool = True  # vLLM's automatic prefix caching on every engine
 
 
 @dataclass
@@ -70,17 +72,21 @@ class BenchConfig:
 
 # ---- capacity -----------------------------------------------------------------------------------
 
-def capacity_qps_estimate(trace: str, cluster: str) -> float:
+def capacity_qps_estimate(trace: str, cluster: str, prefix_cache: bool = True) -> float:
     """Rough upper bound on sustainable queries/s: the cluster's summed prefill throughput (one full
-    `max_num_batched_tokens` chunk per iteration) over the trace's mean input tokens per query.
-    Decode, KV-cache limits and imbalance make the real capacity lower; it only sets the scale of
-    the default rates."""
+    `max_num_batched_tokens` chunk per iteration) over the trace's mean input tokens per query that
+    must be prefilled (with the prefix cache: less the tokens a warm cache serves,
+    `warm_cache_hit_tokens`). Decode, KV-cache limits, evictions and imbalance make the real
+    capacity lower; it only sets the scale of the default rates."""
     from envs.sim.config import load_cluster
     from envs.sim.model import StepTokens, build_engine_model
     from envs.sim.scenario import RunSpec, workload_for
+    from envs.sim.workload import warm_cache_hit_tokens
 
     workflows, _ = workload_for(RunSpec(trace=trace, cluster=cluster))  # a CHESS trace or a YAML template, as simulate
     mean_in = sum(c.input_tokens for w in workflows for s in w.stages for c in s) / len(workflows)
+    if prefix_cache:
+        mean_in -= sum(warm_cache_hit_tokens(w) for w in workflows) / len(workflows)
     tokens_per_s = 0.0
     for spec in load_cluster(cluster).expanded():
         engine = build_engine_model(spec, StepTokens({}))
@@ -106,7 +112,7 @@ def run_point(policy_ref: PolicyRef, scenario: Scenario, rate_qps: float, slo_sc
     from envs.sim.scenario import RunSpec, simulate
 
     spec = RunSpec(trace=scenario.trace, cluster=scenario.cluster, rate_qps=rate_qps, slo_scale=slo_scale, seed=seed,
-                   queries=scenario.queries)
+                   queries=scenario.queries, prefix_cache=scenario.prefix_cache)
     result, sim = simulate(spec, make_policy(policy_ref))
     out = {"policy": policy_label(policy_ref), "rate_qps": rate_qps, "slo_scale": slo_scale, "seed": seed}
     out.update({k: result[k] for k in POINT_METRICS})
@@ -252,7 +258,7 @@ def summarize_points(points: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"policy": policy, "rate_qps": rate, "slo_scale": scale, "seeds": len(rows),
                  "slo_attainment": sum(r["n_met"] for r in rows) / n if n else math.nan}
         for key in ("goodput_qps", "throughput_qps", "latency_p50_s", "latency_p95_s", "latency_p99_s", "preemptions",
-                    "cost_usd"):
+                    "cost_usd", "prefix_cache_hit_rate", "prefill_tokens", "prefix_cache_evicted_blocks"):
             vals = [r[key] for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
             entry[key] = sum(vals) / len(vals) if vals else math.nan
         out.append(entry)
@@ -308,7 +314,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int], None] | None = No
                    "rates_qps": list(cfg.rates_qps), "slo_scales": list(cfg.slo_scales), "seeds": list(cfg.seeds),
                    "ratio_rate_qps": cfg.ratio_rate_qps, "ratio_slo_scale": cfg.ratio_slo_scale,
                    "target_attainment": cfg.target, "bisection_rel_tol": cfg.rel_tol,
-                   "capacity_qps_estimate": capacity_qps_estimate(cfg.scenario.trace, cfg.scenario.cluster)},
+                   "capacity_qps_estimate": capacity_qps_estimate(cfg.scenario.trace, cfg.scenario.cluster,
+                                                                  cfg.scenario.prefix_cache)},
         "thresholds": thresholds if cfg.ratios else {},
         "ratios_vs_rr": ratio_table(thresholds) if cfg.ratios else {},
         "threshold_searches": searches if cfg.ratios else {},

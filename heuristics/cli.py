@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, FloatList, IntList, TextList, parse_float_list, parse_int_list,
-                                parse_text_list, positive_float, writable_dir, writable_file)
+from agentsched.options import (LIST_METAVAR, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
+                                parse_text_list, positive_float, prefix_cache_option, writable_dir, writable_file)
 from envs.cli import check_run
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec
@@ -77,6 +77,7 @@ def bench_command(
     ratios: bool = typer.Option(True, "--ratios/--no-ratios", help="search the thresholds behind the headline ratios"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: all cores)"),
     out: Path = typer.Option(Path("runs/bench"), parser=writable_dir, help="output directory: results.json, CSVs and PNG plots"),
+    prefix_cache: OnOff = prefix_cache_option(),
 ) -> None:
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
     import os
@@ -94,15 +95,16 @@ def bench_command(
         refs.insert(0, "rr")
     for ref in refs:
         make_policy(ref)  # PolicyError: one line
+    cache_on = prefix_cache is OnOff.on
     check_scenario(trace, cluster, queries, seeds)
-    capacity = capacity_qps_estimate(trace, cluster)
+    capacity = capacity_qps_estimate(trace, cluster, cache_on)
     rate_list = rates or [round(capacity * f, 4) for f in DEFAULT_LOADS]
     scale_list = slo_scales
     seed_list = seeds
     ratio_rate_qps = ratio_rate if ratio_rate is not None else round(capacity * DEFAULT_RATIO_LOAD, 4)
-    cfg = BenchConfig(Scenario(trace, cluster, queries), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
+    cfg = BenchConfig(Scenario(trace, cluster, queries, cache_on), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
                       ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios)
-    console.print(f"[bold]bench[/] {trace} on {cluster}: {len(refs)} policies x {len(rate_list)} rates x "
+    console.print(f"[bold]bench[/] {trace} on {cluster}, prefix cache {'on' if cache_on else 'off'}: {len(refs)} policies x {len(rate_list)} rates x "
                   f"{len(scale_list)} SLO scales x {len(seed_list)} seeds, {cfg.workers} workers; estimated capacity "
                   f"~{capacity:.3g} q/s (prefill-bound), rates {', '.join(f'{r:g}' for r in rate_list)} q/s")
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -147,6 +149,7 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
     table.add_column(f"attain @{rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"attain @{top_rate:g} q/s x{scale:g}", justify="right")
     table.add_column(f"p95 s @{top_rate:g} q/s", justify="right")
+    table.add_column(f"cache hit @{top_rate:g} q/s", justify="right")
     if results.get("ratios_vs_rr"):
         table.add_column(f"min SLO scale @{cfg['ratio_rate_qps']:g} q/s", justify="right")
         table.add_column(f"max rate @x{cfg['ratio_slo_scale']:g}", justify="right")
@@ -154,7 +157,8 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
         table.add_column("goodput ratio", justify="right")
     for policy in cfg["policies"]:
         row = [policy, _fmt(at.get(policy, {}).get("slo_attainment")), _fmt(at_top.get(policy, {}).get("slo_attainment")),
-               _fmt(at_top.get(policy, {}).get("latency_p95_s"), 4)]
+               _fmt(at_top.get(policy, {}).get("latency_p95_s"), 4),
+               _fmt(at_top.get(policy, {}).get("prefix_cache_hit_rate"))]
         if results.get("ratios_vs_rr"):
             t = results["thresholds"].get(policy, {})
             r = results["ratios_vs_rr"].get(policy, {})

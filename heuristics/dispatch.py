@@ -93,6 +93,9 @@ class LeastWork(Dispatcher):
     and a nearly full KV cache slows admission and risks preemption (`kv_weight`). With both terms
     one setting suits both shipped clusters, where the backlog weight alone has to be tuned for
     each. All weights at their defaults (1, 0, 0) give the plain earliest-finish rule.
+
+    With prefix caching, T_e(s) is the call's expected latency on e given the prompt tokens e's
+    cache holds now (`expected_call_latency_s`): only the prefill it must compute there counts.
     """
 
     name = "least-work"
@@ -106,12 +109,11 @@ class LeastWork(Dispatcher):
         self.kv_weight = check_non_negative("kv_weight", kv_weight)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
-        step = call.step
         backlog, queue, kv = self.backlog_weight, self.queue_weight, self.kv_weight
         best, best_s = -1, math.inf
         for i, e in enumerate(cluster.engines):
             if e.healthy:
-                finish_s = backlog * e.outstanding_work_s + e.expected_latency_s(step) * (
+                finish_s = backlog * e.outstanding_work_s + e.expected_call_latency_s(call) * (
                     1.0 + queue * e.num_waiting + kv * e.kv_usage)
                 if finish_s < best_s:
                     best, best_s = i, finish_s
@@ -177,6 +179,10 @@ class WorkloadBalanced(Dispatcher):
     current backlog, which reacts to the actual state. In both, W_base is floored at T_base(s) so
     that an idle base engine does not divide by zero (and one call's worth of work stays the
     natural unit).
+
+    With prefix caching, T_e(s) is the call's expected latency on e given the prompt tokens e's
+    cache holds now (`expected_call_latency_s`): an engine that holds the prompt's prefix is faster
+    for this call.
     """
 
     name = "workload-balanced"
@@ -189,7 +195,6 @@ class WorkloadBalanced(Dispatcher):
         self._outstanding = self.work == "outstanding"
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
-        step = call.step
         engines = cluster.engines
         outstanding = self._outstanding
         lat: list[float] = []
@@ -198,7 +203,7 @@ class WorkloadBalanced(Dispatcher):
         base_t, base_w = math.inf, 0.0
         for i, e in enumerate(engines):
             if e.healthy:
-                t = e.expected_latency_s(step)
+                t = e.expected_call_latency_s(call)
                 w = e.outstanding_work_s if outstanding else e.assigned_work_s
                 idx.append(i)
                 lat.append(t)
@@ -219,16 +224,15 @@ class WorkloadBalanced(Dispatcher):
 
     def scores(self, call: CallView, cluster: ClusterView) -> dict[int, float]:
         """Every healthy engine's score (for explanations and tests)."""
-        step = call.step
         healthy = [(i, e) for i, e in enumerate(cluster.engines) if e.healthy]
-        base = min(healthy, key=lambda p: p[1].expected_latency_s(step))[1]
-        base_t = base.expected_latency_s(step)
+        base = min(healthy, key=lambda p: p[1].expected_call_latency_s(call))[1]
+        base_t = base.expected_call_latency_s(call)
         base_w = base.outstanding_work_s if self._outstanding else base.assigned_work_s
         w_base = max(base_w, base_t)
         out: dict[int, float] = {}
         for i, e in healthy:
             w = e.outstanding_work_s if self._outstanding else e.assigned_work_s
-            out[i] = self.alpha * base_t / e.expected_latency_s(step) - (1.0 - self.alpha) * w / w_base
+            out[i] = self.alpha * base_t / e.expected_call_latency_s(call) - (1.0 - self.alpha) * w / w_base
         return out
 
     def get_knobs(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import yaml
 
 from heuristics.base import Dispatcher, LocalOrder
+from heuristics.cache_aware import DynamoKV, PrebleE2, PrefixScoring, SGLangCacheAware
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
                                  WorkloadBalanced)
 from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage, WorkflowFirst
@@ -24,6 +25,11 @@ DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "least-work": LeastWork,
     "weighted-scoring": WeightedScoring,
     "workload-balanced": WorkloadBalanced,
+    # cache-aware routers (heuristics/cache_aware.py)
+    "prefix-scoring": PrefixScoring,
+    "sglang-cache-aware": SGLangCacheAware,
+    "dynamo-kv": DynamoKV,
+    "preble": PrebleE2,
 }
 LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "fcfs": FCFS,
@@ -85,6 +91,15 @@ NAMED: dict[str, Named] = {
         about="earliest expected finish with the backlog discounted for batching and full engines penalised + whole "
               "workflows first (hopeless calls last); the recommended policy (knobs tuned on tuning seeds, in its "
               "policy file)"),
+    # cache-aware routers, with their published defaults (heuristics/cache_aware.py)
+    "llmd-prefix": Named("prefix-scoring", "fcfs",
+                         about="llm-d default profile: prefix-cache x3 + queue depth x2 + KV-cache use x2, FCFS"),
+    "sglang-cache-aware": Named("sglang-cache-aware", "fcfs",
+                                about="SGLang router cache_aware: longest prefix match above 0.3 of the prompt, else "
+                                      "smallest cache; least loaded when imbalanced, FCFS"),
+    "dynamo-kv": Named("dynamo-kv", "fcfs", about="NVIDIA Dynamo KV router: 2 x overlap - KV use - normalised waiting, FCFS"),
+    "preble": Named("preble", "fcfs", about="Preble E2: exploit the longest cached prefix if it covers most of the prompt, "
+                                            "else explore the least loaded engine, FCFS"),
 }
 
 

@@ -71,17 +71,22 @@ def algorithm_class(algo: str) -> Any:
 
 
 # ---- observation spec -------------------------------------------------------------------------
-def observation_spec(env_id: str) -> dict[str, Any]:
+def observation_spec(env_id: str, version: int | None = None) -> dict[str, Any]:
     """Version and fingerprint of the observation an env id builds in this checkout.
 
     The version is the env module's `OBS_VERSION` (1 if it does not declare one), which its owner
     bumps when units or scaling change; the fingerprint hashes the feature names and the clip bound,
-    so a change of layout is caught even if nobody bumped the version.
+    so a change of layout is caught even if nobody bumped the version. Dispatch-v0 still builds its
+    older versions (`version`, for policies trained on them).
     """
     if env_id == DISPATCH_ENV_ID:
         from envs.gym import observation as mod
 
-        names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *mod.ENGINE_FEATURES]
+        version = mod.OBS_VERSION if version is None else version
+        features = mod.engine_features(version) if version in mod.SUPPORTED_OBS_VERSIONS else mod.ENGINE_FEATURES
+        names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *features]
+        digest = hashlib.sha1(json.dumps([names, float(mod.OBS_CLIP)]).encode()).hexdigest()[:12]
+        return {"version": int(version), "fingerprint": digest}
     elif env_id == KNOBS_ENV_ID:
         mod = _knobs_module()
         names = [*mod.GLOBAL_FEATURES, "|", *mod.GPU_TYPE_FEATURES]
@@ -175,11 +180,13 @@ class TrainedDispatchPolicy(TrainedPolicy):
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
         from envs.gym.dispatch_env import resolve_local_order
-        from envs.gym.observation import DispatchObservation
+        from envs.gym.observation import OBS_VERSION, DispatchObservation
 
         local = meta.get("local") or {}
         self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
-        self._obs = DispatchObservation(self.max_engines)
+        # the observation spec the network was trained on (older specs are still built)
+        spec = meta.get("observation_spec") or {}  # absent while training: the current spec
+        self._obs = DispatchObservation(self.max_engines, int(spec.get("version", OBS_VERSION)))
         self._bound: Any = None
 
     def reset(self) -> None:
@@ -350,6 +357,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def check_observation_spec(path: Path, meta: dict[str, Any]) -> None:
     trained = meta["observation_spec"]
     current = observation_spec(meta["env_id"])
+    if meta["env_id"] == DISPATCH_ENV_ID and isinstance(trained.get("version"), int):
+        from envs.gym.observation import SUPPORTED_OBS_VERSIONS
+
+        if trained["version"] in SUPPORTED_OBS_VERSIONS:  # an older spec this checkout still builds
+            current = observation_spec(meta["env_id"], trained["version"])
     if trained.get("version") != current["version"] or trained.get("fingerprint") != current["fingerprint"]:
         raise PolicyError(
             f"policy: {path} was trained on {meta['env_id']} observation spec v{trained.get('version')} "

@@ -12,7 +12,31 @@ def instrument_kv(sim: ClusterSimulator) -> list[str]:
     problems: list[str] = []
     for engine in sim.engines:
         def check(tag: str, engine=engine) -> None:
-            held = sum(seq.blocks for seq in engine.running)
+            # blocks shared by running calls (prefix-cache nodes in use) count once
+            held = sum(seq.blocks - seq.shared_blocks for seq in engine.running)
+            cache = engine.prefix_cache
+            if cache is not None:
+                refs: dict[int, int] = {}
+                for seq in engine.running:
+                    for node in seq.cache_nodes or ():
+                        refs[id(node)] = refs.get(id(node), 0) + 1
+                in_use = [n for n in cache.nodes.values() if n.refs > 0]
+                held += sum(n.blocks for n in in_use)
+                if any(n.refs != refs.get(id(n), 0) for n in cache.nodes.values()):
+                    problems.append(f"{engine.name} {tag}: a cache node's reference count is not its running calls")
+                if any(n.cached != n.blocks for n in in_use):
+                    problems.append(f"{engine.name} {tag}: blocks of a running call were evicted")
+                evictable = sum(n.cached for n in cache.nodes.values() if n.refs == 0)
+                for entry in engine.waiting[:3]:  # the one-pass admission walk agrees with the view's
+                    seq = entry[2]
+                    if seq.segments and cache.admission(seq.segments, seq.prefill_left) != (
+                            cache.hit_tokens_for(seq.segments, seq.prefill_left), cache.blocks_to_take(seq.segments)):
+                        problems.append(f"{engine.name} {tag}: admission walk disagrees with hit_tokens_for/blocks_to_take")
+                if evictable != cache.evictable_blocks or evictable > engine.free_blocks:
+                    problems.append(f"{engine.name} {tag}: KV used {engine.total_blocks - engine.free_blocks} + cached "
+                                    f"{evictable} (counted {cache.evictable_blocks}) > capacity {engine.total_blocks}")
+            elif any(seq.shared_blocks or seq.cache_nodes for seq in engine.running):
+                problems.append(f"{engine.name} {tag}: shared blocks without a prefix cache")
             if engine.free_blocks < 0:
                 problems.append(f"{engine.name} {tag}: free blocks {engine.free_blocks} < 0")
             if held + engine.free_blocks != engine.total_blocks:
@@ -42,6 +66,8 @@ def instrument_kv(sim: ClusterSimulator) -> list[str]:
 def check_finished_run(sim: ClusterSimulator) -> None:
     """Every call finished once (or its workflow is accounted failed); times ordered; stages respected."""
     assert sim.done, "events left after the run"
+    for c in sim.calls:  # a prompt's segments cover it exactly (or it has none)
+        assert not c.segments or sum(t for _, t in c.segments) == c.input_tokens, f"segments of call {c.call_id}"
     for wf in sim.workflows:
         assert not math.isnan(wf.finish_time_s), f"workflow {wf.workflow_id} never finished"
         if wf.failed:

@@ -397,7 +397,7 @@ def _episode(env, seed: int, choose) -> tuple[float, dict, object]:
 
 @pytest.mark.parametrize("scenario", [{"queries": 25, "rate_qps": 0.2, "slo_scale": 1.5},
                                       {"queries": 25, "rate_qps": 0.2, "slo_scale": 1.5, "horizon_s": 400.0},
-                                      {"queries": 15, "cluster": TIGHT_CLUSTER}],
+                                      {"queries": 15, "cluster": TIGHT_CLUSTER, "slo_scale": 1.0}],
                          ids=["overload", "truncated", "rejections"])
 def test_return_is_met_minus_tardiness_minus_rejections(scenario):
     """The incremental reward adds up to its definition, computed directly from the workflows."""

@@ -32,6 +32,7 @@ class FakeCall:
     input_tokens: int = 1000
     output_tokens: int = 100
     priority: int = 0
+    segments: tuple = ()
 
 
 @dataclass
@@ -51,8 +52,16 @@ class FakeEngine:
     max_num_seqs: int = 256
     kv_capacity_tokens: int = 1 << 20
 
+    prefix_cache_tokens: int = 0
+
     def expected_latency_s(self, step: str) -> float:
         return self.latency_s[step]
+
+    def cached_prefix_tokens(self, call) -> int:
+        return 0
+
+    def expected_call_latency_s(self, call) -> float:
+        return self.latency_s[call.step]
 
 
 @dataclass

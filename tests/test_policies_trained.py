@@ -118,8 +118,16 @@ class _Engine:
         self.price_per_hour, self.max_num_seqs, self._lat = 2.0, 64, lat
         self.kv_capacity_tokens = 100_000
 
+    prefix_cache_tokens = 0
+
     def expected_latency_s(self, step):
         return self._lat
+
+    def cached_prefix_tokens(self, call):
+        return 1000 if self.engine_id == 1 else 0
+
+    def expected_call_latency_s(self, call):
+        return self._lat * (0.7 if self.cached_prefix_tokens(call) else 1.0)
 
 
 class _Workflow:
@@ -130,6 +138,7 @@ class _Call:
     call_id, workflow_id, tenant, step, stage_index, fanout = 0, 0, "t", "revise", 1, 1
     input_tokens, output_tokens, ready_time_s, deadline_s, priority = 4000, 200, 10.0, 60.0, 0
     workflow_deadline_s = 200.0
+    segments = ()
 
 
 class _View:
@@ -194,6 +203,7 @@ def test_shipped_policy_reproduces_its_report(path, report_path):
     report = json.loads(report_path.read_text())
     for cell in report["cells"][:2]:
         c = {k: cell["cell"][k] for k in ("trace", "cluster", "rate_qps", "load", "slo_scale", "queries", "generated")}
+        c["prefix_cache"] = cell["cell"].get("prefix_cache", False)  # reports from before the cache ran without one
         seeds = report["seeds"][:2]
         res = evaluate(str(path), [], [Cell(**c)], seeds)
         got = res["cells"][0]["policies"][res["policy"]]["metrics"]["goodput_qps"]["per_seed"]

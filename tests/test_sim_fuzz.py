@@ -21,21 +21,22 @@ ENGINE_TYPES = [
 ]
 
 engine_strategy = st.builds(
-    lambda base, count, seqs, budget, util: {**base, "count": count, "max_num_seqs": seqs,
-                                             "max_num_batched_tokens": budget, "gpu_memory_utilization": util},
+    lambda base, count, seqs, budget, util, block: {**base, "count": count, "max_num_seqs": seqs,
+                                                    "max_num_batched_tokens": budget, "gpu_memory_utilization": util,
+                                                    "block_size_tokens": block},
     st.sampled_from(ENGINE_TYPES), st.integers(1, 3), st.sampled_from([2, 8, 64, 256]),
-    st.sampled_from([2048, 4096, 8192]), st.sampled_from([0.8, 0.9, 0.95]))
+    st.sampled_from([2048, 4096, 8192]), st.sampled_from([0.8, 0.9, 0.95]), st.sampled_from([16, 128]))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(engines=st.lists(engine_strategy, min_size=1, max_size=4), rate=st.floats(0.05, 5.0),
        seed=st.integers(0, 10_000), queries=st.integers(1, 25),
        trace=st.sampled_from(["chess_trace1", "chess_trace2", "chess_financial"]),
-       policy=st.sampled_from(["rr"]))
-def test_random_clusters_keep_invariants(engines, rate, seed, queries, trace, policy) -> None:
+       policy=st.sampled_from(["rr", "preble", "sglang-cache-aware"]), prefix_cache=st.booleans())
+def test_random_clusters_keep_invariants(engines, rate, seed, queries, trace, policy, prefix_cache) -> None:
     cluster = ClusterConfig.model_validate({"name": "fuzz", "engines": engines})
     spec = RunSpec(trace=trace, cluster=cluster, rate_qps=rate, slo_scale=2.0, seed=seed, queries=queries,
-                   burstiness_cv=2.0 if seed % 2 else 1.0)
+                   burstiness_cv=2.0 if seed % 2 else 1.0, prefix_cache=prefix_cache)
     p = load_policy(policy)
     sim = build_simulator(spec, queue_key=p.queue_key, record_timeline=True)
     problems = instrument_kv(sim)

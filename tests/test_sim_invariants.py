@@ -63,17 +63,21 @@ def test_fast_forward_matches_iteration_by_iteration() -> None:
     assert sum(len(e.timeline) for e in slow.engines) > 5 * sum(len(e.timeline) for e in fast.engines)
 
 
-def test_failed_engine_work_returns_to_dispatch() -> None:
-    spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.1, slo_scale=3.0, seed=0, queries=30,
-                   failures=[FailureSpec(engine=0, at_s=60.0, duration_s=120.0)])
-    sim = _run(spec)
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_failed_engine_work_returns_to_dispatch(prefix_cache: bool) -> None:
+    base = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.1, slo_scale=3.0, seed=0, queries=30,
+                   prefix_cache=prefix_cache)
+    # fail engine 0 in the middle of a long call it runs in the run without failures
+    calls = [c for c in _run(base).calls if c.engine_id == 0 and c.finish_time_s - c.admit_time_s > 5.0]
+    at_s = (calls[0].admit_time_s + calls[0].finish_time_s) / 2
+    sim = _run(base.model_copy(update={"failures": [FailureSpec(engine=0, at_s=at_s, duration_s=120.0)]}))
     check_finished_run(sim)
     retried = [c for c in sim.calls if c.attempts > 1]
     assert retried, "the failed engine had work that should have been dispatched again"
     # nothing was placed on the engine while it was down
     for c in sim.calls:
         if c.engine_id == 0:
-            assert not (60.0 < c.dispatch_time_s < 180.0)
+            assert not (at_s < c.dispatch_time_s < at_s + 120.0)
 
 
 def test_all_engines_down_parks_calls_until_recovery() -> None:

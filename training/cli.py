@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, FloatList, IntList, TextList, parse_float_list, parse_int_list,
-                                parse_text_list, positive_float, writable_dir)
+from agentsched.options import (LIST_METAVAR, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
+                                parse_text_list, positive_float, prefix_cache_option, writable_dir)
 from envs.cli import check_run
 
 
@@ -107,13 +107,15 @@ def register(app: typer.Typer) -> None:
                                            help="output directory (results.json, table, plots); without it nothing is written"),
         confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999, help="bootstrap confidence level"),
         workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
+        prefix_cache: OnOff = prefix_cache_option(),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
         from training.evaluate import Cell, evaluate, load_cached_policy, print_table
 
         for name in [policy, *baselines]:
             load_cached_policy(name)  # a bad name or file: one line, before any simulation
-        cells = [Cell(trace=t, cluster=c, rate_qps=r, load=l, slo_scale=slo_scale, queries=queries, generated=generated)
+        cells = [Cell(trace=t, cluster=c, rate_qps=r, load=l, slo_scale=slo_scale, queries=queries, generated=generated,
+                      prefix_cache=prefix_cache is OnOff.on)
                  for c in cluster for t in trace for r in rate for l in load]
         for cell in cells:
             for seed in seeds:

@@ -47,6 +47,7 @@ class Cell:
     slo_scale: float = 3.0
     queries: int = 60
     generated: bool = False
+    prefix_cache: bool = True  # vLLM's automatic prefix caching on every engine
 
     def __post_init__(self) -> None:
         if self.load not in LOADS:
@@ -72,7 +73,8 @@ class Cell:
 
     def run_spec(self, seed: int) -> RunSpec:
         return RunSpec(trace=self.trace, cluster=self.cluster, rate_qps=self.rate_qps, slo_scale=self.slo_scale,
-                       seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals())
+                       seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals(),
+                       prefix_cache=self.prefix_cache)
 
 
 def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:

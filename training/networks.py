@@ -23,9 +23,12 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
-from envs.gym.observation import ENGINE_FEATURES, N_HEAD
+from envs.gym.observation import ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD
 
 N_ENGINE_FEATURES = len(ENGINE_FEATURES)
+# models saved before observation spec v2 do not record their row width: they have v1 rows; the
+# indices below are the same in every version (later versions append features)
+N_ENGINE_FEATURES_V1 = len(ENGINE_FEATURES_V1)
 HEALTHY = ENGINE_FEATURES.index("healthy")
 RELATIVE_SPEED = ENGINE_FEATURES.index("relative_speed")
 ASSIGNED_SHARE = ENGINE_FEATURES.index("assigned_share")
@@ -45,29 +48,31 @@ def _mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequenti
 class EngineScorer(nn.Module):
     """features (B, N_HEAD + E*F) -> (per-engine logits (B, E), value latent (B, hidden))."""
 
-    def __init__(self, features_dim: int, hidden: int = 64, context: int = 32):
+    def __init__(self, features_dim: int, hidden: int = 64, context: int = 32,
+                 engine_features: int = N_ENGINE_FEATURES_V1):
         super().__init__()
-        self.max_engines = (features_dim - N_HEAD) // N_ENGINE_FEATURES
-        if N_HEAD + self.max_engines * N_ENGINE_FEATURES != features_dim:
+        nf = self.engine_features = engine_features
+        self.max_engines = (features_dim - N_HEAD) // nf
+        if N_HEAD + self.max_engines * nf != features_dim:
             raise ValueError(f"observation size {features_dim} is not a Dispatch-v0 observation "
-                             f"({N_HEAD} + max_engines x {N_ENGINE_FEATURES})")
+                             f"({N_HEAD} + max_engines x {nf})")
         self.head = _mlp([N_HEAD, context])
-        self.score = nn.Sequential(_mlp([2 * N_ENGINE_FEATURES + N_DERIVED + context, hidden, hidden]), nn.Linear(hidden, 1))
+        self.score = nn.Sequential(_mlp([2 * nf + N_DERIVED + context, hidden, hidden]), nn.Linear(hidden, 1))
         # linear path next to the MLP: scores that are (nearly) linear in the engine's features, like
         # HexGen's alpha x speed - (1 - alpha) x W_e / W_base, need large, exact weights that a tanh
         # MLP learns slowly; the skip makes them one layer away
-        self.linear = nn.Linear(2 * N_ENGINE_FEATURES + N_DERIVED, 1)
+        self.linear = nn.Linear(2 * nf + N_DERIVED, 1)
         # learned inverse temperature of the logits: cloning a deterministic argmax over close scores
         # needs sharp logits; exp() lets the scale grow geometrically instead of via every weight
         self.log_scale = nn.Parameter(torch.zeros(()))
-        self.engine_embed = _mlp([2 * N_ENGINE_FEATURES + N_DERIVED, hidden])
+        self.engine_embed = _mlp([2 * nf + N_DERIVED, hidden])
         self.critic = _mlp([context + hidden, hidden])
         self.latent_dim_pi = self.max_engines
         self.latent_dim_vf = hidden
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         head = features[:, :N_HEAD]
-        rows = features[:, N_HEAD:].reshape(-1, self.max_engines, N_ENGINE_FEATURES)
+        rows = features[:, N_HEAD:].reshape(-1, self.max_engines, self.engine_features)
         # padding rows are all zero; a real engine always has relative_speed > 0
         real = (rows[..., RELATIVE_SPEED] > 0).float().unsqueeze(-1)
         n_real = real.sum(1, keepdim=True).clamp(min=1.0)
@@ -119,13 +124,16 @@ class EngineScorer(nn.Module):
 class _EngineScoringMixin:
     """Swap SB3's MlpExtractor for EngineScorer and make action_net the identity."""
 
-    def __init__(self, *args: Any, scorer_hidden: int = 64, scorer_context: int = 32, **kwargs: Any):
+    def __init__(self, *args: Any, scorer_hidden: int = 64, scorer_context: int = 32,
+                 engine_features: int = N_ENGINE_FEATURES_V1, **kwargs: Any):
         self._scorer_hidden = scorer_hidden
         self._scorer_context = scorer_context
+        self._engine_features = engine_features  # row width of the observation spec (training passes it)
         super().__init__(*args, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = EngineScorer(self.features_dim, self._scorer_hidden, self._scorer_context)
+        self.mlp_extractor = EngineScorer(self.features_dim, self._scorer_hidden, self._scorer_context,
+                                          self._engine_features)
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
@@ -138,7 +146,8 @@ class _EngineScoringMixin:
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(scorer_hidden=self._scorer_hidden, scorer_context=self._scorer_context)
+        data.update(scorer_hidden=self._scorer_hidden, scorer_context=self._scorer_context,
+                    engine_features=self._engine_features)
         return data
 
 

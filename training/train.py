@@ -36,12 +36,15 @@ def _say(console: Any) -> Callable[[str], None]:
 def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) -> Any:
     from policies.trained import algorithm_class
 
-    from training.networks import resolve_policy
+    from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
 
     cls = algorithm_class(config.algo)
+    policy_kwargs = dict(config.policy_kwargs)
+    if config.policy in POLICY_CLASSES:  # the engine scorer needs the row width of this observation spec
+        policy_kwargs.setdefault("engine_features", N_ENGINE_FEATURES)
     try:
         return cls(resolve_policy(config.policy, config.algo), venv, seed=config.seed, device="cpu", verbose=0,
-                   policy_kwargs=dict(config.policy_kwargs) or None, **config.hyperparams)
+                   policy_kwargs=policy_kwargs or None, **config.hyperparams)
     except TypeError as exc:
         raise UserError(f"config {config.name}: hyperparams: {exc} (see the {cls.__name__} documentation)") from None
 

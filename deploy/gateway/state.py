@@ -81,6 +81,7 @@ class CallState:
     attempts: int = 0
     engine_id: int = -1
     expected_s: float = 0.0
+    segments: tuple = ()  # prompt structure unknown at the gateway (yet): no prefix-cache estimate
 
 
 @dataclass(slots=True)
@@ -237,6 +238,19 @@ class EngineState:
         if self.last_scrape_s is not None and self.scraped_waiting > upstream_waiting:
             upstream_waiting = self.scraped_waiting  # the engine queues more than we sent (other clients)
         return upstream_waiting + self.queued
+
+    # prefix cache: the gateway keeps no index of what each engine caches yet (the live engines run
+    # without prefix caching), so it predicts no hits; the latency given hits is the model's formula
+    prefix_cache_tokens = 0
+
+    def cached_prefix_tokens(self, call: CallState) -> int:
+        return 0
+
+    def expected_call_latency_s(self, call: CallState) -> float:
+        hit = self.cached_prefix_tokens(call)
+        if hit == 0:
+            return self.expected_latency_s(call.step)
+        return self.model.expected_latency_with_hits_s(call.step, call.input_tokens, hit)
 
     @property
     def latency_table(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.gym.observation import OBS_CLIP, DispatchObservation, observation_size
+from envs.gym.observation import OBS_CLIP, OBS_VERSION, DispatchObservation, observation_size
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
 from envs.sim.cluster import ClusterSimulator
@@ -69,7 +69,8 @@ def metrics_of_episode(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[s
                      extra={"policy": policy_spec, "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
                             "seed": spec.seed, "trace": spec.trace,
                             "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
-                            "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+                            "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions,
+                            "prefix_cache": "on" if spec.prefix_cache else "off"})
 
 
 def render_text(sim: ClusterSimulator) -> str:
@@ -154,7 +155,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
                  local_order: Any = DEFAULT_LOCAL_ORDER, local_knobs: dict[str, Any] | None = None,
                  mask_infeasible: bool = False, completion_bonus: float = COMPLETION_BONUS,
                  tardiness_weight: float = TARDINESS_WEIGHT, rejection_penalty: float = REJECTION_PENALTY,
-                 episode_metrics: bool = True, render_mode: str | None = None):
+                 episode_metrics: bool = True, render_mode: str | None = None, obs_version: int = OBS_VERSION):
         # other render modes (SB3's make_vec_env asks for "rgb_array") are accepted and render nothing
         self.render_mode = render_mode
         self.scenario = Scenario.coerce(scenario)
@@ -165,9 +166,10 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self._queue_key, self.local_order_name = resolve_local_order(local_order, local_knobs)
         self.mask_infeasible = bool(mask_infeasible)
         self.episode_metrics = bool(episode_metrics)
-        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (observation_size(self.max_engines),), np.float32)
+        # obs_version: the observation spec (envs.gym.observation; older ones for policies trained on them)
+        self._obs = DispatchObservation(self.max_engines, obs_version)
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._obs.size,), np.float32)
         self.action_space = MaskedDiscrete(self.max_engines)
-        self._obs = DispatchObservation(self.max_engines)
         self._reward = SLOReward(completion_bonus, tardiness_weight, rejection_penalty)
         self._sim: ClusterSimulator | None = None
         self._spec: RunSpec | None = None

@@ -9,8 +9,13 @@ Layout (see `DispatchObservation.layout`), in this order:
 - engines  (max_engines rows x ENGINE_FEATURES, row-major): per engine, for *this* call: health,
   whether the call fits its KV cache, relative speed and latency for the call's step, outstanding
   work, expected finish time of the call there, margin to the call's deadline, running batch,
-  waiting calls, KV use, share of all work ever assigned (the paper's W_e), price. Rows beyond the
-  episode's cluster size are zero (padding; their actions are masked).
+  waiting calls, KV use, share of all work ever assigned (the paper's W_e), price; from spec v2 on
+  also the share of the call's prompt the engine's prefix cache holds now and the call's expected
+  latency there given those hits. Rows beyond the episode's cluster size are zero (padding; their
+  actions are masked).
+
+Versions: v1 (no prefix-cache features) is still built for policies trained on it
+(`DispatchObservation(max_engines, version=1)`); new policies get OBS_VERSION.
 
 Scaling: times use log1p(t / TIME_SCALE_S) (non-negative) or asinh(t / TIME_SCALE_S) (signed), so a
 10 s call is ~0.7, an SLO of a few minutes ~3, and a backlog of hours still only ~7; counts use
@@ -35,7 +40,9 @@ import numpy as np
 from envs.sim.view import CallView, ClusterView
 
 # Bumped whenever features, their order, units or scaling change (trained policies record it).
-OBS_VERSION = 1
+# 2: per-engine prefix-cache features (cached share of the prompt, expected latency given the hits)
+OBS_VERSION = 2
+SUPPORTED_OBS_VERSIONS = (1, 2)
 # Every observation value lies in [-OBS_CLIP, OBS_CLIP] (the Box bounds). log1p(t/10 s) reaches 10
 # only for t > 2.2e5 s, asinh at |t| > 1.1e5 s: far beyond any meaningful state, so clipping never
 # hides a difference a policy could use.
@@ -62,10 +69,20 @@ GLOBAL_FEATURES: tuple[str, ...] = ("arrival_rate", "attainment_so_far")
 CALL_FEATURES: tuple[str, ...] = ("input_tokens", "output_tokens", "call_slack", "workflow_slack", "fanout_siblings",
                                   "priority") + tuple(f"step={s}" for s in STEP_NAMES) + ("step=other",)
 WORKFLOW_FEATURES: tuple[str, ...] = ("remaining_work", "budget_used", "calls_done")
-ENGINE_FEATURES: tuple[str, ...] = ("healthy", "fits", "relative_speed", "latency", "outstanding_work",
-                                    "expected_finish", "deadline_margin", "running", "waiting", "kv_usage",
-                                    "assigned_share", "price")
+ENGINE_FEATURES_V1: tuple[str, ...] = ("healthy", "fits", "relative_speed", "latency", "outstanding_work",
+                                       "expected_finish", "deadline_margin", "running", "waiting", "kv_usage",
+                                       "assigned_share", "price")
+# v2 appends (so v1 indices stay): cached share of the prompt, log1p(expected latency given the hits / 10 s)
+ENGINE_FEATURES: tuple[str, ...] = ENGINE_FEATURES_V1 + ("cached_share", "cached_latency")
 N_HEAD = len(GLOBAL_FEATURES) + len(CALL_FEATURES) + len(WORKFLOW_FEATURES)
+
+
+def engine_features(version: int = OBS_VERSION) -> tuple[str, ...]:
+    """The per-engine features of an observation-spec version."""
+    if version not in SUPPORTED_OBS_VERSIONS:
+        raise ValueError(f"observation spec v{version} is not built by this agentsched "
+                         f"(supported: {', '.join(f'v{v}' for v in SUPPORTED_OBS_VERSIONS)})")
+    return ENGINE_FEATURES_V1 if version == 1 else ENGINE_FEATURES
 
 # reciprocals, so the hot path multiplies
 INV_TIME_SCALE = 1.0 / TIME_SCALE_S
@@ -82,8 +99,8 @@ def _count(n: int) -> float:
     return _COUNT_FEATURE[n] if 0 <= n < _COUNT_TABLE_SIZE else (OBS_CLIP if n > 0 else 0.0)
 
 
-def observation_size(max_engines: int) -> int:
-    return N_HEAD + max_engines * len(ENGINE_FEATURES)
+def observation_size(max_engines: int, version: int = OBS_VERSION) -> int:
+    return N_HEAD + max_engines * len(engine_features(version))
 
 
 def _log1p_clip(x: float) -> float:
@@ -101,9 +118,12 @@ class DispatchObservation:
     `valid_actions(cluster)` gives the matching mask (healthy engines; padding is invalid).
     """
 
-    def __init__(self, max_engines: int):
+    def __init__(self, max_engines: int, version: int = OBS_VERSION):
         self.max_engines = max_engines
-        self.size = observation_size(max_engines)
+        self.version = version
+        self.engine_features = engine_features(version)
+        self._cache_features = version >= 2
+        self.size = observation_size(max_engines, version)
         self._step_slot = {s: i for i, s in enumerate(STEP_NAMES)}
         self._one_hot = [tuple(1.0 if j == i else 0.0 for j in range(STEP_SLOTS)) for i in range(STEP_SLOTS)]
         self._cluster: ClusterView | None = None
@@ -129,7 +149,7 @@ class DispatchObservation:
                              f"{self.max_engines}; use a larger max_engines")
         self._cluster = cluster
         self._n = n
-        self._n_pad = (self.max_engines - n) * len(ENGINE_FEATURES)
+        self._n_pad = (self.max_engines - n) * len(self.engine_features)
         self._per_step = {}
 
     def _engine_static(self, step: str) -> list[tuple]:
@@ -199,6 +219,8 @@ class DispatchObservation:
                 total_w += row[0].assigned_work_s
             inv_total_w = 1.0 / total_w if total_w > 0.0 else 0.0
             up = 0
+            cache_features = self._cache_features
+            inv_in = 1.0 / call.input_tokens if call.input_tokens > 0 else 0.0
             for e, lat, speed, lat_feat, cap, price in rows:
                 healthy = e.healthy
                 up += healthy
@@ -214,6 +236,13 @@ class DispatchObservation:
                         m if -clip < m < clip else (clip if m > 0 else -clip),
                         count_feat[r] if r < n_table else clip, count_feat[q] if q < n_table else clip,
                         e.kv_usage, e.assigned_work_s * inv_total_w, price)
+                if cache_features:
+                    hit = e.cached_prefix_tokens(call)
+                    if hit:
+                        c = log1p(e.expected_call_latency_s(call) * inv_t)
+                        out += (hit * inv_in, c if c < clip else clip)
+                    else:
+                        out += (0.0, lat_feat)
             self.all_healthy = up == self._n
         if self._n_pad:  # converting the zeros of padding one by one would cost more than the rest
             obs = np.zeros(self.size, np.float32)
@@ -230,20 +259,22 @@ class DispatchObservation:
             out += (1.0 if e.healthy else 0.0, 0.0, 0.0, 0.0, w if w < OBS_CLIP else OBS_CLIP, 0.0, 0.0,
                     _count(e.num_running), _count(e.num_waiting), e.kv_usage, e.assigned_work_s / total_w,
                     min(e.price_per_hour / PRICE_SCALE_USD_PER_H, OBS_CLIP))
+            if self._cache_features:
+                out += (0.0, 0.0)
         return out
 
     def describe(self) -> list[str]:
         """Name of every position of the vector (for debugging and feature attribution)."""
         names = [f"global.{f}" for f in GLOBAL_FEATURES] + [f"call.{f}" for f in CALL_FEATURES]
         names += [f"workflow.{f}" for f in WORKFLOW_FEATURES]
-        names += [f"engine[{i}].{f}" for i in range(self.max_engines) for f in ENGINE_FEATURES]
+        names += [f"engine[{i}].{f}" for i in range(self.max_engines) for f in self.engine_features]
         return names
 
 
-def engine_block(obs: np.ndarray, max_engines: int) -> np.ndarray:
-    """The (max_engines, len(ENGINE_FEATURES)) engine rows of one observation (a view)."""
-    return obs[..., N_HEAD:].reshape(*obs.shape[:-1], max_engines, len(ENGINE_FEATURES))
+def engine_block(obs: np.ndarray, max_engines: int, version: int = OBS_VERSION) -> np.ndarray:
+    """The (max_engines, len(engine_features(version))) engine rows of one observation (a view)."""
+    return obs[..., N_HEAD:].reshape(*obs.shape[:-1], max_engines, len(engine_features(version)))
 
 
-__all__: Sequence[str] = ("DispatchObservation", "ENGINE_FEATURES", "CALL_FEATURES", "GLOBAL_FEATURES",
-                          "WORKFLOW_FEATURES", "STEP_NAMES", "OBS_CLIP", "observation_size", "engine_block")
+__all__: Sequence[str] = ("DispatchObservation", "ENGINE_FEATURES", "ENGINE_FEATURES_V1", "CALL_FEATURES", "GLOBAL_FEATURES",
+                          "WORKFLOW_FEATURES", "STEP_NAMES", "OBS_CLIP", "observation_size", "engine_block", "engine_features")

@@ -150,6 +150,8 @@ class Scenario(BaseModel):
     seed_count: PositiveInt | None = None
     # -- domain randomisation (off when None)
     randomize: Randomization | None = None
+    # -- engines: vLLM's automatic prefix caching (on by default, as in vLLM V1)
+    prefix_cache: bool = True
 
     @field_validator("trace")
     @classmethod
@@ -286,4 +288,4 @@ class Scenario(BaseModel):
             trace=self.trace, cluster=cluster, rate_qps=rate, slo_scale=slo, seed=seed,
             queries=self.queries, arrivals=process, burstiness_cv=cv if arrivals == "gamma" else 1.0,
             tenants=self.tenants, failures=[f for f in self.failures if f.engine < n_engines],
-            generated=self.workload == "generator")
+            generated=self.workload == "generator", prefix_cache=self.prefix_cache)

@@ -25,7 +25,7 @@ from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.model import ArrivalWindow, StepTokens, build_engine_model, cluster_slo_model
 from envs.sim.view import SchedulingPolicy
-from envs.sim.workload import WorkflowSpec, step_mean_tokens
+from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
 
 EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
 
@@ -100,6 +100,7 @@ class ClusterSimulator:
         tick_interval_s: float | None = None,
         on_tick: Callable[["ClusterSimulator"], None] | None = None,
         policy: SchedulingPolicy | None = None,
+        prefix_cache: bool = True,
     ):
         """`policy`, when given, is the one policy of the run: its queue_key orders every engine's
         queue, its on_interval ticks every interval_s, and `run()` asks it for every dispatch
@@ -112,7 +113,7 @@ class ClusterSimulator:
                             else StepTokens(step_tokens or step_mean_tokens(workflows)))
         self.engines: list[Engine] = []
         for i, spec in enumerate(cluster.expanded()):
-            engine = Engine(i, build_engine_model(spec, self.step_tokens, catalog), spec)
+            engine = Engine(i, build_engine_model(spec, self.step_tokens, catalog), spec, prefix_cache=prefix_cache)
             if record_timeline:
                 engine.timeline = []
             self.engines.append(engine)
@@ -147,6 +148,13 @@ class ClusterSimulator:
         self.wall_s = 0.0
         self._on_tick = on_tick
         self._tick_interval_s = tick_interval_s
+        self.prefix_cache = prefix_cache
+        # chain keys of prompt prefixes: (parent chain key, segment identity) -> int, like vLLM's
+        # block hashes (a key names the whole text from the prompt's first token); a call's own
+        # rest gets a fresh key of the same counter (never shared, so never looked up)
+        self._chain_keys: dict[tuple, int] = {}
+        self._n_chain_keys = 0
+        self._template_chains: dict[tuple, tuple[tuple[tuple[int, int], ...], int, int]] = {}
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
         for f in failures:
@@ -238,7 +246,7 @@ class ClusterSimulator:
             # like vLLM rejecting a prompt longer than the engine's KV/max_model_len
             self._call_failed(call, now)
             return
-        expected = engine.expected_latency_s(call.step)
+        expected = engine.expected_call_latency_s(call)  # T_e(s) unless the engine holds part of the prompt
         call.expected_s = expected
         engine.ledger.place(expected)
         if engine.call_frontend_s > 0.0:
@@ -315,8 +323,11 @@ class ClusterSimulator:
         for si, stage in enumerate(spec.stages):
             calls = []
             for c in stage:
-                call = LLMCall(len(self.calls), wid, tenant.name, c.step, si, len(stage), c.input_tokens,
-                               c.output_tokens, tenant.priority)
+                call_id = len(self.calls)
+                # prompt structure only matters to a prefix cache (none: skip the work)
+                segments = self._chain(c, call_id, wid, tenant.name) if c.segments and self.prefix_cache else ()
+                call = LLMCall(call_id, wid, tenant.name, c.step, si, len(stage), c.input_tokens,
+                               c.output_tokens, tenant.priority, segments)
                 self.calls.append(call)
                 calls.append(call)
             stages.append(calls)
@@ -328,6 +339,44 @@ class ClusterSimulator:
         self._next_arrival = index + 1
         if self._next_arrival < len(self._specs):
             self._push(float(self._arrivals[self._next_arrival]), EV_ARRIVAL, self._next_arrival, 0)
+
+    def _chain(self, spec: CallSpec, call_id: int, workflow_id: int, tenant: str) -> tuple[tuple[int, int], ...]:
+        """The call's prompt as (chain key, tokens) segments: its shared segments, then its own
+        rest (unique to the call), covering exactly its input tokens."""
+        segments = spec.segments
+        known = self._template_chains.get(segments)  # prompts that share only templates: computed once
+        if known is None:
+            keys = self._chain_keys
+            parent = -1
+            out = []
+            used = 0
+            templates_only = True
+            for seg in segments:
+                # the text's identity: (scope, name, length) within its scope (a prompt cut short
+                # of a template holds a different, shorter text)
+                scope = seg[0]
+                if scope == "template":
+                    ident = seg
+                else:
+                    templates_only = False
+                    ident = (tenant, seg) if scope == "tenant" else (workflow_id, seg)
+                key = keys.get((parent, ident))
+                if key is None:
+                    key = keys[(parent, ident)] = self._n_chain_keys
+                    self._n_chain_keys += 1
+                parent = key
+                tokens = seg[2]
+                out.append((parent, tokens))
+                used += tokens
+            if templates_only:
+                self._template_chains[segments] = (tuple(out), used, parent)
+        else:
+            out, used, parent = known
+            out = list(out)
+        if spec.input_tokens > used:
+            out.append((self._n_chain_keys, spec.input_tokens - used))
+            self._n_chain_keys += 1
+        return tuple(out)
 
     def _start_next_stage(self, workflow: Workflow, now: float) -> None:
         workflow.stage_index += 1

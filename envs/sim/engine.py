@@ -4,7 +4,11 @@ Iteration-level continuous batching with a token budget per iteration (`max_num_
 and a cap on running sequences (`max_num_seqs`); chunked prefill (running requests first, then
 waiting ones in the local policy's order); a paged KV cache whose block count comes from the
 memory left after weights; preemption by recompute (the lowest-priority running request frees
-its blocks and goes back to the queue) when a block cannot be allocated.
+its blocks and goes back to the queue) when a block cannot be allocated; optionally vLLM's automatic
+prefix caching (`envs.sim.prefix_cache`): an admitted call starts with the longest cached prefix of
+its prompt already in KV (`kv_tokens = hit`, `prefill_left = prompt - hit`; the uncached prefill
+still attends to the cached context), and cached blocks no running call uses fill the free pool
+until it needs them.
 
 The engine does not step token by token: when an iteration would contain only decodes and no
 waiting request can be admitted, it plans a *decode segment* of k identical iterations (k = until
@@ -23,6 +27,7 @@ from typing import Callable
 from envs.sim.config import EngineConfig
 from envs.sim.model import EngineModel, StepTokens, WorkLedger, build_engine_model
 from envs.sim.perf import DecodeSegmentCost, IterationModel
+from envs.sim.prefix_cache import CacheNode, PrefixCache
 
 
 def _key_of(call: "LLMCall") -> float:
@@ -40,10 +45,15 @@ class LLMCall:
         "expected_s", "key", "preemptions", "attempts",
         # engine-side progress
         "prefill_left", "generated", "kv_tokens", "blocks",
+        # prompt structure and prefix-cache state: (chain key, tokens) per segment (empty: unknown);
+        # the cache nodes the call uses while admitted, how many of its blocks are those nodes'
+        # (shared) blocks, and the prompt tokens its last admission read from the cache
+        "segments", "cache_nodes", "shared_blocks", "cached_tokens",
     )
 
     def __init__(self, call_id: int, workflow_id: int, tenant: str, step: str, stage_index: int, fanout: int,
-                 input_tokens: int, output_tokens: int, priority: int):
+                 input_tokens: int, output_tokens: int, priority: int,
+                 segments: tuple[tuple[object, int], ...] = ()):
         self.call_id = call_id
         self.workflow_id = workflow_id
         self.tenant = tenant
@@ -66,6 +76,8 @@ class LLMCall:
         self.key = 0.0
         self.preemptions = 0
         self.attempts = 0
+        self.segments = segments
+        self.cached_tokens = 0
         self.reset_progress()
 
     def reset_progress(self) -> None:
@@ -73,6 +85,8 @@ class LLMCall:
         self.generated = 0
         self.kv_tokens = 0
         self.blocks = 0
+        self.cache_nodes: list[CacheNode] | None = None
+        self.shared_blocks = 0
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"
@@ -85,7 +99,7 @@ class Engine:
     one the deploy gateway builds for the same engine; they are copied into attributes here only
     because the scheduling loop reads them on every iteration."""
 
-    def __init__(self, engine_id: int, model: EngineModel, config: EngineConfig):
+    def __init__(self, engine_id: int, model: EngineModel, config: EngineConfig, prefix_cache: bool = False):
         self.engine_id = engine_id
         self.model = model
         self.name = model.name
@@ -127,11 +141,16 @@ class Engine:
         self.timeline: list[tuple[float, float, int, int]] | None = None  # (start, dur, prefill tokens, decodes)
         # cap on iterations per decode segment; 1 turns fast-forward off (tests compare both)
         self.max_segment_iterations: int | None = None
+        # vLLM's automatic prefix caching (None: off); blocks of the engine's own block size
+        self.prefix_cache: PrefixCache | None = PrefixCache(self.block_size) if prefix_cache else None
+        self.prefill_tokens_computed = 0  # prompt tokens actually prefilled (hits excluded, recomputes included)
+        self.prompt_tokens_admitted = 0  # prompt tokens of every admission (vLLM's prefix_cache_queries)
 
     @classmethod
-    def from_config(cls, engine_id: int, config: EngineConfig, step_tokens: StepTokens | None = None) -> "Engine":
+    def from_config(cls, engine_id: int, config: EngineConfig, step_tokens: StepTokens | None = None,
+                    prefix_cache: bool = False) -> "Engine":
         """An engine on its own (tests, calibration): its model built as the simulator builds it."""
-        return cls(engine_id, build_engine_model(config, step_tokens or StepTokens({})), config)
+        return cls(engine_id, build_engine_model(config, step_tokens or StepTokens({})), config, prefix_cache)
 
     # ---- EngineView -----------------------------------------------------------------------
     @property
@@ -159,6 +178,28 @@ class Engine:
     @property
     def assigned_calls(self) -> int:
         return self.ledger.assigned_calls
+
+    # ---- EngineView: prefix cache ------------------------------------------------------------
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes held in this engine's cache (in use or not); 0 when off."""
+        cache = self.prefix_cache
+        return cache.cached_blocks * self.block_size if cache is not None else 0
+
+    def cached_prefix_tokens(self, call: LLMCall) -> int:
+        """Prompt tokens of `call` this engine would read from its prefix cache if admitted now."""
+        cache = self.prefix_cache
+        if cache is None or not call.segments:
+            return 0
+        return cache.hit_tokens_for(call.segments, call.input_tokens)
+
+    def expected_call_latency_s(self, call: LLMCall) -> float:
+        """Expected latency of `call` alone on this engine given its cache hits here now (exactly
+        T_e(s) without hits; `EngineModel.expected_latency_with_hits_s`)."""
+        hit = self.cached_prefix_tokens(call)
+        if hit == 0:
+            return self.expected_latency_s(call.step)
+        return self.model.expected_latency_with_hits_s(call.step, call.input_tokens, hit)
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
@@ -210,6 +251,7 @@ class Engine:
             return None
         budget = self.max_num_batched_tokens
         bs = self.block_size
+        cache = self.prefix_cache
         prefills: list[tuple[LLMCall, int]] = []
         decodes: list[LLMCall] = []
         any_preempted = False
@@ -245,6 +287,8 @@ class Engine:
                 continue
             self.free_blocks -= need
             seq.blocks += need
+            if need and cache is not None and cache.evictable_blocks > self.free_blocks:
+                cache.evict_down_to(self.free_blocks)
             if chunk:
                 prefills.append((seq, chunk))
                 budget -= chunk
@@ -258,17 +302,42 @@ class Engine:
         new_calls = 0
         while waiting and budget > 0 and len(running) < self.max_num_seqs and not any_preempted:
             seq = waiting[0][2]
+            prompt = seq.prefill_left  # a waiting call holds no KV: its whole prompt (+ output so far)
+            segments = seq.segments
+            if cache is not None and segments:
+                # blocks its chain takes from the free pool (cached ones back out of the free
+                # queue) + its partial last block and recomputed output
+                full = seq.input_tokens // bs
+                blocks = -(-prompt // bs)
+                hit, take = cache.admission(segments, prompt)
+                need = take + blocks - full
+                if need > self.free_blocks:
+                    break
+                heapq.heappop(waiting)
+                seq.cache_nodes = cache.acquire(segments)
+                self.free_blocks -= need
+                if cache.evictable_blocks > self.free_blocks:
+                    cache.evict_down_to(self.free_blocks)
+                seq.shared_blocks = full
+                seq.blocks = blocks
+                seq.kv_tokens = hit
+                seq.prefill_left = prompt - hit
+                seq.cached_tokens = hit
+                cache.hit_tokens += hit
+                cache.query_tokens += prompt
+            else:
+                need = -(-prompt // bs)
+                if need > self.free_blocks:
+                    break
+                heapq.heappop(waiting)
+                self.free_blocks -= need
+                seq.blocks += need
+            self.prompt_tokens_admitted += prompt
             chunk = min(seq.prefill_left, budget)
-            need = -(-seq.prefill_left // bs)
-            if need > self.free_blocks:
-                break
-            heapq.heappop(waiting)
             if math.isnan(seq.admit_time_s):
                 seq.admit_time_s = now_s
                 new_calls += 1
             running.append(seq)
-            self.free_blocks -= need
-            seq.blocks += need
             prefills.append((seq, chunk))
             budget -= chunk
         self._seg_start_s = now_s
@@ -346,7 +415,9 @@ class Engine:
         finished: list[LLMCall] = []
         bs = self.block_size
         k = self._seg_k
+        computed = 0
         for seq, chunk in self._plan_prefills:
+            computed += chunk
             seq.kv_tokens += chunk
             seq.prefill_left -= chunk
             if seq.prefill_left == 0:
@@ -355,6 +426,8 @@ class Engine:
                     seq.first_token_time_s = now_s
                 if seq.generated >= seq.output_tokens:
                     finished.append(seq)
+        self.prefill_tokens_computed += computed
+        cache = self.prefix_cache
         for seq in self._plan_decodes:
             seq.kv_tokens += k
             seq.generated += k
@@ -363,14 +436,15 @@ class Engine:
                 if blocks > seq.blocks:
                     self.free_blocks -= blocks - seq.blocks
                     seq.blocks = blocks
+                    if cache is not None and cache.evictable_blocks > self.free_blocks:
+                        cache.evict_down_to(self.free_blocks)
             if seq.generated >= seq.output_tokens:
                 finished.append(seq)
         if finished:
             done = set(map(id, finished))
             self.running = [s for s in self.running if id(s) not in done]
             for seq in finished:
-                self.free_blocks += seq.blocks
-                seq.blocks = 0
+                self._release_blocks(seq)
                 seq.finish_time_s = now_s
         self._plan_prefills = []
         self._plan_decodes = []
@@ -379,10 +453,21 @@ class Engine:
         self.busy_until_s = math.nan
         return finished
 
+    def _release_blocks(self, seq: LLMCall) -> None:
+        """A call leaves the running batch: its private blocks go back to the free pool as empty
+        blocks, its prompt chain's blocks as cached ones (evicted LRU when needed)."""
+        nodes = seq.cache_nodes
+        if nodes is not None:
+            self.free_blocks += seq.blocks - seq.shared_blocks + self.prefix_cache.release(nodes)
+            seq.cache_nodes = None
+            seq.shared_blocks = 0
+        else:
+            self.free_blocks += seq.blocks
+        seq.blocks = 0
+
     def _preempt(self, seq: LLMCall) -> None:
         self.running.remove(seq)
-        self.free_blocks += seq.blocks
-        seq.blocks = 0
+        self._release_blocks(seq)
         # recompute: the prompt and what was generated so far are prefilled again
         seq.prefill_left = seq.input_tokens + seq.generated
         seq.kv_tokens = 0
@@ -402,6 +487,8 @@ class Engine:
         self.running = []
         self.waiting = []
         self.free_blocks = self.total_blocks
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # a failed engine restarts with an empty cache
         self.ledger.clear_outstanding()
         self._plan_prefills = []
         self._plan_decodes = []

@@ -62,6 +62,15 @@ class EngineRecord:
     kv_usage_mean: float
     calls: int
     preemptions: int
+    # prefix cache (vLLM's prefix_cache_hits / prefix_cache_queries, in tokens); zero when off or unknown
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually prefilled (cache hits excluded, recomputation included)
+    evicted_blocks: int = 0  # cached KV blocks evicted to make room
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
 def _pct(values: np.ndarray, q: float) -> float:
@@ -86,6 +95,7 @@ def summarize(workflows: Sequence[WorkflowRecord], calls: Sequence[CallRecord], 
     tpot = np.array([(c.finish_s - c.first_token_s) / (c.output_tokens - 1) for c in calls
                      if c.output_tokens > 1 and not math.isnan(c.finish_s) and not math.isnan(c.first_token_s)])
     cost_usd = sum(e.price_per_hour for e in engines) * horizon_s / 3600.0
+    queries = sum(e.prefix_query_tokens for e in engines)
     goodput = met / horizon_s
     per_tenant: dict[str, dict[str, float]] = {}
     for w in workflows:
@@ -115,9 +125,14 @@ def summarize(workflows: Sequence[WorkflowRecord], calls: Sequence[CallRecord], 
         "cost_usd": cost_usd,
         "slo_goodput_per_usd": met / cost_usd if cost_usd > 0 else math.nan,
         "preemptions": sum(e.preemptions for e in engines),
+        # hit tokens / prompt tokens over every admission, as vLLM's prefix_cache_hits / _queries
+        "prefix_cache_hit_rate": (sum(e.prefix_hit_tokens for e in engines) / queries) if queries else 0.0,
+        "prefill_tokens": sum(e.prefill_tokens for e in engines),
+        "prefix_cache_evicted_blocks": sum(e.evicted_blocks for e in engines),
         "per_tenant": {k: {"n_workflows": v["n"], "slo_attainment": v["met"] / v["n"]} for k, v in per_tenant.items()},
         "engines": [
-            {**asdict(e), "utilisation": min(1.0, e.busy_s / horizon_s) if horizon_s else 0.0} for e in engines
+            {**asdict(e), "utilisation": min(1.0, e.busy_s / horizon_s) if horizon_s else 0.0,
+             "prefix_cache_hit_rate": e.prefix_cache_hit_rate} for e in engines
         ],
         "sim_wall_s": sim_wall_s,
     }
@@ -139,7 +154,10 @@ def records_from_simulator(sim: Any) -> tuple[list[WorkflowRecord], list[CallRec
     horizon = max(span_end - span_start, 1e-9)
     ers = [EngineRecord(e.name, e.gpu, e.price_per_hour, e.busy_s,
                         e.kv_block_seconds / (e.total_blocks * horizon) if e.total_blocks else 0.0,
-                        e.assigned_calls, e.preemptions) for e in engines]
+                        e.assigned_calls, e.preemptions,
+                        e.prefix_cache.hit_tokens if e.prefix_cache is not None else 0, e.prompt_tokens_admitted,
+                        e.prefill_tokens_computed, e.prefix_cache.evicted_blocks if e.prefix_cache is not None else 0)
+           for e in engines]
     return wfs, calls, ers
 
 
@@ -151,10 +169,18 @@ def chrome_trace(sim: Any) -> dict[str, Any]:
         for start, dur, prefill, decodes in e.timeline or ():
             events.append({"name": "prefill" if prefill else "decode", "ph": "X", "pid": e.engine_id, "tid": 0,
                            "ts": start * 1e6, "dur": dur * 1e6, "args": {"prefill_tokens": prefill, "decodes": decodes}})
+        cache = e.prefix_cache
+        if cache is not None:
+            end_s = max((s + d for s, d, _, _ in e.timeline or ()), default=0.0)
+            events.append({"name": "prefix cache", "ph": "C", "pid": e.engine_id, "ts": end_s * 1e6,
+                           "args": {"hit_rate": cache.hit_tokens / e.prompt_tokens_admitted if e.prompt_tokens_admitted
+                                    else 0.0, "prefill_tokens": e.prefill_tokens_computed,
+                                    "evicted_blocks": cache.evicted_blocks}})
     for c in sim.calls:
         if c.engine_id < 0 or math.isnan(c.finish_time_s):
             continue
         events.append({"name": c.step, "cat": "call", "ph": "X", "pid": c.engine_id, "tid": 1 + c.workflow_id % 64,
                        "ts": c.dispatch_time_s * 1e6, "dur": (c.finish_time_s - c.dispatch_time_s) * 1e6,
-                       "args": {"workflow": c.workflow_id, "in": c.input_tokens, "out": c.output_tokens}})
+                       "args": {"workflow": c.workflow_id, "in": c.input_tokens, "out": c.output_tokens,
+                                "cached": c.cached_tokens}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

@@ -90,7 +90,7 @@ class EngineModel:
 
     __slots__ = ("name", "gpu", "engine_type", "price_per_hour", "perf", "step_tokens", "latency_table",
                  "request_overhead_s", "call_engine_s", "call_frontend_s", "max_num_seqs", "max_num_batched_tokens",
-                 "block_size_tokens", "kv_capacity_tokens", "_latency_cache")
+                 "block_size_tokens", "kv_capacity_tokens", "_latency_cache", "_decode_cache")
 
     def __init__(self, *, name: str, gpu: str, engine_type: EngineType, price_per_hour: float,
                  perf: IterationModel | None, step_tokens: StepTokens, max_num_seqs: int, max_num_batched_tokens: int,
@@ -114,6 +114,7 @@ class EngineModel:
         self.block_size_tokens = block_size_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self._latency_cache: dict[str, float] = {}
+        self._decode_cache: dict[str, float] = {}
 
     @property
     def solo_overhead_s(self) -> float:
@@ -133,6 +134,30 @@ class EngineModel:
                     self.perf, int(round(mean_in)), max(1, int(round(mean_out))), self.max_num_batched_tokens)
             self._latency_cache[step] = cached
         return cached
+
+    def expected_latency_with_hits_s(self, step: str, input_tokens: int, hit_tokens: int) -> float:
+        """Expected latency of a call of `step` with this prompt alone on the engine when its first
+        `hit_tokens` are served from the prefix cache: T_e(s) scaled by the share of this prompt's
+        solo time left when the cached prefix is not prefilled (T_e(s) itself without hits)."""
+        expected = self.expected_latency_s(step)
+        if hit_tokens <= 0 or self.perf is None:
+            return expected  # a latency table knows no prefill to skip
+        perf = self.perf
+        decode_s = self._decode_cache.get(step)
+        if decode_s is None:
+            mean_in, mean_out = self.step_tokens.of(step)
+            out = max(1, int(round(mean_out)))
+            decode_s = perf.decode_segment(1, int(round(mean_in)) + 1).total_s(out - 1) if out > 1 else 0.0
+            self._decode_cache[step] = decode_s
+        n = self.max_num_batched_tokens
+        if input_tokens <= n:  # a prompt that fits one chunk is one iteration
+            rest = input_tokens - hit_tokens
+            cold = perf.iteration_s(input_tokens, input_tokens, input_tokens * (input_tokens + 1) * 0.5, 0, 0)
+            warm = perf.iteration_s(rest, input_tokens, rest * (hit_tokens + (rest + 1) * 0.5), 0, 0)
+        else:
+            cold = solo_call_latency_s(perf, input_tokens, 1, n)
+            warm = solo_call_latency_s(perf, input_tokens, 1, n, cached_tokens=hit_tokens)
+        return expected * (warm + decode_s) / (cold + decode_s)
 
     def latency_by_step(self, steps: Iterable[str]) -> dict[str, float]:
         return {step: self.expected_latency_s(step) for step in steps}

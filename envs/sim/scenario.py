@@ -47,6 +47,8 @@ class RunSpec(BaseModel):
     burstiness_cv: PositiveFloat = 1.0  # >1: Gamma arrivals with this CV (when `arrivals` is not given)
     tenants: list[TenantSpec] = [TenantSpec()]
     failures: list[FailureSpec] = []
+    # vLLM's automatic prefix caching on every engine (on by default, as in vLLM V1)
+    prefix_cache: bool = True
 
     def cluster_config(self) -> ClusterConfig:
         return self.cluster if isinstance(self.cluster, ClusterConfig) else load_cluster(self.cluster)
@@ -92,10 +94,11 @@ def workload_for(spec: RunSpec) -> tuple[list[WorkflowSpec], np.ndarray]:
     path = str(resolve_trace_path(spec.trace))
     trace = _trace(path)
     if spec.generated:
-        workflows = _generator(path).sample(spec.queries or len(trace), wf_rng)
+        workflows = _generator(path).sample(spec.queries or len(trace), wf_rng, spec.prefix_cache)
     else:
         workflows = draw_workflows(trace, spec.queries, wf_rng,
-                                   _generator(path) if spec.queries and spec.queries > len(trace) else None)
+                                   _generator(path) if spec.queries and spec.queries > len(trace) else None,
+                                   spec.prefix_cache)
     times = spec.arrival_process().times(len(workflows), arr_rng)
     return workflows, times
 
@@ -122,7 +125,8 @@ def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_tim
         spec.cluster_config(), workflows, times, spec.slo_scale, queue_key=queue_key,
         tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
         failures=[Failure(f.engine, f.at_s, f.duration_s) for f in spec.failures],
-        step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline, **kwargs)
+        step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline,
+        prefix_cache=spec.prefix_cache, **kwargs)
 
 
 def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:
@@ -135,5 +139,6 @@ def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple
                        extra={"policy": policy.spec(), "rate_qps": spec.rate_qps, "slo_scale": spec.slo_scale,
                               "seed": spec.seed, "trace": spec.trace,
                               "cluster": spec.cluster if isinstance(spec.cluster, str) else spec.cluster.name,
-                              "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions})
+                              "base_slo_s": sim.slo.base_slo_s, "decisions": sim.decisions,
+                              "prefix_cache": "on" if spec.prefix_cache else "off"})
     return result, sim

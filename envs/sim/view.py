@@ -10,7 +10,7 @@ Times are seconds on the owner's clock (simulated time, or the gateway's monoton
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Hashable, Protocol, Sequence, runtime_checkable
 
 
 @runtime_checkable
@@ -29,6 +29,10 @@ class CallView(Protocol):
     deadline_s: float  # absolute deadline: the paper's proportional slice of the workflow's remaining budget
     workflow_deadline_s: float  # the workflow's end-to-end deadline (arrival + SLO)
     priority: int  # tenant priority, lower is more important
+    # the prompt as (chain key, tokens) segments in order, covering input_tokens; a chain key names
+    # the whole text from the prompt's first token to the segment's end (like vLLM's block hashes:
+    # equal keys, equal prefixes). Empty when the prompt structure is unknown.
+    segments: Sequence[tuple[Hashable, int]]
 
 
 @runtime_checkable
@@ -49,8 +53,20 @@ class EngineView(Protocol):
     max_num_seqs: int
     kv_capacity_tokens: int  # tokens of KV cache (the engine's own figure once scraped); a call fits if its context does
 
+    prefix_cache_tokens: int  # tokens of prompt prefixes held in the engine's prefix cache (0: none or off)
+
     def expected_latency_s(self, step: str) -> float:
         """Expected latency of one call of `step` alone on this engine (the paper's T_e(s))."""
+        ...
+
+    def cached_prefix_tokens(self, call: CallView) -> int:
+        """Prompt tokens of `call` this engine would serve from its prefix cache if it took the call
+        now (full blocks of the longest cached prefix; 0 without a cache or without segments)."""
+        ...
+
+    def expected_call_latency_s(self, call: CallView) -> float:
+        """Expected latency of `call` alone on this engine given those cache hits: only the prefill
+        it must compute here counts (equals expected_latency_s(call.step) without hits)."""
         ...
 
 

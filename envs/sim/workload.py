@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -30,11 +31,27 @@ def is_fanout_step(step: str) -> bool:
     return step.startswith(FANOUT_STEP_PREFIXES)
 
 
+SegmentScope = Literal["template", "tenant", "workflow"]
+
+
+class SegmentSpec(NamedTuple):
+    """A shared part of a prompt: `tokens` tokens of text named `name` within its scope. The same
+    (scope, name, tokens) is the same text: `template` for every call of every query and tenant,
+    `tenant` for the calls of one tenant, `workflow` for the calls of one query. A prompt's
+    segments come first, in order; the rest of its input is the call's own. (A named tuple: built
+    and hashed in C, once per call.)"""
+
+    scope: SegmentScope
+    name: str
+    tokens: int
+
+
 @dataclass(frozen=True, slots=True)
 class CallSpec:
     step: str
     input_tokens: int
     output_tokens: int
+    segments: tuple[SegmentSpec, ...] = ()  # shared prompt prefix, in order (empty: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +135,123 @@ def load_trace(path_or_name: str | Path) -> list[WorkflowSpec]:
                 if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "input_length" else 1):
                     raise UserError(f"trace: {where}: '{key}' must be a positive integer, got {value!r}")
             calls.append(CallSpec(normalise_step(call["step"]), call["input_length"], call["output_length"]))
-        workflows.append(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}"))
+        workflows.append(with_chess_segments(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}")))
     return workflows
+
+
+# ---------------------------------------------------------------------------------------------
+# CHESS prompt structure, for vLLM's prefix cache.
+
+CHESS_TEMPLATES_PATH = Path(__file__).resolve().parent.parent / "data" / "reference" / "chess_prompt_templates.json"
+# "The two parallel candidate generators use different templates; they share only ~150 tokens"
+# (chess_prompt_templates.json, sharing_notes)
+CANDIDATE_COMMON_PREFIX_TOKENS = 150
+# "The evaluate calls of one query ... share all but their last ~30 tokens" (same notes)
+EVALUATE_OWN_TOKENS = 30
+ROUTER_STEPS = ("Information Retriever", "unit_tester")  # their calls of one query extend one chat history
+
+
+@lru_cache(maxsize=1)
+def chess_static_prefix_tokens() -> dict[str, int]:
+    """Cacheable template tokens per CHESS template: the static text before the first
+    query-specific placeholder; the router agents' templates hold no placeholder (whole template)."""
+    raw = json.loads(CHESS_TEMPLATES_PATH.read_text())
+    out = {step: int(n) for step, n in raw["template_tokens"].items() if step in ROUTER_STEPS}
+    out.update({step: int(n) for step, n in raw["static_prefix_tokens_estimate"].items()})
+    return out
+
+
+def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
+    """The workflow with each call's shared prompt prefix derived from the CHESS templates
+    (envs/data/reference/chess_prompt_templates.json) and its measured input length:
+
+    - every step starts with its template's static text (scope `template`); the larger-prompt
+      candidate of a stage is generator one, the others generator two, and both templates open
+      with the same CANDIDATE_COMMON_PREFIX_TOKENS;
+    - the evaluate calls of a stage share one schema + question + candidates string (scope
+      `workflow`): all of the stage's shortest prompt but its last EVALUATE_OWN_TOKENS;
+    - the router calls (Information Retriever, unit_tester) of a query extend one chat history per
+      agent: a call's prompt is the previous call's prompt plus its own new turn (scope
+      `workflow`, one segment per turn), so the next call shares all of it; a call shorter than
+      the previous one starts a new history;
+    - candidate generation and revise rebuild and reshuffle the schema per call: only the template
+      is shared. Steps that are not CHESS steps get no segments (no cache sharing)."""
+    static = chess_static_prefix_tokens()
+    history: dict[str, tuple[int, int, tuple[SegmentSpec, ...]]] = {}  # step -> (input, chain id, segments)
+    stages = []
+    for si, stage in enumerate(workflow.stages):
+        step = stage[0].step
+        calls = list(stage)
+        if step == "generate_candidate":
+            largest = max(range(len(calls)), key=lambda i: calls[i].input_tokens)
+            out = []
+            for i, c in enumerate(calls):
+                template = "generate_candidate_one" if i == largest else "generate_candidate_two"
+                size = min(static[template], c.input_tokens - 1)
+                common = min(CANDIDATE_COMMON_PREFIX_TOKENS, size)
+                segs = (SegmentSpec("template", "chess/generate_candidate", common),
+                        SegmentSpec("template", f"chess/{template}", size - common))
+                out.append(_with_segments(c, segs))
+            stages.append(tuple(out))
+        elif step == "evaluate":
+            size = min(static["evaluate"], min(c.input_tokens for c in calls) - 1)
+            shared = min(c.input_tokens for c in calls) - size - EVALUATE_OWN_TOKENS
+            segs = (SegmentSpec("template", "chess/evaluate", size),)
+            if shared > 0:
+                segs += (SegmentSpec("workflow", f"evaluate#{si}", shared),)
+            stages.append(tuple(_with_segments(c, segs) for c in calls))
+        elif step in ROUTER_STEPS:
+            out = []
+            for c in calls:
+                prev = history.get(step)
+                if prev is not None and c.input_tokens > prev[0]:
+                    chain = prev[1]
+                    segs = prev[2] + (SegmentSpec("workflow", f"{step}#{chain}.{len(prev[2])}",
+                                                  c.input_tokens - prev[0]),)
+                else:
+                    chain = prev[1] + 1 if prev is not None else 0
+                    size = min(static[step], c.input_tokens)
+                    segs = (SegmentSpec("template", f"chess/{step}", size),)
+                    if c.input_tokens > size:
+                        segs += (SegmentSpec("workflow", f"{step}#{chain}.1", c.input_tokens - size),)
+                history[step] = (c.input_tokens, chain, segs)
+                out.append(_with_segments(c, segs))
+            stages.append(tuple(out))
+        elif step in static:
+            stages.append(tuple(_with_segments(c, (SegmentSpec("template", f"chess/{step}",
+                                                               min(static[step], c.input_tokens - 1)),))
+                                for c in calls))
+        else:
+            stages.append(stage)
+    return WorkflowSpec(tuple(stages), source=workflow.source)
+
+
+def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
+    """Prompt tokens of a query that engines with a warm prefix cache would not prefill: its
+    template and tenant segments, and its workflow segments from their second use on (up to the
+    first segment that misses; block rounding and evictions ignored). An upper bound on hits."""
+    seen: set[str] = set()
+    hits = 0
+    for stage in workflow.stages:
+        for call in stage:
+            missed = False
+            for seg in call.segments:
+                warm = seg.scope != "workflow" or seg.name in seen
+                if not missed and warm:
+                    hits += seg.tokens
+                else:
+                    missed = True
+        for call in stage:
+            seen.update(seg.name for seg in call.segments if seg.scope == "workflow")
+    return hits
+
+
+def _with_segments(call: CallSpec, segments: tuple[SegmentSpec, ...]) -> CallSpec:
+    for s in segments:
+        if s.tokens <= 0:
+            segments = tuple(s for s in segments if s.tokens > 0)
+            break
+    return CallSpec(call.step, call.input_tokens, call.output_tokens, segments)
 
 
 def step_mean_tokens(workflows: Sequence[WorkflowSpec]) -> dict[str, tuple[float, float]]:
@@ -158,6 +290,7 @@ class TraceGenerator:
     shapes: list[tuple[tuple[str, int], ...]]  # per workflow: (step, fan-out width) per stage
     token_fits: dict[str, _StepTokenFit] = field(default_factory=dict)
     name: str = "generator"
+    chess_segments: bool = False  # derive CHESS prompt segments for the drawn queries (fitted to a CHESS trace)
 
     @classmethod
     def fit(cls, workflows: Sequence[WorkflowSpec], name: str = "generator") -> "TraceGenerator":
@@ -175,9 +308,12 @@ class TraceGenerator:
             raw = np.asarray(pairs)
             fits[step] = _StepTokenFit(arr.mean(axis=0), cov, (int(raw[:, 0].min()), int(raw[:, 1].min())),
                                        (int(raw[:, 0].max()), int(raw[:, 1].max())))
-        return cls(shapes=shapes, token_fits=fits, name=name)
+        chess = any(c.segments for wf in workflows for stage in wf.stages for c in stage)
+        return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess)
 
-    def sample(self, n: int, rng: np.random.Generator) -> list[WorkflowSpec]:
+    def sample(self, n: int, rng: np.random.Generator, prompt_segments: bool = True) -> list[WorkflowSpec]:
+        """`n` new queries; `prompt_segments=False` skips deriving their prompt structure (no
+        prefix cache to use it; the draws are the same)."""
         shapes = [self.shapes[int(i)] for i in rng.integers(len(self.shapes), size=n)]
         # draw every step's token pairs in one vectorised batch, then hand them out in order
         counts: dict[str, int] = {}
@@ -200,7 +336,8 @@ class TraceGenerator:
                 at = cursor[step]
                 cursor[step] = at + width
                 stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
-            out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
+            spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}")
+            out.append(with_chess_segments(spec) if self.chess_segments and prompt_segments else spec)
         return out
 
 
@@ -222,12 +359,26 @@ class TokenDist(BaseModel):
         return int(min(self.max, max(self.min, round(value))))
 
 
+class PromptSegment(BaseModel):
+    """A shared part at the start of a stage's prompts (see `SegmentSpec`): e.g. the agent's system
+    prompt (`template`), a tenant's schema (`tenant`), the query's chat history so far (`workflow`).
+    The same scope and name anywhere in the template is the same text."""
+
+    model_config = ConfigDict(extra="forbid")
+    scope: SegmentScope
+    name: str = Field(min_length=1)
+    tokens: PositiveInt
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     step: str = Field(min_length=1)
     fanout: PositiveInt = 1
     input_tokens: TokenDist
     output_tokens: TokenDist
+    # the prompt's shared prefix, in order; the rest of input_tokens is the call's own (a drawn
+    # input shorter than the prefix cuts it short)
+    prompt: list[PromptSegment] = []
 
 
 class LoopSpec(BaseModel):
@@ -251,7 +402,25 @@ class WorkflowTemplate(BaseModel):
         for i, loop in enumerate(self.loops):
             if not loop.start <= loop.end < len(self.stages):
                 raise ValueError(f"loops[{i}]: need 0 <= start <= end < {len(self.stages)} (number of stages)")
+        sizes: dict[tuple[str, str], int] = {}
+        for i, stage in enumerate(self.stages):
+            for j, seg in enumerate(stage.prompt):
+                known = sizes.setdefault((seg.scope, seg.name), seg.tokens)
+                if known != seg.tokens:
+                    raise ValueError(f"stages[{i}].prompt[{j}]: {seg.scope} segment {seg.name!r} has {seg.tokens} tokens "
+                                     f"here and {known} elsewhere (the same name is the same text: give it one size)")
         return self
+
+    def _segments(self, stage: StageSpec, input_tokens: int) -> tuple[SegmentSpec, ...]:
+        out = []
+        left = input_tokens
+        for seg in stage.prompt:
+            if left <= 0:
+                break
+            name = f"{self.name}/{seg.name}" if seg.scope == "template" else seg.name
+            out.append(SegmentSpec(seg.scope, name, min(seg.tokens, left)))
+            left -= seg.tokens
+        return tuple(out)
 
     @classmethod
     def load(cls, path: str | Path) -> "WorkflowTemplate":
@@ -278,8 +447,11 @@ class WorkflowTemplate(BaseModel):
             stages = []
             for si in order:
                 spec = self.stages[si]
-                stages.append(tuple(CallSpec(spec.step, spec.input_tokens.sample(rng), spec.output_tokens.sample(rng))
-                                    for _ in range(spec.fanout)))
+                calls = []
+                for _ in range(spec.fanout):
+                    n_in = spec.input_tokens.sample(rng)
+                    calls.append(CallSpec(spec.step, n_in, spec.output_tokens.sample(rng), self._segments(spec, n_in)))
+                stages.append(tuple(calls))
             out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
         return out
 
@@ -385,9 +557,9 @@ ArrivalProcess = PoissonArrivals | GammaArrivals | PiecewiseArrivals | ReplayArr
 
 
 def draw_workflows(trace: Sequence[WorkflowSpec], n: int | None, rng: np.random.Generator,
-                   generator: TraceGenerator | None = None) -> list[WorkflowSpec]:
+                   generator: TraceGenerator | None = None, prompt_segments: bool = True) -> list[WorkflowSpec]:
     """The trace in order if it has enough queries; beyond it, new queries from the fitted generator."""
     if n is None or n <= len(trace):
         return list(trace[: n if n is not None else len(trace)])
     generator = generator or TraceGenerator.fit(trace)
-    return list(trace) + generator.sample(n - len(trace), rng)
+    return list(trace) + generator.sample(n - len(trace), rng, prompt_segments)

@@ -1,0 +1,211 @@
+"""vLLM V1's automatic prefix caching, kept per prompt segment instead of per 16-token block.
+
+What vLLM does (vllm/v1/core/kv_cache_manager.py, block_pool.py, kv_cache_utils.py):
+- KV lives in fixed-size blocks; only *full* blocks are cached, each keyed by a hash of its tokens
+  and of its parent block's hash, so a block hash names the whole prefix up to that block;
+- a new request reuses the longest chain of cached block hashes from its first token
+  (`get_computed_blocks`); the last prompt token is always recomputed (a hit is capped at
+  `num_tokens - 1`), so a fully cached prompt still prefills one block;
+- blocks of finished or preempted requests go back to the free queue, the request's tail blocks
+  first, and keep their hash until they are handed out again: allocation pops the least recently
+  freed block (LRU eviction); a hit takes a cached block back out of the free queue;
+- a block used by running requests (`ref_cnt` > 0) is never evicted, and blocks shared by several
+  running requests are allocated once.
+
+Here a prompt is a chain of segments (`LLMCall.segments`: (chain key, tokens) pairs, where the chain
+key names the text from the prompt's first token to the segment's end, like a block hash names its
+prefix). A `CacheNode` stands for all the full blocks whose last token falls inside one segment of
+one chain: its block count, how many of them (a prefix) are still cached, and how many running
+calls use it. Lookups, admissions and releases cost one step per segment, never per block.
+
+Simplifications (documented, all second order for CHESS-sized prompts):
+- a call's prompt blocks are registered when it is admitted (vLLM registers each scheduled chunk's
+  blocks; admission here reserves the whole prompt at once, as the engine model does anyway);
+- generated tokens are not cached for reuse (no later prompt here contains an earlier output), and
+  a call's partial last block and decode blocks go back to the pool as empty blocks;
+- a recomputed segment whose node is still cached behind an evicted parent reuses that node instead
+  of allocating a duplicate block (vLLM keeps both copies until one is evicted).
+Preemption releases the call's blocks like a finish (they stay cached, so the re-admitted call gets
+hits on its own prompt, as in vLLM); an engine failure drops the whole cache (`clear`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Sequence
+
+
+class CacheNode:
+    """The full blocks of one chain whose last token falls inside one segment."""
+
+    __slots__ = ("key", "blocks", "cached", "refs")
+
+    def __init__(self, key: Hashable, blocks: int):
+        self.key = key
+        self.blocks = blocks  # full blocks ending inside the segment
+        self.cached = 0  # how many of them (from the segment's start) hold cached KV
+        self.refs = 0  # running calls that use them
+
+
+class PrefixCache:
+    """One engine's prefix cache over its KV block pool.
+
+    The engine owns the count of free blocks (blocks no running call uses); cached blocks of nodes
+    no running call uses are part of that free pool and are evicted, least recently released first,
+    when the pool's empty blocks run out. Invariant: `evictable_blocks` <= the engine's free blocks.
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.nodes: dict[Hashable, CacheNode] = {}
+        # nodes with refs == 0 and cached > 0, least recently released first
+        self._lru: OrderedDict[Hashable, CacheNode] = OrderedDict()
+        self.evictable_blocks = 0  # cached blocks no running call uses (inside the free pool)
+        self.cached_blocks = 0  # every cached block, in use or not
+        # counters over the engine's life (kept across `clear`)
+        self.hit_tokens = 0
+        self.query_tokens = 0
+        self.evicted_blocks = 0
+
+    def clear(self) -> None:
+        """Drop every cached block (engine failure); counters stay."""
+        self.nodes = {}
+        self._lru = OrderedDict()
+        self.evictable_blocks = 0
+        self.cached_blocks = 0
+
+    def hit_tokens_for(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> int:
+        """Prompt tokens a call would read from the cache now: the longest cached chain of full
+        blocks from its first token, at most `prompt_tokens - 1` (vLLM recomputes the last token)."""
+        bs = self.block_size
+        nodes = self.nodes
+        start = 0
+        hit_blocks = 0
+        for key, tokens in segments:
+            end = start + tokens
+            first = start // bs
+            last = end // bs
+            if last > first:
+                node = nodes.get(key)
+                if node is None:
+                    break
+                if node.cached < node.blocks:
+                    hit_blocks = first + node.cached
+                    break
+                hit_blocks = last
+            start = end
+        cap = (prompt_tokens - 1) // bs
+        return (hit_blocks if hit_blocks < cap else cap) * bs
+
+    def admission(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> tuple[int, int]:
+        """(`hit_tokens_for`, `blocks_to_take`) in one pass over the segments."""
+        bs = self.block_size
+        nodes = self.nodes
+        start = 0
+        hit_blocks = 0
+        hitting = True
+        need = 0
+        for key, tokens in segments:
+            end = start + tokens
+            first = start // bs
+            last = end // bs
+            if last > first:
+                node = nodes.get(key)
+                if node is None:
+                    need += last - first
+                    hitting = False
+                else:
+                    if node.refs == 0:
+                        need += last - first
+                    if hitting:
+                        if node.cached < node.blocks:
+                            hit_blocks = first + node.cached
+                            hitting = False
+                        else:
+                            hit_blocks = last
+            start = end
+        cap = (prompt_tokens - 1) // bs
+        return (hit_blocks if hit_blocks < cap else cap) * bs, need
+
+    def blocks_to_take(self, segments: Sequence[tuple[Hashable, int]]) -> int:
+        """Blocks of the free pool that admitting the call's prompt takes: every block of its
+        chain that no running call uses yet (cached ones are taken back out of the free queue,
+        missing ones are allocated). The partial last block is not included."""
+        bs = self.block_size
+        nodes = self.nodes
+        start = 0
+        need = 0
+        for key, tokens in segments:
+            end = start + tokens
+            n = end // bs - start // bs
+            if n:
+                node = nodes.get(key)
+                if node is None or node.refs == 0:
+                    need += n
+            start = end
+        return need
+
+    def acquire(self, segments: Sequence[tuple[Hashable, int]]) -> list[CacheNode]:
+        """A call is admitted: its chain's nodes are in use (and registered, so later calls hit
+        them). The caller has taken `blocks_to_take` blocks from the free pool and then calls
+        `evict_down_to(free blocks)`. Returns the nodes, root first, for `release`."""
+        bs = self.block_size
+        nodes = self.nodes
+        lru = self._lru
+        start = 0
+        out: list[CacheNode] = []
+        for key, tokens in segments:
+            end = start + tokens
+            n = end // bs - start // bs
+            start = end
+            if not n:
+                continue
+            node = nodes.get(key)
+            if node is None:
+                node = CacheNode(key, n)
+                nodes[key] = node
+                node.cached = n
+                self.cached_blocks += n
+            elif node.refs == 0:
+                if node.cached:
+                    del lru[key]
+                    self.evictable_blocks -= node.cached
+                self.cached_blocks += n - node.cached
+                node.cached = n
+            node.refs += 1
+            out.append(node)
+        return out
+
+    def release(self, acquired: list[CacheNode]) -> int:
+        """A call finished or was preempted: its nodes' references drop; nodes no running call uses
+        join the LRU queue, the call's tail first (so its tail is evicted first, as in vLLM).
+        Returns the blocks that went back to the free pool."""
+        lru = self._lru
+        freed = 0
+        for node in reversed(acquired):
+            node.refs -= 1
+            if node.refs == 0:
+                freed += node.blocks
+                if node.cached:
+                    lru[node.key] = node
+                    self.evictable_blocks += node.cached
+        return freed
+
+    def evict_down_to(self, free_blocks: int) -> None:
+        """Evict least recently released cached blocks until they fit in the free pool."""
+        excess = self.evictable_blocks - free_blocks
+        if excess <= 0:
+            return
+        lru = self._lru
+        nodes = self.nodes
+        while excess > 0:
+            key, node = next(iter(lru.items()))
+            take = node.cached if node.cached <= excess else excess
+            node.cached -= take
+            excess -= take
+            self.evictable_blocks -= take
+            self.cached_blocks -= take
+            self.evicted_blocks += take
+            if node.cached == 0:
+                del lru[key]
+                del nodes[key]
