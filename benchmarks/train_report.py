@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from envs.sim.errors import UserError
 from policies.loader import policy_label
@@ -51,8 +52,6 @@ CELLS = [
 
 def with_triage(tuned: Path) -> Path:
     """The tuned policy with its urgency order replaced by urgency-triage (same knobs)."""
-    import yaml
-
     spec = yaml.safe_load(tuned.read_text())
     spec["name"] = "hexgen-tuned+triage"
     spec["local"]["name"] = "urgency-triage"
@@ -70,6 +69,11 @@ def tune_hexgen(cell: Cell, out: Path, trials: int = 30, n_seeds: int = 4) -> Pa
     from policies.loader import save_policy
 
     seeds = [TUNE_SEED_BASE + i for i in range(n_seeds)]
+    path = out / "tuned" / cell.label.replace("/", "_").replace("@", "_at_") / "hexgen-tuned.yaml"
+    if path.exists():  # the same cell tuned the same way by an earlier report into this --out: reuse it
+        meta = (yaml.safe_load(path.read_text()) or {}).get("meta", {})
+        if meta.get("tuned_on") == cell.label and meta.get("tuning_seeds") == seeds and meta.get("trials") == trials:
+            return path
     specs = [cell.run_spec(s) for s in seeds]
 
     def objective(trial: optuna.Trial) -> float:
@@ -83,7 +87,6 @@ def tune_hexgen(cell: Cell, out: Path, trials: int = 30, n_seeds: int = 4) -> Pa
     study.optimize(objective, n_trials=trials)
     best = study.best_params
     policy = HeuristicPolicy.named("hexgen", dispatch_knobs={"alpha": best["alpha"]}, local_knobs={"weight": best["weight"]})
-    path = out / "tuned" / cell.label.replace("/", "_").replace("@", "_at_") / "hexgen-tuned.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_policy(policy, path, extra={"name": "hexgen-tuned",
                                      "meta": {"tuned_on": cell.label, "tuning_seeds": seeds, "trials": trials,
@@ -120,7 +123,7 @@ def main() -> None:
         tuned = tune_hexgen(cell, args.out, trials=args.trials)
         baselines = ["rr", "hexgen", str(tuned), str(with_triage(tuned)), "least-work+urgency"] + args.policy[1:]
         res = evaluate(args.policy[0], baselines, [cell], seeds, workers=args.workers)
-        res["cells"][0]["tuned_policy"] = json.loads(json.dumps(__import__("yaml").safe_load(tuned.read_text())))
+        res["cells"][0]["tuned_policy"] = json.loads(json.dumps(yaml.safe_load(tuned.read_text())))
         if merged is None:
             merged = res
         else:

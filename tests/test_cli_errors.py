@@ -274,7 +274,7 @@ def test_bench_takes_a_yaml_workflow_template_like_simulate():
     from heuristics.cli import check_scenario
 
     check_scenario("react-agent.yaml", "paper", 5, [0, 1])
-    assert capacity_qps_estimate("react-agent.yaml", "paper") > capacity_qps_estimate("chess_trace1", "paper")
+    assert capacity_qps_estimate("react-agent.yaml", "paper", False) > capacity_qps_estimate("chess_trace1", "paper", False)
 
 
 def test_calls_too_large_for_some_engines_show_in_the_printed_table(tmp_path, capsys, monkeypatch):

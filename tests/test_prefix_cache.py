@@ -369,7 +369,7 @@ def test_scenarios_and_cli_switch_the_cache(tmp_path: Path, capsys, monkeypatch)
     for command in ("simulate", "bench", "evaluate"):
         extra = ["--policy", "rr"] if command == "evaluate" else []
         proc = run_main(capsys, monkeypatch, command, *extra, "--prefix-cache", "maybe")
-        assert proc.returncode == 2 and "--prefix-cache: must be on or off" in proc.stderr, (command, proc.stderr)
+        assert proc.returncode == 2 and "'--prefix-cache': 'maybe' is not one of 'on', 'off'" in proc.stderr, (command, proc.stderr)
         assert "Traceback" not in proc.stderr
 
 
