@@ -13,7 +13,7 @@ periodic knob updates come from `local_policy`. Written as a policy file:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from envs.sim.view import CallView, ClusterView, EngineView
 from policies.base import Policy, PolicyError
@@ -62,9 +62,9 @@ class CombinedPolicy(Policy):
         return {"kind": "combined", "name": self.name, "dispatch": self._sources[0], "local": self._sources[1]}
 
 
-def combined_from_spec(spec: dict[str, Any], base_dir: Path, source: str) -> CombinedPolicy:
-    from policies.loader import load_policy
-
+def combined_from_spec(spec: dict[str, Any], base_dir: Path, source: str,
+                       load_policy: Callable[[str], Policy]) -> CombinedPolicy:
+    """The combined policy of a `kind: combined` file; `load_policy` loads each part (the loader's)."""
     unknown = sorted(set(spec) - set(FIELDS))
     if unknown:
         raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")

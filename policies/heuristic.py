@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics import registry
@@ -83,3 +83,25 @@ class HeuristicPolicy(Policy):
             if type(obj) is factory:
                 return key
         return type(obj).__name__
+
+
+QueueKey = Callable[[Any, Any], float]
+
+
+def resolve_local_order(local_order: Any, knobs: dict[str, Any] | None = None) -> tuple[QueueKey, str]:
+    """A queue-key function and a label from: a local-order name (`urgency`, `fcfs`, `edf`), a
+    named policy (`hexgen`, `rr`: its local order), a `Policy` (its `queue_key`), or a callable."""
+    if isinstance(local_order, str):
+        if local_order in registry.LOCAL_ORDERS:
+            return _construct(registry.LOCAL_ORDERS[local_order], "local order", local_order, knobs or {}).key, local_order
+        if local_order in registry.NAMED:
+            named = registry.NAMED[local_order]
+            policy = HeuristicPolicy.named(local_order, local_knobs={**named.local_knobs, **(knobs or {})})
+            return policy.queue_key, named.local
+        raise PolicyError(f"local_order: unknown {local_order!r} (local orders: {', '.join(registry.LOCAL_ORDERS)}; "
+                          f"or a policy name: {', '.join(registry.NAMED)})")
+    if hasattr(local_order, "queue_key"):
+        return local_order.queue_key, getattr(local_order, "name", "policy")
+    if callable(local_order):
+        return local_order, getattr(local_order, "__name__", "custom")
+    raise TypeError(f"local_order must be a name, a Policy or a callable, got {type(local_order).__name__}")

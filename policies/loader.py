@@ -10,7 +10,9 @@ import yaml
 
 from heuristics import registry
 from policies.base import Policy, PolicyError
+from policies.combined import combined_from_spec
 from policies.heuristic import HeuristicPolicy
+from policies.trained import load_trained_policy
 
 POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 # shipped policies, each a directory in one layout: policy.yaml (+ model.zip for a network),
@@ -90,11 +92,7 @@ def load_policy(name_or_path: str | Path) -> Policy:
             path = path / "policy.yaml"  # a shipped heuristic in the directory layout
     if path.exists():
         if path.is_dir() or path.suffix == ".zip":
-            try:
-                from policies.trained import load_trained_policy
-            except ModuleNotFoundError:
-                raise PolicyError(f"policy: {path} looks like a trained policy but trained policies are not available") from None
-            return load_trained_policy(path)
+            return load_trained_policy(path)  # needs the [train] extra (torch, SB3) only to run the network
         if path.suffix not in POLICY_FILE_SUFFIXES:
             raise PolicyError(f"policy: {path} must be a .yaml/.json policy file or a trained policy directory")
         try:
@@ -102,9 +100,7 @@ def load_policy(name_or_path: str | Path) -> Policy:
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise PolicyError(f"policy: {path} cannot be parsed ({exc.__class__.__name__}); fix the file syntax") from None
         if isinstance(raw, dict) and raw.get("kind") == "combined":
-            from policies.combined import combined_from_spec
-
-            return combined_from_spec(raw, path.parent, source=f"policy file {path.name}")
+            return combined_from_spec(raw, path.parent, source=f"policy file {path.name}", load_policy=load_policy)
         return policy_from_spec(raw, source=f"policy file {path.name}")
     if text.endswith(POLICY_FILE_SUFFIXES) or "/" in text:
         raise PolicyError(f"policy: file {text} not found (check the path)")

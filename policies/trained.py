@@ -13,7 +13,7 @@ A trained policy is a directory (or a zip of one) holding
 gateway call like any heuristic:
 
 - a Dispatch policy answers `dispatch(call, cluster)` by building exactly the env's observation
-  (`envs.gym.observation.DispatchObservation`) from the read-only view, normalising it with the
+  (`envs.observation.dispatch.DispatchObservation`) from the read-only view, normalising it with the
   saved statistics, and taking the most probable *valid* engine (healthy, not padding);
   `queue_key` is its local heuristic's;
 - a Knobs policy is the heuristic it was trained over; every `interval_s` its network reads the
@@ -37,8 +37,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from envs.observation import dispatch as dispatch_observation
+from envs.observation import knobs as knobs_observation_module
+from envs.observation.dispatch import OBS_VERSION, SUPPORTED_OBS_VERSIONS, DispatchObservation
+from envs.observation.knobs import DEFAULT_KNOBS, Knob, KnobsObservation
 from envs.sim.view import CallView, ClusterView, EngineView
+from heuristics import registry
 from policies.base import Policy, PolicyError
+from policies.heuristic import HeuristicPolicy, resolve_local_order
 
 FORMAT_VERSION = 1
 METADATA_FILE = "policy.yaml"
@@ -80,26 +86,19 @@ def observation_spec(env_id: str, version: int | None = None) -> dict[str, Any]:
     older versions (`version`, for policies trained on them).
     """
     if env_id == DISPATCH_ENV_ID:
-        from envs.gym import observation as mod
-
+        mod = dispatch_observation
         version = mod.OBS_VERSION if version is None else version
         features = mod.engine_features(version) if version in mod.SUPPORTED_OBS_VERSIONS else mod.ENGINE_FEATURES
         names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *features]
         digest = hashlib.sha1(json.dumps([names, float(mod.OBS_CLIP)]).encode()).hexdigest()[:12]
         return {"version": int(version), "fingerprint": digest}
     elif env_id == KNOBS_ENV_ID:
-        mod = _knobs_module()
+        mod = knobs_observation_module
         names = [*mod.GLOBAL_FEATURES, "|", *mod.GPU_TYPE_FEATURES]
     else:
         raise PolicyError(f"env id {env_id!r} is not an agentsched env (use {DISPATCH_ENV_ID} or {KNOBS_ENV_ID})")
-    digest = hashlib.sha1(json.dumps([names, float(getattr(mod, "OBS_CLIP", 0.0))]).encode()).hexdigest()[:12]
-    return {"version": int(getattr(mod, "OBS_VERSION", 1)), "fingerprint": digest}
-
-
-def _knobs_module() -> Any:
-    import importlib
-
-    return importlib.import_module("envs.gym.knobs_env")
+    digest = hashlib.sha1(json.dumps([names, float(dispatch_observation.OBS_CLIP)]).encode()).hexdigest()[:12]
+    return {"version": int(mod.OBS_VERSION), "fingerprint": digest}
 
 
 # ---- the policy classes ---------------------------------------------------------------------------
@@ -179,8 +178,6 @@ class TrainedDispatchPolicy(TrainedPolicy):
 
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
-        from envs.gym.dispatch_env import resolve_local_order
-        from envs.gym.observation import OBS_VERSION, DispatchObservation
 
         local = meta.get("local") or {}
         self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
@@ -226,7 +223,6 @@ class TrainedKnobsPolicy(TrainedPolicy):
 
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
-        from envs.gym.knobs_env import DEFAULT_KNOBS, Knob, KnobsObservation
 
         self.interval_s = float(meta["interval_s"])
         self.base_name = str(meta["heuristic"].get("base", "hexgen"))
@@ -239,8 +235,6 @@ class TrainedKnobsPolicy(TrainedPolicy):
         self.knob_history: list[dict[str, float]] = []
 
     def _heuristic_for(self, action: np.ndarray | None) -> Any:
-        from heuristics import registry
-        from policies.heuristic import HeuristicPolicy
 
         named = registry.NAMED[self.base_name]
         if action is None:
@@ -358,7 +352,6 @@ def check_observation_spec(path: Path, meta: dict[str, Any]) -> None:
     trained = meta["observation_spec"]
     current = observation_spec(meta["env_id"])
     if meta["env_id"] == DISPATCH_ENV_ID and isinstance(trained.get("version"), int):
-        from envs.gym.observation import SUPPORTED_OBS_VERSIONS
 
         if trained["version"] in SUPPORTED_OBS_VERSIONS:  # an older spec this checkout still builds
             current = observation_spec(meta["env_id"], trained["version"])

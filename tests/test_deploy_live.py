@@ -312,7 +312,7 @@ class IntervalProbe(RoundRobin):
         self.obs = None
 
     def on_interval(self, cluster) -> None:
-        from envs.gym.knobs_env import knobs_observation
+        from policies.knob_control import knobs_observation
 
         self.obs, self.knobs_state = knobs_observation(cluster, self.knobs_state)
         open_now = sum(1 for w in cluster.workflows if not w.done)

@@ -338,7 +338,7 @@ def test_bounds_hold_on_extreme_random_clusters():
 def test_observation_builder_works_from_the_view_inside_simulate():
     """A trained policy inside `simulate` (or the gateway) sees exactly the env's observations:
     the builder reads only the view protocols."""
-    from envs.gym.observation import DispatchObservation
+    from envs.observation.dispatch import DispatchObservation
     from policies import load_policy
     from policies.base import Policy
 
@@ -434,7 +434,7 @@ def test_mask_infeasible_keeps_long_calls_off_small_engines():
 def test_knob_policy_runs_inside_simulate():
     """`knobs_observation` / `apply_knobs` let a knob policy act through `Policy.on_interval` in
     `simulate`, seeing observations of Knobs-v0's space."""
-    from envs.gym.knobs_env import apply_knobs, knobs_observation
+    from policies.knob_control import apply_knobs, knobs_observation
     from policies import load_policy
     from policies.base import Policy
 
@@ -541,7 +541,7 @@ def test_knob_schedule_same_in_env_and_in_simulate():
     """Knobs changed every interval give the same run in Knobs-v0 and in `simulate` through
     `Policy.on_interval` (ticks at the same simulated times), so a knob policy evaluated in
     `simulate` is evaluated on the env's terms."""
-    from envs.gym.knobs_env import apply_knobs
+    from policies.knob_control import apply_knobs
     from policies import load_policy
     from policies.base import Policy
 

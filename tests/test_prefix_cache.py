@@ -374,7 +374,7 @@ def test_scenarios_and_cli_switch_the_cache(tmp_path: Path, capsys, monkeypatch)
 
 
 def test_observation_v2_has_the_cache_features_and_v1_is_still_built() -> None:
-    from envs.gym.observation import (ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD, OBS_VERSION, DispatchObservation,
+    from envs.observation.dispatch import (ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD, OBS_VERSION, DispatchObservation,
                                       engine_block)
 
     assert OBS_VERSION == 2 and ENGINE_FEATURES[: len(ENGINE_FEATURES_V1)] == ENGINE_FEATURES_V1

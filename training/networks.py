@@ -23,7 +23,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
-from envs.gym.observation import ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD
+from envs.observation.dispatch import ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD
 
 N_ENGINE_FEATURES = len(ENGINE_FEATURES)
 # models saved before observation spec v2 do not record their row width: they have v1 rows; the

@@ -1,7 +1,6 @@
 """`agentsched train`: one SB3 run from a `TrainConfig`, written to a run directory.
 
 Run directory layout:
-
     config.yaml           the resolved config (flags applied)
     tb/                   TensorBoard events (+ progress.csv): rollout/*, train/*, eval/*, baseline/*,
                           warm_start/*, and a Custom Scalars layout putting policy and baseline on one chart
@@ -25,6 +24,16 @@ import numpy as np
 
 from envs.sim.errors import UserError
 from training.config import DISPATCH_ENV_ID, KNOBS_ENV_ID, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
+from envs.observation.knobs import DEFAULT_CONTROL_INTERVAL_S
+from policies.loader import load_policy
+from policies.trained import TrainedDispatchPolicy, TrainedKnobsPolicy, _Network
+from policies.trained import algorithm_class
+from policies.trained import save_trained_policy
+from training import bc
+from training.callbacks import SimEvalCallback, write_custom_scalars
+from training.envs import make_single_env, make_vec_env
+from training.envs import max_engines_for
+from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
 
 
 def _say(console: Any) -> Callable[[str], None]:
@@ -34,10 +43,6 @@ def _say(console: Any) -> Callable[[str], None]:
 
 
 def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) -> Any:
-    from policies.trained import algorithm_class
-
-    from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
-
     cls = algorithm_class(config.algo)
     policy_kwargs = dict(config.policy_kwargs)
     if config.policy in POLICY_CLASSES:  # the engine scorer needs the row width of this observation spec
@@ -51,7 +56,6 @@ def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) ->
 
 def policy_meta(config: TrainConfig, venv: Any) -> dict[str, Any]:
     """The metadata `policies.trained` needs to rebuild the policy outside training."""
-    from training.envs import max_engines_for
 
     meta: dict[str, Any] = {"env_id": config.env_id, "algo": config.algo,
                             "observation_shape": list(venv.observation_space.shape)}
@@ -61,8 +65,6 @@ def policy_meta(config: TrainConfig, venv: Any) -> dict[str, Any]:
         meta["local"] = {"name": local if isinstance(local, str) else "urgency",
                          "knobs": dict(config.env_kwargs.get("local_knobs") or {})}
     else:
-        from envs.gym.knobs_env import DEFAULT_CONTROL_INTERVAL_S
-
         meta["max_engines"] = None
         meta["heuristic"] = {"base": config.env_kwargs.get("policy", "hexgen")}
         meta["interval_s"] = float(config.env_kwargs.get("control_interval_s", DEFAULT_CONTROL_INTERVAL_S))
@@ -72,7 +74,6 @@ def policy_meta(config: TrainConfig, venv: Any) -> dict[str, Any]:
 
 def in_memory_policy(model: Any, meta: dict[str, Any], vecnorm: Any = None) -> Any:
     """The live model as a `Policy` (shares its weights), for evaluation during training."""
-    from policies.trained import TrainedDispatchPolicy, TrainedKnobsPolicy, _Network
 
     obs_rms = None
     if vecnorm is not None and vecnorm.norm_obs:
@@ -85,8 +86,6 @@ def in_memory_policy(model: Any, meta: dict[str, Any], vecnorm: Any = None) -> A
 
 def save_policy_dir(out: Path, model: Any, config: TrainConfig, meta: dict[str, Any], vecnorm: Any,
                     extra: dict[str, Any] | None = None) -> Path:
-    from policies.trained import save_trained_policy
-
     if out.exists():
         shutil.rmtree(out)
     extra_meta = {k: v for k, v in meta.items() if k in ("heuristic", "interval_s", "env_kwargs")}
@@ -111,10 +110,6 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from policies.loader import load_policy
-    from training import bc
-    from training.callbacks import SimEvalCallback, write_custom_scalars
-    from training.envs import make_single_env, make_vec_env
 
     say = _say(console)
     out = Path(out_dir)

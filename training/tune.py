@@ -25,6 +25,9 @@ from typing import Any, Callable
 
 
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE, TrainConfig
+from policies.loader import load_policy
+from training.callbacks import mean_metrics, run_policy
+from training.train import train
 
 # The search space over PPO / MaskablePPO hyper-parameters (SAC keys for Knobs-v0 with SAC).
 PPO_SPACE: dict[str, tuple] = {
@@ -71,8 +74,6 @@ def trial_config(base: TrainConfig, params: dict[str, Any], timesteps: int, tune
 
 def evaluate_on_seeds(policy_dir: str | Path, config: TrainConfig, seeds: list[int]) -> dict[str, Any]:
     """Mean metrics of a trained policy and of the config's baseline on these seeds."""
-    from policies.loader import load_policy
-    from training.callbacks import mean_metrics, run_policy
 
     specs = [s.run_spec(seed) for s in config.eval_scenarios() for seed in seeds]
     out = {"seeds": seeds, "policy": mean_metrics(run_policy(load_policy(policy_dir), specs))}
@@ -85,7 +86,6 @@ def evaluate_on_seeds(policy_dir: str | Path, config: TrainConfig, seeds: list[i
 def _objective(base: TrainConfig, out: Path, timesteps: int, tune_seeds: list[int]) -> Callable[[Any], float]:
     import optuna
 
-    from training.train import train
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space_for(base))
@@ -140,7 +140,6 @@ def _run_ray(base: TrainConfig, out: Path, trials: int, timesteps: int, tune_see
 
     def trainable(params: dict[str, Any]) -> None:
         from training.config import TrainConfig as _TC
-        from training.train import train
 
         cfg = trial_config(_TC.parse(base_raw), params, timesteps, tune_seeds, f"{base.name}-ray")
         trial_dir = trial_root / f"ray-trial-{tune.get_context().get_trial_id()}"

@@ -31,16 +31,18 @@ the class `DispatchEnv` to `make_vec_env`. `make_vec_env` asks for render_mode="
 these envs ignore (add `"render_mode": None` to env_kwargs to silence Gymnasium's warning).
 
 A trained Dispatch-v0 policy outside the env (in `simulate`, in the gateway) builds the identical
-observation with `envs.gym.observation.DispatchObservation(max_engines).build(call, cluster)`, which
+observation with `envs.observation.dispatch.DispatchObservation(max_engines).build(call, cluster)`, which
 reads only the view protocols; `valid_actions(cluster)` is the mask.
 """
 
 from gymnasium.envs.registration import register, registry
 
 from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
-from envs.gym.dispatch_env import DispatchEnv, InvalidActionError
-from envs.gym.knobs_env import Knob, KnobsEnv, KnobsObservation
-from envs.gym.observation import DispatchObservation
+from envs.gym.dispatch_env import DispatchEnv
+from envs.observation import InvalidActionError
+from envs.gym.knobs_env import KnobsEnv
+from envs.observation.knobs import Knob, KnobsObservation
+from envs.observation.dispatch import DispatchObservation
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
 
 for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),

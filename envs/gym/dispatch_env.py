@@ -17,49 +17,19 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.gym.observation import OBS_CLIP, OBS_VERSION, DispatchObservation, observation_size
+from envs.observation import InvalidActionError
+from envs.observation.dispatch import OBS_CLIP, OBS_VERSION, DispatchObservation, observation_size
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.engine import LLMCall
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.scenario import RunSpec, build_simulator
+from policies.heuristic import resolve_local_order
 
 # The local order engines use unless told otherwise: the paper's urgency (least slack first).
 DEFAULT_LOCAL_ORDER = "urgency"
 
-QueueKey = Callable[[Any, Any], float]
-
-
-class InvalidActionError(ValueError):
-    """An action that is not an engine index, is out of range, or is masked (padding, engine down)."""
-
-
-def resolve_local_order(local_order: Any, knobs: dict[str, Any] | None = None) -> tuple[QueueKey, str]:
-    """A queue-key function and a label from: a local-order name (`urgency`, `fcfs`, `edf`), a
-    named policy (`hexgen`, `rr`: its local order), a `Policy` (its `queue_key`), or a callable."""
-    from heuristics import registry
-
-    if isinstance(local_order, str):
-        if local_order in registry.LOCAL_ORDERS:
-            from policies.heuristic import _construct
-
-            return _construct(registry.LOCAL_ORDERS[local_order], "local order", local_order, knobs or {}).key, local_order
-        if local_order in registry.NAMED:
-            from policies.heuristic import HeuristicPolicy
-
-            named = registry.NAMED[local_order]
-            policy = HeuristicPolicy.named(local_order, local_knobs={**named.local_knobs, **(knobs or {})})
-            return policy.queue_key, named.local
-        from policies.base import PolicyError
-
-        raise PolicyError(f"local_order: unknown {local_order!r} (local orders: {', '.join(registry.LOCAL_ORDERS)}; "
-                          f"or a policy name: {', '.join(registry.NAMED)})")
-    if hasattr(local_order, "queue_key"):
-        return local_order.queue_key, getattr(local_order, "name", "policy")
-    if callable(local_order):
-        return local_order, getattr(local_order, "__name__", "custom")
-    raise TypeError(f"local_order must be a name, a Policy or a callable, got {type(local_order).__name__}")
 
 
 def metrics_of_episode(sim: ClusterSimulator, spec: RunSpec, policy_spec: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +100,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     teach the agent that an action it did not take was its own.
 
     Observation: `Box(-OBS_CLIP, OBS_CLIP, (observation_size(max_engines),), float32)`; see
-    `envs.gym.observation` for the layout and scaling (`env.unwrapped.observation_names()`).
+    `envs.observation.dispatch` for the layout and scaling (`env.unwrapped.observation_names()`).
 
     Reward (`envs.gym.reward`), for the simulated time between two decisions:
         completion_bonus x (workflows that finished within their SLO)
@@ -166,7 +136,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self._queue_key, self.local_order_name = resolve_local_order(local_order, local_knobs)
         self.mask_infeasible = bool(mask_infeasible)
         self.episode_metrics = bool(episode_metrics)
-        # obs_version: the observation spec (envs.gym.observation; older ones for policies trained on them)
+        # obs_version: the observation spec (envs.observation.dispatch; older ones for policies trained on them)
         self._obs = DispatchObservation(self.max_engines, obs_version)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._obs.size,), np.float32)
         self.action_space = MaskedDiscrete(self.max_engines)

@@ -26,6 +26,8 @@ from envs.sim.config import ClusterConfig, EngineConfig, load_cluster
 from envs.sim.errors import UserError
 from envs.sim.scenario import FailureSpec, RunSpec, TenantSpec
 from envs.sim.workload import GammaArrivals, PiecewiseArrivals, PoissonArrivals
+from envs.sim.scenario import is_template
+from envs.sim.workload import resolve_trace_path, resolve_workflow_path
 
 # Episode seeds are drawn below this bound when a scenario does not limit them (fits int32).
 MAX_EPISODE_SEED = 2**31 - 1
@@ -156,9 +158,6 @@ class Scenario(BaseModel):
     @field_validator("trace")
     @classmethod
     def _trace_exists(cls, v: str) -> str:
-        from envs.sim.scenario import is_template
-        from envs.sim.workload import resolve_trace_path, resolve_workflow_path
-
         try:
             resolve_workflow_path(v) if is_template(v) else resolve_trace_path(v)
         except UserError as exc:
