@@ -262,7 +262,7 @@ def plan_command(
                                               help="override catalog prices, USD per GPU-hour (e.g. H100=2.5,A6000=0.6)"),
     headroom: float = typer.Option(1.2, parser=positive_float,
                                    help="the integer program covers headroom x each step's demand (queueing is not in its model)"),
-    queries: int = typer.Option(50, min=1, help="queries per simulation"),
+    queries: Optional[int] = typer.Option(None, min=1, help="queries per simulation (default: enough that arrivals span 5 SLOs, at least 50)"),
     seeds: IntList = typer.Option("150000-150002", parser=parse_int_list, metavar=LIST_METAVAR,
                                   help="tuning seeds: the search simulates every candidate on these"),
     test_seeds: IntList = typer.Option("200000-200002", parser=parse_int_list, metavar=LIST_METAVAR,
@@ -298,7 +298,7 @@ def plan_command(
     make_policy(policy)
     if tune_policy and not search_space(policy):
         raise UserError(f"--tune-policy: {policy} has no tunable knobs (drop --tune-policy or pick another --policy)")
-    check_scenario(trace, slo_reference, queries, seeds[:1])
+    check_scenario(trace, slo_reference, queries or 1, seeds[:1])
     cfg = PlanConfig(trace=trace, rate_qps=rate, load=load, slo_scale=slo_scale, target=target,
                      gpus=canonical_gpus(gpus, catalog), model=model, policy=policy, tune_policy=tune_policy,
                      tune_trials=tune_trials, max_gpus=max_gpus, prices=parse_prices(prices, catalog),
@@ -307,7 +307,7 @@ def plan_command(
                      slo_reference=slo_reference, homogeneous=homogeneous)
     console.print(f"[bold]plan[/] {trace} @ {rate:g} q/s ({load}), SLO x{slo_scale:g} of {slo_reference}, target "
                   f"{target:g}, GPUs {', '.join(cfg.gpus)}, policy {policy}{' (tuned per cluster)' if tune_policy else ''}, "
-                  f"{queries} queries, tuning seeds {cfg.tune_seeds}, test seeds {cfg.test_seeds}, {workers} workers")
+                  f"tuning seeds {cfg.tune_seeds}, test seeds {cfg.test_seeds}, {workers} workers")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("simulating", total=None)
 
@@ -332,7 +332,7 @@ def plan_command(
     shape = "" if load == "constant" else f" (a {load} load: simulate only runs Poisson arrivals)"
     console.print(f"wrote {', '.join(result['files'].values())}, {out / 'plan.json'}; simulate the answer with "
                   f"`agentsched simulate --cluster {out / 'cluster.yaml'} --policy {policy_arg} --trace {trace} "
-                  f"--rate {rate:g} --slo-scale {result['chosen']['slo_scale_in_simulate']:g} --queries {queries}`{shape}")
+                  f"--rate {rate:g} --slo-scale {result['chosen']['slo_scale_in_simulate']:g} --queries {result['config']['queries']}`{shape}")
 
 
 def print_plan_tables(console: Any, result: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ runs with the scale that gives that same absolute SLO.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -83,7 +84,7 @@ from envs.sim.model import EngineModel, StepTokens, build_engine_model
 from envs.sim.perf import solo_call_latency_s
 from envs.sim.scenario import RunSpec, build_simulator, simulate, workload_for
 from envs.sim.workload import step_mean_tokens
-from heuristics.bench import PolicyRef, make_policy
+from heuristics.bench import MIN_SPAN_SLOS, PolicyRef, make_policy
 from heuristics.tune import search_space, spec_with
 from policies.loader import RECOMMENDED_POLICY
 from training.evaluate import LOADS, Cell
@@ -95,7 +96,7 @@ DEFAULT_MODEL = "Llama-3.1-70B"
 DEFAULT_POLICY = RECOMMENDED_POLICY
 DEFAULT_HEADROOM = 1.2
 DEFAULT_GPU_CAP = 64  # the search never goes past this many GPUs without --max-gpus
-DEFAULT_QUERIES = 50
+DEFAULT_QUERIES = 50  # at least; by default enough queries that arrivals span MIN_SPAN_SLOS SLOs
 DEFAULT_TUNE_TRIALS = 4
 # the seed blocks of training/config.py (TUNE_SEED_BASE, TEST_SEED_BASE; a test checks they agree),
 # repeated because training.config imports the Gymnasium envs, which the base install does not have
@@ -364,7 +365,7 @@ class PlanConfig:
     max_gpus: int | None = None
     prices: dict[str, float] = field(default_factory=dict)  # USD per GPU-hour, canonical GPU names
     headroom: float = DEFAULT_HEADROOM
-    queries: int = DEFAULT_QUERIES
+    queries: int | None = None  # None: `queries_for_sustained_load`
     tune_seeds: list[int] = field(default_factory=lambda: [TUNE_SEED_BASE + i for i in range(3)])
     test_seeds: list[int] = field(default_factory=lambda: [TEST_SEED_BASE + i for i in range(3)])
     workers: int = 1
@@ -382,7 +383,14 @@ class PlanConfig:
     @property
     def cell(self) -> Cell:
         return Cell(trace=self.trace, rate_qps=self.rate_qps, load=self.load, slo_scale=self.slo_scale,
-                    queries=self.queries)
+                    queries=self.queries or DEFAULT_QUERIES)
+
+
+def queries_for_sustained_load(rate_qps: float, slo_s: float) -> int:
+    """Queries whose arrivals span `MIN_SPAN_SLOS` SLOs (at least `DEFAULT_QUERIES`). Fewer measure
+    how big a burst a cluster absorbs before its backlog drains, not the rate it sustains, and
+    favour clusters too small for the rate (the same rule as bench's steady-state warning)."""
+    return max(DEFAULT_QUERIES, math.ceil(MIN_SPAN_SLOS * slo_s * rate_qps))
 
 
 @dataclass
@@ -525,6 +533,14 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     reference_sim = build_simulator(RunSpec(trace=cfg.trace, cluster=cfg.slo_reference, queries=1))
     reference_base_slo_s = reference_sim.slo.base_slo_s
     slo_s = cfg.slo_scale * reference_base_slo_s
+    sustained = queries_for_sustained_load(cfg.rate_qps, slo_s)
+    if cfg.queries is None:
+        cfg = dataclasses.replace(cfg, queries=sustained)
+        note(f"{cfg.queries} queries per simulation: arrivals over {MIN_SPAN_SLOS:g} SLOs of {slo_s:.0f} s")
+    elif cfg.queries < sustained:
+        note(f"warning: {cfg.queries} queries arrive over {cfg.queries / cfg.rate_qps / slo_s:.1f} SLOs of {slo_s:.0f} s, "
+             f"fewer than {MIN_SPAN_SLOS:g}: the plan measures how big a burst a cluster absorbs, not the rate it "
+             f"sustains (use --queries {sustained} or more)")
     demands = workload_demands(cfg, reference_sim.slo)
     options = engine_options(cfg.gpus, cfg.model, catalog, cfg.prices, cfg.tps, cfg.weight_bits)
     if not options:
@@ -653,13 +669,14 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     cheapest_homo = min(homo_ok, key=lambda c: c["price_per_hour"]) if homo_ok else None
     ilp_row = comparisons[0]
     chosen_price = chosen_row["price_per_hour"]
-    grid = grid_size(tune_evals, moves, cfg.gpu_cap)
+    grid = grid_size(tune_evals, moves)
     return {
         "config": {"trace": cfg.trace, "rate_qps": cfg.rate_qps, "load": cfg.load, "slo_scale": cfg.slo_scale,
                    "slo_reference": cfg.slo_reference, "slo_s": slo_s, "target": cfg.target, "gpus": cfg.gpus,
                    "model": cfg.model, "policy": cfg.policy, "tune_policy": cfg.tune_policy,
                    "tune_trials": cfg.tune_trials if cfg.tune_policy else 0, "max_gpus": cfg.max_gpus,
                    "prices_per_gpu_hour": cfg.prices, "headroom": cfg.headroom, "queries": cfg.queries,
+                   "arrival_span_slos": cfg.queries / cfg.rate_qps / slo_s,
                    "tune_seeds": cfg.tune_seeds, "test_seeds": cfg.test_seeds, "workers": cfg.workers,
                    "prefix_cache": cfg.prefix_cache},
         "chosen": {**chosen_row, "verified_on_test": verified,
@@ -770,10 +787,12 @@ def homogeneous_search(ev: Evaluator, option: EngineOption, start_count: int) ->
     return {"option": option.label, "mix": make_mix({option: hi}), "probes": len(probes)}
 
 
-def grid_size(evaluations: Sequence[Evaluation], moves: Sequence[EngineOption], gpu_cap: int) -> int:
-    """Clusters of a grid over the move types with 0..n_max engines each (n_max: the most engines of
-    one type in any simulated cluster) within the GPU cap: what a grid search would simulate."""
+def grid_size(evaluations: Sequence[Evaluation], moves: Sequence[EngineOption]) -> int:
+    """Clusters of a grid over the move types with 0..n_max engines each and at most g_max GPUs in
+    all (n_max, g_max: the most engines of one type, and the most GPUs, of any cluster the planner
+    simulated): what a grid over the region the search covered would simulate."""
     n_max = max((n for e in evaluations for _, n in e.mix), default=1)
+    gpu_cap = max((mix_gpus(e.mix) for e in evaluations), default=1)
     sizes = [1]  # sizes[g]: count vectors using exactly g GPUs so far
     for option in moves:
         nxt = [0] * (gpu_cap + 1)
@@ -824,7 +843,9 @@ def plot_pareto(result: dict[str, Any], path: Path) -> Path:
             label="Pareto front (tuning seeds)")
     ax.axhline(result["config"]["target"], color="k", linestyle=":", linewidth=1, label="target")
     marks = [(result["chosen"], "chosen", "C3", "*")]
-    marks += [(c, c["what"], f"C{i + 1}", "o") for i, c in enumerate(result["comparisons"]) if c.get("price_per_hour")]
+    colors = ["C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9", "C0"]  # C3 is the chosen cluster's
+    marks += [(c, c["what"], colors[i % len(colors)], "o") for i, c in enumerate(result["comparisons"])
+              if c.get("price_per_hour")]
     for row, label, color, marker in marks:
         if row.get("attainment_test") is not None:
             ax.scatter([row["price_per_hour"]], [row["attainment_test"]], s=90 if marker == "*" else 40, color=color,
