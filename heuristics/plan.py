@@ -644,6 +644,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
             ev.evaluate([paper_mix])
         compare = [m for m in [ilp_mix, paper_mix] + [h["mix"] for h in homogeneous.values() if h["mix"]] if m]
         ev.evaluate(compare, "test")
+    tune_evals = [e for (m, p), e in ev.cache.items() if p == "tune"]
 
     def row(mix: Mix, what: str) -> dict[str, Any]:
         tune_ev, test_ev = ev.cache.get((mix, "tune")), ev.cache.get((mix, "test"))
