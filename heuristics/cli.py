@@ -360,8 +360,9 @@ def print_plan_tables(console: Any, result: dict[str, Any]) -> None:
     console.print(f"saving vs the cheapest homogeneous cluster ({savings['cheapest_homogeneous'] or 'none met the target'}): "
                   f"{'n/a' if homo is None else f'{homo:.1%}'}; vs the program's answer: {savings['vs_program_answer']:.1%} "
                   f"(the program's answer {'meets' if savings['program_answer_meets_target'] else 'misses'} the target); "
-                  f"{result['clusters_simulated']} clusters, {result['simulations']} simulations (a grid over the same "
-                  f"engine types: {result['grid_simulations']}), {result['wall_s']:.1f} s")
+                  f"{result['clusters_simulated']} clusters, {result['simulations']} simulations "
+                  f"({', '.join(f'{k} {v}' for k, v in result['simulations_by_phase'].items())}; a grid over the "
+                  f"region the local search covered would need {result['grid_simulations']}), {result['wall_s']:.1f} s")
     if not result["chosen"]["verified_on_test"]:
         console.print("[yellow]warning:[/] no cluster that met the target on the tuning seeds held it on the test seeds; "
                       "shown: the best of those tried (add seeds or --queries)")

@@ -597,6 +597,8 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         ev = Evaluator(cfg, pool, base_slo_of, reference_base_slo_s, progress)
         search = local_search(ev, ilp_mix, moves, opts, tps, prices, tput, demand, note)
+        search_evals = [e for (m, p), e in ev.cache.items() if p == "tune"]
+        search_simulations = ev.simulations
         homogeneous = {}
         if cfg.homogeneous:
             for gpu in cfg.gpus:
@@ -614,6 +616,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
                 f"or loosen --slo-scale")
         chosen = None
         verification = []
+        baseline_simulations = ev.simulations - search_simulations
         for candidate in feasible[:VERIFY_CANDIDATES]:
             test = ev.evaluate([candidate.mix], "test")[0]
             verification.append({"cluster": mix_label(candidate.mix), "price_per_hour": round(mix_price(candidate.mix), 4),
@@ -670,7 +673,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     cheapest_homo = min(homo_ok, key=lambda c: c["price_per_hour"]) if homo_ok else None
     ilp_row = comparisons[0]
     chosen_price = chosen_row["price_per_hour"]
-    grid = grid_size(tune_evals, moves)
+    grid = grid_size(search_evals, moves)
     return {
         "config": {"trace": cfg.trace, "rate_qps": cfg.rate_qps, "load": cfg.load, "slo_scale": cfg.slo_scale,
                    "slo_reference": cfg.slo_reference, "slo_s": slo_s, "target": cfg.target, "gpus": cfg.gpus,
@@ -702,6 +705,10 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
                        "attainment_tune": e.attainment} for e in sorted(tune_evals, key=lambda e: mix_price(e.mix))],
         "clusters_simulated": len(tune_evals),
         "simulations": ev.simulations,
+        "simulations_by_phase": {"local search": search_simulations, "homogeneous searches": baseline_simulations,
+                                 "verification and comparisons": ev.simulations - search_simulations - baseline_simulations},
+        "search_clusters": len(search_evals),
+        # a grid over the region the local search covered, on the same tuning seeds
         "grid_simulations": grid * (len(cfg.tune_seeds) * (cfg.tune_trials if cfg.tune_policy else 1)),
         "wall_s": time.perf_counter() - started,
         "_chosen_mix": chosen.mix,

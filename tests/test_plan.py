@@ -16,8 +16,8 @@ from envs.sim.config import load_cluster
 from envs.sim.scenario import RunSpec, simulate
 from heuristics.bench import make_policy
 from heuristics.plan import (TEST_SEED_BASE, TUNE_SEED_BASE, EngineOption, Evaluation, PlanConfig, StepDemand,
-                             engine_options, make_mix, mix_cluster, mix_gpus, neighbours, pareto_front, run_spec_for,
-                             solve_ilp, step_throughput, throughput_table)
+                             engine_options, grid_size, make_mix, mix_cluster, mix_gpus, neighbours, pareto_front,
+                             run_spec_for, solve_ilp, step_throughput, throughput_table)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 8192  # one prefill chunk at the default max_num_batched_tokens
@@ -152,3 +152,10 @@ def test_prefix_cache_setting_is_passed_through_or_refused(tmp_path) -> None:
         proc = _cli("--rate", "0.05", "--prefix-cache", "off", "--out", str(tmp_path / "p"))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "--prefix-cache" in lines[0], proc.stderr[-2000:]
+
+
+def test_grid_size_counts_the_count_vectors_of_the_searched_region() -> None:
+    a, b = EngineOption("H100", 1, 4, 3.0), EngineOption("L40S", 2, 4, 2.0)
+    evals = [Evaluation(make_mix({a: 2}), 1, 1, 1, "rr"), Evaluation(make_mix({b: 1}), 1, 1, 1, "rr")]
+    # at most 2 of a type and 2 GPUs in all: {a: 1}, {a: 2}, {b: 1}
+    assert grid_size(evals, [a, b]) == 3
