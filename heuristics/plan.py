@@ -673,7 +673,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     cheapest_homo = min(homo_ok, key=lambda c: c["price_per_hour"]) if homo_ok else None
     ilp_row = comparisons[0]
     chosen_price = chosen_row["price_per_hour"]
-    grid = grid_size(search_evals, moves)
+    grid = grid_size(search_evals, list(dict.fromkeys(list(moves) + [o for e in search_evals for o, _ in e.mix])))
     return {
         "config": {"trace": cfg.trace, "rate_qps": cfg.rate_qps, "load": cfg.load, "slo_scale": cfg.slo_scale,
                    "slo_reference": cfg.slo_reference, "slo_s": slo_s, "target": cfg.target, "gpus": cfg.gpus,

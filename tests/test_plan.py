@@ -123,7 +123,10 @@ def test_plan_end_to_end_writes_a_cluster_that_loads_and_simulates(tmp_path) -> 
     whats = [c["what"] for c in result["comparisons"]]
     assert whats[0] == "program answer alone" and "paper cluster" in whats
     assert {"cheapest homogeneous H100", "cheapest homogeneous A6000"} <= set(whats)
-    assert 0 < result["simulations"] < result["grid_simulations"]
+    phases = result["simulations_by_phase"]
+    assert sum(phases.values()) == result["simulations"]
+    assert phases["local search"] == result["search_clusters"] * 1  # one tuning seed per cluster
+    assert result["grid_simulations"] >= phases["local search"]  # the grid holds every cluster searched
     cluster = load_cluster(out / "cluster.yaml")
     assert sum(e.count * e.tp for e in cluster.engines) == chosen["gpus"]
     assert {e.gpu for e in cluster.engines} <= {"H100", "A6000"}
