@@ -573,16 +573,16 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
 
     # per engine type alone: the homogeneous program answers, and the move types of the search
     alone = throughput_table(engines, demands, enforce_budget=False)
-    best_alone: dict[str, tuple[EngineOption, int]] = {}
+    best_alone: dict[str, tuple[EngineOption, int]] = {}  # per GPU type: the cheapest single-type program answer
+    best_key: dict[str, tuple[float, int]] = {}
     for e, option in enumerate(opts):
         row = np.where(tput[e] > 0, tput[e], alone[e])  # over budget: its solo throughput, for the baseline
         if not (row > 0).all():
             continue  # some step's largest call does not fit this engine's KV cache
         n = max(1, math.ceil(cfg.headroom * sum(d / t for d, t in zip(demand, row)) - 1e-9))
         key = (option.price_per_hour * n, option.tp * n)
-        if option.gpu not in best_alone or key < (best_alone[option.gpu][0].price_per_hour * best_alone[option.gpu][1],
-                                                 best_alone[option.gpu][0].tp * best_alone[option.gpu][1]):
-            best_alone[option.gpu] = (option, n)
+        if option.gpu not in best_key or key < best_key[option.gpu]:
+            best_alone[option.gpu], best_key[option.gpu] = (option, n), key
     moves = list(dict.fromkeys([o for o, _ in ilp_mix] + [o for o, _ in best_alone.values()]))
 
     base_slo_cache: dict[tuple, float] = {}
