@@ -174,8 +174,8 @@ def step_throughput(engine: EngineModel, demand: StepDemand, enforce_budget: boo
         raise UserError(f"plan: engine {engine.name} has no iteration model (a latency table only); plan needs one")
     if demand.max_context_tokens > engine.kv_capacity_tokens:
         return 0.0, 0
-    tokens_in = max(1, int(round(demand.mean_input_tokens)))
-    tokens_out = max(1, int(round(demand.mean_output_tokens)))
+    tokens_in = max(1, round(demand.mean_input_tokens))
+    tokens_out = max(1, round(demand.mean_output_tokens))
     prefill_s = engine.solo_overhead_s + solo_call_latency_s(perf, tokens_in, 1, engine.max_num_batched_tokens)
     batch_max = min(engine.max_num_seqs, max(1, engine.kv_capacity_tokens // (tokens_in + tokens_out)))
     best = (0.0, 0)
@@ -286,14 +286,14 @@ def neighbours(mix: Mix, moves: Sequence[EngineOption], gpu_cap: int) -> list[Mi
     """Clusters one move away: one engine removed, one added, or one swapped for another type."""
     counts = dict(mix)
     out = []
-    for option in counts:
+    for option, n in counts.items():
         if sum(counts.values()) > 1:
-            out.append(make_mix({**counts, option: counts[option] - 1}))
+            out.append(make_mix({**counts, option: n - 1}))
     for option in moves:
         out.append(make_mix({**counts, option: counts.get(option, 0) + 1}))
-        for current in counts:
+        for current, n in counts.items():
             if current != option:
-                swapped = {**counts, current: counts[current] - 1}
+                swapped = {**counts, current: n - 1}
                 swapped[option] = swapped.get(option, 0) + 1
                 out.append(make_mix(swapped))
     return [m for m in dict.fromkeys(out) if m and mix_gpus(m) <= gpu_cap and m != mix]

@@ -53,7 +53,7 @@ def toy_program(calls_per_s: float, budget_s: float, max_gpus: int | None = None
 
 def test_throughput_is_one_prefill_per_call_on_the_toy_catalog() -> None:
     # by hand: 8192 tokens x 2 x 1e9 FLOPs / 1e14 FLOP/s = 0.164 s per call -> 6.10 calls/s (slow), 24.4 (fast)
-    options = dict((o.gpu, e) for o, e in engine_options(["slow", "fast"], "toy", toy_catalog(), tps=(1,), bits=(16,)))
+    options = {o.gpu: e for o, e in engine_options(["slow", "fast"], "toy", toy_catalog(), tps=(1,), bits=(16,))}
     for gpu, peak in (("slow", 100e12), ("fast", 400e12)):
         calls_per_s, _ = step_throughput(options[gpu], one_step(1.0, 10.0))
         assert calls_per_s == pytest.approx(peak / (PROMPT_TOKENS * 2 * 1e9), rel=0.01)
@@ -71,7 +71,7 @@ def test_program_finds_the_hand_computed_mix() -> None:
 
 
 def test_batching_raises_throughput_until_the_latency_budget_binds() -> None:
-    options = dict((o.gpu, e) for o, e in engine_options(["fast"], "toy", toy_catalog(), tps=(1,), bits=(16,)))
+    options = {o.gpu: e for o, e in engine_options(["fast"], "toy", toy_catalog(), tps=(1,), bits=(16,))}
     engine = options["fast"]
     # 200 decode iterations of ~1 ms each (the weights read once per iteration): ~0.2 s alone
     decode_heavy = [StepDemand("gen", 1.0, 500, 200, 700, budget_s) for budget_s in (0.1, 0.25, 0.3, 0.5, 30.0)]
