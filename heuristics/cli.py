@@ -1,4 +1,4 @@
-"""`agentsched bench`, `agentsched tune` and `agentsched policies`.
+"""`agentsched bench`, `agentsched tune`, `agentsched plan` and `agentsched policies`.
 
 Heavy imports stay inside the commands so `agentsched --help` is instant. Every user mistake is
 a `UserError`/`PolicyError`: one line on stderr naming the flag and the fix, exit code 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,7 @@ from heuristics.bench import DEFAULT_POLICIES
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("tune")(tune_command)
+    app.command("plan")(plan_command)
     app.command("policies")(policies_command)
 
 
@@ -237,6 +239,137 @@ def tune_command(
                      workers=workers or os.cpu_count() or 1, sampler_seed=sampler_seed, grid_rates=grid_rates)
     report = run_grid(cfg, console) if grid else run_tpe(cfg, console)
     console.print(f"wrote {out_path} (load it with --policy {out_path}); study: {report['storage']}")
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+
+class PrefixCacheSetting(str, Enum):
+    on = "on"
+    off = "off"
+
+
+def plan_command(
+    trace: str = typer.Option("chess_trace1", help="CHESS trace file or shipped trace name"),
+    rate: float = typer.Option(..., parser=positive_float, help="mean arrival rate, queries/s"),
+    load: str = typer.Option("constant", help="load shape: constant, step (0.5x then 1.5x) or burst (a 3x burst)"),
+    slo_scale: float = typer.Option(3.0, parser=positive_float,
+                                    help="SLO = scale x the base SLO of --slo-reference (one SLO in seconds for every candidate)"),
+    target: float = typer.Option(0.95, min=0.0, max=1.0, help="SLO attainment to reach on the test seeds"),
+    gpus: TextList = typer.Option("H100,A100-80G,L40S,A6000", parser=parse_text_list, metavar=LIST_METAVAR,
+                                  help="GPU types to rent (catalog names)"),
+    model: str = typer.Option("Llama-3.1-70B", help="model every engine serves (catalog name)"),
+    policy: str = typer.Option("least-work+workflow", help="scheduling policy (name or policy file)"),
+    tune_policy: bool = typer.Option(False, "--tune-policy", help="tune the policy's knobs per candidate on the tuning seeds"),
+    tune_trials: int = typer.Option(4, min=1, help="Optuna trials per candidate with --tune-policy"),
+    max_gpus: Optional[int] = typer.Option(None, min=1, help="at most this many GPUs in total (default: search up to 64)"),
+    prices: Optional[TextList] = typer.Option(None, parser=parse_text_list, metavar="GPU=USD,...",
+                                              help="override catalog prices, USD per GPU-hour (e.g. H100=2.5,A6000=0.6)"),
+    headroom: float = typer.Option(1.2, parser=positive_float,
+                                   help="the integer program covers headroom x each step's demand (queueing is not in its model)"),
+    queries: Optional[int] = typer.Option(None, min=1, help="queries per simulation (default: enough that arrivals span 5 SLOs, at least 50)"),
+    seeds: IntList = typer.Option("150000-150002", parser=parse_int_list, metavar=LIST_METAVAR,
+                                  help="tuning seeds: the search simulates every candidate on these"),
+    test_seeds: IntList = typer.Option("200000-200002", parser=parse_int_list, metavar=LIST_METAVAR,
+                                       help="held-out seeds the answer and the comparisons are reported on"),
+    slo_reference: str = typer.Option("paper", help="cluster whose base SLO --slo-scale multiplies"),
+    prefix_cache: Optional[PrefixCacheSetting] = typer.Option(None, help="simulate with automatic prefix caching on or off (default: the simulator's)"),
+    homogeneous: bool = typer.Option(True, "--homogeneous/--no-homogeneous", help="also search the cheapest homogeneous cluster of each GPU type"),
+    workers: int = typer.Option(1, min=1, help="worker processes for the simulations"),
+    out: Path = typer.Option(Path("runs/plan"), parser=writable_dir, help="output directory: plan.json, cluster.yaml, pareto.png"),
+) -> None:
+    """The cheapest GPU mix whose SLO attainment reaches --target: an integer program, then simulation."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from envs.sim.catalog import load_catalog
+    from heuristics.bench import make_policy
+    from heuristics.plan import (PlanConfig, canonical_gpus, cluster_yaml, mix_label, mix_price, parse_prices, plot_pareto,
+                                 run_plan)
+    from heuristics.tune import search_space
+    from policies import policy_from_spec, save_policy
+    from training.evaluate import LOADS
+
+    console = _console()
+    if load not in LOADS:
+        raise UserError(f"--load: unknown load shape {load!r} (use {', '.join(LOADS)})")
+    if prefix_cache is not None and "prefix_cache" not in RunSpec.model_fields:
+        raise UserError("--prefix-cache: this simulator does not model prefix caching yet (RunSpec has no "
+                        "prefix_cache field); drop the option")
+    overlap = sorted(set(seeds) & set(test_seeds))
+    if overlap:
+        raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen")
+    catalog = load_catalog()
+    catalog.model(model)
+    make_policy(policy)
+    if tune_policy and not search_space(policy):
+        raise UserError(f"--tune-policy: {policy} has no tunable knobs (drop --tune-policy or pick another --policy)")
+    check_scenario(trace, slo_reference, queries or 1, seeds[:1])
+    cfg = PlanConfig(trace=trace, rate_qps=rate, load=load, slo_scale=slo_scale, target=target,
+                     gpus=canonical_gpus(gpus, catalog), model=model, policy=policy, tune_policy=tune_policy,
+                     tune_trials=tune_trials, max_gpus=max_gpus, prices=parse_prices(prices, catalog),
+                     headroom=headroom, queries=queries, tune_seeds=list(seeds), test_seeds=list(test_seeds),
+                     workers=workers, prefix_cache=prefix_cache.value if prefix_cache else None,
+                     slo_reference=slo_reference, homogeneous=homogeneous)
+    console.print(f"[bold]plan[/] {trace} @ {rate:g} q/s ({load}), SLO x{slo_scale:g} of {slo_reference}, target "
+                  f"{target:g}, GPUs {', '.join(cfg.gpus)}, policy {policy}{' (tuned per cluster)' if tune_policy else ''}, "
+                  f"tuning seeds {cfg.tune_seeds}, test seeds {cfg.test_seeds}, {workers} workers")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("simulating", total=None)
+
+        def progress(simulations: int, clusters: int, best: Any) -> None:
+            text = (f"best ${mix_price(best.mix):.2f}/h {mix_label(best.mix)} ({best.attainment:.3f})" if best
+                    else "no cluster meets the target yet")
+            bar.update(task, description=f"{clusters} clusters, {simulations} simulations; {text}")
+
+        result = run_plan(cfg, progress=progress, note=lambda text: bar.console.print(text))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cluster.yaml").write_text(cluster_yaml(result, model))
+    plot = plot_pareto(result, out / "pareto.png")
+    result.pop("_chosen_mix")
+    result["files"] = {"cluster": str(out / "cluster.yaml"), "plot": str(plot)}
+    policy_arg = policy
+    if tune_policy:  # the policy tuned on the chosen cluster, as a policy file
+        policy_path = out / "policy.yaml"
+        save_policy(policy_from_spec(result["chosen"]["policy"]), policy_path, extra={"meta": {"tuned_by": "agentsched plan"}})
+        result["files"]["policy"] = policy_arg = str(policy_path)
+    (out / "plan.json").write_text(json.dumps(_jsonable(result), indent=2))
+    print_plan_tables(console, result)
+    shape = "" if load == "constant" else f" (a {load} load: simulate only runs Poisson arrivals)"
+    console.print(f"wrote {', '.join(result['files'].values())}, {out / 'plan.json'}; simulate the answer with "
+                  f"`agentsched simulate --cluster {out / 'cluster.yaml'} --policy {policy_arg} --trace {trace} "
+                  f"--rate {rate:g} --slo-scale {result['chosen']['slo_scale_in_simulate']:g} --queries {result['config']['queries']}`{shape}")
+
+
+def print_plan_tables(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    cfg = result["config"]
+    table = Table(title=f"plan: {cfg['trace']} @ {cfg['rate_qps']:g} q/s ({cfg['load']}), SLO {cfg['slo_s']:.0f} s "
+                        f"(x{cfg['slo_scale']:g}), target {cfg['target']:g}")
+    for col in ("", "cluster", "GPUs", "$/h", "attain (tuning)", "attain (test)", "meets"):
+        table.add_column(col, justify="right" if col in ("GPUs", "$/h") or col.startswith("attain") else "left")
+    for row in [result["chosen"]] + result["comparisons"]:
+        meets = row.get("meets_target_test")
+        table.add_row(row["what"], row["cluster"], _fmt(row.get("gpus")), _fmt(row.get("price_per_hour"), 4),
+                      _fmt(row.get("attainment_tune")), _fmt(row.get("attainment_test")),
+                      "n/a" if meets is None else ("yes" if meets else "no"))
+    console.print(table)
+    front = Table(title="Pareto front: price vs SLO attainment (tuning seeds)")
+    for col in ("cluster", "GPUs", "$/h", "attain"):
+        front.add_column(col, justify="left" if col == "cluster" else "right")
+    for row in result["pareto_front"]:
+        front.add_row(row["cluster"], str(row["gpus"]), f"{row['price_per_hour']:.2f}", f"{row['attainment_tune']:.3f}")
+    console.print(front)
+    savings = result["savings"]
+    homo = savings["vs_cheapest_homogeneous"]
+    console.print(f"saving vs the cheapest homogeneous cluster ({savings['cheapest_homogeneous'] or 'none met the target'}): "
+                  f"{'n/a' if homo is None else f'{homo:.1%}'}; vs the program's answer: {savings['vs_program_answer']:.1%} "
+                  f"(the program's answer {'meets' if savings['program_answer_meets_target'] else 'misses'} the target); "
+                  f"{result['clusters_simulated']} clusters, {result['simulations']} simulations "
+                  f"({', '.join(f'{k} {v}' for k, v in result['simulations_by_phase'].items())}; a grid over the "
+                  f"region the local search covered would need {result['grid_simulations']}), {result['wall_s']:.1f} s")
+    if not result["chosen"]["verified_on_test"]:
+        console.print("[yellow]warning:[/] no cluster that met the target on the tuning seeds held it on the test seeds; "
+                      "shown: the best of those tried (add seeds or --queries)")
 
 
 # ---- policies ------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ LOCAL_CLUSTER = str(ROOT / "deploy" / "clusters" / "local-cpu.yaml")
 
 # what each command would start: a test case that reaches one of these has not been validated up front
 ENTRY_POINTS = ("envs.sim.cluster.ClusterSimulator.run", "heuristics.bench.run_bench", "heuristics.tune.run_tpe",
-                "heuristics.tune.run_grid", "training.train.train", "training.tune.tune_rl", "training.evaluate.evaluate",
+                "heuristics.tune.run_grid", "heuristics.plan.run_plan", "training.train.train", "training.tune.tune_rl",
+                "training.evaluate.evaluate",
                 "deploy.gateway.server.run_gateway", "deploy.engines.engines_up", "deploy.engines.engines_down",
                 "deploy.engines.run_tiny_model_builder", "deploy.replay.replay", "deploy.calibrate.calibrate")
 
@@ -110,6 +111,16 @@ CASES: list[tuple[list[str], str]] = [
     (["tune", "--rate", "nan"], "--rate"),
     (["tune", "--policy", "nope"], "nope"),
     (["tune", "--out", "{dir}/tuned.txt"], "--out"),
+    # plan
+    (["plan"], "--rate"),
+    (["plan", "--rate", "0"], "--rate"),
+    (["plan", "--rate", "0.1", "--load", "spiky"], "--load"),
+    (["plan", "--rate", "0.1", "--gpus", "H200"], "--gpus"),
+    (["plan", "--rate", "0.1", "--prices", "H100=x"], "--prices"),
+    (["plan", "--rate", "0.1", "--target", "1.5"], "--target"),
+    (["plan", "--rate", "0.1", "--seeds", "1", "--test-seeds", "1"], "--test-seeds"),
+    (["plan", "--rate", "0.1", "--model", "GPT-9"], "GPT-9"),
+    (["plan", "--rate", "0.1", "--out", "{a_file}"], "--out"),
     # policies
     (["policies", "--all"], "--all"),
     # train
