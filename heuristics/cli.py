@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -243,11 +242,6 @@ def tune_command(
 
 # ---- plan ----------------------------------------------------------------------------------------
 
-class PrefixCacheSetting(str, Enum):
-    on = "on"
-    off = "off"
-
-
 def plan_command(
     trace: str = typer.Option("chess_trace1", help="CHESS trace file or shipped trace name"),
     rate: float = typer.Option(..., parser=positive_float, help="mean arrival rate, queries/s"),
@@ -272,7 +266,7 @@ def plan_command(
     test_seeds: IntList = typer.Option("200000-200002", parser=parse_int_list, metavar=LIST_METAVAR,
                                        help="held-out seeds the answer and the comparisons are reported on"),
     slo_reference: str = typer.Option("paper", help="cluster whose base SLO --slo-scale multiplies"),
-    prefix_cache: Optional[PrefixCacheSetting] = typer.Option(None, help="simulate with automatic prefix caching on or off (default: the simulator's)"),
+    prefix_cache: OnOff = prefix_cache_option(),
     homogeneous: bool = typer.Option(True, "--homogeneous/--no-homogeneous", help="also search the cheapest homogeneous cluster of each GPU type"),
     workers: int = typer.Option(1, min=1, help="worker processes for the simulations"),
     out: Path = typer.Option(Path("runs/plan"), parser=writable_dir, help="output directory: plan.json, cluster.yaml, pareto.png"),
@@ -291,9 +285,6 @@ def plan_command(
     console = _console()
     if load not in LOADS:
         raise UserError(f"--load: unknown load shape {load!r} (use {', '.join(LOADS)})")
-    if prefix_cache is not None and "prefix_cache" not in RunSpec.model_fields:
-        raise UserError("--prefix-cache: this simulator does not model prefix caching yet (RunSpec has no "
-                        "prefix_cache field); drop the option")
     overlap = sorted(set(seeds) & set(test_seeds))
     if overlap:
         raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen")
@@ -307,7 +298,7 @@ def plan_command(
                      gpus=canonical_gpus(gpus, catalog), model=model, policy=policy, tune_policy=tune_policy,
                      tune_trials=tune_trials, max_gpus=max_gpus, prices=parse_prices(prices, catalog),
                      headroom=headroom, queries=queries, tune_seeds=list(seeds), test_seeds=list(test_seeds),
-                     workers=workers, prefix_cache=prefix_cache.value if prefix_cache else None,
+                     workers=workers, prefix_cache=prefix_cache is OnOff.on,
                      slo_reference=slo_reference, homogeneous=homogeneous)
     console.print(f"[bold]plan[/] {trace} @ {rate:g} q/s ({load}), SLO x{slo_scale:g} of {slo_reference}, target "
                   f"{target:g}, GPUs {', '.join(cfg.gpus)}, policy {policy}{' (tuned per cluster)' if tune_policy else ''}, "

@@ -301,7 +301,7 @@ def neighbours(mix: Mix, moves: Sequence[EngineOption], gpu_cap: int) -> list[Mi
 
 # ---- one candidate's simulations (these run in worker processes) ---------------------------------
 
-def run_spec_for(cluster: ClusterConfig, cell: Cell, seed: int, slo_scale: float, prefix_cache: str | None) -> RunSpec:
+def run_spec_for(cluster: ClusterConfig, cell: Cell, seed: int, slo_scale: float, prefix_cache: bool | None) -> RunSpec:
     """The simulation of one candidate on one seed: the cell's workload and load shape, this
     cluster, the SLO scale that gives the plan's absolute SLO on it."""
     extra = {"prefix_cache": prefix_cache} if prefix_cache is not None else {}
@@ -310,7 +310,7 @@ def run_spec_for(cluster: ClusterConfig, cell: Cell, seed: int, slo_scale: float
 
 
 def _pooled(cluster: ClusterConfig, policy_ref: PolicyRef, cell: Cell, seeds: Sequence[int], slo_scale: float,
-            prefix_cache: str | None) -> tuple[int, int]:
+            prefix_cache: bool | None) -> tuple[int, int]:
     met = n = 0
     for seed in seeds:
         _, sim = simulate(run_spec_for(cluster, cell, seed, slo_scale, prefix_cache), make_policy(policy_ref))
@@ -320,7 +320,7 @@ def _pooled(cluster: ClusterConfig, policy_ref: PolicyRef, cell: Cell, seeds: Se
 
 
 def run_candidate(cluster: ClusterConfig, policy_ref: PolicyRef, cell: Cell, seeds: list[int], slo_scale: float,
-                  prefix_cache: str | None, tune_trials: int = 0, sampler_seed: int = 0) -> dict[str, Any]:
+                  prefix_cache: bool | None, tune_trials: int = 0, sampler_seed: int = 0) -> dict[str, Any]:
     """Pooled attainment of one cluster over `seeds`; with `tune_trials`, the policy's knobs are
     first tuned on these seeds (Optuna TPE, the policy's own knobs as the first trial) and the
     best trial's policy is the one scored."""
@@ -369,7 +369,7 @@ class PlanConfig:
     tune_seeds: list[int] = field(default_factory=lambda: [TUNE_SEED_BASE + i for i in range(3)])
     test_seeds: list[int] = field(default_factory=lambda: [TEST_SEED_BASE + i for i in range(3)])
     workers: int = 1
-    prefix_cache: str | None = None  # "on"/"off"; None: the simulator's default
+    prefix_cache: bool | None = None  # None: the simulator's default (on)
     slo_reference: str = "paper"
     tps: tuple[int, ...] = TP_DEGREES
     weight_bits: tuple[int, ...] = WEIGHT_BITS

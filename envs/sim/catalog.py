@@ -65,6 +65,8 @@ class GPUSpec(BaseModel):
     def _plain_block_is_every_class(cls, value: object) -> object:
         if value is None:
             return {}
+        if isinstance(value, Efficiency):
+            return {weight_class: value for weight_class in WEIGHT_CLASSES}
         if isinstance(value, dict) and value and set(value) <= EFFICIENCY_FIELDS:
             return {weight_class: value for weight_class in WEIGHT_CLASSES}
         return value
