@@ -91,6 +91,8 @@ class CallState:
     attempts: int = 0
     engine_id: int = -1
     expected_s: float = 0.0
+    admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
+    critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
 
 
 @dataclass(slots=True)
@@ -105,6 +107,8 @@ class WorkflowState:
     deadline_s: float
     calls_done: int = 0
     expected_remaining_s: float = 0.0
+    attained_service_s: float = 0.0  # seconds from admission to finish, summed over its finished calls
+    critical_path_service_s: float = 0.0  # the same along the critical path (see WorkflowView)
     position: int = 0  # pointer into the standard workflow
     inflight: int = 0
     last_seen_s: float = 0.0
