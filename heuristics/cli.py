@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
     app.command("tune")(tune_command)
     app.command("policies")(policies_command)
+    app.command("league")(league_command)
 
 
 # ---- flag parsing --------------------------------------------------------------------------------
@@ -65,6 +66,13 @@ def parse_ints(flag: str, text: str, example: str) -> list[int]:
 def check_positive(flag: str, value: float | None) -> None:
     if value is not None and (not value > 0 or math.isinf(value)):
         raise UserError(f"--{flag}: must be a positive number, got {value}")
+
+
+def check_backend(backend: str) -> None:
+    from heuristics.bench import BACKENDS
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)} (e.g. --backend ray)")
 
 
 def validate_scenario(trace: str, cluster: str, queries: int | None) -> None:
@@ -113,6 +121,7 @@ def bench_command(
     ratio_scale: float = typer.Option(3.0, help="SLO scale of the goodput ratio"),
     ratios: bool = typer.Option(True, "--ratios/--no-ratios", help="search the thresholds behind the headline ratios"),
     workers: Optional[int] = typer.Option(None, help="worker processes (default: all cores)"),
+    backend: str = typer.Option("process", help="process (local worker pool) or ray (Ray tasks; RAY_ADDRESS to use a cluster)"),
     out: Path = typer.Option(Path("runs/bench"), help="output directory: results.json, CSVs and PNG plots"),
 ) -> None:
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
@@ -138,13 +147,14 @@ def bench_command(
     check_positive("ratio-scale", ratio_scale)
     if workers is not None and workers < 1:
         raise UserError(f"--workers: must be >= 1, got {workers}")
+    check_backend(backend)
     capacity = capacity_qps_estimate(trace, cluster)
     rate_list = parse_floats("rates", rates, "0.02,0.05") or [round(capacity * f, 4) for f in DEFAULT_LOADS]
     scale_list = parse_floats("slo-scales", slo_scales, "1.5,3,6")
     seed_list = parse_ints("seeds", seeds, "0,1")
     ratio_rate_qps = ratio_rate if ratio_rate is not None else round(capacity * DEFAULT_RATIO_LOAD, 4)
     cfg = BenchConfig(Scenario(trace, cluster, queries), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
-                      ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios)
+                      ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios, backend=backend)
     console.print(f"[bold]bench[/] {trace} on {cluster}: {len(refs)} policies x {len(rate_list)} rates x "
                   f"{len(scale_list)} SLO scales x {len(seed_list)} seeds, {cfg.workers} workers; estimated capacity "
                   f"~{capacity:.3g} q/s (prefill-bound), rates {', '.join(f'{r:g}' for r in rate_list)} q/s")
@@ -274,6 +284,65 @@ def tune_command(
                      workers=workers or os.cpu_count() or 1, sampler_seed=sampler_seed, grid_rates=grid_rates)
     report = run_grid(cfg, console) if grid else run_tpe(cfg, console)
     console.print(f"wrote {out_path} (load it with --policy {out_path}); study: {report['storage']}")
+
+
+# ---- league --------------------------------------------------------------------------------------
+
+def league_command(
+    policies: Optional[str] = typer.Option(None, help="comma-separated policy names (default: every named policy)"),
+    cells: Optional[str] = typer.Option(None, help="comma-separated cell names (default: all; see heuristics/league.py)"),
+    trials: int = typer.Option(8, help="TPE trials per (cell, policy) with knobs (the first is the policy's own knobs)"),
+    tune_seeds: str = typer.Option("150000-150002", help="tuning seeds: 'a-b' or 'a,b,c'"),
+    test_seeds: str = typer.Option("200000-200009", help="test seeds (disjoint from the tuning seeds)"),
+    fixed: str = typer.Option("least-work+workflow", help="policies also run with their shipped knobs, untuned ('' for none)"),
+    slo_scale: float = typer.Option(3.0, help="SLO scale"),
+    workers: Optional[int] = typer.Option(None, help="worker processes, or local Ray CPUs (default: all cores)"),
+    backend: str = typer.Option("process", help="process (local worker pool) or ray (Ray tasks; RAY_ADDRESS to use a cluster)"),
+    out: Path = typer.Option(Path("runs/league"), help="output directory: league.json, league.md, league.png"),
+) -> None:
+    """Every named policy, tuned per cell on tuning seeds, on the cells that matter; test seeds with bootstrap CIs."""
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from heuristics import registry
+    from heuristics.league import LeagueConfig, markdown, run_league, select_cells, write
+    from training.evaluate import parse_seeds
+
+    console = _console()
+    names = [p.strip() for p in policies.split(",") if p.strip()] if policies is not None else list(registry.NAMED)
+    if not names:
+        raise UserError("--policies: give at least one policy (e.g. --policies least-work+workflow,autellix-atlas)")
+    for name in names:
+        if name not in registry.NAMED:
+            raise UserError(f"--policies: unknown policy {name!r} (named policies: {', '.join(registry.NAMED)})")
+    fixed_names = [p.strip() for p in fixed.split(",") if p.strip()]
+    for name in fixed_names:
+        if name not in names:
+            raise UserError(f"--fixed: {name!r} is not in --policies")
+    if trials < 1:
+        raise UserError(f"--trials: must be >= 1, got {trials}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {workers}")
+    check_positive("slo-scale", slo_scale)
+    check_backend(backend)
+    tune_list, test_list = parse_seeds(tune_seeds), parse_seeds(test_seeds)
+    overlap = sorted(set(tune_list) & set(test_list))
+    if overlap:
+        raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen")
+    cfg = LeagueConfig(policies=names, cells=select_cells(cells), tune_seeds=tune_list, test_seeds=test_list,
+                       trials=trials, fixed=fixed_names, slo_scale=slo_scale, workers=workers or os.cpu_count() or 1,
+                       backend=backend)
+    console.print(f"[bold]league[/] {len(names)} policies x {len(cfg.cells)} cells, {trials} trials on seeds "
+                  f"{tune_seeds}, test seeds {test_seeds}, {cfg.workers} workers ({backend})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("league", total=None)
+        results = run_league(cfg, progress=lambda label: bar.update(task, advance=1, description=label),
+                             on_total=lambda n: bar.update(task, total=n))
+    paths = write(results, out)
+    console.print(markdown(results, top=5))
+    console.print(f"wrote {', '.join(str(p) for p in paths)} ({results['wall_s']:.0f} s)")
 
 
 # ---- policies ------------------------------------------------------------------------------------

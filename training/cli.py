@@ -91,16 +91,19 @@ def register(app: typer.Typer) -> None:
         generated: bool = typer.Option(False, "--generated", help="all queries from the generator fitted to the trace"),
         out: Optional[Path] = typer.Option(None, "--out", help="output directory (results.json, table, plots)"),
         confidence: float = typer.Option(0.95, "--confidence", help="bootstrap confidence level"),
-        workers: int = typer.Option(1, "--workers", help="worker processes"),
+        workers: int = typer.Option(1, "--workers", help="worker processes (with --backend ray: local Ray CPUs)"),
+        backend: str = typer.Option("process", "--backend", help="process (local pool) or ray (Ray tasks; RAY_ADDRESS to use a cluster)"),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
         from training.evaluate import Cell, evaluate, parse_seeds, print_table
 
+        if backend not in ("process", "ray"):
+            raise UserError(f"--backend: {backend!r} is not process or ray")
         seed_list = parse_seeds(seeds)
         cells = [Cell(trace=t, cluster=c, rate_qps=float(r), load=l, slo_scale=slo_scale, queries=queries, generated=generated)
                  for c in _split(cluster) for t in _split(trace) for r in _split(rate) for l in _split(load)]
         results = evaluate(policy, _split(baselines), cells, seed_list, confidence=confidence, out_dir=out,
-                           workers=workers)
+                           workers=workers, backend=backend)
         print_table(results)
         if out:
             print(f"results: {out / 'results.json'}")
