@@ -255,3 +255,43 @@ def test_every_peer_simulates_on_every_shipped_cluster(cluster_name, capsys, mon
                      "--rate", "0.05", "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert out.exists()
+
+
+def test_gateway_keeps_attained_and_critical_path_service(tmp_path):
+    """The gateway's workflow state gets the same two fields the simulator keeps (a fan-out stage of
+    two calls, then a call after it), so peers see the same view in both."""
+    import asyncio
+
+    import yaml
+
+    from deploy.cluster import load_cluster
+    from deploy.gateway.core import Gateway
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "clusters" / "local-cpu.yaml").read_text())
+    raw["workdir"] = str(tmp_path / "work")
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(raw))
+
+    async def scenario():
+        gw = Gateway(load_cluster(tmp_path / "cluster.yaml"), load_policy("autellix-atlas"))
+        gw.state._t0 -= 100.0  # the gateway's clock starts at 0; let it have run for 100 s
+        new = dict(workflow_key="q", tenant="t", input_tokens=10, output_tokens=5, stream=False, slo_s=100.0)
+        a = gw.new_call(step="generate_candidate", **new)
+        b = gw.new_call(step="generate_candidate", **new)  # same stage: both record critical path 0
+        now = gw.state.now_s
+        a.admit_time_s, b.admit_time_s = now - 5.0, now - 3.0
+        gw.call_finished(a, ok=True)
+        gw.call_finished(b, ok=True)
+        wf = gw.state.workflow(a.workflow_id)
+        after_stage = (wf.attained_service_s, wf.critical_path_service_s)
+        c = gw.new_call(step="revise", **new)
+        c.admit_time_s = gw.state.now_s - 2.0
+        gw.call_finished(c, ok=True)
+        return a, b, c, after_stage, wf
+
+    a, b, c, (attained, critical), wf = asyncio.run(scenario())
+    assert a.critical_path_at_ready_s == b.critical_path_at_ready_s == 0.0
+    assert attained == pytest.approx(8.0, abs=0.05)  # 5 + 3
+    assert critical == pytest.approx(5.0, abs=0.05)  # the longer of the two parallel calls
+    assert c.critical_path_at_ready_s == pytest.approx(critical)
+    assert wf.attained_service_s == pytest.approx(10.0, abs=0.05)
+    assert wf.critical_path_service_s == pytest.approx(7.0, abs=0.05)
