@@ -306,7 +306,7 @@ def league_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from heuristics import registry
-    from heuristics.league import LeagueConfig, markdown, run_league, select_cells, write
+    from heuristics.league import LeagueConfig, run_league, select_cells, summary, write
     from training.evaluate import parse_seeds
 
     console = _console()
@@ -341,7 +341,8 @@ def league_command(
         results = run_league(cfg, progress=lambda label: bar.update(task, advance=1, description=label),
                              on_total=lambda n: bar.update(task, total=n))
     paths = write(results, out)
-    console.print(markdown(results, top=5))
+    console.print("SLO-goodput (q/s), test-seed means (intervals, attainment, p95 and cost in league.md):")
+    console.print(summary(results), markup=False)
     console.print(f"wrote {', '.join(str(p) for p in paths)} ({results['wall_s']:.0f} s)")
 
 

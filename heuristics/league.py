@@ -232,15 +232,16 @@ def run_league(cfg: LeagueConfig, progress: Callable[[str], None] | None = None,
                 entry["tune_goodput_qps"] = {"start": t["start_goodput_qps"], "tuned": t["tune_goodput_qps"]}
             policies[label] = entry
         ranking = sorted(policies, key=lambda k: -policies[k]["goodput_qps"]["mean"])
-        peers = [k for k in ranking if policies[k]["policy"] != OURS]
-        versus = {}
-        if OURS in policies and peers:
-            best_peer = peers[0]
-            versus = {"best_other": best_peer,
-                      "goodput_ratio": ratio_interval(policies[OURS]["goodput_qps"]["per_seed"],
-                                                      policies[best_peer]["goodput_qps"]["per_seed"], cfg.confidence)}
+        versus: dict[str, Any] = {}
+        for key, pool_of in (("ours_vs_best_other", lambda k: policies[k]["policy"] != OURS),
+                             ("ours_vs_best_peer", lambda k: policies[k]["policy"] in PEERS)):
+            rivals = [k for k in ranking if pool_of(k)]
+            if OURS in policies and rivals:
+                versus[key] = {"best": rivals[0], "goodput_ratio": ratio_interval(
+                    policies[OURS]["goodput_qps"]["per_seed"], policies[rivals[0]]["goodput_qps"]["per_seed"],
+                    cfg.confidence)}
         out_cells.append({"name": lc.name, "kind": lc.kind, "label": lc.label, "cell": asdict(cells[ci]),
-                          "ranking": ranking, "policies": policies, "ours_vs_best_other": versus})
+                          "ranking": ranking, "policies": policies, **versus})
     return {"config": {"policies": cfg.policies, "fixed": cfg.fixed, "tune_seeds": cfg.tune_seeds,
                        "test_seeds": cfg.test_seeds, "trials": cfg.trials, "slo_scale": cfg.slo_scale,
                        "workers": cfg.workers, "backend": cfg.backend, "confidence": cfg.confidence,
@@ -277,12 +278,30 @@ def markdown(results: dict[str, Any], top: int | None = None) -> str:
             name = f"**{label}**" if p["policy"] == OURS else label
             lines.append(f"| {cell['name']} | {rank} | {name} | {_f(p['goodput_qps'], 4)} | "
                          f"{_f(p['slo_attainment'], 3)} | {_f(p['latency_p95_s'], 0)} | {_f(p['cost_per_met_usd'], 3)} |")
-    lines += ["", f"{OURS} (tuned per cell) over the best other policy of the cell, SLO-goodput (paired bootstrap):", "",
-              "| cell | best other | ratio |", "|---|---|---|"]
+    lines += ["", f"{OURS} (tuned per cell) over the cell's best peer and best other policy, SLO-goodput "
+              f"(paired bootstrap):", "", "| cell | best peer | ratio | best other | ratio |", "|---|---|---|---|---|"]
     for cell in results["cells"]:
-        v = cell["ours_vs_best_other"]
-        if v:
-            lines.append(f"| {cell['label']} | {v['best_other']} | {_f(v['goodput_ratio'], 2)} |")
+        peer, other = cell.get("ours_vs_best_peer"), cell.get("ours_vs_best_other")
+        if peer and other:
+            lines.append(f"| {cell['label']} | {peer['best']} | {_f(peer['goodput_ratio'], 2)} | {other['best']} | "
+                         f"{_f(other['goodput_ratio'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: dict[str, Any]) -> str:
+    """One row per cell: SLO-goodput of ours (tuned and shipped), HexGen and every peer, and the
+    cell's best other policy; full intervals, attainment, p95 and cost are in `markdown`."""
+    first = results["cells"][0]["policies"]
+    cols = [k for k in (OURS, OURS + SHIPPED_SUFFIX, "hexgen", *PEERS) if k in first]
+    lines = ["| cell | " + " | ".join(cols) + " | ours / best peer | best other (ours excluded) |",
+             "|---|" + "---|" * (len(cols) + 2)]
+    for cell in results["cells"]:
+        p = cell["policies"]
+        row = [f"{p[k]['goodput_qps']['mean']:.4f}" if k in p else "-" for k in cols]
+        peer, other = cell.get("ours_vs_best_peer"), cell.get("ours_vs_best_other")
+        lines.append(f"| {cell['name']} | " + " | ".join(row) + " | "
+                     + (f"{_f(peer['goodput_ratio'], 2)} ({peer['best']})" if peer else "-") + " | "
+                     + (f"{other['best']} {p[other['best']]['goodput_qps']['mean']:.4f}" if other else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +347,7 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "league.json", out / "league.md", out / "league.png"]
     paths[0].write_text(json.dumps(_jsonable(results), indent=2))
-    paths[1].write_text(markdown(results))
+    paths[1].write_text(f"# League\n\nSLO-goodput (q/s), test-seed means:\n\n{summary(results)}\n{markdown(results)}")
     plot(results, paths[2])
     return paths
 
