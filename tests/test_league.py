@@ -68,8 +68,9 @@ def test_league_cli_errors_are_one_line(capsys, monkeypatch):
     assert r.returncode == 2 and "--cells" in r.stderr and "paper-heavy" in r.stderr and "Traceback" not in r.stderr
     r = run_main(capsys, monkeypatch, "league", "--policies", "rr", "--fixed", "hexgen")
     assert r.returncode == 2 and "--fixed" in r.stderr
-    r = run_main(capsys, monkeypatch, "bench", "--backend", "dask", "--policies", "rr")
-    assert r.returncode == 2 and "--backend" in r.stderr
+    for command in (["bench", "--policies", "rr"], ["evaluate", "--policy", "rr"], ["league"]):
+        r = run_main(capsys, monkeypatch, *command, "--backend", "dask")
+        assert r.returncode == 2 and "--backend" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
