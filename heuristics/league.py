@@ -233,9 +233,9 @@ def run_league(cfg: LeagueConfig, progress: Callable[[str], None] | None = None,
             policies[label] = entry
         ranking = sorted(policies, key=lambda k: -policies[k]["goodput_qps"]["mean"])
         versus: dict[str, Any] = {}
-        for key, pool_of in (("ours_vs_best_other", lambda k: policies[k]["policy"] != OURS),
-                             ("ours_vs_best_peer", lambda k: policies[k]["policy"] in PEERS)):
-            rivals = [k for k in ranking if pool_of(k)]
+        rival_sets = (("ours_vs_best_other", [k for k in ranking if policies[k]["policy"] != OURS]),
+                      ("ours_vs_best_peer", [k for k in ranking if policies[k]["policy"] in PEERS]))
+        for key, rivals in rival_sets:
             if OURS in policies and rivals:
                 versus[key] = {"best": rivals[0], "goodput_ratio": ratio_interval(
                     policies[OURS]["goodput_qps"]["per_seed"], policies[rivals[0]]["goodput_qps"]["per_seed"],

@@ -19,7 +19,14 @@ import math
 from typing import Any
 
 from envs.sim.view import CallView, ClusterView, EngineView, WorkflowView
-from heuristics.base import Dispatcher, LocalOrder, NoHealthyEngine, check_int, check_non_negative, check_unit_interval
+from heuristics.base import (
+    Dispatcher,
+    LocalOrder,
+    NoHealthyEngine,
+    check_int,
+    check_non_negative,
+    check_unit_interval,
+)
 
 # per-run maps keyed by workflow or call id are cut back to their newest half past this size, so a
 # gateway that runs for days does not grow them without bound (simulations never reach it)
@@ -390,6 +397,14 @@ class HexagentRisk(_WorkflowOrder):
         return call.workflow_deadline_s - self.remaining_weight * remaining
 
 
-__all__ = ["AutellixLoadBalancer", "ProgramLevelAttainedService", "AdaptiveThreadLevelAttainedService",
-           "KairosMemoryDispatch", "KairosPriority", "ParrotPlacement", "ApplicationFIFO", "JustitiaVirtualFinish",
-           "HexagentRisk"]
+__all__ = [
+    "AdaptiveThreadLevelAttainedService",
+    "ApplicationFIFO",
+    "AutellixLoadBalancer",
+    "HexagentRisk",
+    "JustitiaVirtualFinish",
+    "KairosMemoryDispatch",
+    "KairosPriority",
+    "ParrotPlacement",
+    "ProgramLevelAttainedService",
+]

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from heuristics.bench import BenchConfig, Scenario, run_bench
-from heuristics.league import OURS, SHIPPED_SUFFIX, LeagueConfig, markdown, run_job, run_league, select_cells, write
+from heuristics.league import (
+    OURS,
+    SHIPPED_SUFFIX,
+    LeagueConfig,
+    markdown,
+    run_job,
+    run_league,
+    select_cells,
+    write,
+)
 from tests.test_bench import run_main
 from training.evaluate import Cell, evaluate
 

@@ -12,9 +12,17 @@ import pytest
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.view import WorkflowView
 from heuristics import registry
-from heuristics.peers import (AdaptiveThreadLevelAttainedService, ApplicationFIFO, AutellixLoadBalancer, HexagentRisk,
-                              JustitiaVirtualFinish, KairosMemoryDispatch, KairosPriority, ParrotPlacement,
-                              ProgramLevelAttainedService)
+from heuristics.peers import (
+    AdaptiveThreadLevelAttainedService,
+    ApplicationFIFO,
+    AutellixLoadBalancer,
+    HexagentRisk,
+    JustitiaVirtualFinish,
+    KairosMemoryDispatch,
+    KairosPriority,
+    ParrotPlacement,
+    ProgramLevelAttainedService,
+)
 from policies import load_policy
 from policies.heuristic import HeuristicPolicy
 from tests.test_bench import run_main
