@@ -31,6 +31,19 @@ class OnOff(str, Enum):
     off = "off"
 
 
+class Backend(str, Enum):
+    """Where a sweep's simulations run: a local process pool, or Ray tasks (RAY_ADDRESS: an existing cluster)."""
+
+    process = "process"
+    ray = "ray"
+
+
+def backend_option() -> Any:
+    """`--backend process|ray`, the same on bench, evaluate and league."""
+    return typer.Option(Backend.process, "--backend",
+                        help="process (local worker pool) or ray (Ray tasks; RAY_ADDRESS to use a cluster)")
+
+
 PREFIX_CACHE_HELP = "vLLM's automatic prefix caching on every engine (on: vLLM's default; off: no cache)"
 
 

@@ -47,8 +47,18 @@ class LocalOrder(ABC):
     knobs: ClassVar[tuple[str, ...]] = ()
     search_space: ClassVar[SearchSpace] = {}
 
+    # orders whose key reads workflow state (attained service, remaining work) set this: the policy
+    # then hands them the cluster view before every dispatch (`bind`), and keys read it on enqueue
+    needs_cluster: ClassVar[bool] = False
+
     @abstractmethod
     def key(self, call: CallView, engine: EngineView) -> float: ...
+
+    def bind(self, cluster: ClusterView) -> None:
+        """The live cluster view (only called when `needs_cluster`)."""
+
+    def reset(self) -> None:
+        """Forget per-run state."""
 
     def get_knobs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.knobs}

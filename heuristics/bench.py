@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -68,6 +69,53 @@ class BenchConfig:
     rel_tol: float = 0.03  # bisection stops when hi/lo < 1 + rel_tol
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     ratios: bool = True
+    backend: str = "process"  # or "ray" (see make_executor)
+
+
+# ---- where simulations run ---------------------------------------------------------------------
+
+BACKENDS = ("process", "ray")
+
+
+class RayExecutor(Executor):
+    """Runs each submitted function as a Ray task: on the cluster at `RAY_ADDRESS` when set (its
+    workers need agentsched importable), otherwise on a local `ray.init()` with `workers` CPUs.
+    Futures are Ray's own `ObjectRef.future()`, so callers treat it like a process pool. A Ray
+    instance this executor started is shut down with it."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        import ray
+
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            # local workers import this code base from the same path as the driver
+            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+            ray.init(address=address, num_cpus=None if address else workers, ignore_reinit_error=True,
+                     include_dashboard=False, log_to_driver=False, runtime_env=env)
+            self._started = True
+        self._remotes: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        remote = self._remotes.get(fn)
+        if remote is None:
+            remote = self._remotes[fn] = self._ray.remote(fn)
+        return remote.remote(*args, **kwargs).future()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+
+def make_executor(backend: str, workers: int) -> Executor:
+    """A process pool (`process`) or Ray tasks (`ray`); both run the same job functions."""
+    if backend == "process":
+        return ProcessPoolExecutor(max_workers=workers)
+    if backend == "ray":
+        return RayExecutor(workers)
+    raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
 # ---- capacity -----------------------------------------------------------------------------------
@@ -285,7 +333,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int], None] | None = No
     points: list[dict[str, Any]] = []
     threshold_results: list[dict[str, Any]] = []
     workers = max(1, min(cfg.workers, len(grid) + len(threshold_jobs)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with make_executor(cfg.backend, workers) as pool:
         # the long sequential searches first, so they do not end up as the tail
         t_futs: list[Future] = [pool.submit(_threshold_job, kind, p, cfg.scenario, c) for kind, p, c in threshold_jobs]
         g_futs: list[Future] = [pool.submit(run_point, p, cfg.scenario, r, s, seed) for p, r, s, seed in grid]
@@ -313,7 +361,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str, int], None] | None = No
         "config": {**asdict(cfg.scenario), "policies": labels, "policy_refs": list(cfg.policies),
                    "rates_qps": list(cfg.rates_qps), "slo_scales": list(cfg.slo_scales), "seeds": list(cfg.seeds),
                    "ratio_rate_qps": cfg.ratio_rate_qps, "ratio_slo_scale": cfg.ratio_slo_scale,
-                   "target_attainment": cfg.target, "bisection_rel_tol": cfg.rel_tol,
+                   "target_attainment": cfg.target, "bisection_rel_tol": cfg.rel_tol, "backend": cfg.backend,
                    "capacity_qps_estimate": capacity_qps_estimate(cfg.scenario.trace, cfg.scenario.cluster,
                                                                   cfg.scenario.prefix_cache)},
         "thresholds": thresholds if cfg.ratios else {},

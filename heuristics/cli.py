@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
+from agentsched.options import (LIST_METAVAR, Backend, backend_option, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
                                 parse_text_list, positive_float, prefix_cache_option, writable_dir, writable_file)
 from envs.cli import check_run
 from envs.sim.errors import UserError
@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
     app.command("tune")(tune_command)
     app.command("plan")(plan_command)
     app.command("policies")(policies_command)
+    app.command("league")(league_command)
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ def bench_command(
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: all cores)"),
     out: Path = typer.Option(Path("runs/bench"), parser=writable_dir, help="output directory: results.json, CSVs and PNG plots"),
     prefix_cache: OnOff = prefix_cache_option(),
+    backend: Backend = backend_option(),
 ) -> None:
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
     import os
@@ -104,7 +106,8 @@ def bench_command(
     seed_list = seeds
     ratio_rate_qps = ratio_rate if ratio_rate is not None else round(capacity * DEFAULT_RATIO_LOAD, 4)
     cfg = BenchConfig(Scenario(trace, cluster, queries, cache_on), refs, rate_list, scale_list, seed_list, ratio_rate_qps,
-                      ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios)
+                      ratio_scale, workers=workers or os.cpu_count() or 1, ratios=ratios,
+                      backend=backend.value)
     console.print(f"[bold]bench[/] {trace} on {cluster}, prefix cache {'on' if cache_on else 'off'}: {len(refs)} policies x {len(rate_list)} rates x "
                   f"{len(scale_list)} SLO scales x {len(seed_list)} seeds, {cfg.workers} workers; estimated capacity "
                   f"~{capacity:.3g} q/s (prefill-bound), rates {', '.join(f'{r:g}' for r in rate_list)} q/s")
@@ -361,6 +364,61 @@ def print_plan_tables(console: Any, result: dict[str, Any]) -> None:
     if not result["chosen"]["verified_on_test"]:
         console.print("[yellow]warning:[/] no cluster that met the target on the tuning seeds held it on the test seeds; "
                       "shown: the best of those tried (add seeds or --queries)")
+
+
+# ---- league --------------------------------------------------------------------------------------
+
+def league_command(
+    policies: Optional[TextList] = typer.Option(None, parser=parse_text_list, metavar=LIST_METAVAR,
+                                                help="comma-separated policy names (default: every named policy)"),
+    cells: Optional[TextList] = typer.Option(None, parser=parse_text_list, metavar=LIST_METAVAR,
+                                             help="comma-separated cell names (default: all; see heuristics/league.py)"),
+    trials: int = typer.Option(8, min=1, help="TPE trials per (cell, policy) with knobs (the first is the policy's own knobs)"),
+    tune_seeds: IntList = typer.Option("150000-150002", parser=parse_int_list, metavar=LIST_METAVAR,
+                                       help="tuning seeds: 'a-b' or 'a,b,c'"),
+    test_seeds: IntList = typer.Option("200000-200009", parser=parse_int_list, metavar=LIST_METAVAR,
+                                       help="test seeds (disjoint from the tuning seeds)"),
+    fixed: str = typer.Option("least-work+workflow", help="policies also run with their shipped knobs, untuned ('' for none)"),
+    slo_scale: float = typer.Option(3.0, parser=positive_float, help="SLO scale"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes, or local Ray CPUs (default: all cores)"),
+    backend: Backend = backend_option(),
+    out: Path = typer.Option(Path("runs/league"), parser=writable_dir, help="output directory: league.json, league.md, league.png"),
+) -> None:
+    """Every named policy, tuned per cell on tuning seeds, on the cells that matter; test seeds with bootstrap CIs."""
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from heuristics import registry
+    from heuristics.league import LeagueConfig, run_league, select_cells, summary, write
+
+    console = _console()
+    names = list(policies) if policies is not None else list(registry.NAMED)
+    for name in names:
+        if name not in registry.NAMED:
+            raise UserError(f"--policies: unknown policy {name!r} (named policies: {', '.join(registry.NAMED)})")
+    fixed_names = [p.strip() for p in fixed.split(",") if p.strip()]
+    for name in fixed_names:
+        if name not in names:
+            raise UserError(f"--fixed: {name!r} is not in --policies")
+    overlap = sorted(set(tune_seeds) & set(test_seeds))
+    if overlap:
+        raise UserError(f"--test-seeds: seed {overlap[0]} is also a tuning seed; test seeds must be unseen")
+    cfg = LeagueConfig(policies=names, cells=select_cells(",".join(cells) if cells else None), tune_seeds=list(tune_seeds),
+                       test_seeds=list(test_seeds), trials=trials, fixed=fixed_names, slo_scale=slo_scale,
+                       workers=workers or os.cpu_count() or 1, backend=backend.value)
+    console.print(f"[bold]league[/] {len(names)} policies x {len(cfg.cells)} cells, {trials} trials on seeds "
+                  f"{cfg.tune_seeds[0]}-{cfg.tune_seeds[-1]}, test seeds {cfg.test_seeds[0]}-{cfg.test_seeds[-1]}, "
+                  f"{cfg.workers} workers ({backend.value})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("league", total=None)
+        results = run_league(cfg, progress=lambda label: bar.update(task, advance=1, description=label),
+                             on_total=lambda n: bar.update(task, total=n))
+    paths = write(results, out)
+    console.print("SLO-goodput (q/s), test-seed means (intervals, attainment, p95 and cost in league.md):")
+    console.print(summary(results), markup=False)
+    console.print(f"wrote {', '.join(str(p) for p in paths)} ({results['wall_s']:.0f} s)")
 
 
 # ---- policies ------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from heuristics.cache_aware import DynamoKV, PrebleE2, PrefixScoring, SGLangCach
 from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
                                  WorkloadBalanced)
 from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage, WorkflowFirst
+from heuristics.peers import (AdaptiveThreadLevelAttainedService, ApplicationFIFO, AutellixLoadBalancer, HexagentRisk,
+                              JustitiaVirtualFinish, KairosMemoryDispatch, KairosPriority, ParrotPlacement,
+                              ProgramLevelAttainedService)
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
@@ -30,6 +33,9 @@ DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "sglang-cache-aware": SGLangCacheAware,
     "dynamo-kv": DynamoKV,
     "preble": PrebleE2,
+    "autellix-lb": AutellixLoadBalancer,
+    "kairos-memory": KairosMemoryDispatch,
+    "parrot-colocate": ParrotPlacement,
 }
 LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "fcfs": FCFS,
@@ -38,6 +44,12 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "urgency-triage": UrgencyTriage,
     "workflow-first": WorkflowFirst,
     "priority": TenantPriority,
+    "plas": ProgramLevelAttainedService,
+    "atlas": AdaptiveThreadLevelAttainedService,
+    "kairos-priority": KairosPriority,
+    "app-fifo": ApplicationFIFO,
+    "justitia-vft": JustitiaVirtualFinish,
+    "hexagent-risk": HexagentRisk,
 }
 
 
@@ -100,7 +112,32 @@ NAMED: dict[str, Named] = {
     "dynamo-kv": Named("dynamo-kv", "fcfs", about="NVIDIA Dynamo KV router: 2 x overlap - KV use - normalised waiting, FCFS"),
     "preble": Named("preble", "fcfs", about="Preble E2: exploit the longest cached prefix if it covers most of the prompt, "
                                             "else explore the least loaded engine, FCFS"),
+    "least-work+workflow": Named("least-work", "workflow-first",
+                                 {"backlog_weight": 0.07, "queue_weight": 0.6, "kv_weight": 2.0},
+                                 about="earliest expected finish with the backlog discounted for batching and full "
+                                       "engines penalised + whole workflows first (hopeless calls last); beats tuned "
+                                       "HexGen under overload"),
+    # published workflow-aware schedulers (heuristics/peers.py has each rule, its source and which constants are ours)
+    "autellix-plas": Named("autellix-lb", "plas",
+                           about="Autellix (arXiv 2502.13965): least attained service of the workflow in multi-level "
+                                 "queues with anti-starvation; short calls to the least-loaded engine, long ones sticky"),
+    "autellix-atlas": Named("autellix-lb", "atlas",
+                            about="Autellix ATLAS: least attained service along the workflow's critical path; same "
+                                  "load balancer"),
+    "kairos": Named("kairos-memory", "kairos-priority",
+                    about="Kairos (arXiv 2508.06948): shortest remaining workflow latency first, memory-aware dispatch"),
+    "parrot": Named("parrot-colocate", "app-fifo",
+                    about="Parrot (OSDI'24): application FIFO, calls of a workflow co-located, batch cap for "
+                          "latency-critical calls"),
+    "justitia": Named("least-outstanding", "justitia-vft",
+                      about="Justitia (arXiv 2510.17015): workflows in virtual-finish order under fair sharing, "
+                            "memory-centric cost; behind a least-outstanding-requests router"),
+    "hexagent-risk": Named("workload-balanced", "hexagent-risk",
+                           about="HexAGenT (arXiv 2605.16637): highest projected risk of missing the workflow "
+                                 "horizon first; HexGen's workload-balanced dispatch"),
 }
+
+PEERS = ("autellix-plas", "autellix-atlas", "kairos", "parrot", "justitia", "hexagent-risk")
 
 
 def describe() -> dict[str, Any]:

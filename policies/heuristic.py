@@ -33,7 +33,16 @@ class HeuristicPolicy(Policy):
         self.local = local
         self.name = name or f"{dispatcher.name}+{local.name}"
         self._key = local.key
-        self._dispatch = dispatcher.dispatch
+        self._dispatch = self._bind_and_dispatch if local.needs_cluster else dispatcher.dispatch
+
+    def _bind_and_dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        self.local.bind(cluster)
+        return self.dispatcher.dispatch(call, cluster)
+
+    def bind(self, cluster: ClusterView) -> None:
+        """The cluster view, for a local order that reads workflow state (e.g. as a combined policy's local part)."""
+        if self.local.needs_cluster:
+            self.local.bind(cluster)
 
     @classmethod
     def build(cls, dispatch: str, local: str, dispatch_knobs: dict[str, Any] | None = None,
@@ -65,6 +74,7 @@ class HeuristicPolicy(Policy):
 
     def reset(self) -> None:
         self.dispatcher.reset()
+        self.local.reset()
 
     def knobs(self) -> dict[str, dict[str, Any]]:
         return {"dispatch": self.dispatcher.get_knobs(), "local": self.local.get_knobs()}

@@ -22,7 +22,7 @@ LOCAL_CLUSTER = str(ROOT / "deploy" / "clusters" / "local-cpu.yaml")
 
 # what each command would start: a test case that reaches one of these has not been validated up front
 ENTRY_POINTS = ("envs.sim.cluster.ClusterSimulator.run", "heuristics.bench.run_bench", "heuristics.tune.run_tpe",
-                "heuristics.tune.run_grid", "heuristics.plan.run_plan", "training.train.train", "training.tune.tune_rl",
+                "heuristics.tune.run_grid", "heuristics.plan.run_plan", "heuristics.league.run_league", "training.train.train", "training.tune.tune_rl",
                 "training.evaluate.evaluate",
                 "deploy.gateway.server.run_gateway", "deploy.engines.engines_up", "deploy.engines.engines_down",
                 "deploy.engines.run_tiny_model_builder", "deploy.replay.replay", "deploy.calibrate.calibrate")
@@ -121,6 +121,14 @@ CASES: list[tuple[list[str], str]] = [
     (["plan", "--rate", "0.1", "--seeds", "1", "--test-seeds", "1"], "--test-seeds"),
     (["plan", "--rate", "0.1", "--model", "GPT-9"], "GPT-9"),
     (["plan", "--rate", "0.1", "--out", "{a_file}"], "--out"),
+    (["league", "--trials", "0"], "--trials"),
+    (["league", "--policies", "nope"], "nope"),
+    (["league", "--backend", "dask"], "--backend"),
+    (["league", "--tune-seeds", "1", "--test-seeds", "1"], "--test-seeds"),
+    (["league", "--slo-scale", "-1"], "--slo-scale"),
+    (["league", "--out", "{a_file}"], "--out"),
+    (["bench", "--backend", "dask"], "--backend"),
+    (["evaluate", "--policy", "rr", "--backend", "dask"], "--backend"),
     # policies
     (["policies", "--all"], "--all"),
     # train

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
+from agentsched.options import (LIST_METAVAR, Backend, backend_option, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
                                 parse_text_list, positive_float, prefix_cache_option, writable_dir)
 from envs.cli import check_run
 
 
-class Backend(str, Enum):
+class TuneBackend(str, Enum):
     """Where tune-rl runs its trials."""
 
     optuna = "optuna"
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         trials: int = typer.Option(10, "--trials", min=1, help="number of trials"),
         timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, help="env steps per trial (default: the config's)"),
         out: Optional[Path] = typer.Option(None, "--out", parser=writable_dir, help="run directory (default runs/tune-rl-<config name>)"),
-        backend: Backend = typer.Option(Backend.optuna, "--backend", help="optuna (in process) or ray (Ray Tune; RAY_ADDRESS to use a cluster)"),
+        backend: TuneBackend = typer.Option(TuneBackend.optuna, "--backend", help="optuna (in process) or ray (Ray Tune; RAY_ADDRESS to use a cluster)"),
         tune_seeds: int = typer.Option(4, "--tune-seeds", min=1, help="episodes of the tuning seed block each trial is scored on"),
         test_seeds: int = typer.Option(8, "--test-seeds", min=1, help="episodes of the (disjoint) test seed block for the report"),
         sampler_seed: int = typer.Option(0, "--sampler-seed", help="seed of the Optuna sampler"),
@@ -108,6 +108,7 @@ def register(app: typer.Typer) -> None:
         confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999, help="bootstrap confidence level"),
         workers: int = typer.Option(1, "--workers", min=1, help="worker processes"),
         prefix_cache: OnOff = prefix_cache_option(),
+        backend: Backend = backend_option(),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
         from training.evaluate import Cell, evaluate, load_cached_policy, print_table
@@ -120,7 +121,8 @@ def register(app: typer.Typer) -> None:
         for cell in cells:
             for seed in seeds:
                 check_run(cell.run_spec(seed))
-        results = evaluate(policy, baselines, cells, seeds, confidence=confidence, out_dir=out, workers=workers)
+        results = evaluate(policy, baselines, cells, seeds, confidence=confidence, out_dir=out, workers=workers,
+                           backend=backend.value)
         print_table(results)
         if out:
             print(f"results: {out / 'results.json'}, {out / 'table.md'}, plots in {out}")

@@ -31,6 +31,7 @@ from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
 from policies.loader import policy_label
+from heuristics.bench import RayExecutor
 
 METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
 RATIO_METRICS = ("goodput_qps", "slo_attainment")
@@ -145,7 +146,8 @@ def _run_one(args: tuple[str, Cell, int]) -> dict[str, Any]:
 
 
 def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds: Sequence[int],
-             confidence: float = 0.95, out_dir: str | Path | None = None, workers: int = 1) -> dict[str, Any]:
+             confidence: float = 0.95, out_dir: str | Path | None = None, workers: int = 1,
+             backend: str = "process") -> dict[str, Any]:
     """Run every policy on every cell and seed; returns (and writes) the results dict."""
     if not seeds:
         raise UserError("--seeds: give at least one seed")
@@ -158,7 +160,10 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
             label += "'"
         labels[n] = label
     jobs = [(n, c, s) for c in cells for n in names for s in seeds]
-    if workers > 1:
+    if backend == "ray":  # Ray tasks (RAY_ADDRESS: an existing cluster), the same runs as the pool
+        with RayExecutor(workers) as pool:
+            outcomes = list(pool.map(_run_one, jobs))
+    elif workers > 1:
         # spawn, not fork: the parent has torch (and its thread pools) loaded, which forked
         # children can deadlock on
         import multiprocessing

@@ -232,6 +232,7 @@ class Gateway:
             stage_index=stage_index if stage_index is not None else position, fanout=fanout,
             input_tokens=input_tokens, output_tokens=output_tokens, ready_time_s=now, deadline_s=deadline,
             workflow_deadline_s=wf.deadline_s, priority=priority, stream=stream,
+            critical_path_at_ready_s=wf.critical_path_service_s,
         )
 
     def call_finished(self, call: CallState, ok: bool) -> None:
@@ -242,6 +243,9 @@ class Gateway:
         wf.inflight -= 1
         if ok:
             wf.calls_done += 1
+            service_s = st.now_s - call.admit_time_s if call.admit_time_s >= 0.0 else 0.0
+            wf.attained_service_s += service_s
+            wf.critical_path_service_s = max(wf.critical_path_service_s, call.critical_path_at_ready_s + service_s)
         if wf.closing and wf.inflight == 0 and not wf.finished:
             self._finish_workflow(wf, st.now_s)
 
@@ -289,6 +293,7 @@ class Gateway:
             if pending.admitted.done():  # client went away
                 continue
             engine.inflight += 1
+            pending.call.admit_time_s = self.state.now_s
             pending.admitted.set_result(True)
 
     def _enqueue(self, call: CallState, engine: EngineState) -> asyncio.Future:

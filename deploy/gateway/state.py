@@ -82,6 +82,8 @@ class CallState:
     engine_id: int = -1
     expected_s: float = 0.0
     segments: tuple = ()  # prompt structure unknown at the gateway (yet): no prefix-cache estimate
+    admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
+    critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
 
 
 @dataclass(slots=True)
@@ -96,6 +98,8 @@ class WorkflowState:
     deadline_s: float
     calls_done: int = 0
     expected_remaining_s: float = 0.0
+    attained_service_s: float = 0.0  # seconds from admission to finish, summed over its finished calls
+    critical_path_service_s: float = 0.0  # the same along the critical path (see WorkflowView)
     position: int = 0  # pointer into the standard workflow
     # the stage in progress (calls with the same X-Stage-Index are one fan-out stage, as in the
     # simulator: one standard position and one deadline for all of them)

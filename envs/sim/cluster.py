@@ -50,7 +50,8 @@ class Workflow:
 
     __slots__ = ("workflow_id", "tenant", "priority", "arrival_time_s", "slo_s", "deadline_s", "stages",
                  "stage_index", "pending_in_stage", "calls_done", "finish_time_s", "failed", "pointer",
-                 "expected_remaining_s", "n_calls")
+                 "expected_remaining_s", "n_calls", "attained_service_s", "critical_path_service_s",
+                 "stage_ready_critical_path_s")
 
     def __init__(self, workflow_id: int, tenant: Tenant, arrival_time_s: float, slo_s: float,
                  stages: list[list[LLMCall]]):
@@ -69,6 +70,11 @@ class Workflow:
         self.pointer = 0  # position reached in the standard workflow (deadline rule)
         self.expected_remaining_s = 0.0
         self.n_calls = sum(len(s) for s in stages)
+        self.attained_service_s = 0.0
+        self.critical_path_service_s = 0.0
+        # the critical-path value every call of the current stage recorded when it became ready
+        # (a stage's calls become ready together)
+        self.stage_ready_critical_path_s = 0.0
 
     @property
     def done(self) -> bool:
@@ -388,6 +394,7 @@ class ClusterSimulator:
             return
         stage = workflow.stages[workflow.stage_index]
         workflow.pending_in_stage = len(stage)
+        workflow.stage_ready_critical_path_s = workflow.critical_path_service_s
         position = self.slo.position(stage[0].step, workflow.pointer)
         workflow.pointer = position + 1
         workflow.expected_remaining_s = self.slo.remaining_after(position)
@@ -402,6 +409,11 @@ class ClusterSimulator:
     def _call_finished(self, call: LLMCall, now: float) -> None:
         workflow = self.workflows[call.workflow_id]
         workflow.calls_done += 1
+        # service: engine time from (first) admission to finish, queueing at the engine excluded
+        service_s = now - call.admit_time_s if not math.isnan(call.admit_time_s) else 0.0
+        workflow.attained_service_s += service_s
+        workflow.critical_path_service_s = max(workflow.critical_path_service_s,
+                                               workflow.stage_ready_critical_path_s + service_s)
         workflow.pending_in_stage -= 1
         if workflow.pending_in_stage == 0 and not workflow.failed:
             self._start_next_stage(workflow, now)

@@ -79,6 +79,11 @@ class WorkflowView(Protocol):
     deadline_s: float  # arrival + SLO
     calls_done: int
     expected_remaining_s: float  # expected solo seconds of the standard workflow still ahead
+    # engine seconds of its finished calls (each call: finish - admission), Autellix's attained service
+    attained_service_s: float
+    # the same along the critical path of its DAG: a call records the workflow's value when it becomes
+    # ready; when it finishes the value becomes max(value, recorded + the call's service) (Autellix ATLAS)
+    critical_path_service_s: float
 
     @property
     def done(self) -> bool: ...
