@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.http1 import ConnectionPool, UpstreamError
+from deploy.upstream import StreamBroken, StreamErrorEvent, Upstream, UpstreamError, read_sse_completion
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
 from envs.sim.scenario import RunSpec, workload_for
@@ -37,6 +37,7 @@ TOKEN_ID_RANGE = (10, 1000)
 CLIENT_RETRY_STATUS = {429, 502, 503}
 CLIENT_MAX_TRIES = 20
 CLIENT_BACKOFF_S = 0.2
+CALL_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -58,46 +59,10 @@ def scaled_tokens(n: int, scale: float) -> int:
     return max(1, int(round(n * scale)))
 
 
-class StreamBroken(Exception):
-    """A streamed answer ended without [DONE] or usage (the gateway cannot retry after the first byte)."""
-
-
-async def read_sse_completion(resp, clock) -> tuple[float, dict]:  # noqa: ANN001 - http1.StreamingResponse
-    """Consume an OpenAI SSE completion stream: (time of the first event with a choice, final usage).
-
-    Only the first data event and the events that carry a usage object are parsed as JSON, so the
-    client stays cheap at hundreds of tokens per second."""
-    first = math.nan
-    usage: dict = {}
-    done = False
-    buf = b""
-    async for chunk in resp.chunks():
-        buf += chunk
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[:end], buf[end + 2:]
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                if math.isnan(first) and (b'"choices":[{' in data or b'"choices": [{' in data):
-                    first = clock()
-                if b'"usage":{' in data or b'"usage": {' in data:
-                    usage = json.loads(data).get("usage") or usage
-    if not done and not usage:
-        raise StreamBroken("stream ended without [DONE]")
-    return first, usage
-
-
 class Replayer:
     def __init__(self, cfg: ReplayConfig) -> None:
         self.cfg = cfg
-        self.pool = ConnectionPool(cfg.gateway.rstrip("/"), max_idle=1024, connect_timeout_s=5.0)
+        self.pool = Upstream(cfg.gateway.rstrip("/"), connect_timeout_s=5.0, timeout_s=CALL_TIMEOUT_S)
         self.rng = random.Random(cfg.seed)
         self.calls: list[CallRecord] = []
         self.workflows: list[WorkflowRecord] = []
@@ -137,19 +102,18 @@ class Replayer:
             tries += 1
             if self.cfg.stream:
                 try:
-                    async with asyncio.timeout(600):
-                        resp = await self.pool.request("POST", "/v1/completions", body, headers=headers)
-                        try:
-                            if resp.status == 200:
-                                first, usage = await read_sse_completion(resp, self.now)
-                                finish = self.now()
-                                engine = resp.headers.get("x-agentsched-engine", "")
-                                out_tokens = int(usage.get("completion_tokens", n_out))
-                                break
-                            err_body = b"".join([c async for c in resp.chunks()])
-                        finally:
-                            resp.release()
-                except (UpstreamError, StreamBroken, OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+                    resp = await self.pool.request("POST", "/v1/completions", body, headers=headers)
+                    try:
+                        if resp.status == 200:
+                            first, usage = await read_sse_completion(resp.chunks(), self.now)
+                            finish = self.now()
+                            engine = resp.headers.get("x-agentsched-engine", "")
+                            out_tokens = int(usage.get("completion_tokens", n_out))
+                            break
+                        err_body = await resp.read()
+                    finally:
+                        resp.release()
+                except (UpstreamError, StreamBroken, StreamErrorEvent, ValueError):
                     first = math.nan
                     await asyncio.sleep(CLIENT_BACKOFF_S)
                     continue
@@ -158,7 +122,7 @@ class Replayer:
                     continue
                 raise UserError(f"gateway answered {resp.status}: {err_body[:200]!r}")
             try:
-                resp = await self.pool.fetch("POST", "/v1/completions", body, headers=headers, timeout_s=600)
+                resp = await self.pool.fetch("POST", "/v1/completions", body, headers=headers)
             except UpstreamError:
                 await asyncio.sleep(CLIENT_BACKOFF_S)
                 continue
@@ -212,7 +176,7 @@ class Replayer:
         engines = [EngineRecord(e["name"], e["gpu"], e.get("price_per_hour", 0.0), 0.0, e.get("kv_usage", 0.0),
                                 sum(1 for c in self.calls if c.engine == e["name"]), int(e.get("preemptions_total", 0)))
                    for e in after["engines"]]
-        self.pool.close()
+        await self.pool.close()
         return summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
             "mode": "replay", "gateway": cfg.gateway, "trace": cfg.trace, "rate_qps": cfg.rate_qps,
             "slo_scale": cfg.slo_scale, "token_scale": cfg.token_scale, "base_slo_s": info["base_slo_s"],

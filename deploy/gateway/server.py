@@ -117,6 +117,12 @@ class GatewayServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started:
+            config = self.config
+            down = [e.name for e in self.gateway.state.engines if not e.healthy]
+            log.warning("agentsched gateway listening on http://%s:%d (policy %s, %d engines%s)", config.host,
+                        config.port, self.gateway.policy.spec().get("name", "?"), len(self.gateway.state.engines),
+                        f"; down: {', '.join(down)}" if down else "")
         if self.freeze_gc:
             freeze_startup_heap()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,7 +176,7 @@ class GatewayServer(uvicorn.Server):
             # abort their upstream connections: each call then answers 503 (shutting down) itself
             log.warning("shutting down: aborting %d calls still in flight", len(self.server_state.tasks))
             for pool in gateway.pools:
-                pool.close()
+                await pool.abort()
             deadline = time.monotonic() + 1.0
             while self.server_state.tasks and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -189,15 +195,20 @@ def server_config(app, host: str, port: int, log_level: str, loop: str | None = 
                           timeout_graceful_shutdown=LEFTOVER_TIMEOUT_S)
 
 
+METRICS_KEY_ENV = "AGENTSCHED_METRICS_KEY"  # optional key for /metrics alone (Prometheus' bearer token)
+
+
 def run_gateway(cluster: Cluster, policy: Policy, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, log_level: str = "warning") -> None:
+                api_key: str | None = None, log_level: str = "warning", metrics_key: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. `metrics_key` (default: the AGENTSCHED_METRICS_KEY environment
+    variable) lets `/metrics` be scraped without the API key."""
     from deploy.gateway.app import build_app
     from deploy.gateway.core import Gateway
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     gateway = Gateway(cluster, policy)
-    app = build_app(gateway, api_key=api_key)
+    app = build_app(gateway, api_key=api_key, metrics_key=metrics_key or os.environ.get(METRICS_KEY_ENV) or None)
     server = GatewayServer(server_config(app, host, port, log_level), gateway,
                            grace_s=cluster.gateway.shutdown_grace_s, freeze_gc=True)
     server.run()
