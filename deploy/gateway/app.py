@@ -74,7 +74,7 @@ def _shutting_down() -> JSONResponse:
 
 
 def _int_header(request: Request, name: str, default: int | None, minimum: int | None = None) -> int | None:
-    value = request.headers.get(name)
+    value = request.headers.get(name.lower())
     if value is None:
         return default
     try:
@@ -239,9 +239,9 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                               "(GET /v1/models) or leave it out", "invalid_request_error")
             h = request.headers
             slo_s = _slo_header(request)
-            stage_index = _int_header(request, "x-stage-index", None, minimum=0)
-            fanout = _int_header(request, "x-fanout", 1, minimum=1)
-            priority = _int_header(request, "x-priority", 0)
+            stage_index = _int_header(request, "X-Stage-Index", None, minimum=0)
+            fanout = _int_header(request, "X-Fanout", 1, minimum=1)
+            priority = _int_header(request, "X-Priority", 0)
             call = gateway.new_call(
                 workflow_key=h.get("x-workflow-id"),
                 step=normalise_step(h.get("x-workflow-step", "single")),
