@@ -69,6 +69,8 @@ class Replayer:
         self._call_ids = 0
         self._t0 = 0.0
         self._auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self.stream_error_events = 0  # streams that ended with the gateway's error event (then retried)
+        self.streams_truncated = 0  # streams that ended early with no error event (should never happen)
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -113,7 +115,9 @@ class Replayer:
                         err_body = await resp.read()
                     finally:
                         resp.release()
-                except (UpstreamError, StreamBroken, StreamErrorEvent, ValueError):
+                except (UpstreamError, StreamBroken, StreamErrorEvent, ValueError) as exc:
+                    self.stream_error_events += isinstance(exc, StreamErrorEvent)
+                    self.streams_truncated += isinstance(exc, StreamBroken)
                     first = math.nan
                     await asyncio.sleep(CLIENT_BACKOFF_S)
                     continue

@@ -201,9 +201,16 @@ def test_stream_broken_after_first_byte_ends_with_error_event(tmp_path):
     with FakeEngine("a") as a:
         a.break_stream_after = 2
         with thread_gateway(fake_cluster(tmp_path, [a]), AlwaysFirst()) as gw:
-            with httpx.stream("POST", gw.url + "/v1/completions", json=completion(stream=True, max_tokens=6)) as s:
+            last = {"X-Workflow-Id": "wf-broken", "X-Workflow-Last": "1"}
+            with httpx.stream("POST", gw.url + "/v1/completions", json=completion(stream=True, max_tokens=6),
+                              headers=last) as s:
                 assert s.status_code == 200
                 events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+            # the failed last call did not finish its workflow: the client's retry is served, not 409
+            a.break_stream_after = None
+            r = httpx.post(gw.url + "/v1/completions", json=completion(), headers=last)
+            assert r.status_code == 200, r.text
+            assert httpx.post(gw.url + "/v1/completions", json=completion(), headers=last).status_code == 409
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]  # every relayed event is whole JSON (the half one is dropped)
     assert [p for p in payloads if "choices" in p] == [{"choices": [{"index": 0, "text": " x"}]}] * 2

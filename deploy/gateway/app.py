@@ -304,6 +304,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                     exclude.add(engine.engine_id)
                     continue
                 ok = resp.status < 400
+                if ok:
+                    gateway.metrics.answered.labels(engine.name).inc()
                 return Response(resp.body, status_code=resp.status,
                                 media_type=resp.headers.get("content-type", "application/json"),
                                 headers={"X-Agentsched-Engine": engine.name})
@@ -371,6 +373,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                     if tail:
                         yield tail
                     ok = upstream.status < 400
+                    if ok:
+                        gateway.metrics.answered.labels(engine.name).inc()
                 except UpstreamError as exc:
                     # bytes already reached the client, so the call cannot be retried elsewhere:
                     # end the stream the OpenAI way, so that clients see an error, not a short answer

@@ -110,6 +110,8 @@ class GatewayMetrics:
         self.routed = Counter("agentsched_routed_calls", "Calls sent to each engine", ["engine"], registry=r)
         self.retries = Counter("agentsched_retried_calls", "Attempts that failed and were re-dispatched", ["engine"], registry=r)
         self.rejected = Counter("agentsched_rejected_calls", "Calls refused", ["reason"], registry=r)
+        self.answered = Counter("agentsched_answered_calls", "Calls answered with a complete 2xx answer", ["engine"],
+                                registry=r)
         self.queue_len = Gauge("agentsched_queue_length", "Calls held in the gateway queue per engine", ["engine"], registry=r)
         self.inflight = Gauge("agentsched_inflight", "Calls in flight at each engine", ["engine"], registry=r)
         self.healthy = Gauge("agentsched_engine_healthy", "1 if the engine is up", ["engine"], registry=r)
@@ -139,6 +141,9 @@ class Gateway:
         # X-Workflow-Id of finished workflows -> finish time, oldest first; remembered for
         # FINISHED_KEY_MEMORY_S so a reused id is refused (409) rather than silently reopened
         self._finished_keys: OrderedDict[str, float] = OrderedDict()
+        # workflow id -> calls that failed (429, 502, broken stream) and not yet sent again: such a
+        # workflow does not finish on its last call, since the client is expected to retry it
+        self._retry_pending: dict[int, int] = {}
         self._health_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.shutting_down = False
@@ -227,6 +232,9 @@ class Gateway:
         wf.expected_remaining_s = st.slo.remaining_after(position)
         wf.last_seen_s = now
         wf.inflight += 1
+        pending = self._retry_pending.get(wf.workflow_id)
+        if pending:  # a call of a workflow with a failed call: take it as that call's retry
+            self._retry_pending[wf.workflow_id] = pending - 1
         wf.closing = wf.closing or last or workflow_key is None
         deadline = st.slo.call_deadline_s(now, wf.deadline_s, step, position)
         return CallState(
@@ -244,7 +252,9 @@ class Gateway:
         wf.inflight -= 1
         if ok:
             wf.calls_done += 1
-        if wf.closing and wf.inflight == 0 and not wf.finished:
+        elif wf.key in self._workflow_keys:  # a client-named workflow: the client may send the call again
+            self._retry_pending[wf.workflow_id] = self._retry_pending.get(wf.workflow_id, 0) + 1
+        if wf.closing and wf.inflight == 0 and not wf.finished and not self._retry_pending.get(wf.workflow_id):
             self._finish_workflow(wf, st.now_s)
 
     def _finish_workflow(self, wf: WorkflowState, now: float) -> None:
@@ -261,6 +271,7 @@ class Gateway:
             self.metrics.wf_met.labels(wf.tenant).inc()
         self.metrics.slo_attainment.labels(wf.tenant).set(counts[1] / counts[0])
         st.open_workflows.pop(wf.workflow_id, None)
+        self._retry_pending.pop(wf.workflow_id, None)
         if self._workflow_keys.pop(wf.key, None) is not None:
             self._finished_keys[wf.key] = now
             self._finished_keys.move_to_end(wf.key)
