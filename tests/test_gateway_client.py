@@ -1,0 +1,103 @@
+"""agentsched.client (the application's side) against a gateway over fake engines: workflow
+headers reach the gateway, 429 Retry-After is honoured with bounded retries, a stream's error
+event is raised as StreamError."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import openai
+import pytest
+from aiohttp import web
+
+from agentsched.client import AsyncGatewayClient, GatewayClient, StreamError
+from tests.deploy_fixtures import free_port, thread_gateway
+from tests.gateway_fakes import FakeEngine, fake_cluster
+from tests.test_gateway_unit import AlwaysFirst
+
+
+def test_workflow_headers_reach_the_gateway(tmp_path):
+    with FakeEngine("a") as a:
+        with thread_gateway(fake_cluster(tmp_path, [a]), AlwaysFirst()) as gw:
+            client = GatewayClient(gw.url, tenant="team-a")
+            with client.workflow(slo_s=12.5) as wf:
+                r = wf.completion("extract_keywords", model="tiny", prompt="q", max_tokens=2)
+                assert r.choices[0].text == " x x"
+                open_now = gw.gateway.state.open_workflows
+                assert [(w.key, w.tenant, w.slo_s) for w in open_now.values()] == [(wf.workflow_id, "team-a", 12.5)]
+                chunks = list(wf.completion("revise", model="tiny", prompt="q", max_tokens=3, stream=True, last=True))
+            assert sum(1 for c in chunks if c.choices) == 3
+            assert gw.gateway.state.finished_workflows == 1 and not gw.gateway.state.open_workflows
+            with pytest.raises(openai.APIStatusError) as err:  # a finished workflow's id is not reused
+                with client.workflow(workflow_id=wf.workflow_id) as again:
+                    again.completion("revise", model="tiny", prompt="q", max_tokens=1)
+            assert err.value.status_code == 409
+            client.close()
+
+
+def test_stream_error_event_raises(tmp_path):
+    with FakeEngine("a") as a:
+        a.break_stream_after = 1
+        with thread_gateway(fake_cluster(tmp_path, [a]), AlwaysFirst()) as gw:
+            async def run() -> list:
+                client = AsyncGatewayClient(gw.url)
+                got = []
+                async with client.workflow() as wf:
+                    stream = await wf.completion("revise", model="tiny", prompt="q", max_tokens=4, stream=True)
+                    with pytest.raises(StreamError, match="incomplete"):
+                        async for chunk in stream:
+                            got.append(chunk)
+                await client.close()
+                return got
+
+            got = asyncio.run(run())
+    assert len(got) == 1  # the one whole event before the break
+
+
+class RateLimited:
+    """A stand-in gateway that answers 429 (Retry-After: 0) `n` times, then 200."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = 0
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/completions", self.handle)
+            runner = web.AppRunner(app)
+            self.loop.run_until_complete(runner.setup())
+            self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            self.runner = runner
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen += 1
+        if self.seen <= self.n:
+            return web.json_response({"error": {"message": "full", "type": "rate_limit_error", "code": 429}},
+                                     status=429, headers={"Retry-After": "7"})
+        return web.json_response({"id": "c", "object": "text_completion", "created": 0, "model": "tiny",
+                                  "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]})
+
+
+@pytest.mark.parametrize("limited,retries,succeeds", [(2, 3, True), (4, 3, False)])
+def test_429_retry_after_is_honoured_and_bounded(limited, retries, succeeds):
+    server = RateLimited(limited)
+    waits: list[float] = []
+    client = GatewayClient(f"http://127.0.0.1:{server.port}", max_retries=retries, max_retry_wait_s=5,
+                           sleep=waits.append)
+    with client.workflow() as wf:
+        if succeeds:
+            assert wf.completion("revise", model="tiny", prompt="q").choices[0].text == "ok"
+        else:
+            with pytest.raises(openai.RateLimitError):
+                wf.completion("revise", model="tiny", prompt="q")
+    assert waits == [5.0] * min(limited, retries)  # Retry-After 7 s, capped at max_retry_wait_s
+    assert server.seen == min(limited, retries) + 1
