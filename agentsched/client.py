@@ -203,6 +203,17 @@ class AsyncWorkflow:
         headers = self.tags.headers(step, last=last, stage_index=stage_index, fanout=fanout, priority=priority)
         return await self._client._call(self._client.openai.chat.completions.create, headers, kwargs)
 
+    async def completion_with_headers(self, step: str, *, last: bool = False, stage_index: int | None = None,
+                                      fanout: int | None = None, priority: int | None = None,
+                                      **kwargs: Any) -> tuple[Any, dict[str, str]]:
+        """`completion`, plus the answer's HTTP headers (e.g. the gateway's `x-agentsched-engine`)."""
+        headers = self.tags.headers(step, last=last, stage_index=stage_index, fanout=fanout, priority=priority)
+        raw = await self._client._call(self._client.openai.completions.with_raw_response.create, headers, kwargs,
+                                       raw=True)
+        parsed = raw.parse()  # the legacy raw response parses synchronously (a stream is read later)
+        result = _checked_astream(parsed) if kwargs.get("stream") else parsed
+        return result, {k.lower(): v for k, v in raw.headers.items()}
+
 
 class AsyncGatewayClient:
     """`GatewayClient` over `openai.AsyncOpenAI` (for applications that run workflows concurrently)."""
@@ -220,7 +231,8 @@ class AsyncGatewayClient:
                        tenant: str | None = None) -> AsyncIterator[AsyncWorkflow]:
         yield AsyncWorkflow(self, WorkflowTags(workflow_id or uuid.uuid4().hex, tenant or self.tenant, slo_s))
 
-    async def _call(self, create: Callable[..., Any], headers: dict[str, str], kwargs: dict[str, Any]) -> Any:
+    async def _call(self, create: Callable[..., Any], headers: dict[str, str], kwargs: dict[str, Any],
+                    raw: bool = False) -> Any:
         extra = {**(kwargs.pop("extra_headers", None) or {}), **headers}
         for attempt in range(self.max_retries + 1):
             try:
@@ -231,6 +243,8 @@ class AsyncGatewayClient:
                 if wait is None or attempt == self.max_retries:
                     raise
                 await asyncio.sleep(wait)
+        if raw:
+            return result
         return _checked_astream(result) if kwargs.get("stream") else result
 
     async def close(self) -> None:

@@ -101,3 +101,22 @@ def test_429_retry_after_is_honoured_and_bounded(limited, retries, succeeds):
                 wf.completion("revise", model="tiny", prompt="q")
     assert waits == [5.0] * min(limited, retries)  # Retry-After 7 s, capped at max_retry_wait_s
     assert server.seen == min(limited, retries) + 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_replay_runs_through_the_client(tmp_path, stream):
+    """`agentsched replay` sends its calls with agentsched.client: every workflow is tagged and
+    finishes at the gateway; streamed calls get their first-token time."""
+    import math
+
+    from deploy.replay import ReplayConfig, replay
+
+    with FakeEngine("a") as a, FakeEngine("b") as b:
+        with thread_gateway(fake_cluster(tmp_path, [a, b]), AlwaysFirst()) as gw:
+            result, replayer = replay(ReplayConfig(gateway=gw.url, trace="chess_trace1", rate_qps=20.0, slo_scale=3.0,
+                                                   token_scale=0.01, queries=2, seed=1, stream=stream))
+            state = gw.gateway.state
+            assert state.finished_workflows == 2 and not state.open_workflows
+    assert result["n_finished"] == 2 and result["n_failed"] == 0
+    assert {c.engine for c in replayer.calls} == {"a"}
+    assert all(math.isnan(c.first_token_s) != stream for c in replayer.calls)
