@@ -14,7 +14,7 @@ from aiohttp import web
 from agentsched.client import AsyncGatewayClient, GatewayClient, StreamError
 from tests.deploy_fixtures import free_port, thread_gateway
 from tests.gateway_fakes import FakeEngine, fake_cluster
-from tests.test_gateway_unit import AlwaysFirst
+from tests.test_gateway_unit import AlwaysFirst, wait_until
 
 
 def test_workflow_headers_reach_the_gateway(tmp_path):
@@ -28,7 +28,9 @@ def test_workflow_headers_reach_the_gateway(tmp_path):
                 assert [(w.key, w.tenant, w.slo_s) for w in open_now.values()] == [(wf.workflow_id, "team-a", 12.5)]
                 chunks = list(wf.completion("revise", model="tiny", prompt="q", max_tokens=3, stream=True, last=True))
             assert sum(1 for c in chunks if c.choices) == 3
-            assert gw.gateway.state.finished_workflows == 1 and not gw.gateway.state.open_workflows
+            # the gateway closes the stream's call just after its last byte
+            wait_until(lambda: gw.gateway.state.finished_workflows == 1, what="workflow finished")
+            assert not gw.gateway.state.open_workflows
             with pytest.raises(openai.APIStatusError) as err:  # a finished workflow's id is not reused
                 with client.workflow(workflow_id=wf.workflow_id) as again:
                     again.completion("revise", model="tiny", prompt="q", max_tokens=1)
@@ -116,7 +118,8 @@ def test_replay_runs_through_the_client(tmp_path, stream):
             result, replayer = replay(ReplayConfig(gateway=gw.url, trace="chess_trace1", rate_qps=20.0, slo_scale=3.0,
                                                    token_scale=0.01, queries=2, seed=1, stream=stream))
             state = gw.gateway.state
-            assert state.finished_workflows == 2 and not state.open_workflows
+            wait_until(lambda: state.finished_workflows == 2, what="workflows finished")
+            assert not state.open_workflows
     assert result["n_finished"] == 2 and result["n_failed"] == 0
     assert {c.engine for c in replayer.calls} == {"a"}
     assert all(math.isnan(c.first_token_s) != stream for c in replayer.calls)

@@ -355,27 +355,32 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 done[0] = True
                 upstream.release()
                 gateway.release(call, engine)
+                if ok:
+                    gateway.metrics.answered.labels(engine.name).inc()
                 gateway.call_finished(call, ok)
 
             async def relay(first=first, chunks=chunks, upstream=upstream, engine=engine,
                             finish=finish) -> AsyncIterator[bytes]:
                 ok = False
-                # relay whole SSE events only: if the stream breaks, a half-sent event is dropped
-                # and the error event starts on a clean line
+                # Relay whole SSE events only: if the stream breaks, a half-sent event is dropped
+                # and the error event starts on a clean line. The answer counts as complete once `[DONE]` is passed on, even if the client
+                # hangs up right after reading it (the generator is then closed at that yield).
                 tail = first
+                served = upstream.status < 400
                 try:
                     async for chunk in chunks:
                         tail += chunk
                         cut = tail.rfind(b"\n\n") + 2
                         if cut > 1:
-                            yield tail[:cut]
-                            tail = tail[cut:]
+                            piece, tail = tail[:cut], tail[cut:]
+                            ok = ok or (served and b"data: [DONE]" in piece)
+                            yield piece
+                    ok = served
                     if tail:
                         yield tail
-                    ok = upstream.status < 400
-                    if ok:
-                        gateway.metrics.answered.labels(engine.name).inc()
                 except UpstreamError as exc:
+                    if ok:  # broke after [DONE]: the client has its whole answer
+                        return
                     # bytes already reached the client, so the call cannot be retried elsewhere:
                     # end the stream the OpenAI way, so that clients see an error, not a short answer
                     log.warning("stream from %s broke after first byte: %s", engine.name, exc)
