@@ -80,6 +80,9 @@ class Replayer:
         self.client = AsyncGatewayClient(cfg.gateway, api_key=cfg.api_key, tenant=cfg.tenant,
                                          max_retries=CLIENT_MAX_TRIES, max_retry_wait_s=30.0, timeout_s=CALL_TIMEOUT_S)
         self._run_id = uuid.uuid4().hex[:8]  # workflow ids are never reused across replays (409)
+        # call id -> seconds the gateway waited on the engine for the answer (non-streamed calls:
+        # the gateway's X-Agentsched-Upstream-S); the rest of a call's latency is the gateway's
+        self.upstream_s: dict[int, float] = {}
         self.stream_error_events = 0  # streams that ended with the gateway's error event (then retried)
         self.streams_truncated = 0  # streams that ended early with no error event (should never happen)
 
@@ -124,6 +127,8 @@ class Replayer:
                     usage = result.usage
                 finish = self.now()
                 engine = headers.get("x-agentsched-engine", "")
+                if "x-agentsched-upstream-s" in headers:
+                    self.upstream_s[call_id] = float(headers["x-agentsched-upstream-s"])
                 out_tokens = int(usage.completion_tokens) if usage is not None else n_out
                 break
             except StreamError as exc:

@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import math
+import time
 import weakref
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -291,8 +292,10 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 except (QueueFull, NoEngine, ShuttingDown) as exc:
                     return _rejected(exc)
                 try:
+                    sent_s = time.perf_counter()
                     resp = await gateway.pools[engine.engine_id].fetch(
                         "POST", path, _upstream_body(body, call, engine), timeout_s=cfg.upstream_timeout_s)
+                    upstream_s = time.perf_counter() - sent_s
                 except UpstreamError as exc:
                     gateway.attempt_failed(call, engine, exc)
                     exclude.add(engine.engine_id)
@@ -308,7 +311,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                     gateway.metrics.answered.labels(engine.name).inc()
                 return Response(resp.body, status_code=resp.status,
                                 media_type=resp.headers.get("content-type", "application/json"),
-                                headers={"X-Agentsched-Engine": engine.name})
+                                headers={"X-Agentsched-Engine": engine.name,
+                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}"})
             gateway.metrics.rejected.labels("attempts_exhausted").inc()
             return _error(502, f"call failed on {call.attempts} attempts; engines unavailable", "upstream_error")
         finally:
