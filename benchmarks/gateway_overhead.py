@@ -5,7 +5,8 @@ The upstream here is a *minimal local HTTP server* (not vLLM) that answers every
 once with a fixed body: a real engine's own latency and jitter (tens of ms on CPU) would drown
 the sub-millisecond figure being measured. It speaks HTTP/1.1 keep-alive like vLLM's uvicorn and
 serves a vLLM-shaped /metrics page so the gateway's 100 ms scrape loop runs as in production.
-Upstream, gateway and load generator are three processes on this 2-core machine.
+Upstream, gateway and load generator (aiohttp, the same for direct and gateway calls) are three
+processes on this 2-core machine.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
 
