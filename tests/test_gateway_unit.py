@@ -292,3 +292,21 @@ def test_engines_up_restarts_an_engine_whose_api_server_died(tmp_path):
     with pytest.raises(UserError, match="vllm_python"):  # it went on to start a new engine
         start_engine(cluster, spec)
     assert group_members(leader.pid) == []  # the orphaned group was stopped
+
+
+def test_serve_without_engines_says_where_it_listens_and_how_to_start_them(tmp_path, caplog):
+    """No engine up: the gateway still listens, says so, and names the command that starts each engine."""
+    data = {"name": "t", "workdir": str(tmp_path / "work"), "gateway": {"health_interval_s": 0.1}, "engines": [
+        {"name": "local", "gpu": "A100", "launch": {"model_dir": str(tmp_path), "port": free_port(), "cpu_bind": "0"}},
+        {"name": "remote", "gpu": "A100", "url": f"http://127.0.0.1:{free_port()}"}]}
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(data))
+    from deploy.cluster import load_cluster
+
+    caplog.set_level("WARNING", logger="agentsched.gateway")
+    with thread_gateway(load_cluster(path), AlwaysFirst()) as gw:
+        wait_until(lambda: httpx.get(gw.url + "/health").status_code == 503, what="both engines down")
+    text = caplog.text
+    assert f"listening on {gw.url}" in text
+    assert f"engine local is DOWN (start it with `agentsched engines up --cluster {path.resolve()} --engine local`)" in text
+    assert "engine remote is DOWN (is it running at http://127.0.0.1:" in text

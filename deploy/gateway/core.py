@@ -420,10 +420,11 @@ class Gateway:
             self._health_event.set()
             self._pump(engine)
         else:
-            hint = ""
             if engine.spec.launch is not None:
                 source = self.cluster.source or "CLUSTER.yaml"
                 hint = f" (start it with `agentsched engines up --cluster {source} --engine {engine.name}`)"
+            else:
+                hint = f" (is it running at {engine.spec.base_url}? engines without `launch` are started by you)"
             log.warning("engine %s is DOWN%s", engine.name, hint)
             self._clear_scraped(engine)
             # hand queued calls back to dispatch (their waiters see False and re-route)
