@@ -167,8 +167,8 @@ def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
 def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> dict[str, float]:
     """Time of policy.dispatch on the gateway's live state view (in process)."""
     from deploy.cluster import Cluster, ClusterFile
-    from deploy.gateway.state import build_cluster_state
     from deploy.gateway.core import Gateway
+    from deploy.gateway.state import build_cluster_state
     from policies import load_policy
 
     table = {"Information Retriever": 0.1, "extract_keywords": 0.5, "generate_candidate": 9.0, "revise": 1.4,

@@ -40,7 +40,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from deploy.cluster import load_cluster  # noqa: E402
-from deploy.engines import engines_down, engines_up, running_pid, start_engine, stop_pid, wait_healthy, warm_up  # noqa: E402
+from deploy.engines import (  # noqa: E402
+    engines_down,
+    engines_up,
+    running_pid,
+    start_engine,
+    stop_pid,
+    wait_healthy,
+    warm_up,
+)
 from deploy.replay import ReplayConfig, Replayer  # noqa: E402
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import openai
 
 from agentsched.client import AsyncGatewayClient, AsyncWorkflow, StreamError

@@ -28,7 +28,6 @@ what it needs and answers 400 naming the field.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -42,7 +41,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.gateway.core import Gateway, NoEngine, QueueFull, ShuttingDown, WorkflowFinished
+from deploy.gateway.core import (
+    Gateway,
+    NoEngine,
+    QueueFull,
+    ShuttingDown,
+    WorkflowFinished,
+)
 from deploy.gateway.state import CallState, EngineState
 from deploy.upstream import UpstreamError
 from envs.sim.workload import normalise_step

@@ -24,7 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
 from deploy.gateway.state import (
-    WORKFLOW_RETENTION_S, CallState, ClusterState, EngineState, WorkflowState, build_cluster_state,
+    WORKFLOW_RETENTION_S,
+    CallState,
+    ClusterState,
+    EngineState,
+    WorkflowState,
+    build_cluster_state,
 )
 from deploy.upstream import Upstream, UpstreamError
 from policies.base import Policy

@@ -20,7 +20,6 @@ import signal
 import socket
 import threading
 import time
-from typing import Generator
 
 import uvicorn
 
