@@ -310,11 +310,12 @@ class Gateway:
         healthy = [e for e in engines if e.healthy]
         if not healthy:
             return None
-        candidates = [e for e in healthy if e.engine_id not in exclude] or healthy
         bound = self.config.max_queue_per_engine
-        with_room = [e for e in candidates if e.queued < bound]
+        # engines that already failed this call are the last resort, before a 429
+        with_room = ([e for e in healthy if e.engine_id not in exclude and e.queued < bound]
+                     or [e for e in healthy if e.queued < bound])
         if not with_room:
-            raise QueueFull(", ".join(e.name for e in candidates))
+            raise QueueFull(", ".join(e.name for e in healthy))
         idx = self._dispatch(call)
         chosen = engines[idx] if 0 <= idx < len(engines) else None
         if chosen in with_room:
