@@ -85,7 +85,7 @@ def main() -> None:
                                 "--policy", args.policy, "--port", str(args.port)],
                                stdout=subprocess.DEVNULL, stderr=open("/tmp/soak-gateway.log", "wb"))
     stop = threading.Event()
-    kills: list[tuple[float, str, float]] = []  # (time, engine, seconds until it served again)
+    kills: list[tuple[float, str, float, int]] = []  # (time, engine, s until it served again, calls in flight)
     memory: list[float] = []
     try:
         deadline = time.monotonic() + 30
@@ -108,13 +108,22 @@ def main() -> None:
                 pid = running_pid(cluster, spec)
                 if pid is None:
                     continue
+                # kill while the gateway has calls in flight on it (up to 10 s of waiting)
+                inflight, wait_until = 0, time.monotonic() + 10
+                while time.monotonic() < wait_until:
+                    engines = httpx.get(gw_url + "/v1/agentsched/info", timeout=5).json()["engines"]
+                    inflight = next(e["inflight"] for e in engines if e["name"] == spec.name)
+                    if inflight:
+                        break
+                    time.sleep(0.01)
                 at = time.monotonic() - t0
                 stop_pid(pid, grace_s=5.0, sig=signal.SIGKILL)
                 proc = start_engine(cluster, spec)
                 wait_healthy([proc])
                 warm_up([spec], rounds=1)
-                kills.append((at, spec.name, time.monotonic() - t0 - at))
-                print(f"  t={at:6.0f} s killed {spec.name}; serving again after {kills[-1][2]:.0f} s", flush=True)
+                kills.append((at, spec.name, time.monotonic() - t0 - at, inflight))
+                print(f"  t={at:6.0f} s killed {spec.name} with {inflight} calls in flight; serving again after "
+                      f"{kills[-1][2]:.0f} s", flush=True)
 
         def sampler() -> None:
             while not stop.wait(5.0):
