@@ -5,7 +5,8 @@ The upstream here is a *minimal local HTTP server* (not vLLM) that answers every
 once with a fixed body: a real engine's own latency and jitter (tens of ms on CPU) would drown
 the sub-millisecond figure being measured. It speaks HTTP/1.1 keep-alive like vLLM's uvicorn and
 serves a vLLM-shaped /metrics page so the gateway's 100 ms scrape loop runs as in production.
-Upstream, gateway and load generator are three processes on this 2-core machine.
+Upstream, gateway and load generator (aiohttp, the same for direct and gateway calls) are three
+processes on this 2-core machine.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
 
@@ -33,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from deploy.http1 import ConnectionPool  # noqa: E402
+import aiohttp  # noqa: E402
 
 COMPLETION = json.dumps({"id": "cmpl-0", "object": "text_completion", "model": "tiny",
                          "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
@@ -91,17 +92,30 @@ def run_upstream(port: int) -> None:
 
 
 # ---------------------------------------------------------------- load generation
+def client_session(url: str) -> aiohttp.ClientSession:
+    """The load generator's client (aiohttp, keep-alive pool), the same for direct and gateway calls."""
+    return aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0),
+                                 skip_auto_headers=("User-Agent",), auto_decompress=False)
+
+
+async def post(session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> int:
+    async with session.post("/v1/completions", data=body,
+                            headers={"Content-Type": "application/json", **headers}) as r:
+        data = await r.read()
+        assert r.status == 200, data[:200]
+        return r.status
+
+
 async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None) -> np.ndarray:
     """Send n requests at a fixed rate (open loop); latency of each, seconds."""
-    pool = ConnectionPool(url, max_idle=512)
+    pool = client_session(url)
     body = body or json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
     lat = np.zeros(n)
 
     async def one(i: int) -> None:
         t0 = time.perf_counter()
-        r = await pool.fetch("POST", "/v1/completions", body, headers=headers)
+        await post(pool, body, headers)
         lat[i] = time.perf_counter() - t0
-        assert r.status == 200, r.body[:200]
 
     start = time.perf_counter()
     tasks = []
@@ -111,13 +125,13 @@ async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], 
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
-    pool.close()
+    await pool.close()
     return lat
 
 
 async def closed_loop(url: str, concurrency: int, duration_s: float, headers: dict[str, str]) -> float:
     """Requests per second completed by `concurrency` back-to-back clients."""
-    pool = ConnectionPool(url, max_idle=concurrency * 2)
+    pool = client_session(url)
     body = json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
     done = 0
     end = time.perf_counter() + duration_s
@@ -125,21 +139,20 @@ async def closed_loop(url: str, concurrency: int, duration_s: float, headers: di
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < end:
-            r = await pool.fetch("POST", "/v1/completions", body, headers=headers)
-            if r.status == 200:
-                done += 1
+            await post(pool, body, headers)
+            done += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    pool.close()
+    await pool.close()
     return done / (time.perf_counter() - t0)
 
 
 def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
     async def probe() -> bool:
         try:
-            r = await ConnectionPool(url).fetch("GET", path, timeout_s=1)
-            return r.status == 200
+            async with client_session(url) as session, session.get(path, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                return r.status == 200
         except Exception:  # noqa: BLE001
             return False
 
@@ -154,8 +167,8 @@ def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
 def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> dict[str, float]:
     """Time of policy.dispatch on the gateway's live state view (in process)."""
     from deploy.cluster import Cluster, ClusterFile
-    from deploy.gateway.state import build_cluster_state
     from deploy.gateway.core import Gateway
+    from deploy.gateway.state import build_cluster_state
     from policies import load_policy
 
     table = {"Information Retriever": 0.1, "extract_keywords": 0.5, "generate_candidate": 9.0, "revise": 1.4,

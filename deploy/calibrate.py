@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from deploy.http1 import ConnectionPool, UpstreamError
+from deploy.upstream import Upstream, UpstreamError, read_sse_completion
 from envs.sim.errors import UserError
 from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel
 
@@ -95,7 +95,7 @@ def loadavg_1m() -> float:
 
 class EngineProber:
     def __init__(self, url: str, model: str | None, rng: random.Random) -> None:
-        self.pool = ConnectionPool(url, max_idle=64)
+        self.pool = Upstream(url)
         self.url = url
         self.model = model
         self.rng = rng
@@ -137,23 +137,16 @@ class EngineProber:
 
     async def stream_token_times(self, n_in: int, n_out: int) -> list[float]:
         """Arrival time of every streamed token event (perf_counter seconds)."""
-        resp = await self.pool.request("POST", "/v1/completions", self._body(n_in, n_out, True))
+        resp = await self.pool.request("POST", "/v1/completions", self._body(n_in, n_out, True), timeout_s=120)
         times: list[float] = []
-        buffer = b""
         try:
-            async for chunk in resp.chunks():
-                now = time.perf_counter()
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    if event.startswith(b"data:") and b"[DONE]" not in event:
-                        times.append(now)
+            await read_sse_completion(resp.chunks(), time.perf_counter, on_event=times.append)
         finally:
             resp.release()
         return times
 
-    def close(self) -> None:
-        self.pool.close()
+    async def close(self) -> None:
+        await self.pool.close()
 
 
 async def _batch_latencies(prober: EngineProber, batch: int, n_in: int, n_out: int) -> list[float]:
@@ -273,7 +266,7 @@ def calibrate(url: str, out: str | Path, model: str | None = None, max_num_seqs:
         except UpstreamError as exc:
             raise UserError(f"cannot reach engine {url}: {exc} (check --engine)") from None
         finally:
-            prober.close()
+            await prober.close()
         return fit_profile(samples, info, max_num_seqs, max_num_batched_tokens), samples
 
     profile, samples = asyncio.run(run())
@@ -308,7 +301,7 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
         except UpstreamError as exc:
             raise UserError(f"cannot reach {url}: {exc}") from None
         finally:
-            prober.close()
+            await prober.close()
         return out
 
     latencies = asyncio.run(run())
@@ -393,7 +386,7 @@ def measure_under_load(url: str, plan: LoadPlan | None = None, model: str = "tin
         except UpstreamError as exc:
             raise UserError(f"cannot reach {url}: {exc}") from None
         finally:
-            prober.close()
+            await prober.close()
         return out
 
     return asyncio.run(run())

@@ -208,8 +208,17 @@ def start_engine(cluster: Cluster, spec: EngineSpec) -> EngineProcess:
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "engine.log"
     pid = running_pid(cluster, spec)
-    if pid is not None:
+    if pid is not None and _alive(pid):
         return EngineProcess(spec, pid, log_path)
+    if pid is not None:
+        # the API server (group leader) died and left its EngineCore behind: the engine cannot
+        # serve, but the orphans hold its memory and cores. Stop the group, then start anew.
+        stuck = stop_pids([pid])
+        if stuck:
+            raise UserError(f"engine {spec.name}: its API server died and the leftover processes of group {pid} "
+                            f"survived SIGKILL; kill them (`kill -9 -- -{pid}`) and run `engines up` again")
+        print(f"engine {spec.name}: API server had died; stopped its orphaned process group {pid}, restarting",
+              file=sys.stderr)
     if not cluster.vllm_python.exists():
         raise UserError(f"vllm_python {cluster.vllm_python} does not exist (run `make vllm-venv` or fix vllm_python in the cluster file)")
     model_dir = ensure_tiny_model(cluster, spec.launch)

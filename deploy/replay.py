@@ -12,6 +12,10 @@ With `stream=True` (`agentsched replay` default; `--no-stream` to turn off) call
 carries a choice is the call's `first_token_s`, so the result has `ttft_p50_s` / `ttft_p95_s` (and
 `tpot_*`) like the simulator's; the exact output token count comes from the usage of the final
 chunk. Non-streamed replays leave TTFT NaN (as the calibration's non-streamed calls measure).
+
+Calls go out through `agentsched.client` (the helper applications use): each workflow is one
+`workflow()` context with a fresh id, 429/503 answers wait for Retry-After, and a stream that the
+gateway ends with an error event (its engine failed mid-stream) is sent again.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import json
 import math
 import random
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 
-from deploy.http1 import ConnectionPool, UpstreamError
+from agentsched.client import AsyncGatewayClient, AsyncWorkflow, StreamError
+from deploy.upstream import Upstream, UpstreamError
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
 from envs.sim.scenario import RunSpec, workload_for
@@ -37,6 +44,7 @@ TOKEN_ID_RANGE = (10, 1000)
 CLIENT_RETRY_STATUS = {429, 502, 503}
 CLIENT_MAX_TRIES = 20
 CLIENT_BACKOFF_S = 0.2
+CALL_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -58,52 +66,24 @@ def scaled_tokens(n: int, scale: float) -> int:
     return max(1, int(round(n * scale)))
 
 
-class StreamBroken(Exception):
-    """A streamed answer ended without [DONE] or usage (the gateway cannot retry after the first byte)."""
-
-
-async def read_sse_completion(resp, clock) -> tuple[float, dict]:  # noqa: ANN001 - http1.StreamingResponse
-    """Consume an OpenAI SSE completion stream: (time of the first event with a choice, final usage).
-
-    Only the first data event and the events that carry a usage object are parsed as JSON, so the
-    client stays cheap at hundreds of tokens per second."""
-    first = math.nan
-    usage: dict = {}
-    done = False
-    buf = b""
-    async for chunk in resp.chunks():
-        buf += chunk
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[:end], buf[end + 2:]
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                if math.isnan(first) and (b'"choices":[{' in data or b'"choices": [{' in data):
-                    first = clock()
-                if b'"usage":{' in data or b'"usage": {' in data:
-                    usage = json.loads(data).get("usage") or usage
-    if not done and not usage:
-        raise StreamBroken("stream ended without [DONE]")
-    return first, usage
-
-
 class Replayer:
     def __init__(self, cfg: ReplayConfig) -> None:
         self.cfg = cfg
-        self.pool = ConnectionPool(cfg.gateway.rstrip("/"), max_idle=1024, connect_timeout_s=5.0)
+        self.pool = Upstream(cfg.gateway.rstrip("/"), connect_timeout_s=5.0, timeout_s=CALL_TIMEOUT_S)
         self.rng = random.Random(cfg.seed)
         self.calls: list[CallRecord] = []
         self.workflows: list[WorkflowRecord] = []
         self._call_ids = 0
         self._t0 = 0.0
         self._auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self.client = AsyncGatewayClient(cfg.gateway, api_key=cfg.api_key, tenant=cfg.tenant,
+                                         max_retries=CLIENT_MAX_TRIES, max_retry_wait_s=30.0, timeout_s=CALL_TIMEOUT_S)
+        self._run_id = uuid.uuid4().hex[:8]  # workflow ids are never reused across replays (409)
+        # call id -> seconds the gateway waited on the engine for the answer (non-streamed calls:
+        # the gateway's X-Agentsched-Upstream-S); the rest of a call's latency is the gateway's
+        self.upstream_s: dict[int, float] = {}
+        self.stream_error_events = 0  # streams that ended with the gateway's error event (then retried)
+        self.streams_truncated = 0  # streams that ended early with no error event (should never happen)
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -117,61 +97,48 @@ class Replayer:
             raise UserError(f"{self.cfg.gateway} is not an agentsched gateway (GET /v1/agentsched/info -> {resp.status})")
         return json.loads(resp.body)
 
-    async def _call(self, wf_key: str, wf_id: int, slo_s: float, stage_index: int, fanout: int, last: bool,
+    async def _call(self, wf: AsyncWorkflow, wf_id: int, stage_index: int, fanout: int, last: bool,
                     step: str, n_in: int, n_out: int) -> CallRecord:
+        """One call through `agentsched.client` (the application's helper): tagged with the
+        workflow's headers, 429/503 retried after Retry-After; failed attempts (a broken stream's
+        error event, a 502, a lost connection) are sent again, up to CLIENT_MAX_TRIES."""
         call_id = self._call_ids
         self._call_ids += 1
-        payload: dict[str, Any] = {"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
-                                   "max_tokens": n_out, "ignore_eos": True, "temperature": 0}
+        request: dict[str, Any] = {"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
+                                   "max_tokens": n_out, "temperature": 0, "extra_body": {"ignore_eos": True}}
         if self.cfg.stream:
-            payload.update(stream=True, stream_options={"include_usage": True})
-        body = json.dumps(payload).encode()
-        headers = {"X-Workflow-Id": wf_key, "X-Workflow-Step": step, "X-Tenant": self.cfg.tenant,
-                   "X-Workflow-SLO-S": f"{slo_s:.6f}", "X-Stage-Index": str(stage_index), "X-Fanout": str(fanout),
-                   **self._auth}
-        if last:
-            headers["X-Workflow-Last"] = "1"
+            request.update(stream=True, stream_options={"include_usage": True})
+        tags = {"stage_index": stage_index, "fanout": fanout, "last": last}
         ready = self.now()
         engine, out_tokens, first, finish, tries = "", n_out, math.nan, math.nan, 0
         while tries < CLIENT_MAX_TRIES:
             tries += 1
-            if self.cfg.stream:
-                try:
-                    async with asyncio.timeout(600):
-                        resp = await self.pool.request("POST", "/v1/completions", body, headers=headers)
-                        try:
-                            if resp.status == 200:
-                                first, usage = await read_sse_completion(resp, self.now)
-                                finish = self.now()
-                                engine = resp.headers.get("x-agentsched-engine", "")
-                                out_tokens = int(usage.get("completion_tokens", n_out))
-                                break
-                            err_body = b"".join([c async for c in resp.chunks()])
-                        finally:
-                            resp.release()
-                except (UpstreamError, StreamBroken, OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
-                    first = math.nan
-                    await asyncio.sleep(CLIENT_BACKOFF_S)
-                    continue
-                if resp.status in CLIENT_RETRY_STATUS:
-                    await asyncio.sleep(float(resp.headers.get("retry-after", CLIENT_BACKOFF_S)))
-                    continue
-                raise UserError(f"gateway answered {resp.status}: {err_body[:200]!r}")
+            first = math.nan
             try:
-                resp = await self.pool.fetch("POST", "/v1/completions", body, headers=headers, timeout_s=600)
-            except UpstreamError:
-                await asyncio.sleep(CLIENT_BACKOFF_S)
-                continue
-            if resp.status == 200:
+                result, headers = await wf.completion_with_headers(step, **tags, **request)
+                usage = None
+                if self.cfg.stream:
+                    async for chunk in result:
+                        if math.isnan(first) and chunk.choices:
+                            first = self.now()
+                        usage = chunk.usage or usage
+                else:
+                    usage = result.usage
                 finish = self.now()
-                engine = resp.headers.get("x-agentsched-engine", "")
-                usage = json.loads(resp.body).get("usage") or {}
-                out_tokens = int(usage.get("completion_tokens", n_out))
+                engine = headers.get("x-agentsched-engine", "")
+                if "x-agentsched-upstream-s" in headers:
+                    self.upstream_s[call_id] = float(headers["x-agentsched-upstream-s"])
+                out_tokens = int(usage.completion_tokens) if usage is not None else n_out
                 break
-            if resp.status in CLIENT_RETRY_STATUS:
-                await asyncio.sleep(float(resp.headers.get("retry-after", CLIENT_BACKOFF_S)))
-                continue
-            raise UserError(f"gateway answered {resp.status}: {resp.body[:200]!r}")
+            except StreamError as exc:
+                self.stream_error_events += "error event" in str(exc)
+                self.streams_truncated += "error event" not in str(exc)
+            except openai.APIStatusError as exc:
+                if exc.status_code not in CLIENT_RETRY_STATUS:
+                    raise UserError(f"gateway answered {exc.status_code}: {exc.message[:200]}") from None
+            except openai.APIConnectionError:
+                pass
+            await asyncio.sleep(CLIENT_BACKOFF_S)
         rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, first, finish,
                          0, tries)
         self.calls.append(rec)
@@ -180,22 +147,30 @@ class Replayer:
     async def _workflow(self, wf_id: int, spec: WorkflowSpec, arrival_s: float, slo_s: float) -> None:
         await asyncio.sleep(max(0.0, arrival_s - self.now()))
         arrival = self.now()
-        key = f"replay-{self.cfg.seed}-{wf_id}"
+        key = f"replay-{self.cfg.seed}-{wf_id}-{self._run_id}"
         failed = False
         n_stages = len(spec.stages)
-        for si, stage in enumerate(spec.stages):
-            records = await asyncio.gather(*(
-                self._call(key, wf_id, slo_s, si, len(stage), si == n_stages - 1, c.step,
-                           scaled_tokens(c.input_tokens, self.cfg.token_scale),
-                           scaled_tokens(c.output_tokens, self.cfg.token_scale))
-                for c in stage))
-            if any(math.isnan(r.finish_s) for r in records):
-                failed = True
-                break
+        async with self.client.workflow(workflow_id=key, slo_s=slo_s) as wf:
+            for si, stage in enumerate(spec.stages):
+                records = await asyncio.gather(*(
+                    self._call(wf, wf_id, si, len(stage), si == n_stages - 1, c.step,
+                               scaled_tokens(c.input_tokens, self.cfg.token_scale),
+                               scaled_tokens(c.output_tokens, self.cfg.token_scale))
+                    for c in stage))
+                if any(math.isnan(r.finish_s) for r in records):
+                    failed = True
+                    break
         finish = self.now() if not failed else math.nan
         self.workflows.append(WorkflowRecord(wf_id, self.cfg.tenant, arrival, finish, slo_s, spec.n_calls, failed))
 
     async def run(self) -> dict[str, Any]:
+        try:
+            return await self._run()
+        finally:
+            await self.pool.close()
+            await self.client.close()
+
+    async def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         info = await self.info()
         # the simulator's own workload draw: same seed -> same workflows and arrival times as `simulate`
@@ -212,7 +187,6 @@ class Replayer:
         engines = [EngineRecord(e["name"], e["gpu"], e.get("price_per_hour", 0.0), 0.0, e.get("kv_usage", 0.0),
                                 sum(1 for c in self.calls if c.engine == e["name"]), int(e.get("preemptions_total", 0)))
                    for e in after["engines"]]
-        self.pool.close()
         return summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
             "mode": "replay", "gateway": cfg.gateway, "trace": cfg.trace, "rate_qps": cfg.rate_qps,
             "slo_scale": cfg.slo_scale, "token_scale": cfg.token_scale, "base_slo_s": info["base_slo_s"],

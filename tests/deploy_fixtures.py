@@ -143,7 +143,7 @@ def live_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveClust
 class ThreadGateway:
     """A gateway served by uvicorn in a background thread (so tests can pass Policy objects)."""
 
-    def __init__(self, cluster, policy, api_key: str | None = None) -> None:
+    def __init__(self, cluster, policy, api_key: str | None = None, metrics_key: str | None = None) -> None:
         from deploy.gateway.app import build_app
         from deploy.gateway.core import Gateway
         from deploy.gateway.server import GatewayServer, server_config
@@ -151,7 +151,7 @@ class ThreadGateway:
         self.gateway = Gateway(cluster, policy)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = server_config(build_app(self.gateway, api_key=api_key), "127.0.0.1", self.port, "warning", loop="asyncio")
+        config = server_config(build_app(self.gateway, api_key=api_key, metrics_key=metrics_key), "127.0.0.1", self.port, "warning", loop="asyncio")
         self.server = GatewayServer(config, self.gateway, grace_s=cluster.gateway.shutdown_grace_s)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -170,6 +170,6 @@ class ThreadGateway:
 
 
 @contextmanager
-def thread_gateway(cluster, policy, api_key: str | None = None) -> Iterator[ThreadGateway]:
-    with ThreadGateway(cluster, policy, api_key=api_key) as gw:
+def thread_gateway(cluster, policy, api_key: str | None = None, metrics_key: str | None = None) -> Iterator[ThreadGateway]:
+    with ThreadGateway(cluster, policy, api_key=api_key, metrics_key=metrics_key) as gw:
         yield gw

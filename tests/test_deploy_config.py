@@ -11,7 +11,7 @@ import pytest
 
 from deploy.cluster import load_cluster, parse_size_bytes
 from deploy.gateway.core import parse_vllm_metrics
-from deploy.http1 import ConnectionPool, UpstreamError
+from deploy.upstream import Upstream, UpstreamError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,16 +93,17 @@ def test_parse_vllm_metrics_keeps_engine_state() -> None:
     assert values["kv_cache_size_tokens"] == 10752
 
 
-def test_http1_pool_reports_unreachable_upstream() -> None:
+def test_upstream_reports_unreachable_upstream() -> None:
     async def go() -> None:
-        pool = ConnectionPool("http://127.0.0.1:9", connect_timeout_s=0.5)
+        pool = Upstream("http://127.0.0.1:9", connect_timeout_s=0.5)
         with pytest.raises(UpstreamError):
             await pool.fetch("GET", "/health")
+        await pool.close()
 
     asyncio.run(go())
 
 
-def test_http1_pool_chunked_and_keepalive() -> None:
+def test_upstream_chunked_and_keepalive() -> None:
     """Against a real (stdlib) HTTP/1.1 server: content-length and chunked bodies, connection reuse."""
 
     async def go() -> None:
@@ -111,9 +112,13 @@ def test_http1_pool_chunked_and_keepalive() -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peers.append(writer.get_extra_info("peername"))
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if not head:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
                     break
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
                 path = head.split(b" ")[1]
                 if path == b"/chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -124,7 +129,7 @@ def test_http1_pool_chunked_and_keepalive() -> None:
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        pool = ConnectionPool(f"http://127.0.0.1:{port}")
+        pool = Upstream(f"http://127.0.0.1:{port}")
         r1 = await pool.fetch("POST", "/x", b"{}")
         r2 = await pool.fetch("GET", "/chunked")
         r3 = await pool.fetch("GET", "/x")
@@ -132,7 +137,7 @@ def test_http1_pool_chunked_and_keepalive() -> None:
         assert (r2.status, r2.body) == (200, b"hello world")
         assert r3.body == b"ok"
         assert len(peers) == 1  # one keep-alive connection served all three
-        pool.close()
+        await pool.close()
         server.close()
 
     asyncio.run(go())

@@ -121,19 +121,18 @@ def test_short_replay_writes_simulator_metrics(live_cluster, tmp_path):
                                                token_scale=0.05, queries=4, seed=1, stream=True), out=out)
 
         # the streamed answer's usage (final chunk, include_usage) gives the exact token count
-        from deploy.http1 import ConnectionPool
-        from deploy.replay import read_sse_completion
+        from deploy.upstream import Upstream, read_sse_completion
 
         async def one_stream() -> tuple[float, dict, float]:
-            pool = ConnectionPool(gw.url)
+            pool = Upstream(gw.url)
             t0 = time.perf_counter()
             body = json.dumps(completion(n_out=7, stream=True, stream_options={"include_usage": True})).encode()
             resp = await pool.request("POST", "/v1/completions", body)
             try:
-                first, usage = await read_sse_completion(resp, time.perf_counter)
+                first, usage = await read_sse_completion(resp.chunks(), time.perf_counter)
             finally:
                 resp.release()
-                pool.close()
+                await pool.close()
             return first - t0, usage, time.perf_counter() - t0
 
         ttft, usage, total = asyncio.run(one_stream())

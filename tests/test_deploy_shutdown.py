@@ -113,8 +113,10 @@ def test_serve_exits_0_on_signal_and_fails_waiting_calls(tmp_path, sig):
     assert len(results) == 2 and all(r[0] == 503 and "shutting down" in r[1] for r in results), (results, output)
 
 
-def test_serve_aborts_calls_stuck_upstream_after_grace(tmp_path):
-    """An engine that accepts and never answers: in-flight calls get `shutdown_grace_s`, then 503."""
+@pytest.mark.parametrize("grace_s,signals", [(0.5, 1), (60.0, 2)])
+def test_serve_aborts_calls_stuck_upstream_after_grace(tmp_path, grace_s, signals):
+    """An engine that accepts and never answers: in-flight calls get `shutdown_grace_s`, then 503;
+    a second signal skips the grace period."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
@@ -133,10 +135,13 @@ def test_serve_aborts_calls_stuck_upstream_after_grace(tmp_path):
     acceptor.start()
     port = free_port()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    proc = _serve(_cluster(tmp_path, url, shutdown_grace_s=0.5, unhealthy_after_failures=1000), port)
+    proc = _serve(_cluster(tmp_path, url, shutdown_grace_s=grace_s, unhealthy_after_failures=1000), port)
     try:
         threads, results = _post_in_background(f"http://127.0.0.1:{port}", 2)
         _wait_open_calls(f"http://127.0.0.1:{port}", 2)
+        if signals == 2:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
         code, took = _stop(proc, signal.SIGTERM)
         for t in threads:
             t.join(10)

@@ -1,13 +1,25 @@
 """HTTP face of the gateway: OpenAI-compatible /v1/completions and /v1/chat/completions.
 
 Workflow headers (all optional; a call without X-Workflow-Id is routed as a single request):
-    X-Workflow-Id     client's id of the workflow (query) the call belongs to
+    X-Workflow-Id     client's id of the workflow (query) the call belongs to; the id of a
+                      workflow that already finished is refused with 409 for
+                      `FINISHED_KEY_MEMORY_S` after it finished (use a fresh id per workflow)
     X-Workflow-Step   CHESS step name, e.g. "generate_candidate" (default "single")
     X-Tenant          tenant name (default "default")
-    X-Workflow-SLO-S  the workflow's SLO in seconds (default gateway slo_scale x base SLO)
+    X-Workflow-SLO-S  the workflow's SLO in seconds, finite and > 0 (default gateway slo_scale x
+                      base SLO)
     X-Workflow-Last   "1" on the calls of the workflow's last stage: when they finish, the
                       workflow counts towards SLO attainment
-    X-Stage-Index, X-Fanout, X-Priority   optional extras copied into the call's view
+    X-Stage-Index (>= 0), X-Fanout (>= 1), X-Priority (integer)   extras copied into the call's view
+A header with a bad value answers 400 naming the header.
+
+Model names: every engine serves the same model, each under its own name (`model` in the cluster
+file). A call's `model` must be absent or one of the names `/v1/models` lists (else 404, naming
+the field); the gateway sends the chosen engine's own name upstream, for every engine alike.
+
+API keys: with an API key set, every endpoint but `/health` needs `Authorization: Bearer KEY`
+(the scheme is matched case-insensitively, RFC 7235; keys are compared in constant time).
+`/metrics` also accepts its own key when one is set (Prometheus scrapes with it).
 
 Handlers read raw bodies (no pydantic models) because request validation of the full OpenAI
 schema is vLLM's job and would cost the gateway its latency budget; the gateway checks only
@@ -16,10 +28,11 @@ what it needs and answers 400 naming the field.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
+import math
+import time
 import weakref
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -28,9 +41,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.gateway.core import Gateway, NoEngine, QueueFull, ShuttingDown
+from deploy.gateway.core import (
+    Gateway,
+    NoEngine,
+    QueueFull,
+    ShuttingDown,
+    WorkflowFinished,
+)
 from deploy.gateway.state import CallState, EngineState
-from deploy.http1 import UpstreamError
+from deploy.upstream import UpstreamError
 from envs.sim.workload import normalise_step
 
 log = logging.getLogger("agentsched.gateway")
@@ -44,6 +63,13 @@ class BadRequest(Exception):
     pass
 
 
+def stream_error_event(message: str, kind: str = "upstream_error", code: int = 502) -> bytes:
+    """The end of a stream that broke after its first byte: an OpenAI-style error event, then
+    `[DONE]` (what OpenAI-compatible servers, vLLM's included, send when a stream fails)."""
+    error = json.dumps({"error": {"message": message, "type": kind, "code": code}}, separators=(",", ":"))
+    return b"data: " + error.encode() + b"\n\ndata: [DONE]\n\n"
+
+
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
@@ -53,14 +79,48 @@ def _shutting_down() -> JSONResponse:
                   {"Retry-After": "1", "Connection": "close"})
 
 
-def _int_header(request: Request, name: str, default: int | None) -> int | None:
-    value = request.headers.get(name)
+def _int_header(request: Request, name: str, default: int | None, minimum: int | None = None) -> int | None:
+    value = request.headers.get(name.lower())
     if value is None:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise BadRequest(f"header {name} must be an integer, got {value!r}") from None
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise BadRequest(f"header {name} must be an integer{bound}, got {value!r}")
+    return number
+
+
+def _slo_header(request: Request) -> float | None:
+    value = request.headers.get("x-workflow-slo-s")
+    if value is None:
+        return None
+    try:
+        slo_s = float(value)
+    except ValueError:
+        slo_s = math.nan
+    if not math.isfinite(slo_s) or slo_s <= 0:
+        raise BadRequest(f"header X-Workflow-SLO-S must be a finite number of seconds > 0, got {value!r}")
+    return slo_s
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The credentials of an `Authorization: Bearer TOKEN` header; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def _key_matches(token: str | None, key: str | None) -> bool:
+    return key is not None and token is not None and hmac.compare_digest(token.encode(), key.encode())
+
+
+def _unauthorised() -> JSONResponse:
+    return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                  {"WWW-Authenticate": "Bearer"})
 
 
 def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
@@ -117,12 +177,32 @@ class FastPath:
     shared 2-core box every extra CPU millisecond on the call path is a chance to be preempted.
     """
 
-    def __init__(self, app: FastAPI, routes: dict[str, Any]) -> None:
+    def __init__(self, app: FastAPI, routes: dict[str, Any], api_key: str | None = None,
+                 metrics_key: str | None = None) -> None:
         self.app = app
         self.state = app.state
         self.routes = routes
+        self.api_key = api_key
+        self.metrics_key = metrics_key
+
+    def authorised(self, scope: dict) -> bool:
+        """Every path but /health needs the API key (when one is set); /metrics also takes its own key."""
+        path = scope["path"]
+        if path == "/health":
+            return True
+        if self.api_key is None and (self.metrics_key is None or path != "/metrics"):
+            return True
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = bearer_token(header.decode("latin-1"))
+        if _key_matches(token, self.api_key):
+            return True
+        return path == "/metrics" and _key_matches(token, self.metrics_key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.authorised(scope):
+            self.state.gateway.metrics.rejected.labels("unauthorised").inc()
+            await _unauthorised()(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = self.routes.get(scope["path"])
             if handler is not None:
@@ -136,7 +216,7 @@ class FastPath:
         await self.app(scope, receive, send)
 
 
-def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
+def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | None = None) -> FastPath:
     """The ASGI app around a Gateway (started/stopped with the FastAPI app's lifespan)."""
 
     @asynccontextmanager
@@ -149,44 +229,40 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
 
     app = FastAPI(title="agentsched gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
-    expected_auth = f"Bearer {api_key}".encode() if api_key else None
     cfg = gateway.config
-
-    def _authorised(request: Request) -> bool:
-        if expected_auth is None:
-            return True
-        given = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(given, expected_auth)
+    model_names = sorted({e.spec.model_name for e in gateway.state.engines})
 
     async def _proxy(request: Request, path: str, chat: bool) -> Response:
-        if not _authorised(request):
-            gateway.metrics.rejected.labels("unauthorised").inc()
-            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
-                          {"WWW-Authenticate": "Bearer"})
         if gateway.shutting_down:
             gateway.metrics.rejected.labels("shutting_down").inc()
             return _shutting_down()
         try:
             body, n_in, n_out, stream = _parse_body(await request.body(), chat)
+            model = body.get("model")
+            if model is not None and model not in model_names:
+                gateway.metrics.rejected.labels("unknown_model").inc()
+                return _error(404, f"field 'model': {model!r} is not served here; use one of {model_names} "
+                              "(GET /v1/models) or leave it out", "invalid_request_error")
             h = request.headers
-            slo_header = h.get("x-workflow-slo-s")
-            slo_s = float(slo_header) if slo_header else None
+            slo_s = _slo_header(request)
+            stage_index = _int_header(request, "X-Stage-Index", None, minimum=0)
+            fanout = _int_header(request, "X-Fanout", 1, minimum=1)
+            priority = _int_header(request, "X-Priority", 0)
             call = gateway.new_call(
                 workflow_key=h.get("x-workflow-id"),
                 step=normalise_step(h.get("x-workflow-step", "single")),
                 tenant=h.get("x-tenant", "default"),
                 input_tokens=n_in, output_tokens=n_out, stream=stream, slo_s=slo_s,
-                stage_index=_int_header(request, "x-stage-index", None),
-                fanout=_int_header(request, "x-fanout", 1) or 1,
-                priority=_int_header(request, "x-priority", 0) or 0,
+                stage_index=stage_index, fanout=fanout or 1, priority=priority or 0,
                 last=h.get("x-workflow-last", "") in ("1", "true", "yes"),
             )
         except BadRequest as exc:
             gateway.metrics.rejected.labels("bad_request").inc()
             return _error(400, str(exc), "invalid_request_error")
-        except ValueError:
-            gateway.metrics.rejected.labels("bad_request").inc()
-            return _error(400, "header X-Workflow-SLO-S must be a number of seconds", "invalid_request_error")
+        except WorkflowFinished as exc:
+            gateway.metrics.rejected.labels("workflow_finished").inc()
+            return _error(409, f"header X-Workflow-Id: workflow {str(exc)!r} already finished; "
+                          "send a new workflow under a fresh id", "conflict_error")
         if stream:
             return await _forward_stream(call, body, path)
         return await _forward(call, body, path)
@@ -202,7 +278,7 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
         """The answer to a call the gateway could not place: full queue, no engine, shutting down."""
         if isinstance(exc, QueueFull):
             gateway.metrics.rejected.labels("queue_full").inc()
-            return _error(429, f"engine {exc} queue is full; retry later", "rate_limit_error",
+            return _error(429, f"every engine's queue is full ({exc}); retry later", "rate_limit_error",
                           {"Retry-After": str(cfg.retry_after_s)})
         if isinstance(exc, NoEngine):
             gateway.metrics.rejected.labels("no_engine").inc()
@@ -221,8 +297,10 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 except (QueueFull, NoEngine, ShuttingDown) as exc:
                     return _rejected(exc)
                 try:
+                    sent_s = time.perf_counter()
                     resp = await gateway.pools[engine.engine_id].fetch(
                         "POST", path, _upstream_body(body, call, engine), timeout_s=cfg.upstream_timeout_s)
+                    upstream_s = time.perf_counter() - sent_s
                 except UpstreamError as exc:
                     gateway.attempt_failed(call, engine, exc)
                     exclude.add(engine.engine_id)
@@ -234,9 +312,12 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                     exclude.add(engine.engine_id)
                     continue
                 ok = resp.status < 400
+                if ok:
+                    gateway.metrics.answered.labels(engine.name).inc()
                 return Response(resp.body, status_code=resp.status,
                                 media_type=resp.headers.get("content-type", "application/json"),
-                                headers={"X-Agentsched-Engine": engine.name})
+                                headers={"X-Agentsched-Engine": engine.name,
+                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}"})
             gateway.metrics.rejected.labels("attempts_exhausted").inc()
             return _error(502, f"call failed on {call.attempts} attempts; engines unavailable", "upstream_error")
         finally:
@@ -254,10 +335,11 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 return _rejected(exc)
             pool = gateway.pools[engine.engine_id]
             try:
-                upstream = await pool.request("POST", path, _upstream_body(body, call, engine))
+                upstream = await pool.request("POST", path, _upstream_body(body, call, engine),
+                                              timeout_s=cfg.upstream_timeout_s)
                 chunks = upstream.chunks()
                 first = await chunks.__anext__()
-            except (UpstreamError, OSError, asyncio.IncompleteReadError, StopAsyncIteration, ValueError) as exc:
+            except (UpstreamError, StopAsyncIteration) as exc:
                 gateway.release(call, engine)
                 gateway.attempt_failed(call, engine, exc if isinstance(exc, Exception) else RuntimeError("stream"))
                 exclude.add(engine.engine_id)
@@ -282,18 +364,38 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
                 done[0] = True
                 upstream.release()
                 gateway.release(call, engine)
+                if ok:
+                    gateway.metrics.answered.labels(engine.name).inc()
                 gateway.call_finished(call, ok)
 
             async def relay(first=first, chunks=chunks, upstream=upstream, engine=engine,
                             finish=finish) -> AsyncIterator[bytes]:
                 ok = False
+                # Relay whole SSE events only: if the stream breaks, a half-sent event is dropped
+                # and the error event starts on a clean line. The answer counts as complete once `[DONE]` is passed on, even if the client
+                # hangs up right after reading it (the generator is then closed at that yield).
+                tail = first
+                served = upstream.status < 400
                 try:
-                    yield first
                     async for chunk in chunks:
-                        yield chunk
-                    ok = upstream.status < 400
-                except (UpstreamError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                        tail += chunk
+                        cut = tail.rfind(b"\n\n") + 2
+                        if cut > 1:
+                            piece, tail = tail[:cut], tail[cut:]
+                            ok = ok or (served and b"data: [DONE]" in piece)
+                            yield piece
+                    ok = served
+                    if tail:
+                        yield tail
+                except UpstreamError as exc:
+                    if ok:  # broke after [DONE]: the client has its whole answer
+                        return
+                    # bytes already reached the client, so the call cannot be retried elsewhere:
+                    # end the stream the OpenAI way, so that clients see an error, not a short answer
                     log.warning("stream from %s broke after first byte: %s", engine.name, exc)
+                    gateway.metrics.rejected.labels("stream_broken").inc()
+                    yield stream_error_event(f"engine {engine.name} failed during the stream; the answer is "
+                                             "incomplete, send the call again")
                 finally:
                     finish(ok)
 
@@ -316,17 +418,19 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
         return await _proxy(request, "/v1/chat/completions", chat=True)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        if not _authorised(request):
-            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
-        names = sorted({e.spec.model_name for e in gateway.state.engines})
-        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "agentsched"} for n in names]})
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "agentsched"}
+                                                        for n in model_names]})
 
     @app.get("/health")
     async def health() -> Response:
+        """200 `ok` with every engine up, 200 `degraded` (and the down engines) while at least one
+        serves, 503 `down` when none does."""
         up = [e.name for e in gateway.state.engines if e.healthy]
-        status = 200 if up else 503
-        return JSONResponse({"status": "ok" if up else "no healthy engine", "engines_up": up}, status_code=status)
+        down = [e.name for e in gateway.state.engines if not e.healthy]
+        status = "ok" if not down else ("degraded" if up else "down")
+        return JSONResponse({"status": status, "engines_up": up, "engines_down": down},
+                            status_code=200 if up else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -336,4 +440,5 @@ def build_app(gateway: Gateway, api_key: str | None = None) -> FastPath:
     async def info() -> Response:
         return JSONResponse(gateway.info())
 
-    return FastPath(app, {"/v1/completions": completions, "/v1/chat/completions": chat_completions})
+    return FastPath(app, {"/v1/completions": completions, "/v1/chat/completions": chat_completions},
+                    api_key=api_key, metrics_key=metrics_key)

@@ -14,16 +14,24 @@ import asyncio
 import heapq
 import itertools
 import logging
-import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
-from deploy.gateway.state import CallState, ClusterState, EngineState, WorkflowState, build_cluster_state
-from deploy.http1 import ConnectionPool, UpstreamError
+from deploy.gateway.state import (
+    WORKFLOW_RETENTION_S,
+    CallState,
+    ClusterState,
+    EngineState,
+    WorkflowState,
+    build_cluster_state,
+)
+from deploy.upstream import Upstream, UpstreamError
 from policies.base import Policy
 
 log = logging.getLogger("agentsched.gateway")
@@ -39,7 +47,11 @@ DECISION_BUCKETS_S = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2
 
 
 class QueueFull(Exception):
-    """The chosen engine's queue is at its bound; the client gets 429 + Retry-After."""
+    """Every healthy engine's queue is at its bound; the client gets 429 + Retry-After."""
+
+
+class WorkflowFinished(Exception):
+    """A call names the X-Workflow-Id of a workflow that already finished; the client gets 409."""
 
 
 class NoEngine(Exception):
@@ -50,6 +62,7 @@ class ShuttingDown(Exception):
     """The gateway is stopping (SIGTERM/SIGINT): queued and new calls get 503 at once."""
 
 
+FINISHED_KEY_MEMORY_S = WORKFLOW_RETENTION_S  # a finished workflow's id is refused this long after it finished
 STOP_TASKS_TIMEOUT_S = 2.0  # background loops get this long to end after cancellation
 SLOW_CALLBACK_S = 0.02  # policy hooks slower than this are logged (they block the event loop)
 
@@ -62,40 +75,34 @@ class _Pending:
     admitted: asyncio.Future = field(compare=False)
 
 
-_SUMMED = frozenset((VLLM_RUNNING, VLLM_WAITING, VLLM_KV_USAGE, VLLM_PREEMPTIONS))
-_KV_TOKENS_RE = re.compile(r'kv_cache_size_tokens="(\d+)"')
+_SUMMED = (VLLM_RUNNING, VLLM_WAITING, VLLM_PREEMPTIONS)  # counts: summed over an engine's label sets
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
     """Pick the engine-state samples out of a vLLM /metrics page.
 
-    The page is about 50 KB, mostly histograms we do not use: lines are filtered by prefix first,
-    and the few kept (`name{labels} value`, values summed over engine/model labels) are split by
-    hand; prometheus_client's parser cost ten times as much on the event loop, ten times a second
-    per engine.
+    The page is about 50 KB, mostly histograms we do not use, so sample lines are filtered by
+    prefix first and only the few kept are parsed, with prometheus_client's text parser. Request
+    counts and preemptions are summed over label sets (one vLLM server may run several engine
+    cores, labelled `engine="0"`, `"1"`, ...); KV usage is a share per engine core, so the
+    fullest core's is taken (a call can land on it), never a sum.
     """
+    kept = "\n".join(line for line in text.splitlines() if line.startswith(_SCRAPED_PREFIXES)) + "\n"
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(_SCRAPED_PREFIXES):
-            continue
-        brace = line.find("{")
-        name = line[:brace] if brace >= 0 else line.split(" ", 1)[0]
-        if name == VLLM_CACHE_INFO:
-            found = _KV_TOKENS_RE.search(line)
-            if found:
-                out["kv_cache_size_tokens"] = float(found.group(1))
-            continue
-        if name not in _SUMMED:
-            continue
-        close = line.rfind("}")
-        fields = line[close + 1:].split() if close >= 0 else line.split()[1:]
-        if not fields:
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
-            continue
-        out[name] = out.get(name, 0.0) + value
+    kv_by_core: dict[str, float] = {}
+    for family in text_string_to_metric_families(kept):
+        for sample in family.samples:
+            if sample.name == VLLM_CACHE_INFO:
+                tokens = sample.labels.get("kv_cache_size_tokens")
+                if tokens is not None:
+                    out["kv_cache_size_tokens"] = out.get("kv_cache_size_tokens", 0.0) + float(tokens)
+            elif sample.name == VLLM_KV_USAGE:
+                core = sample.labels.get("engine", "")
+                kv_by_core[core] = max(kv_by_core.get(core, 0.0), sample.value)
+            elif sample.name in _SUMMED:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    if kv_by_core:
+        out[VLLM_KV_USAGE] = max(kv_by_core.values())
     return out
 
 
@@ -108,6 +115,8 @@ class GatewayMetrics:
         self.routed = Counter("agentsched_routed_calls", "Calls sent to each engine", ["engine"], registry=r)
         self.retries = Counter("agentsched_retried_calls", "Attempts that failed and were re-dispatched", ["engine"], registry=r)
         self.rejected = Counter("agentsched_rejected_calls", "Calls refused", ["reason"], registry=r)
+        self.answered = Counter("agentsched_answered_calls", "Calls answered with a complete 2xx answer", ["engine"],
+                                registry=r)
         self.queue_len = Gauge("agentsched_queue_length", "Calls held in the gateway queue per engine", ["engine"], registry=r)
         self.inflight = Gauge("agentsched_inflight", "Calls in flight at each engine", ["engine"], registry=r)
         self.healthy = Gauge("agentsched_engine_healthy", "1 if the engine is up", ["engine"], registry=r)
@@ -127,13 +136,19 @@ class Gateway:
         self.config = cluster.gateway
         self.policy = policy
         self.state: ClusterState = build_cluster_state(cluster)
-        self.pools = [ConnectionPool(spec.base_url) for spec in cluster.engines]
+        self.pools = [Upstream(spec.base_url, timeout_s=self.config.upstream_timeout_s) for spec in cluster.engines]
         self.queues: list[list[_Pending]] = [[] for _ in cluster.engines]
         self.metrics = GatewayMetrics()
         self._seq = itertools.count()
         self._call_ids = itertools.count()
         self._workflow_ids = itertools.count()
         self._workflow_keys: dict[str, int] = {}
+        # X-Workflow-Id of finished workflows -> finish time, oldest first; remembered for
+        # FINISHED_KEY_MEMORY_S so a reused id is refused (409) rather than silently reopened
+        self._finished_keys: OrderedDict[str, float] = OrderedDict()
+        # workflow id -> calls that failed (429, 502, broken stream) and not yet sent again: such a
+        # workflow does not finish on its last call, since the client is expected to retry it
+        self._retry_pending: dict[int, int] = {}
         self._health_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.shutting_down = False
@@ -189,7 +204,7 @@ class Gateway:
                 log.error("background task %s did not stop within %.0f s", task.get_name(), STOP_TASKS_TIMEOUT_S)
         self._tasks = []
         for pool in self.pools:
-            pool.close()
+            await pool.close()
 
     # ------------------------------------------------------------------ workflows and calls
     def _workflow(self, key: str | None, tenant: str, slo_s: float | None, now: float) -> WorkflowState:
@@ -198,6 +213,8 @@ class Gateway:
             wf = st.open_workflows.get(self._workflow_keys[key])
             if wf is not None:
                 return wf
+        if key is not None and key in self._finished_keys:
+            raise WorkflowFinished(key)
         wid = next(self._workflow_ids)
         slo = slo_s if slo_s and slo_s > 0 else self.config.slo_scale * st.slo.base_slo_s
         wf = WorkflowState(wid, key or f"single-{wid}", tenant, now, slo, now + slo,
@@ -226,6 +243,9 @@ class Gateway:
             wf.stage_position, wf.stage_deadline_s = position, deadline
         wf.last_seen_s = now
         wf.inflight += 1
+        pending = self._retry_pending.get(wf.workflow_id)
+        if pending:  # a call of a workflow with a failed call: take it as that call's retry
+            self._retry_pending[wf.workflow_id] = pending - 1
         wf.closing = wf.closing or last or workflow_key is None
         return CallState(
             call_id=next(self._call_ids), workflow_id=wf.workflow_id, tenant=tenant, step=step,
@@ -246,7 +266,9 @@ class Gateway:
             service_s = st.now_s - call.admit_time_s if call.admit_time_s >= 0.0 else 0.0
             wf.attained_service_s += service_s
             wf.critical_path_service_s = max(wf.critical_path_service_s, call.critical_path_at_ready_s + service_s)
-        if wf.closing and wf.inflight == 0 and not wf.finished:
+        elif wf.key in self._workflow_keys:  # a client-named workflow: the client may send the call again
+            self._retry_pending[wf.workflow_id] = self._retry_pending.get(wf.workflow_id, 0) + 1
+        if wf.closing and wf.inflight == 0 and not wf.finished and not self._retry_pending.get(wf.workflow_id):
             self._finish_workflow(wf, st.now_s)
 
     def _finish_workflow(self, wf: WorkflowState, now: float) -> None:
@@ -263,26 +285,64 @@ class Gateway:
             self.metrics.wf_met.labels(wf.tenant).inc()
         self.metrics.slo_attainment.labels(wf.tenant).set(counts[1] / counts[0])
         st.open_workflows.pop(wf.workflow_id, None)
-        self._workflow_keys.pop(wf.key, None)
+        self._retry_pending.pop(wf.workflow_id, None)
+        if self._workflow_keys.pop(wf.key, None) is not None:
+            self._finished_keys[wf.key] = now
+            self._finished_keys.move_to_end(wf.key)
+
+    def _forget_finished_keys(self, now: float) -> None:
+        keys = self._finished_keys
+        while keys:
+            key, finished_s = next(iter(keys.items()))
+            if now - finished_s <= FINISHED_KEY_MEMORY_S:
+                break
+            keys.popitem(last=False)
 
     # ------------------------------------------------------------------ dispatch and queues
-    def _choose(self, call: CallState, exclude: set[int]) -> EngineState | None:
-        engines = self.state.engines
-        healthy = [e for e in engines if e.healthy and e.engine_id not in exclude]
-        if not healthy:
-            healthy = [e for e in engines if e.healthy]
-            if not healthy:
-                return None
+    def _dispatch(self, call: CallState) -> int:
         t0 = time.perf_counter()
         try:
-            idx = self.policy.dispatch(call, self.state)
+            return self.policy.dispatch(call, self.state)
         finally:
             self.metrics.decision.observe(time.perf_counter() - t0)
+
+    def _choose(self, call: CallState, exclude: set[int]) -> EngineState | None:
+        """The engine for `call`: the policy's choice if that engine is up, not excluded (failed
+        this call already) and has room in its queue; else the policy's next choice among the
+        engines that qualify. Raises QueueFull only when every healthy engine's queue is full
+        (shedding is decided by the cluster, not by one engine); None when no engine is healthy.
+
+        The next choice is asked of the same policy on the same view with the engines that do not
+        qualify shown as down for that one decision (policies already route around down engines);
+        if it still picks one of them, the qualifying engine with the least outstanding work."""
+        engines = self.state.engines
+        healthy = [e for e in engines if e.healthy]
+        if not healthy:
+            return None
+        bound = self.config.max_queue_per_engine
+        # engines that already failed this call are the last resort, before a 429
+        with_room = ([e for e in healthy if e.engine_id not in exclude and e.queued < bound]
+                     or [e for e in healthy if e.queued < bound])
+        if not with_room:
+            raise QueueFull(", ".join(e.name for e in healthy))
+        idx = self._dispatch(call)
         chosen = engines[idx] if 0 <= idx < len(engines) else None
-        if chosen is None or chosen not in healthy:
-            # the policy picked a down (or just-failed) engine: least outstanding work among the rest
-            chosen = min(healthy, key=lambda e: (e.outstanding_work_s, e.inflight + e.queued))
-        return chosen
+        if chosen in with_room:
+            return chosen
+        masked = [e for e in healthy if e not in with_room]
+        for e in masked:
+            e.healthy = False
+        try:
+            idx = self._dispatch(call)
+        except Exception:  # noqa: BLE001 - a policy that cannot decide on the masked view
+            idx = -1
+        finally:
+            for e in masked:
+                e.healthy = True
+        chosen = engines[idx] if 0 <= idx < len(engines) else None
+        if chosen in with_room:
+            return chosen
+        return min(with_room, key=lambda e: (e.outstanding_work_s, e.inflight + e.queued))
 
     def _pump(self, engine: EngineState) -> None:
         """Admit queued calls, most urgent first, while the engine has in-flight room."""
@@ -297,8 +357,6 @@ class Gateway:
             pending.admitted.set_result(True)
 
     def _enqueue(self, call: CallState, engine: EngineState) -> asyncio.Future:
-        if engine.queued >= self.config.max_queue_per_engine:
-            raise QueueFull(engine.name)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         key = self.policy.queue_key(call, engine)
         heapq.heappush(self.queues[engine.engine_id], _Pending(key, next(self._seq), call, fut))
@@ -370,11 +428,19 @@ class Gateway:
             return
         engine.healthy = healthy
         self.metrics.healthy.labels(engine.name).set(int(healthy))
-        log.warning("engine %s is %s", engine.name, "up" if healthy else "DOWN")
         if healthy:
+            log.warning("engine %s is up", engine.name)
+            self._rebase_assigned_work()
             self._health_event.set()
             self._pump(engine)
         else:
+            if engine.spec.launch is not None:
+                source = self.cluster.source or "CLUSTER.yaml"
+                hint = f" (start it with `agentsched engines up --cluster {source} --engine {engine.name}`)"
+            else:
+                hint = f" (is it running at {engine.spec.base_url}? engines without `launch` are started by you)"
+            log.warning("engine %s is DOWN%s", engine.name, hint)
+            self._clear_scraped(engine)
             # hand queued calls back to dispatch (their waiters see False and re-route)
             queue = self.queues[engine.engine_id]
             while queue:
@@ -383,10 +449,34 @@ class Gateway:
                 if not pending.admitted.done():
                     pending.admitted.set_result(False)
 
+    def _clear_scraped(self, engine: EngineState) -> None:
+        """A down engine's scraped gauges say nothing any more: zero them in the view, and drop its
+        KV-usage sample from /metrics until it is scraped again."""
+        engine.scraped_running = 0
+        engine.scraped_waiting = 0
+        engine.kv_usage = 0.0
+        engine.last_scrape_s = None
+        try:
+            self.metrics.kv_usage.remove(engine.name)
+        except KeyError:
+            pass
+
+    def _rebase_assigned_work(self) -> None:
+        """An engine came back: every engine's cumulative assigned work restarts from its outstanding
+        work (`WorkLedger.rebase_assigned`, the simulator's rule too)."""
+        for e in self.state.engines:
+            e.ledger.rebase_assigned()  # as the simulator does when an engine recovers
+
     async def _scrape_loop(self, index: int) -> None:
         engine = self.state.engines[index]
-        pool = ConnectionPool(engine.spec.base_url, max_idle=2, connect_timeout_s=1.0)
+        pool = Upstream(engine.spec.base_url, connect_timeout_s=1.0, limit=2)
         interval = self.config.scrape_interval_s
+        try:
+            await self._scrape_forever(engine, pool, interval)
+        finally:
+            await pool.close()
+
+    async def _scrape_forever(self, engine: EngineState, pool: Upstream, interval: float) -> None:
         while True:
             t0 = time.monotonic()
             try:
@@ -407,7 +497,8 @@ class Gateway:
                 log.exception("scrape of %s failed", engine.name)
             self.metrics.queue_len.labels(engine.name).set(engine.queued)
             self.metrics.inflight.labels(engine.name).set(engine.inflight)
-            self.metrics.kv_usage.labels(engine.name).set(engine.kv_usage)
+            if engine.healthy and engine.last_scrape_s is not None:
+                self.metrics.kv_usage.labels(engine.name).set(engine.kv_usage)
             pause = interval if engine.healthy else self.config.health_interval_s
             await asyncio.sleep(max(0.0, pause - (time.monotonic() - t0)))
 
@@ -447,6 +538,7 @@ class Gateway:
                 if wf.inflight == 0 and now - wf.last_seen_s > self.config.workflow_idle_s:
                     self._finish_workflow(wf, wf.last_seen_s)
             self.state.workflows.compact(now)
+            self._forget_finished_keys(now)
 
     # ------------------------------------------------------------------ introspection
     def info(self) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Run the gateway under uvicorn (uvloop + httptools when installed: about 2x the throughput).
 
-Shutdown (SIGTERM or SIGINT; `GatewayServer`): the listener closes, queued calls and calls
-waiting for a healthy engine are answered 503 at once (`Gateway.begin_shutdown`), calls already
-sent to an engine get `gateway.shutdown_grace_s` to finish, then their upstream connections are
-aborted and they are answered 503 too; the scrape, health,
-control and gc loops stop and every upstream connection is closed. The process exits 0. A second
-signal skips the grace period.
+Shutdown (SIGTERM or SIGINT; `GatewayServer`, over uvicorn's `timeout_graceful_shutdown`): the
+listener closes, queued calls and calls waiting for a healthy engine are answered 503 at once
+(`Gateway.begin_shutdown`), calls already sent to an engine get `gateway.shutdown_grace_s` to
+finish, then their upstream connections are aborted and they are answered 503 too; the scrape,
+health, control and gc loops stop and every upstream connection is closed. The process exits 0.
+A second signal skips the grace period.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import signal
 import socket
 import threading
 import time
-from typing import Generator
 
 import uvicorn
 
@@ -100,12 +99,16 @@ class StallWatchdog:
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn.Server that drains the gateway on shutdown and exits 0 on SIGTERM/SIGINT.
+    """uvicorn.Server that drains the gateway on SIGTERM/SIGINT, with uvicorn's own graceful
+    shutdown (`timeout_graceful_shutdown`) doing the waiting.
 
-    uvicorn's own handler re-raises the captured signal after a graceful stop (the process then
-    dies by SIGTERM, exit status -15) and waits for in-flight requests without bound, so a call
-    queued for a dead engine could hold the process for `no_engine_wait_s`, an upstream call for
-    `upstream_timeout_s`.
+    On the first signal (`handle_exit`, chained to uvicorn's): queued and engine-waiting calls are
+    answered 503 at once (`Gateway.begin_shutdown`) and a timer aborts the upstream connections of
+    calls still in flight after `grace_s`, so they answer 503 too instead of holding the process
+    for `upstream_timeout_s`; uvicorn meanwhile stops listening and waits for those answers (up to
+    `grace_s + LEFTOVER_TIMEOUT_S`, then cancels what is left). A second signal aborts them at
+    once. Exit status 0: `run_gateway` installs its own handlers, which uvicorn's re-raised signal
+    then reaches.
     """
 
     def __init__(self, config: uvicorn.Config, gateway, grace_s: float = SHUTDOWN_GRACE_S,  # noqa: ANN001
@@ -114,12 +117,17 @@ class GatewayServer(uvicorn.Server):
         self.gateway = gateway  # deploy.gateway.core.Gateway
         self.grace_s = grace_s
         self.freeze_gc = freeze_gc
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started:
+            config = self.config
+            log.warning("agentsched gateway listening on http://%s:%d (policy %s, %d engines)", config.host,
+                        config.port, self.gateway.policy.spec().get("name", "?"), len(self.gateway.state.engines))
         if self.freeze_gc:
             freeze_startup_heap()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -135,72 +143,66 @@ class GatewayServer(uvicorn.Server):
             if watchdog_task is not None:
                 watchdog_task.cancel()
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals can only be handled in the main thread (tests run servers in threads)
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-        # unlike uvicorn, do not re-raise the signal: a clean stop on request exits 0
-
     def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
-        if self.should_exit:
-            self.force_exit = True  # second signal: no grace period
-        self.should_exit = True
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.gateway.begin_shutdown)
+                self._loop.call_soon_threadsafe(self.drain, first)
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        gateway = self.gateway
-        log.info("gateway shutting down")
-        gateway.begin_shutdown()  # queued and engine-waiting calls: 503 now
-        for server in self.servers:
-            server.close()  # no new connections (uvicorn's shutdown does it too; idempotent)
-        # calls already upstream: up to the grace period to finish
-        deadline = time.monotonic() + self.grace_s
-        while self.server_state.tasks and not self.force_exit and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    def drain(self, first: bool = True) -> None:
+        """Refuse queued calls now; abort upstream calls after the grace period (at once if not `first`)."""
+        self.gateway.begin_shutdown()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+        delay = self.grace_s if first else 0.0
+        self._abort_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(self._abort_upstream()))
+
+    async def _abort_upstream(self) -> None:
         if self.server_state.tasks:
-            # abort their upstream connections: each call then answers 503 (shutting down) itself
-            log.warning("shutting down: aborting %d calls still in flight", len(self.server_state.tasks))
-            for pool in gateway.pools:
-                pool.close()
-            deadline = time.monotonic() + 1.0
-            while self.server_state.tasks and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-        await super().shutdown(sockets)  # closes connections; cancels leftovers after timeout_graceful_shutdown
-        if self.force_exit:  # uvicorn skips the lifespan shutdown then; stop loops and pools anyway
-            await gateway.stop()
+            log.warning("shutting down: aborting the upstream calls of %d requests still in flight",
+                        len(self.server_state.tasks))
+        for pool in self.gateway.pools:
+            await pool.abort()
 
 
-def server_config(app, host: str, port: int, log_level: str, loop: str | None = None) -> uvicorn.Config:  # noqa: ANN001
+def server_config(app, host: str, port: int, log_level: str, loop: str | None = None,  # noqa: ANN001
+                  grace_s: float = SHUTDOWN_GRACE_S) -> uvicorn.Config:
     fast_loop = importlib.util.find_spec("uvloop") is not None
     fast_http = importlib.util.find_spec("httptools") is not None
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                           loop=loop or ("uvloop" if fast_loop else "asyncio"),
                           http="httptools" if fast_http else "h11",
                           timeout_keep_alive=60, backlog=4096,
-                          timeout_graceful_shutdown=LEFTOVER_TIMEOUT_S)
+                          timeout_graceful_shutdown=grace_s + LEFTOVER_TIMEOUT_S)
+
+
+METRICS_KEY_ENV = "AGENTSCHED_METRICS_KEY"  # optional key for /metrics alone (Prometheus' bearer token)
 
 
 def run_gateway(cluster: Cluster, policy: Policy, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, log_level: str = "warning") -> None:
+                api_key: str | None = None, log_level: str = "warning", metrics_key: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. `metrics_key` (default: the AGENTSCHED_METRICS_KEY environment
+    variable) lets `/metrics` be scraped without the API key."""
     from deploy.gateway.app import build_app
     from deploy.gateway.core import Gateway
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     gateway = Gateway(cluster, policy)
-    app = build_app(gateway, api_key=api_key)
-    server = GatewayServer(server_config(app, host, port, log_level), gateway,
-                           grace_s=cluster.gateway.shutdown_grace_s, freeze_gc=True)
-    server.run()
+    app = build_app(gateway, api_key=api_key, metrics_key=metrics_key or os.environ.get(METRICS_KEY_ENV) or None)
+    grace_s = cluster.gateway.shutdown_grace_s
+    server = GatewayServer(server_config(app, host, port, log_level, grace_s=grace_s), gateway,
+                           grace_s=grace_s, freeze_gc=True)
+    # uvicorn re-raises the signal that stopped it once it is done; these handlers receive it, so
+    # that a requested stop ends with exit status 0 instead of death by SIGTERM
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in HANDLED_SIGNALS}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         from envs.sim.errors import UserError
 

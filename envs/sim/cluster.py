@@ -434,6 +434,8 @@ class ClusterSimulator:
 
     def _recover(self, engine: Engine, now: float) -> None:
         engine.healthy = True
+        for e in self.engines:
+            e.ledger.rebase_assigned()  # the gateway's rule too (deploy/gateway/core.py)
         engine.version += 1
         parked, self._parked = self._parked, []
         self._ready.extend(parked)

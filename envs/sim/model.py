@@ -264,6 +264,13 @@ class WorkLedger:
         remaining = self.outstanding_work_s - expected_s
         self.outstanding_work_s = remaining if remaining > 0.0 else 0.0  # rounding never leaves it negative
 
+    def rebase_assigned(self) -> None:
+        """An engine of the cluster came back from a failure: cumulative assigned work restarts
+        from the present load. Otherwise the engines that kept serving carry the work they took
+        while it was down, and a policy balancing cumulative work (HexGen's W_e) sends the
+        recovered engine every call until it has caught up."""
+        self.assigned_work_s = self.outstanding_work_s
+
     def clear_outstanding(self) -> None:
         """The engine lost its calls (failure): nothing placed there is outstanding any more."""
         self.outstanding_work_s = 0.0
