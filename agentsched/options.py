@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, NewType
 
 import typer

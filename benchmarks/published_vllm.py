@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import least_squares
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from rich.console import Console
 from rich.table import Table
+from scipy.optimize import least_squares
 
 from envs.sim.calibration import LOWER, REFERENCE_WEIGHT_BITS, UPPER, write_factors
 from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog, weight_class_of
@@ -221,7 +221,7 @@ def fit_efficiency(fit_points: list[PublishedPoint]) -> dict[str, Efficiency]:
         x0 = np.clip(np.log([prior.compute, prior.memory, max(prior.overhead_s, LOWER[2])]),
                      np.log(LOWER) + 1e-6, np.log(UPPER) - 1e-6)
 
-        def residuals(x: np.ndarray) -> np.ndarray:
+        def residuals(x: np.ndarray, gpu_points=gpu_points, x0=x0) -> np.ndarray:
             eff = Efficiency(compute=math.exp(x[0]), memory=math.exp(x[1]), overhead_s=math.exp(x[2]))
             out = []
             for point in gpu_points:

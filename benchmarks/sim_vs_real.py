@@ -151,8 +151,16 @@ def main() -> None:
         parser.error(f"--effort must be a whole number >= 1, got {args.effort}")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from deploy.calibrate import (CalibrationPlan, LoadPlan, apply_load_fit, calibrate, fit_under_load, loadavg_1m,
-                                  measure_path_overhead, measure_under_load)
+    from deploy.calibrate import (
+        CalibrationPlan,
+        LoadPlan,
+        apply_load_fit,
+        calibrate,
+        fit_under_load,
+        loadavg_1m,
+        measure_path_overhead,
+        measure_under_load,
+    )
     from deploy.cluster import load_cluster
     from deploy.engines import engines_up
     from deploy.replay import ReplayConfig, replay

@@ -68,6 +68,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
     """Write config, bf16 safetensors weights and a fast tokenizer to `out_dir`; return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     # direct module imports: the lazy top-level `from transformers import LlamaConfig` fails in the
     # vLLM CPU venv (it probes torchvision, which that venv removes on purpose)
     from transformers.models.llama.configuration_llama import LlamaConfig

@@ -26,7 +26,6 @@ import sys
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from envs.sim.errors import UserError

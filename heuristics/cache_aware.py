@@ -16,8 +16,7 @@ import math
 import random
 
 from envs.sim.view import CallView, ClusterView
-from heuristics.base import (Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative,
-                             check_unit_interval)
+from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative, check_unit_interval
 from heuristics.dispatch import WeightedScoring
 
 

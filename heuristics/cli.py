@@ -14,8 +14,22 @@ from typing import Any, Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, Backend, backend_option, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
-                                parse_text_list, positive_float, prefix_cache_option, writable_dir, writable_file)
+from agentsched.options import (
+    LIST_METAVAR,
+    Backend,
+    FloatList,
+    IntList,
+    OnOff,
+    TextList,
+    backend_option,
+    parse_float_list,
+    parse_int_list,
+    parse_text_list,
+    positive_float,
+    prefix_cache_option,
+    writable_dir,
+    writable_file,
+)
 from envs.cli import check_run
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec
@@ -85,11 +99,17 @@ def bench_command(
     """Benchmark policies on a grid of rates x SLO scales x seeds; the paper's headline ratios vs rr."""
     import os
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from heuristics.bench import (DEFAULT_LOADS, DEFAULT_RATIO_LOAD, BenchConfig, Scenario, capacity_qps_estimate,
-                                  make_policy, run_bench)
+    from heuristics.bench import (
+        DEFAULT_LOADS,
+        DEFAULT_RATIO_LOAD,
+        BenchConfig,
+        Scenario,
+        capacity_qps_estimate,
+        make_policy,
+        run_bench,
+    )
     from heuristics.plots import make_plots
 
     console = _console()
@@ -216,8 +236,6 @@ def tune_command(
     """Tune a policy's knobs in simulation (Optuna TPE, or the paper's alpha grid); writes a policy file."""
     import os
 
-    from rich.console import Console
-
     from heuristics.bench import capacity_qps_estimate, make_policy
     from heuristics.tune import TuneConfig, run_grid, run_tpe
 
@@ -279,8 +297,16 @@ def plan_command(
 
     from envs.sim.catalog import load_catalog
     from heuristics.bench import make_policy
-    from heuristics.plan import (PlanConfig, canonical_gpus, cluster_yaml, mix_label, mix_price, parse_prices, plot_pareto,
-                                 run_plan)
+    from heuristics.plan import (
+        PlanConfig,
+        canonical_gpus,
+        cluster_yaml,
+        mix_label,
+        mix_price,
+        parse_prices,
+        plot_pareto,
+        run_plan,
+    )
     from heuristics.tune import search_space
     from policies import policy_from_spec, save_policy
     from training.evaluate import LOADS
@@ -425,7 +451,6 @@ def league_command(
 
 def policies_command() -> None:
     """List the named policies (usable wherever --policy takes a name) and their knobs."""
-    from rich.console import Console
     from rich.table import Table
 
     from heuristics import registry

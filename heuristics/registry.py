@@ -14,12 +14,19 @@ import yaml
 
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.cache_aware import DynamoKV, PrebleE2, PrefixScoring, SGLangCacheAware
-from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
-                                 WorkloadBalanced)
+from heuristics.dispatch import LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring, WorkloadBalanced
 from heuristics.local import FCFS, EarliestDeadlineFirst, TenantPriority, Urgency, UrgencyTriage, WorkflowFirst
-from heuristics.peers import (AdaptiveThreadLevelAttainedService, ApplicationFIFO, AutellixLoadBalancer, HexagentRisk,
-                              JustitiaVirtualFinish, KairosMemoryDispatch, KairosPriority, ParrotPlacement,
-                              ProgramLevelAttainedService)
+from heuristics.peers import (
+    AdaptiveThreadLevelAttainedService,
+    ApplicationFIFO,
+    AutellixLoadBalancer,
+    HexagentRisk,
+    JustitiaVirtualFinish,
+    KairosMemoryDispatch,
+    KairosPriority,
+    ParrotPlacement,
+    ProgramLevelAttainedService,
+)
 
 DISPATCHERS: dict[str, Callable[..., Dispatcher]] = {
     "round-robin": RoundRobin,
@@ -112,11 +119,6 @@ NAMED: dict[str, Named] = {
     "dynamo-kv": Named("dynamo-kv", "fcfs", about="NVIDIA Dynamo KV router: 2 x overlap - KV use - normalised waiting, FCFS"),
     "preble": Named("preble", "fcfs", about="Preble E2: exploit the longest cached prefix if it covers most of the prompt, "
                                             "else explore the least loaded engine, FCFS"),
-    "least-work+workflow": Named("least-work", "workflow-first",
-                                 {"backlog_weight": 0.07, "queue_weight": 0.6, "kv_weight": 2.0},
-                                 about="earliest expected finish with the backlog discounted for batching and full "
-                                       "engines penalised + whole workflows first (hopeless calls last); beats tuned "
-                                       "HexGen under overload"),
     # published workflow-aware schedulers (heuristics/peers.py has each rule, its source and which constants are ours)
     "autellix-plas": Named("autellix-lb", "plas",
                            about="Autellix (arXiv 2502.13965): least attained service of the workflow in multi-level "

@@ -18,7 +18,6 @@ re-running the same command resumes it (only the missing trials run).
 from __future__ import annotations
 
 import copy
-import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path

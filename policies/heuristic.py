@@ -52,8 +52,8 @@ class HeuristicPolicy(Policy):
         if local not in registry.LOCAL_ORDERS:
             raise PolicyError(f"policy local: unknown local order {local!r} (known: {', '.join(registry.LOCAL_ORDERS)})")
         d = _construct(registry.DISPATCHERS[dispatch], "dispatcher", dispatch, dispatch_knobs if dispatch_knobs is not None else {})
-        l = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs if local_knobs is not None else {})
-        return cls(d, l, name=name)
+        order = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs if local_knobs is not None else {})
+        return cls(d, order, name=name)
 
     @classmethod
     def named(cls, name: str, dispatch_knobs: dict[str, Any] | None = None,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.observation import dispatch as dispatch_observation
 from envs.observation import knobs as knobs_observation_module
 from envs.observation.dispatch import OBS_VERSION, SUPPORTED_OBS_VERSIONS, DispatchObservation
@@ -52,8 +53,6 @@ MODEL_FILE = "model.zip"
 OBS_RMS_FILE = "obs_rms.npz"
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "eval_report.json"
-
-from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 
 ALGORITHMS = ("ppo", "maskable_ppo", "sac")
 

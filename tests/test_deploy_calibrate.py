@@ -9,8 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from deploy.calibrate import (LoadSample, Samples, apply_load_fit, fit_profile, fit_under_load,
-                              simulate_samples)
+from deploy.calibrate import LoadSample, Samples, apply_load_fit, fit_profile, fit_under_load, simulate_samples
 from envs.sim.perf import PerfProfile, ProfileCoefficients
 
 

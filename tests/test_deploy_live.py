@@ -63,7 +63,7 @@ def test_routes_with_rr_policy_and_streams(live_cluster, tmp_path):
     with thread_gateway(live_cluster.cluster(tmp_path), load_named("rr")) as gw:
         engines = []
         with httpx.Client(base_url=gw.url, timeout=60) as client:
-            for i in range(6):
+            for _ in range(6):
                 r = client.post("/v1/completions", json=completion(n_out=3),
                                 headers={"X-Workflow-Id": "wf-a", "X-Workflow-Step": "Information Retriever", "X-Tenant": "t1"})
                 assert r.status_code == 200, r.text

@@ -434,9 +434,9 @@ def test_mask_infeasible_keeps_long_calls_off_small_engines():
 def test_knob_policy_runs_inside_simulate():
     """`knobs_observation` / `apply_knobs` let a knob policy act through `Policy.on_interval` in
     `simulate`, seeing observations of Knobs-v0's space."""
-    from policies.knob_control import apply_knobs, knobs_observation
     from policies import load_policy
     from policies.base import Policy
+    from policies.knob_control import apply_knobs, knobs_observation
 
     class HalfKnobs(Policy):
         name = "half-knobs"
@@ -541,9 +541,9 @@ def test_knob_schedule_same_in_env_and_in_simulate():
     """Knobs changed every interval give the same run in Knobs-v0 and in `simulate` through
     `Policy.on_interval` (ticks at the same simulated times), so a knob policy evaluated in
     `simulate` is evaluated on the env's terms."""
-    from policies.knob_control import apply_knobs
     from policies import load_policy
     from policies.base import Policy
+    from policies.knob_control import apply_knobs
 
     schedule = [np.array([np.sin(k), np.cos(3 * k)], dtype=np.float32) for k in range(400)]
     env = gym.make("agentsched/Knobs-v0", scenario={"queries": 20, "rate_qps": 0.12})

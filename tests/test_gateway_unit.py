@@ -243,7 +243,7 @@ def test_recovered_engine_does_not_take_every_call(tmp_path):
             b.healthy = False
             wait_until(lambda: not healthy("b"), what="b down")
             with httpx.Client(base_url=gw.url, timeout=10) as client:
-                for i in range(30):  # a accumulates assigned work while b is away
+                for _ in range(30):  # a accumulates assigned work while b is away
                     assert client.post("/v1/completions", json=completion(),
                                        headers={"X-Workflow-Step": "generate_candidate"}).status_code == 200
                 b.healthy = True

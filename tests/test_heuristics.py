@@ -11,8 +11,7 @@ import pytest
 
 from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics import registry
-from heuristics.dispatch import (LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring,
-                                 WorkloadBalanced)
+from heuristics.dispatch import LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring, WorkloadBalanced
 from heuristics.local import FCFS, EarliestDeadlineFirst, Urgency
 from policies import PolicyError, load_policy, policy_from_spec, save_policy
 from policies.heuristic import HeuristicPolicy

@@ -15,9 +15,25 @@ from envs.sim.catalog import Catalog, Efficiency, GPUSpec, ModelSpec
 from envs.sim.config import load_cluster
 from envs.sim.scenario import RunSpec, simulate
 from heuristics.bench import make_policy
-from heuristics.plan import (TEST_SEED_BASE, TUNE_SEED_BASE, EngineOption, Evaluation, PlanConfig, StepDemand,
-                             engine_options, grid_size, make_mix, mix_cluster, mix_gpus, neighbours, pareto_front,
-                             run_spec_for, solve_ilp, step_throughput, throughput_table)
+from heuristics.plan import (
+    TEST_SEED_BASE,
+    TUNE_SEED_BASE,
+    EngineOption,
+    Evaluation,
+    PlanConfig,
+    StepDemand,
+    engine_options,
+    grid_size,
+    make_mix,
+    mix_cluster,
+    mix_gpus,
+    neighbours,
+    pareto_front,
+    run_spec_for,
+    solve_ilp,
+    step_throughput,
+    throughput_table,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 8192  # one prefill chunk at the default max_num_batched_tokens
@@ -99,7 +115,8 @@ def test_pareto_front_keeps_only_undominated_clusters() -> None:
 
 
 def test_seed_blocks_are_the_training_ones() -> None:
-    from training.config import TEST_SEED_BASE as TRAIN_TEST, TUNE_SEED_BASE as TRAIN_TUNE
+    from training.config import TEST_SEED_BASE as TRAIN_TEST
+    from training.config import TUNE_SEED_BASE as TRAIN_TUNE
 
     assert (TUNE_SEED_BASE, TEST_SEED_BASE) == (TRAIN_TUNE, TRAIN_TEST)
     cfg = PlanConfig()

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.metrics import chrome_trace
-from envs.sim.scenario import RunSpec, build_simulator, simulate
-from envs.sim.workload import (CallSpec, WorkflowSpec, WorkflowTemplate, load_trace, warm_cache_hit_tokens,
-                               with_chess_segments)
 from envs.sim.model import StepTokens
+from envs.sim.scenario import RunSpec, build_simulator, simulate
+from envs.sim.workload import CallSpec, WorkflowSpec, WorkflowTemplate, load_trace, warm_cache_hit_tokens, with_chess_segments
 from policies import load_policy
 from tests.sim_checks import check_finished_run, instrument_kv
 
@@ -374,8 +372,14 @@ def test_scenarios_and_cli_switch_the_cache(tmp_path: Path, capsys, monkeypatch)
 
 
 def test_observation_v2_has_the_cache_features_and_v1_is_still_built() -> None:
-    from envs.observation.dispatch import (ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD, OBS_VERSION, DispatchObservation,
-                                      engine_block)
+    from envs.observation.dispatch import (
+        ENGINE_FEATURES,
+        ENGINE_FEATURES_V1,
+        N_HEAD,
+        OBS_VERSION,
+        DispatchObservation,
+        engine_block,
+    )
 
     assert OBS_VERSION == 2 and ENGINE_FEATURES[: len(ENGINE_FEATURES_V1)] == ENGINE_FEATURES_V1
     spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.05, seed=0, queries=6)

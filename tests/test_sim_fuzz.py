@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from envs.sim.config import ClusterConfig
 from envs.sim.scenario import RunSpec, build_simulator
-from envs.sim.workload import TokenDist, StageSpec, WorkflowTemplate
+from envs.sim.workload import StageSpec, TokenDist, WorkflowTemplate
 from policies import load_policy
 from tests.sim_checks import check_finished_run, instrument_kv
 

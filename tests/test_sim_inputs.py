@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 from envs.sim.errors import UserError
-from envs.sim.workload import (GammaArrivals, PiecewiseArrivals, PoissonArrivals, ReplayArrivals, TraceGenerator,
-                               load_trace, step_mean_tokens)
+from envs.sim.workload import (
+    GammaArrivals,
+    PiecewiseArrivals,
+    PoissonArrivals,
+    ReplayArrivals,
+    TraceGenerator,
+    load_trace,
+    step_mean_tokens,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +31,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for needle in needles:

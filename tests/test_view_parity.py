@@ -20,8 +20,8 @@ import yaml
 from deploy.cluster import load_cluster
 from deploy.gateway.core import Gateway
 from deploy.gateway.state import build_cluster_state
-from envs.observation.knobs import KnobsObservation
 from envs.observation.dispatch import DispatchObservation
+from envs.observation.knobs import KnobsObservation
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig
 from envs.sim.model import StepTokens

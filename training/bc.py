@@ -129,7 +129,7 @@ def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate:
     n = len(actions)
     policy.set_training_mode(True)
     stats: dict[str, float] = {}
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         perm = torch.randperm(n, generator=generator)
         total_ce = total_v = correct = 0.0
         for start in range(0, n, batch_size):

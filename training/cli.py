@@ -8,8 +8,21 @@ from typing import Optional
 
 import typer
 
-from agentsched.options import (LIST_METAVAR, Backend, backend_option, FloatList, IntList, OnOff, TextList, parse_float_list, parse_int_list,
-                                parse_text_list, positive_float, prefix_cache_option, writable_dir)
+from agentsched.options import (
+    LIST_METAVAR,
+    Backend,
+    FloatList,
+    IntList,
+    OnOff,
+    TextList,
+    backend_option,
+    parse_float_list,
+    parse_int_list,
+    parse_text_list,
+    positive_float,
+    prefix_cache_option,
+    writable_dir,
+)
 from envs.cli import check_run
 
 
@@ -115,9 +128,9 @@ def register(app: typer.Typer) -> None:
 
         for name in [policy, *baselines]:
             load_cached_policy(name)  # a bad name or file: one line, before any simulation
-        cells = [Cell(trace=t, cluster=c, rate_qps=r, load=l, slo_scale=slo_scale, queries=queries, generated=generated,
+        cells = [Cell(trace=t, cluster=c, rate_qps=r, load=shape, slo_scale=slo_scale, queries=queries, generated=generated,
                       prefix_cache=prefix_cache is OnOff.on)
-                 for c in cluster for t in trace for r in rate for l in load]
+                 for c in cluster for t in trace for r in rate for shape in load]
         for cell in cells:
             for seed in seeds:
                 check_run(cell.run_spec(seed))

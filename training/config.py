@@ -19,12 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.gym.dispatch_env import DispatchEnv
 from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import Scenario
 from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
-
-from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 
 # Seed blocks used across training/; disjoint by construction.
 TRAIN_SEED_BASE, TRAIN_SEED_COUNT = 0, 100_000

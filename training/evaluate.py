@@ -30,8 +30,8 @@ from scipy import stats
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
-from policies.loader import policy_label
 from heuristics.bench import RayExecutor
+from policies.loader import policy_label
 
 METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
 RATIO_METRICS = ("goodput_qps", "slo_attainment")
@@ -173,7 +173,7 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
     else:
         outcomes = [_run_one(j) for j in jobs]
     per: dict[tuple[str, Cell], dict[str, list[float]]] = {}
-    for (n, c, s), out in zip(jobs, outcomes):
+    for (n, c, _seed), out in zip(jobs, outcomes):
         bucket = per.setdefault((n, c), {m: [] for m in METRICS})
         for m in METRICS:
             v = out.get(m)

@@ -22,17 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from envs.sim.errors import UserError
-from training.config import DISPATCH_ENV_ID, KNOBS_ENV_ID, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
 from envs.observation.knobs import DEFAULT_CONTROL_INTERVAL_S
+from envs.sim.errors import UserError
 from policies.loader import load_policy
-from policies.trained import TrainedDispatchPolicy, TrainedKnobsPolicy, _Network
-from policies.trained import algorithm_class
-from policies.trained import save_trained_policy
+from policies.trained import TrainedDispatchPolicy, TrainedKnobsPolicy, _Network, algorithm_class, save_trained_policy
 from training import bc
 from training.callbacks import SimEvalCallback, write_custom_scalars
-from training.envs import make_single_env, make_vec_env
-from training.envs import max_engines_for
+from training.config import DISPATCH_ENV_ID, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
+from training.envs import make_single_env, make_vec_env, max_engines_for
 from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
 
 

@@ -23,10 +23,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-
-from training.config import TEST_SEED_BASE, TUNE_SEED_BASE, TrainConfig
 from policies.loader import load_policy
 from training.callbacks import mean_metrics, run_policy
+from training.config import TEST_SEED_BASE, TUNE_SEED_BASE, TrainConfig
 from training.train import train
 
 # The search space over PPO / MaskablePPO hyper-parameters (SAC keys for Knobs-v0 with SAC).

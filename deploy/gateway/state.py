@@ -19,8 +19,7 @@ from typing import Callable, Iterator, Sequence, overload
 from deploy.cluster import Cluster, EngineSpec
 from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
-from envs.sim.model import (ArrivalWindow, EngineModel, StepTokens, WorkLedger, cluster_slo_model,
-                            reference_latency_table)
+from envs.sim.model import ArrivalWindow, EngineModel, StepTokens, WorkLedger, cluster_slo_model, reference_latency_table
 from envs.sim.model import build_engine_model as sim_build_engine_model
 from envs.sim.slo import REFERENCE_PATH, SLOModel
 from envs.sim.workload import normalise_step

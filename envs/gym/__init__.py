@@ -39,11 +39,11 @@ from gymnasium.envs.registration import register, registry
 
 from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.gym.dispatch_env import DispatchEnv
-from envs.observation import InvalidActionError
 from envs.gym.knobs_env import KnobsEnv
-from envs.observation.knobs import Knob, KnobsObservation
-from envs.observation.dispatch import DispatchObservation
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
+from envs.observation import InvalidActionError
+from envs.observation.dispatch import DispatchObservation
+from envs.observation.knobs import Knob, KnobsObservation
 
 for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),
                         (KNOBS_ENV_ID, "envs.gym.knobs_env:KnobsEnv")):

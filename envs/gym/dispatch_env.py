@@ -11,16 +11,16 @@ from __future__ import annotations
 import math
 import operator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.observation import InvalidActionError
-from envs.observation.dispatch import OBS_CLIP, OBS_VERSION, DispatchObservation, observation_size
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
+from envs.observation import InvalidActionError
+from envs.observation.dispatch import OBS_CLIP, OBS_VERSION, DispatchObservation
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.engine import LLMCall
 from envs.sim.metrics import records_from_simulator, summarize

@@ -9,27 +9,29 @@ paper's knobs as load shifts is what this env learns; a constant action is the t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from pydantic import BaseModel, ConfigDict, model_validator
 
 from envs.gym.dispatch_env import episode_for, metrics_of_episode, render_text
-from envs.observation import InvalidActionError
-from envs.observation.dispatch import OBS_CLIP
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY, TARDINESS_WEIGHT, SLOReward
 from envs.gym.scenario import Scenario, resolve_cluster
-from envs.sim.catalog import load_catalog
-from envs.sim.cluster import ClusterSimulator, Workflow
+from envs.observation import InvalidActionError
+from envs.observation.dispatch import OBS_CLIP
+from envs.observation.knobs import (
+    DEFAULT_CONTROL_INTERVAL_S,
+    GLOBAL_FEATURES,
+    Knob,
+    KnobsObservation,
+    _coerce_knobs,
+    knob_action,
+    knob_values,
+)
+from envs.sim.cluster import ClusterSimulator
 from envs.sim.scenario import RunSpec, build_simulator
-from envs.observation.knobs import (BURSTINESS_WINDOW_S, DEFAULT_CONTROL_INTERVAL_S, DEFAULT_KNOBS, GLOBAL_FEATURES,
-                                   GPU_TYPE_FEATURES, MIN_GAPS_FOR_CV, OBS_VERSION, Knob, KnobsObservation,
-                                   _coerce_knobs, knob_action, knob_values)
-from policies.knob_control import KnobsState, apply_knobs, knobs_observation
 from heuristics import registry
 from policies.base import PolicyError
 from policies.heuristic import HeuristicPolicy
@@ -110,8 +112,8 @@ class KnobsEnv(gym.Env[np.ndarray, np.ndarray]):
     def _build_policy(self, action: np.ndarray) -> Any:
         values = self.knobs_for(action)
         d = {**self._named.dispatch_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "dispatch"}}
-        l = {**self._named.local_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "local"}}
-        return HeuristicPolicy.build(self._named.dispatch, self._named.local, d, l, name=self.policy_name)
+        loc = {**self._named.local_knobs, **{k.name: values[k.name] for k in self.knobs if k.layer == "local"}}
+        return HeuristicPolicy.build(self._named.dispatch, self._named.local, d, loc, name=self.policy_name)
 
     def policy_for(self, action: np.ndarray) -> Any:
         """The heuristic policy an action puts in force (e.g. to run a constant action in `simulate`)."""

@@ -19,15 +19,12 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from envs.sim.config import ClusterConfig, EngineConfig, load_cluster
 from envs.sim.errors import UserError
-from envs.sim.scenario import FailureSpec, RunSpec, TenantSpec
-from envs.sim.workload import GammaArrivals, PiecewiseArrivals, PoissonArrivals
-from envs.sim.scenario import is_template
-from envs.sim.workload import resolve_trace_path, resolve_workflow_path
+from envs.sim.scenario import FailureSpec, RunSpec, TenantSpec, is_template
+from envs.sim.workload import GammaArrivals, PiecewiseArrivals, PoissonArrivals, resolve_trace_path, resolve_workflow_path
 
 # Episode seeds are drawn below this bound when a scenario does not limit them (fits int32).
 MAX_EPISODE_SEED = 2**31 - 1

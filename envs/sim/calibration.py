@@ -33,8 +33,7 @@ import numpy as np
 import yaml
 from scipy.optimize import least_squares, minimize
 
-from envs.sim.catalog import (DATA_DIR, EFFICIENCY_FIELDS, WEIGHT_CLASSES, Efficiency, WeightClass, load_catalog,
-                              weight_class_of)
+from envs.sim.catalog import DATA_DIR, EFFICIENCY_FIELDS, WEIGHT_CLASSES, Efficiency, WeightClass, load_catalog, weight_class_of
 from envs.sim.perf import RooflineModel, solo_call_latency_s
 
 REFERENCE_PATH = DATA_DIR / "reference" / "hexgen_stage_latency.json"

@@ -58,7 +58,7 @@ class ClusterConfig(BaseModel):
         """One entry per engine (count expanded), each with a unique name."""
         out = []
         for spec in self.engines:
-            for i in range(spec.count):
+            for _ in range(spec.count):
                 # a named single engine keeps its name (the gateway's cluster files name every engine)
                 name = spec.name if spec.name and spec.count == 1 else f"{spec.name or spec.gpu}-{len(out)}"
                 out.append(spec.model_copy(update={"count": 1, "name": name}))

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from envs.sim.catalog import Catalog, load_catalog
-from envs.sim.config import (DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
-                             EngineConfig)
+from envs.sim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig
 from envs.sim.errors import UserError
 from envs.sim.perf import IterationModel, PerfProfile, ProfileModel, RooflineModel, solo_call_latency_s
 from envs.sim.slo import REFERENCE_PATH, SLOModel, standard_workflow

@@ -12,9 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from envs.sim.cluster import ClusterSimulator, Failure, Tenant
 from envs.sim.config import ClusterConfig, load_cluster
 from envs.sim.metrics import records_from_simulator, summarize
-from envs.sim.workload import (ArrivalProcess, GammaArrivals, PoissonArrivals, TraceGenerator, WorkflowSpec,
-                               WorkflowTemplate, draw_workflows, load_trace, resolve_trace_path, resolve_workflow_path,
-                               step_mean_tokens)
+from envs.sim.workload import (
+    ArrivalProcess,
+    GammaArrivals,
+    PoissonArrivals,
+    TraceGenerator,
+    WorkflowSpec,
+    WorkflowTemplate,
+    draw_workflows,
+    load_trace,
+    resolve_trace_path,
+    resolve_workflow_path,
+    step_mean_tokens,
+)
 
 
 class TenantSpec(BaseModel):
