@@ -268,8 +268,8 @@ def _threshold_job(kind: str, policy_ref: str, scenario: Scenario, config: dict[
 
 # ---- the whole benchmark ------------------------------------------------------------------------
 
-def ratio_table(thresholds: dict[str, dict[str, float]], baseline: str = "rr") -> dict[str, dict[str, float]]:
-    """The paper's two ratios of every policy against `baseline`."""
+def ratio_table(thresholds: dict[str, dict[str, float]], baseline: str = "rr") -> dict[str, dict[str, float | None]]:
+    """The paper's two ratios of every policy against `baseline` (None where a threshold is missing)."""
     base = thresholds.get(baseline)
     if base is None:
         return {}

@@ -144,7 +144,7 @@ def bench_command(
     _write_csv(out / "points.csv", results["points"])
     _write_csv(out / "summary.csv", results["summary"])
     print_bench_table(console, results)
-    failed = {}
+    failed: dict[str, int] = {}
     for point in results["points"]:
         failed[point["policy"]] = failed.get(point["policy"], 0) + point["n_failed"]
     for policy, n_failed in failed.items():
@@ -455,13 +455,14 @@ def policies_command() -> None:
 
     from heuristics import registry
     from policies import load_policy
+    from policies.heuristic import HeuristicPolicy
     from policies.loader import LEARNED_POLICY, RECOMMENDED_POLICY, shipped_policies
 
     table = Table(title="named policies (or give a policy file: {base: hexgen, dispatch: {alpha: 0.3}})")
     for col in ("name", "dispatch", "local", "knobs", "what"):
         table.add_column(col)
     for name, entry in registry.NAMED.items():
-        knobs = load_policy(name).knobs()
+        knobs = HeuristicPolicy.named(name).knobs()  # a named policy is a heuristic (what load_policy builds for it)
         text = "; ".join(f"{k}={v}" for part in knobs.values() for k, v in part.items())
         label = f"{name} (recommended)" if name == RECOMMENDED_POLICY else name
         table.add_row(label, entry.dispatch, entry.local, text, entry.about)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, ClassVar
 
 from envs.sim.view import CallView, ClusterView
 from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative, check_unit_interval
@@ -132,7 +132,7 @@ class WeightedScoring(Dispatcher):
     """
 
     name = "weighted-scoring"
-    knobs = ("queue_weight", "kv_weight", "seed")
+    knobs: ClassVar[tuple[str, ...]] = ("queue_weight", "kv_weight", "seed")
     search_space = {"queue_weight": ("float", 0.0, 4.0), "kv_weight": ("float", 0.0, 4.0)}
 
     def __init__(self, queue_weight: float = 2.0, kv_weight: float = 2.0, seed: int = 0) -> None:

@@ -7,6 +7,8 @@ same for all waiting calls at any instant, so that is what the keys below use.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from envs.sim.view import CallView, EngineView
 from heuristics.base import LocalOrder, check_non_negative, check_unit_interval
 
@@ -41,7 +43,7 @@ class Urgency(LocalOrder):
     """
 
     name = "urgency"
-    knobs = ("weight",)
+    knobs: ClassVar[tuple[str, ...]] = ("weight",)
     search_space = {"weight": ("float", 0.0, 1.0)}
 
     def __init__(self, weight: float = 1.0) -> None:

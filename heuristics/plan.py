@@ -202,39 +202,46 @@ def solve_ilp(prices: Sequence[float], gpus: Sequence[int], tput: np.ndarray, de
               gpu_cap: int = DEFAULT_GPU_CAP) -> np.ndarray | None:
     """Integer engine counts per type that cover every step's demand at least cost (module
     docstring), or None if no such counts exist within `max_gpus` (or `gpu_cap`)."""
-    prices = np.asarray(prices, dtype=float)
-    gpus = np.asarray(gpus, dtype=int)
+    price_per_type = np.asarray(prices, dtype=float)
+    gpus_per_type = np.asarray(gpus, dtype=int)
     tput = np.asarray(tput, dtype=float)
-    demand = np.asarray(demand, dtype=float)
+    demand_per_step = np.asarray(demand, dtype=float)
     n_types, n_steps = tput.shape
     n_vars = n_types + n_types * n_steps  # counts n_e, then x[s, e] at n_types + s * n_types + e
 
     def x_index(s: int, e: int) -> int:
         return n_types + s * n_types + e
 
-    cost = np.concatenate([prices + 1e-6 * gpus, np.zeros(n_types * n_steps)])  # equal price: fewer GPUs
+    # equal price: fewer GPUs
+    cost = np.concatenate([price_per_type + 1e-6 * gpus_per_type, np.zeros(n_types * n_steps)])
     cap = max_gpus if max_gpus is not None else gpu_cap
-    upper = np.concatenate([cap // gpus, np.zeros(n_types * n_steps)]).astype(float)
+    upper = np.concatenate([cap // gpus_per_type, np.zeros(n_types * n_steps)]).astype(float)
     for s in range(n_steps):
         for e in range(n_types):
-            if demand[s] > 0 and tput[e, s] > 0:
+            if demand_per_step[s] > 0 and tput[e, s] > 0:
                 upper[x_index(s, e)] = 1.0
     rows, lo, hi = [], [], []
     for s in range(n_steps):
-        if demand[s] > 0:
+        if demand_per_step[s] > 0:
             row = np.zeros(n_vars)
             row[[x_index(s, e) for e in range(n_types)]] = 1.0
-            rows.append(row), lo.append(1.0), hi.append(1.0)
+            rows.append(row)
+            lo.append(1.0)
+            hi.append(1.0)
     for e in range(n_types):
         row = np.zeros(n_vars)
         row[e] = -1.0
         for s in range(n_steps):
-            if demand[s] > 0 and tput[e, s] > 0:
-                row[x_index(s, e)] = headroom * demand[s] / tput[e, s]
-        rows.append(row), lo.append(-np.inf), hi.append(0.0)
+            if demand_per_step[s] > 0 and tput[e, s] > 0:
+                row[x_index(s, e)] = headroom * demand_per_step[s] / tput[e, s]
+        rows.append(row)
+        lo.append(-np.inf)
+        hi.append(0.0)
     row = np.zeros(n_vars)
-    row[:n_types] = gpus
-    rows.append(row), lo.append(0.0), hi.append(float(cap))
+    row[:n_types] = gpus_per_type
+    rows.append(row)
+    lo.append(0.0)
+    hi.append(float(cap))
     result = milp(cost, integrality=np.concatenate([np.ones(n_types), np.zeros(n_types * n_steps)]),
                   bounds=Bounds(np.zeros(n_vars), upper), constraints=LinearConstraint(np.array(rows), lo, hi))
     if not result.success:
@@ -534,9 +541,10 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     reference_base_slo_s = reference_sim.slo.base_slo_s
     slo_s = cfg.slo_scale * reference_base_slo_s
     sustained = queries_for_sustained_load(cfg.rate_qps, slo_s)
+    queries = sustained if cfg.queries is None else cfg.queries  # per simulation
     if cfg.queries is None:
-        cfg = dataclasses.replace(cfg, queries=sustained)
-        note(f"{cfg.queries} queries per simulation: arrivals over {MIN_SPAN_SLOS:g} SLOs of {slo_s:.0f} s")
+        cfg = dataclasses.replace(cfg, queries=queries)
+        note(f"{queries} queries per simulation: arrivals over {MIN_SPAN_SLOS:g} SLOs of {slo_s:.0f} s")
     elif cfg.queries < sustained:
         note(f"warning: {cfg.queries} queries arrive over {cfg.queries / cfg.rate_qps / slo_s:.1f} SLOs of {slo_s:.0f} s, "
              f"fewer than {MIN_SPAN_SLOS:g}: the plan measures how big a burst a cluster absorbs, not the rate it "
@@ -576,10 +584,10 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
     best_alone: dict[str, tuple[EngineOption, int]] = {}  # per GPU type: the cheapest single-type program answer
     best_key: dict[str, tuple[float, int]] = {}
     for e, option in enumerate(opts):
-        row = np.where(tput[e] > 0, tput[e], alone[e])  # over budget: its solo throughput, for the baseline
-        if not (row > 0).all():
+        step_tput = np.where(tput[e] > 0, tput[e], alone[e])  # over budget: its solo throughput, for the baseline
+        if not (step_tput > 0).all():
             continue  # some step's largest call does not fit this engine's KV cache
-        n = max(1, math.ceil(cfg.headroom * sum(d / t for d, t in zip(demand, row)) - 1e-9))
+        n = max(1, math.ceil(cfg.headroom * sum(d / t for d, t in zip(demand, step_tput)) - 1e-9))
         key = (option.price_per_hour * n, option.tp * n)
         if option.gpu not in best_key or key < best_key[option.gpu]:
             best_alone[option.gpu], best_key[option.gpu] = (option, n), key
@@ -680,7 +688,7 @@ def run_plan(cfg: PlanConfig, progress: ProgressFn | None = None, note: Callable
                    "model": cfg.model, "policy": cfg.policy, "tune_policy": cfg.tune_policy,
                    "tune_trials": cfg.tune_trials if cfg.tune_policy else 0, "max_gpus": cfg.max_gpus,
                    "prices_per_gpu_hour": cfg.prices, "headroom": cfg.headroom, "queries": cfg.queries,
-                   "arrival_span_slos": cfg.queries / cfg.rate_qps / slo_s,
+                   "arrival_span_slos": queries / cfg.rate_qps / slo_s,
                    "tune_seeds": cfg.tune_seeds, "test_seeds": cfg.test_seeds, "workers": cfg.workers,
                    "prefix_cache": cfg.prefix_cache},
         "chosen": {**chosen_row, "verified_on_test": verified,
@@ -775,16 +783,18 @@ def homogeneous_search(ev: Evaluator, option: EngineOption, start_count: int) ->
     if ev.meets(make_mix({option: n0})):
         lo, hi = 0, n0
     else:
-        lo, hi, n = n0, None, n0
+        lo, n = n0, n0
+        first_met: int | None = None  # smallest doubled count that meets the target
         while n < cap:
             n = min(2 * n, cap)
             probes.append(n)
             if ev.meets(make_mix({option: n})):
-                hi = n
+                first_met = n
                 break
             lo = n
-        if hi is None:
+        if first_met is None:
             return {"option": option.label, "mix": None, "probes": len(probes)}
+        hi = first_met
     while hi - lo > 1:
         mid = (lo + hi) // 2
         probes.append(mid)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.sim.errors import UserError
-from heuristics.bench import Scenario, make_policy, run_point
+from heuristics.bench import PolicyRef, Scenario, make_policy, run_point
 
 GRID_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -60,7 +60,7 @@ class TuneConfig:
                 f"slo={self.slo_scale:g}|seeds={','.join(map(str, self.seeds))}|q={self.queries}")
 
 
-def search_space(policy_ref: str) -> dict[str, tuple[Any, ...]]:
+def search_space(policy_ref: PolicyRef) -> dict[str, tuple[Any, ...]]:
     """"section.knob" -> space, from the policy's dispatcher and local order classes."""
     policy = make_policy(policy_ref)
     if not hasattr(policy, "dispatcher"):
@@ -72,7 +72,7 @@ def search_space(policy_ref: str) -> dict[str, tuple[Any, ...]]:
     return space
 
 
-def spec_with(policy_ref: str, params: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+def spec_with(policy_ref: PolicyRef, params: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     """The policy's spec with "section.knob" values replaced."""
     spec = copy.deepcopy(make_policy(policy_ref).spec())
     for key, value in params.items():

@@ -28,12 +28,14 @@ class CombinedPolicy(Policy):
         self.local_policy = local_policy
         self.name = name or f"{dispatch_policy.name}+{local_policy.name}"
         self._sources = sources or (dispatch_policy.name, local_policy.name)
+        self.interval_s = self._part_interval_s(local_policy, dispatch_policy)
 
-    @property
-    def interval_s(self) -> float | None:
+    @staticmethod
+    def _part_interval_s(*parts: Policy) -> float | None:
         """Control interval of whichever part has one (the local part's first), so the simulator
-        and the gateway tick `on_interval` as they would for that part alone."""
-        for part in (self.local_policy, self.dispatch_policy):
+        and the gateway tick `on_interval` as they would for that part alone. A part's interval is
+        fixed when it is built, so it is read once here."""
+        for part in parts:
             if part.interval_s:
                 return float(part.interval_s)
         return None

@@ -91,13 +91,12 @@ def observation_spec(env_id: str, version: int | None = None) -> dict[str, Any]:
         names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *features]
         digest = hashlib.sha1(json.dumps([names, float(mod.OBS_CLIP)]).encode()).hexdigest()[:12]
         return {"version": int(version), "fingerprint": digest}
-    elif env_id == KNOBS_ENV_ID:
-        mod = knobs_observation_module
-        names = [*mod.GLOBAL_FEATURES, "|", *mod.GPU_TYPE_FEATURES]
-    else:
-        raise PolicyError(f"env id {env_id!r} is not an agentsched env (use {DISPATCH_ENV_ID} or {KNOBS_ENV_ID})")
-    digest = hashlib.sha1(json.dumps([names, float(dispatch_observation.OBS_CLIP)]).encode()).hexdigest()[:12]
-    return {"version": int(mod.OBS_VERSION), "fingerprint": digest}
+    if env_id == KNOBS_ENV_ID:
+        knobs_mod = knobs_observation_module
+        names = [*knobs_mod.GLOBAL_FEATURES, "|", *knobs_mod.GPU_TYPE_FEATURES]
+        digest = hashlib.sha1(json.dumps([names, float(dispatch_observation.OBS_CLIP)]).encode()).hexdigest()[:12]
+        return {"version": int(knobs_mod.OBS_VERSION), "fingerprint": digest}
+    raise PolicyError(f"env id {env_id!r} is not an agentsched env (use {DISPATCH_ENV_ID} or {KNOBS_ENV_ID})")
 
 
 # ---- the policy classes ---------------------------------------------------------------------------
@@ -182,6 +181,8 @@ class TrainedDispatchPolicy(TrainedPolicy):
         self._queue_key, self.local_order_name = resolve_local_order(local.get("name", "urgency"), local.get("knobs"))
         # the observation spec the network was trained on (older specs are still built)
         spec = meta.get("observation_spec") or {}  # absent while training: the current spec
+        if self.max_engines is None:  # load_trained_policy checks this first, with the same line
+            raise PolicyError(f"policy: {path}: a Dispatch policy needs max_engines in {METADATA_FILE}")
         self._obs = DispatchObservation(self.max_engines, int(spec.get("version", OBS_VERSION)))
         self._bound: Any = None
 
@@ -260,6 +261,7 @@ class TrainedKnobsPolicy(TrainedPolicy):
         self.knob_history = []
 
     def _decide(self, cluster: ClusterView) -> None:
+        assert self._action is not None, "bind() sets the default action before the first decision"
         obs = self._observer.build(cluster, self._action)
         self._action = np.clip(self.net.act_continuous(obs), -1.0, 1.0)
         self.heuristic = self._heuristic_for(self._action)

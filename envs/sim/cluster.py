@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class ClusterSimulator:
         self,
         cluster: ClusterConfig,
         workflows: Sequence[WorkflowSpec],
-        arrival_times_s: Sequence[float],
+        arrival_times_s: Sequence[float] | np.ndarray,
         slo_scale: float,
         queue_key: Callable[[LLMCall, Engine], float] | None = None,
         tenants: Sequence[Tenant] = (Tenant(),),
@@ -354,13 +354,14 @@ class ClusterSimulator:
         if known is None:
             keys = self._chain_keys
             parent = -1
-            out = []
+            out: list[tuple[int, int]] = []
             used = 0
             templates_only = True
             for seg in segments:
                 # the text's identity: (scope, name, length) within its scope (a prompt cut short
                 # of a template holds a different, shorter text)
                 scope = seg[0]
+                ident: Hashable
                 if scope == "template":
                     ident = seg
                 else:
@@ -377,8 +378,8 @@ class ClusterSimulator:
             if templates_only:
                 self._template_chains[segments] = (tuple(out), used, parent)
         else:
-            out, used, parent = known
-            out = list(out)
+            shared, used, parent = known
+            out = list(shared)
         if spec.input_tokens > used:
             out.append((self._n_chain_keys, spec.input_tokens - used))
             self._n_chain_keys += 1

@@ -56,7 +56,7 @@ class ClusterConfig(BaseModel):
 
     def expanded(self) -> list[EngineConfig]:
         """One entry per engine (count expanded), each with a unique name."""
-        out = []
+        out: list[EngineConfig] = []
         for spec in self.engines:
             for _ in range(spec.count):
                 # a named single engine keeps its name (the gateway's cluster files name every engine)

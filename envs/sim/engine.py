@@ -22,12 +22,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Callable
+from typing import Callable, Hashable
 
 from envs.sim.config import EngineConfig
 from envs.sim.model import EngineModel, StepTokens, WorkLedger, build_engine_model
 from envs.sim.perf import DecodeSegmentCost, IterationModel
 from envs.sim.prefix_cache import CacheNode, PrefixCache
+from envs.sim.view import CallView
 
 
 def _key_of(call: "LLMCall") -> float:
@@ -53,7 +54,7 @@ class LLMCall:
 
     def __init__(self, call_id: int, workflow_id: int, tenant: str, step: str, stage_index: int, fanout: int,
                  input_tokens: int, output_tokens: int, priority: int,
-                 segments: tuple[tuple[object, int], ...] = ()):
+                 segments: tuple[tuple[Hashable, int], ...] = ()):
         self.call_id = call_id
         self.workflow_id = workflow_id
         self.tenant = tenant
@@ -186,14 +187,14 @@ class Engine:
         cache = self.prefix_cache
         return cache.cached_blocks * self.block_size if cache is not None else 0
 
-    def cached_prefix_tokens(self, call: LLMCall) -> int:
+    def cached_prefix_tokens(self, call: CallView) -> int:
         """Prompt tokens of `call` this engine would read from its prefix cache if admitted now."""
         cache = self.prefix_cache
         if cache is None or not call.segments:
             return 0
         return cache.hit_tokens_for(call.segments, call.input_tokens)
 
-    def expected_call_latency_s(self, call: LLMCall) -> float:
+    def expected_call_latency_s(self, call: CallView) -> float:
         """Expected latency of `call` alone on this engine given its cache hits here now (exactly
         T_e(s) without hits; `EngineModel.expected_latency_with_hits_s`)."""
         hit = self.cached_prefix_tokens(call)
@@ -458,7 +459,9 @@ class Engine:
         blocks, its prompt chain's blocks as cached ones (evicted LRU when needed)."""
         nodes = seq.cache_nodes
         if nodes is not None:
-            self.free_blocks += seq.blocks - seq.shared_blocks + self.prefix_cache.release(nodes)
+            cache = self.prefix_cache
+            assert cache is not None, "a call holds cache nodes only on an engine with a prefix cache"
+            self.free_blocks += seq.blocks - seq.shared_blocks + cache.release(nodes)
             seq.cache_nodes = None
             seq.shared_blocks = 0
         else:

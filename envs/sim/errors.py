@@ -8,10 +8,12 @@ CLI library inside. How the command prints these (and typer's or pydantic's own 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class UserError(Exception):
@@ -42,7 +44,7 @@ def load_yaml_mapping(path: Path, what: str, hint: str = "") -> dict:
     return raw
 
 
-def validate_as(model: type, raw: dict, what: str, source: str) -> Any:
+def validate_as(model: type[ModelT], raw: dict, what: str, source: str) -> ModelT:
     """`model.model_validate(raw)`, with the first validation error as a one-line UserError."""
     try:
         return model.model_validate(raw)

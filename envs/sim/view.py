@@ -29,10 +29,14 @@ class CallView(Protocol):
     deadline_s: float  # absolute deadline: the paper's proportional slice of the workflow's remaining budget
     workflow_deadline_s: float  # the workflow's end-to-end deadline (arrival + SLO)
     priority: int  # tenant priority, lower is more important
-    # the prompt as (chain key, tokens) segments in order, covering input_tokens; a chain key names
-    # the whole text from the prompt's first token to the segment's end (like vLLM's block hashes:
-    # equal keys, equal prefixes). Empty when the prompt structure is unknown.
-    segments: Sequence[tuple[Hashable, int]]
+
+    @property
+    def segments(self) -> Sequence[tuple[Hashable, int]]:
+        """The prompt as (chain key, tokens) segments in order, covering input_tokens; a chain key
+        names the whole text from the prompt's first token to the segment's end (like vLLM's block
+        hashes: equal keys, equal prefixes). Empty when the prompt structure is unknown. A property
+        (read-only), so an owner's tuple of its own key type satisfies it."""
+        ...
 
 
 @runtime_checkable
@@ -43,17 +47,45 @@ class EngineView(Protocol):
     name: str
     gpu: str  # GPU type name from the catalog, e.g. "A100-80G"
     healthy: bool
-    num_running: int  # sequences in the running batch
-    num_waiting: int  # calls queued at the engine, not yet admitted
-    kv_usage: float  # share of KV-cache blocks in use, 0..1
-    outstanding_work_s: float  # expected solo seconds of calls placed here and not yet finished
-    assigned_work_s: float  # cumulative expected solo seconds ever placed here (the paper's W_e)
-    assigned_calls: int  # cumulative calls ever placed here
     price_per_hour: float
     max_num_seqs: int
     kv_capacity_tokens: int  # tokens of KV cache (the engine's own figure once scraped); a call fits if its context does
 
-    prefix_cache_tokens: int  # tokens of prompt prefixes held in the engine's prefix cache (0: none or off)
+    # load figures are read-only properties: an owner may compute them (the simulator's Engine does)
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Calls queued at the engine, not yet admitted."""
+        ...
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of KV-cache blocks in use, 0..1."""
+        ...
+
+    @property
+    def outstanding_work_s(self) -> float:
+        """Expected solo seconds of calls placed here and not yet finished."""
+        ...
+
+    @property
+    def assigned_work_s(self) -> float:
+        """Cumulative expected solo seconds ever placed here (the paper's W_e)."""
+        ...
+
+    @property
+    def assigned_calls(self) -> int:
+        """Cumulative calls ever placed here."""
+        ...
+
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes held in the engine's prefix cache (0: none or off)."""
+        ...
 
     def expected_latency_s(self, step: str) -> float:
         """Expected latency of one call of `step` alone on this engine (the paper's T_e(s))."""
@@ -92,11 +124,18 @@ class WorkflowView(Protocol):
 @runtime_checkable
 class ClusterView(Protocol):
     now_s: float
-    engines: Sequence[EngineView]
-    # every workflow that has arrived, in arrival order (knob policies read load and slack from it)
-    workflows: Sequence[WorkflowView]
     finished_workflows: int
     met_workflows: int
+
+    # read-only properties, so an owner's list of its own engine/workflow type satisfies them
+    # (a mutable attribute would have to be exactly Sequence[EngineView])
+    @property
+    def engines(self) -> Sequence[EngineView]: ...
+
+    @property
+    def workflows(self) -> Sequence[WorkflowView]:
+        """Every workflow that has arrived, in arrival order (knob policies read load and slack from it)."""
+        ...
 
     def workflow(self, workflow_id: int) -> WorkflowView: ...
 

@@ -189,8 +189,8 @@ def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
                 template = "generate_candidate_one" if i == largest else "generate_candidate_two"
                 size = min(static[template], c.input_tokens - 1)
                 common = min(CANDIDATE_COMMON_PREFIX_TOKENS, size)
-                segs = (SegmentSpec("template", "chess/generate_candidate", common),
-                        SegmentSpec("template", f"chess/{template}", size - common))
+                segs: tuple[SegmentSpec, ...] = (SegmentSpec("template", "chess/generate_candidate", common),
+                                                 SegmentSpec("template", f"chess/{template}", size - common))
                 out.append(_with_segments(c, segs))
             stages.append(tuple(out))
         elif step == "evaluate":
