@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: install run test bench-quick clean
+.PHONY: install run test test-fast lint bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/agentsched bench --out runs/default-bench
 
-test: install $(if $(wildcard deploy/vllm.mk),vllm-venv,)
+# ruff on everything, mypy on the simulator core, the heuristics and the policies
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy envs/sim heuristics policies
+
+test: install lint $(if $(wildcard deploy/vllm.mk),vllm-venv,)
 	$(PY) -m pytest -q -ra
+
+# the everyday tier: no live engines, no slow tests (under 2 minutes)
+test-fast: install
+	$(PY) -m pytest -q -m "not engines and not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

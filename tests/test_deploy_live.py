@@ -351,19 +351,24 @@ def test_shipped_trained_policies_serve(live_cluster, tmp_path):
     dispatch networks pick engines from the live view, knob policies set knobs on it."""
     from pathlib import Path
 
+    import yaml
+
     from policies import load_policy
     from policies.combined import CombinedPolicy
+    from policies.loader import PRETRAINED_DIR, shipped_policies
     from policies.trained import read_metadata
 
-    pretrained = Path(__file__).resolve().parent.parent / "policies" / "pretrained"
-    shipped = [p for p in sorted(pretrained.glob("*")) if (p / "policy.yaml").exists() or p.suffix == ".zip"]
-    assert shipped, "policies/pretrained ships at least one trained policy"
-    combined = sorted(p for p in pretrained.glob("*.yaml"))  # "both": dispatch network + knob controller
+    repo = Path(__file__).resolve().parent.parent
+    shipped = [PRETRAINED_DIR / name for name in shipped_policies()]
+    trained = [p for p in shipped if yaml.safe_load((p / "policy.yaml").read_text())["kind"] == "trained"]
+    assert trained, "policies/pretrained ships at least one trained policy"
+    # "both": a dispatch network with a knob controller's queues (an experiment's combined file)
+    combined = [repo / "experiments" / "policies" / "dispatch-heavy+knobs-ppo.yaml"]
     for path in shipped + combined:
         policy = load_policy(path)
         knobs = policy.local_policy if isinstance(policy, CombinedPolicy) else policy
         is_knobs = hasattr(knobs, "knob_history")
-        if path in shipped:
+        if path in trained:
             assert is_knobs == ("Knobs" in str(read_metadata(path).get("env_id", ""))), path
         engines = []
         with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
