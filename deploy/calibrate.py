@@ -48,9 +48,13 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from deploy.gateway.core import parse_vllm_metrics
 from deploy.upstream import Upstream, UpstreamError, read_sse_completion
+from envs.sim.cluster import ClusterSimulator
+from envs.sim.config import ClusterConfig
 from envs.sim.errors import UserError
-from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel
+from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel, solo_call_latency_s
+from envs.sim.workload import CallSpec, WorkflowSpec
 
 TOKEN_ID_RANGE = (10, 1000)  # ids every tiny model's vocabulary has; real models have far more
 # vLLM's default token budget per iteration for the OpenAI server on CPU (2048 x world size; GPUs
@@ -109,7 +113,6 @@ class EngineProber:
         self.model = self.model or data["id"]
         info: dict = {"url": self.url, "model": self.model, "max_model_len": data.get("max_model_len")}
         metrics = await self.pool.fetch("GET", "/metrics", timeout_s=10)
-        from deploy.gateway.core import parse_vllm_metrics
 
         parsed = parse_vllm_metrics(metrics.body.decode())
         if "kv_cache_size_tokens" in parsed:
@@ -282,7 +285,6 @@ def measure_path_overhead(url: str, profiles: dict[str, PerfProfile], calls: int
     -> gateway -> client), per engine: the median latency of solo `max_tokens=1` calls sent
     through `url` (a gateway; the engine is read from its X-Agentsched-Engine header) minus the
     profile's prefill iteration. Engines the gateway never picked are left out."""
-    from envs.sim.perf import solo_call_latency_s
 
     async def run() -> dict[str, list[float]]:
         prober = EngineProber(url.rstrip("/"), model or "tiny", random.Random(seed))
@@ -410,9 +412,6 @@ def simulate_samples(samples: list[LoadSample], profiles: dict[str, PerfProfile]
     """Simulated latency of every sample: each call a one-call workflow arriving when it was sent,
     on the engine that served it, with the profiles' iteration costs x `scale`, `overhead` and,
     where given, API-server time per call `frontend` (in place of the engine time per call)."""
-    from envs.sim.cluster import ClusterSimulator
-    from envs.sim.config import ClusterConfig
-    from envs.sim.workload import CallSpec, WorkflowSpec
 
     names = sorted(profiles)
     tmp: list[PerfProfile] = []

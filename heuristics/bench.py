@@ -28,7 +28,12 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from envs.sim.config import load_cluster
 from envs.sim.errors import UserError
+from envs.sim.model import StepTokens, build_engine_model
+from envs.sim.scenario import RunSpec, simulate, workload_for
+from envs.sim.workload import warm_cache_hit_tokens
+from policies import load_policy, policy_from_spec
 from policies.loader import policy_label
 
 TARGET_ATTAINMENT = 0.95
@@ -117,6 +122,17 @@ def make_executor(backend: str, workers: int) -> Executor:
     raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
+def jsonable(value: Any) -> Any:
+    """JSON without NaN/Infinity literals: non-finite floats become strings ("inf", "nan")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 # ---- capacity -----------------------------------------------------------------------------------
 
 def capacity_qps_estimate(trace: str, cluster: str, prefix_cache: bool = True) -> float:
@@ -125,10 +141,6 @@ def capacity_qps_estimate(trace: str, cluster: str, prefix_cache: bool = True) -
     must be prefilled (with the prefix cache: less the tokens a warm cache serves,
     `warm_cache_hit_tokens`). Decode, KV-cache limits, evictions and imbalance make the real
     capacity lower; it only sets the scale of the default rates."""
-    from envs.sim.config import load_cluster
-    from envs.sim.model import StepTokens, build_engine_model
-    from envs.sim.scenario import RunSpec, workload_for
-    from envs.sim.workload import warm_cache_hit_tokens
 
     workflows, _ = workload_for(RunSpec(trace=trace, cluster=cluster))  # a CHESS trace or a YAML template, as simulate
     mean_in = sum(c.input_tokens for w in workflows for s in w.stages for c in s) / len(workflows)
@@ -149,14 +161,11 @@ PolicyRef = str | dict  # a name, a policy file path, or a policy spec dict (wha
 
 
 def make_policy(ref: PolicyRef) -> Any:
-    from policies import load_policy, policy_from_spec
-
     return policy_from_spec(dict(ref)) if isinstance(ref, dict) else load_policy(ref)
 
 
 def run_point(policy_ref: PolicyRef, scenario: Scenario, rate_qps: float, slo_scale: float, seed: int) -> dict[str, Any]:
     """One simulation; the compact metrics of `agentsched simulate`."""
-    from envs.sim.scenario import RunSpec, simulate
 
     spec = RunSpec(trace=scenario.trace, cluster=scenario.cluster, rate_qps=rate_qps, slo_scale=slo_scale, seed=seed,
                    queries=scenario.queries, prefix_cache=scenario.prefix_cache)

@@ -33,7 +33,7 @@ from agentsched.options import (
 from envs.cli import check_run
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec
-from heuristics.bench import DEFAULT_POLICIES
+from heuristics.bench import DEFAULT_POLICIES, jsonable
 
 
 def register(app: typer.Typer) -> None:
@@ -140,7 +140,7 @@ def bench_command(
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(results, out)
     results["plots"] = [str(p) for p in plots]
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    (out / "results.json").write_text(json.dumps(jsonable(results), indent=2))
     _write_csv(out / "points.csv", results["points"])
     _write_csv(out / "summary.csv", results["summary"])
     print_bench_table(console, results)
@@ -190,17 +190,6 @@ def print_bench_table(console: Any, results: dict[str, Any]) -> None:
                     _fmt(r.get("goodput_ratio"))]
         table.add_row(*row)
     console.print(table)
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON without NaN/Infinity literals: non-finite floats become strings ("inf", "nan")."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -351,7 +340,7 @@ def plan_command(
         policy_path = out / "policy.yaml"
         save_policy(policy_from_spec(result["chosen"]["policy"]), policy_path, extra={"meta": {"tuned_by": "agentsched plan"}})
         result["files"]["policy"] = policy_arg = str(policy_path)
-    (out / "plan.json").write_text(json.dumps(_jsonable(result), indent=2))
+    (out / "plan.json").write_text(json.dumps(jsonable(result), indent=2))
     print_plan_tables(console, result)
     shape = "" if load == "constant" else f" (a {load} load: simulate only runs Poisson arrivals)"
     console.print(f"wrote {', '.join(result['files'].values())}, {out / 'plan.json'}; simulate the answer with "

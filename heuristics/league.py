@@ -38,8 +38,7 @@ from scipy import stats
 
 from envs.sim.errors import UserError
 from envs.sim.scenario import simulate
-from heuristics.bench import PolicyRef, make_executor, make_policy
-from heuristics.cli import _jsonable
+from heuristics.bench import PolicyRef, jsonable, make_executor, make_policy
 from heuristics.registry import PEERS
 from heuristics.tune import _suggest, search_space, spec_with
 from training.evaluate import Cell
@@ -346,7 +345,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def write(results: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "league.json", out / "league.md", out / "league.png"]
-    paths[0].write_text(json.dumps(_jsonable(results), indent=2))
+    paths[0].write_text(json.dumps(jsonable(results), indent=2))
     paths[1].write_text(f"# League\n\nSLO-goodput (q/s), test-seed means:\n\n{summary(results)}\n{markdown(results)}")
     plot(results, paths[2])
     return paths

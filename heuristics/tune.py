@@ -25,6 +25,7 @@ from typing import Any
 
 from envs.sim.errors import UserError
 from heuristics.bench import PolicyRef, Scenario, make_policy, run_point
+from policies import policy_from_spec, save_policy
 
 GRID_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -116,8 +117,6 @@ def _suggest(trial: Any, key: str, spec: tuple[Any, ...]) -> Any:
 
 
 def _write_policy(cfg: TuneConfig, spec: dict[str, Any], meta: dict[str, Any]) -> None:
-    from policies import policy_from_spec, save_policy
-
     save_policy(policy_from_spec(spec), cfg.out, extra={"meta": meta})
 
 

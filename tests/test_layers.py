@@ -88,3 +88,78 @@ def test_base_install_names_the_extra_a_command_needs(tmp_path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-2000:])
         assert f"agentsched[{extra}]" in lines[0] and "Traceback" not in proc.stderr
+
+
+OURS = ("envs", "heuristics", "policies", "training", "deploy", "agentsched")
+# function-level imports of our own modules that stay there, and why; CLI modules (cli.py) import
+# their command's machinery inside the command so that `--help` is instant and the base install
+# (no [train]/[serve] extra) runs the commands it has
+LAZY_IMPORTS_ALLOWED = {
+    "training/tune.py": "the Ray Tune trainable runs in a Ray worker process and imports there",
+    "training/envs.py": "`import envs.gym` registers the env ids in SubprocVecEnv worker processes",
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for root in OURS:
+        for path in (REPO / root).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def _imports_of(path: Path, mods: dict[str, Path], name: str) -> set[str]:
+    """Our modules `path` imports anywhere (module top or inside functions), as the deepest module named."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for target in targets:
+            parts = target.split(".")
+            for i in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:i])
+                if candidate in mods:
+                    if candidate != name and not name.startswith(candidate + "."):
+                        found.add(candidate)
+                    break
+    return found
+
+
+def test_no_import_cycles_even_through_function_level_imports() -> None:
+    mods = _modules()
+    graph = {name: _imports_of(path, mods, name) for name, path in mods.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_imports_of_our_modules_are_at_module_top() -> None:
+    misplaced = []
+    for path in sorted(p for root in OURS for p in (REPO / root).rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        if path.name == "cli.py" or rel in LAZY_IMPORTS_ALLOWED:
+            continue
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if module and module.split(".")[0] in OURS and node.level == 0:
+                    misplaced.append(f"{rel}:{node.lineno} {module}")
+    assert not misplaced, misplaced

@@ -31,7 +31,7 @@ from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
 from heuristics.bench import RayExecutor
-from policies.loader import policy_label
+from policies.loader import load_policy, policy_label
 
 METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
 RATIO_METRICS = ("goodput_qps", "slo_attainment")
@@ -132,7 +132,6 @@ _POLICY_CACHE: dict[str, Any] = {}
 
 def load_cached_policy(name: str) -> Any:
     """`load_policy`, once per process (workers run many seeds of the same policy)."""
-    from policies.loader import load_policy
 
     if name not in _POLICY_CACHE:
         _POLICY_CACHE[name] = load_policy(name)

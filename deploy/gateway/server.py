@@ -24,6 +24,10 @@ import time
 import uvicorn
 
 from deploy.cluster import Cluster
+from deploy.gateway.app import build_app
+from deploy.gateway.core import Gateway
+from envs.sim.errors import UserError
+from policies import load_policy
 from policies.base import Policy
 
 log = logging.getLogger("agentsched.gateway")
@@ -44,7 +48,6 @@ def freeze_startup_heap() -> None:
 
 def resolve_policy(name_or_path: str) -> Policy:
     """`policies.load_policy` (heuristic names, tuned policy files, trained policies)."""
-    from policies import load_policy
 
     return load_policy(name_or_path)
 
@@ -185,8 +188,6 @@ def run_gateway(cluster: Cluster, policy: Policy, host: str = "127.0.0.1", port:
                 api_key: str | None = None, log_level: str = "warning", metrics_key: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT. `metrics_key` (default: the AGENTSCHED_METRICS_KEY environment
     variable) lets `/metrics` be scraped without the API key."""
-    from deploy.gateway.app import build_app
-    from deploy.gateway.core import Gateway
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -204,6 +205,4 @@ def run_gateway(cluster: Cluster, policy: Policy, host: str = "127.0.0.1", port:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:
-        from envs.sim.errors import UserError
-
         raise UserError(f"the gateway could not listen on {host}:{port} (port in use? pick another with --port)")
