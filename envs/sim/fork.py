@@ -16,8 +16,9 @@ random numbers. With `resample=False` nothing is redrawn (the clairvoyant fork: 
 arrivals), and a rollout of the fork with the original's policy reproduces the original run.
 
 The copy is a `copy.deepcopy` of the dynamic state; the static parts (engine models and their
-iteration models, the SLO model, the configuration, the workload specs) are shared, which keeps the
-copy a few milliseconds for runs of a few hundred queries (benchmarks/headroom.py reports it).
+iteration models, the SLO model, the configuration, the workload specs, finished workflows and
+their calls) are shared, so a fork costs what is in flight, not the length of the run so far
+(benchmarks/headroom.py reports the time per fork).
 
 `simulator_from_view(view, calls, ...)` builds such a simulator from a view that is not a
 simulator (the gateway's `ClusterState`): the gateway's digital twin.
@@ -90,7 +91,17 @@ def _static_memo(sim: ClusterSimulator) -> dict[int, Any]:
         shared += [engine.model, engine.perf, engine.config, engine.expected_latency_s]
     for tenant in sim.tenants:
         shared.append(tenant)
-    return {id(x): x for x in shared if x is not None}
+    # a workflow that finished (not failed: a failed one's other calls may still run) never changes
+    # again, nor do its calls: shared, so a fork costs what is still in flight, not the run so far
+    for wf in sim.workflows:
+        if wf.done and not wf.failed:
+            shared.append(wf)
+            shared.extend(call for stage in wf.stages for call in stage)
+    memo = {id(x): x for x in shared if x is not None}
+    # flat tables of immutable keys and values: copied in C
+    memo[id(sim._chain_keys)] = dict(sim._chain_keys)
+    memo[id(sim._template_chains)] = dict(sim._template_chains)
+    return memo
 
 
 def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: SchedulingPolicy | None = None,
