@@ -5,9 +5,10 @@ own choice first, then the best others by the base's earliest-finish score, `top
 the simulator `samples` times (`envs.sim.fork.fork`: unknown output lengths and future arrivals
 redrawn, the same seeds for every candidate: common random numbers), places the call on the
 candidate, rolls the fork forward `horizon_s` simulated seconds with the base policy, and scores
-the objective: SLO-met workflows among those in flight or arriving within the horizon, with their
-lateness (seconds past deadline, by the horizon's end for unfinished ones) as tie-breaker. The best
-mean wins; ties keep the base policy's choice, so `horizon_s=0` (or one candidate) is the base.
+the objective: SLO-met workflows among those in flight or arriving within the horizon (unfinished
+ones count if still on track), with their lateness as tie-breaker. The best mean wins if it beats
+the base policy's choice by more than `margin` workflows (noise of a few samples should not move
+a decision); otherwise the base's choice stays, so `horizon_s=0` (or one candidate) is the base.
 With `clairvoyant=True` nothing is redrawn: the planner knows true lengths and arrivals (not
 deployable; the empirical upper reference of benchmarks/headroom.py).
 
@@ -48,8 +49,11 @@ LOOKAHEAD_NAMES = ("lookahead", "lookahead-knobs")
 
 
 def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> float:
-    """Run `twin` with its own policy until `until_s`; SLO-met workflows from `first_open` on minus
-    LATENESS_WEIGHT_PER_S x their lateness (by `until_s` for those still running)."""
+    """Run `twin` with its own policy until `until_s`; the workflows from `first_open` on that met
+    their SLO or are still on track (the standard workflow's remaining solo time, from `until_s`,
+    fits before the deadline), minus LATENESS_WEIGHT_PER_S x their lateness (finish past the
+    deadline; projected the same way for those still running). Counting the on-track ones makes
+    a horizon shorter than a workflow meaningful."""
     policy = twin.policy
     assert policy is not None
     while True:
@@ -66,7 +70,9 @@ def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> fl
             else:
                 late_s += max(0.0, wf.finish_time_s - wf.deadline_s)
         else:
-            late_s += max(0.0, until_s - wf.deadline_s)
+            if until_s + wf.expected_remaining_s <= wf.deadline_s:
+                met += 1  # on track: its standard remaining work still fits before its deadline
+            late_s += max(0.0, until_s + wf.expected_remaining_s - wf.deadline_s)
     return met - LATENESS_WEIGHT_PER_S * late_s
 
 
@@ -82,9 +88,10 @@ class LookaheadPolicy(Policy):
     """Per-decision rollouts over forked simulators (see the module docstring)."""
 
     def __init__(self, base: Policy, horizon_s: float = 30.0, samples: int = 2, top_k: int = 2, seed: int = 0,
-                 clairvoyant: bool = False, name: str | None = None) -> None:
-        if horizon_s < 0 or samples < 1 or top_k < 1:
-            raise PolicyError("lookahead: needs horizon_s >= 0, samples >= 1 and top_k >= 1")
+                 clairvoyant: bool = False, margin: float = 0.5, name: str | None = None) -> None:
+        if horizon_s < 0 or samples < 1 or top_k < 1 or margin < 0:
+            raise PolicyError("lookahead: needs horizon_s >= 0, samples >= 1, top_k >= 1 and margin >= 0")
+        self.margin = float(margin)
         self.base = base
         self.horizon_s = float(horizon_s)
         self.samples = int(samples)
@@ -145,7 +152,10 @@ class LookaheadPolicy(Policy):
                 twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=copy.deepcopy(base_policy))
                 twin.dispatch(twin.next_decision(), engine_id)  # the copy of `call`, still first
                 scores[j] += rollout_score(twin, until_s, first_open)
+        scores /= self.samples
         best = int(np.argmax(scores))  # first maximum: the base's choice on ties
+        if scores[best] <= scores[0] + self.margin:
+            best = 0
         self.decision_ms.append((time.perf_counter() - started) * 1e3)
         if best != 0:
             self.changed += 1
@@ -153,7 +163,7 @@ class LookaheadPolicy(Policy):
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.name, "horizon_s": self.horizon_s, "samples": self.samples,
-                "top_k": self.top_k, "seed": self.seed, "clairvoyant": self.clairvoyant}
+                "top_k": self.top_k, "seed": self.seed, "clairvoyant": self.clairvoyant, "margin": self.margin}
 
 
 def knob_grid(policy: HeuristicPolicy) -> list[dict[str, float]]:
@@ -246,9 +256,13 @@ class LookaheadKnobsPolicy(Policy):
 
 
 _KNOB_TYPES: dict[str, Callable[[str], Any]] = {
-    "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float,
+    "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float, "margin": float,
     "clairvoyant": lambda v: v.lower() in ("1", "true", "yes", "on"),
 }
+
+
+_KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin"),
+               "lookahead-knobs": ("interval_s", "horizon_s", "samples", "seed", "clairvoyant")}
 
 
 def is_lookahead_name(text: str) -> bool:
@@ -269,12 +283,11 @@ def lookahead_from_name(text: str, load_base: Callable[[str], Policy]) -> Policy
             knobs[key] = _KNOB_TYPES[key](value)
         except ValueError:
             raise PolicyError(f"policy: {text}: knob {key} needs a number, got {value!r}") from None
+    allowed = _KIND_KNOBS[kind]
+    for key in knobs:
+        if key not in allowed:
+            raise PolicyError(f"policy: {text}: {kind} has no knob {key!r} (knobs: {', '.join(allowed)})")
     base = load_base(base_name or DEFAULT_BASE)
-    try:
-        if kind == "lookahead":
-            knobs.pop("interval_s", None)
-            return LookaheadPolicy(base, **knobs)
-        knobs.pop("top_k", None)
-        return LookaheadKnobsPolicy(base, **knobs)
-    except TypeError as exc:
-        raise PolicyError(f"policy: {text}: {exc}") from None
+    if kind == "lookahead":
+        return LookaheadPolicy(base, **knobs)
+    return LookaheadKnobsPolicy(base, **knobs)

@@ -29,6 +29,8 @@ def test_names_load_through_the_loader() -> None:
     assert isinstance(load_policy("lookahead-knobs:hexgen"), LookaheadKnobsPolicy)
     with pytest.raises(PolicyError, match="bad knob"):
         load_policy("lookahead@depth=3")
+    with pytest.raises(PolicyError, match="no knob 'top_k'"):
+        load_policy("lookahead-knobs@top_k=3")
 
 
 def test_horizon_zero_is_the_base_policy() -> None:
