@@ -72,3 +72,16 @@ def test_capacity_bound_holds_and_binds_under_overload() -> None:
     overloaded = capacity_bound(OVERLOADED.run_spec(0))
     assert overloaded.capacity_qps < overloaded.rate_qps
     assert overloaded.goodput_bound_qps < overloaded.rate_qps
+
+
+def test_evaluate_reports_share_of_the_bound() -> None:
+    from training.evaluate import evaluate, markdown_table
+
+    results = evaluate("least-work+workflow", ["rr"], [OVERLOADED], [0, 1])
+    cell = results["cells"][0]
+    bound = cell["goodput_bound_qps"]["mean"]
+    for p in cell["policies"].values():
+        share = p["goodput_share_of_bound"]
+        assert 0 <= share <= 1
+        assert share == pytest.approx(p["metrics"]["goodput_qps"]["mean"] / bound)
+    assert "share of bound" in markdown_table(results)
