@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
+import yaml
 
+from deploy.cluster import load_cluster
 from deploy.gateway.core import Gateway
 from deploy.gateway.state import build_cluster_state
-from envs.sim.fork import fork, simulator_from_view, workload_generator
+from envs.sim.fork import conditional_output_tokens, fork, simulator_from_view, workload_generator
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.scenario import build_simulator, workload_for
 from envs.sim.workload import TraceGenerator
@@ -76,13 +79,9 @@ def test_clairvoyant_fork_reproduces_the_run() -> None:
 
 def test_conditional_outputs_follow_the_fit() -> None:
     """Draws with no progress look like the step's outputs; a lower bound is always kept."""
-    import numpy as np
-
     specs, _ = workload_for(CELL.run_spec(0))
     gen = workload_generator(specs)
     step = "generate_candidate"
-    from envs.sim.fork import conditional_output_tokens
-
     rng = np.random.default_rng(0)
     ins = np.full(2000, 9000.0)
     free = conditional_output_tokens(gen, step, ins, np.ones(2000), rng)
@@ -106,10 +105,6 @@ PAPER_DEPLOY = {
 
 
 def test_simulator_from_gateway_state_runs(tmp_path) -> None:
-    import yaml
-
-    from deploy.cluster import load_cluster
-
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(PAPER_DEPLOY))
     cluster = load_cluster(path)

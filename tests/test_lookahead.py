@@ -11,7 +11,7 @@ from envs.sim.scenario import simulate
 from policies import load_policy
 from policies.base import PolicyError
 from policies.lookahead import LookaheadKnobsPolicy, LookaheadPolicy
-from training.evaluate import Cell
+from training.evaluate import Cell, evaluate, markdown_table
 
 SMALL = Cell(cluster="paper", rate_qps=0.12, queries=30)
 OVERLOADED = Cell(cluster="mixed-16", rate_qps=1.6, queries=60)
@@ -75,8 +75,6 @@ def test_capacity_bound_holds_and_binds_under_overload() -> None:
 
 
 def test_evaluate_reports_share_of_the_bound() -> None:
-    from training.evaluate import evaluate, markdown_table
-
     results = evaluate("least-work+workflow", ["rr"], [OVERLOADED], [0, 1])
     cell = results["cells"][0]
     bound = cell["goodput_bound_qps"]["mean"]
