@@ -12,6 +12,7 @@ from heuristics import registry
 from policies.base import Policy, PolicyError
 from policies.combined import combined_from_spec
 from policies.heuristic import HeuristicPolicy
+from policies.lookahead import is_lookahead_name, lookahead_from_name
 from policies.trained import load_trained_policy
 
 POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -102,6 +103,8 @@ def load_policy(name_or_path: str | Path) -> Policy:
         if isinstance(raw, dict) and raw.get("kind") == "combined":
             return combined_from_spec(raw, path.parent, source=f"policy file {path.name}", load_policy=load_policy)
         return policy_from_spec(raw, source=f"policy file {path.name}")
+    if is_lookahead_name(text):  # simulator-in-the-loop planners over a base policy (policies/lookahead.py)
+        return lookahead_from_name(text, load_policy)
     if text.endswith(POLICY_FILE_SUFFIXES) or "/" in text:
         raise PolicyError(f"policy: file {text} not found (check the path)")
     if text not in registry.NAMED and text in shipped_policies():

@@ -5,7 +5,9 @@ simulate` and `agentsched bench` run, so the numbers are comparable. A cell is a
 cluster, a load level and shape, and an SLO scale. For each cell and policy we report the mean over
 seeds and a BCa bootstrap interval of the mean (`scipy.stats.bootstrap`); for every policy and every
 baseline, the ratio of mean SLO-goodput and of mean SLO attainment, with a *paired* BCa interval
-(seeds are resampled jointly, so the common noise of a hard seed cancels).
+(seeds are resampled jointly, so the common noise of a hard seed cancels). Every policy's mean
+SLO-goodput is also given as a share of the cell's capacity bound (`envs.sim.capacity`: an upper
+bound on what any policy could reach, averaged over the same seeds).
 
 Load shapes (the "shifting" load):
 - constant: Poisson at the rate;
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
+from envs.sim.capacity import capacity_bound
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec, simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
@@ -198,7 +201,12 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
                     m: dict(zip(("mean", "lo", "hi"), bootstrap_ratio(np.array(per[(n, c)][m]), np.array(per[(b, c)][m]),
                                                                        confidence, rng)))
                     for m in RATIO_METRICS}
-        result_cells.append({"cell": {**asdict(c), "label": c.label}, "policies": pol, "ratios": ratios})
+        # the capacity bound of each seed's run (envs/sim/capacity.py): an upper bound on SLO-goodput
+        bound = [capacity_bound(c.run_spec(s)).goodput_bound_qps for s in seeds]
+        for p in pol.values():
+            p["goodput_share_of_bound"] = _share_of_bound(p["metrics"]["goodput_qps"]["mean"], bound)
+        result_cells.append({"cell": {**asdict(c), "label": c.label}, "policies": pol, "ratios": ratios,
+                             "goodput_bound_qps": {"mean": float(np.mean(bound)), "per_seed": bound}})
     results = {"policy": labels[policy], "baselines": [labels[b] for b in baselines], "seeds": list(seeds),
                "confidence": confidence, "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "cells": result_cells}
     if out_dir is not None:
@@ -210,6 +218,12 @@ def evaluate(policy: str, baselines: Sequence[str], cells: Sequence[Cell], seeds
     return results
 
 
+def _share_of_bound(goodput_qps: float, bound_qps: Sequence[float]) -> float:
+    """Mean SLO-goodput over the mean capacity bound of the same seeds."""
+    mean_bound = float(np.mean(bound_qps))
+    return goodput_qps / mean_bound if mean_bound > 0 else math.nan
+
+
 def _fmt(m: dict[str, float], digits: int = 4) -> str:
     return f"{m['mean']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
 
@@ -219,8 +233,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     main = results["policy"]
     lines = [f"Means over {len(results['seeds'])} seeds with {conf}% bootstrap intervals; ratios are "
              f"{main}'s mean over the baseline's (paired bootstrap).", "",
-             "| cell | policy | SLO-goodput (q/s) | SLO attainment | p95 latency (s) | goodput ratio | attainment ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| cell | policy | SLO-goodput (q/s) | share of bound | SLO attainment | p95 latency (s) | goodput ratio | attainment ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for cell in results["cells"]:
         for label, p in cell["policies"].items():
             m = p["metrics"]
@@ -230,7 +244,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                 r = cell["ratios"][main].get(label, {})
                 g = _fmt(r["goodput_qps"], 2) if r else "-"
                 a = _fmt(r["slo_attainment"], 2) if r else "-"
-            lines.append(f"| {cell['cell']['label']} | {label} | {_fmt(m['goodput_qps'])} | {_fmt(m['slo_attainment'], 3)} | "
+            lines.append(f"| {cell['cell']['label']} | {label} | {_fmt(m['goodput_qps'])} | "
+                         f"{p['goodput_share_of_bound']:.2f} | {_fmt(m['slo_attainment'], 3)} | "
                          f"{_fmt(m['latency_p95_s'], 0)} | {g} | {a} |")
     return "\n".join(lines) + "\n"
 
@@ -242,14 +257,15 @@ def print_table(results: dict[str, Any]) -> None:
     main = results["policy"]
     table = Table(title=f"{main} vs baselines ({int(results['confidence'] * 100)}% bootstrap CI over "
                         f"{len(results['seeds'])} seeds)")
-    for col in ("cell", "policy", "SLO-goodput q/s", "attainment", "p95 s", f"{main} / policy goodput",
+    for col in ("cell", "policy", "SLO-goodput q/s", "share of bound", "attainment", "p95 s", f"{main} / policy goodput",
                 f"{main} / policy attainment"):
         table.add_column(col)
     for cell in results["cells"]:
         for label, p in cell["policies"].items():
             m = p["metrics"]
             r = cell["ratios"][main].get(label) if label != main else None
-            table.add_row(cell["cell"]["label"], label, _fmt(m["goodput_qps"]), _fmt(m["slo_attainment"], 3),
+            table.add_row(cell["cell"]["label"], label, _fmt(m["goodput_qps"]), f"{p['goodput_share_of_bound']:.2f}",
+                          _fmt(m["slo_attainment"], 3),
                           _fmt(m["latency_p95_s"], 0), _fmt(r["goodput_qps"], 2) if r else "",
                           _fmt(r["slo_attainment"], 2) if r else "")
         table.add_section()

@@ -99,7 +99,7 @@ class ClusterSimulator:
         queue_key: Callable[[LLMCall, Engine], float] | None = None,
         tenants: Sequence[Tenant] = (Tenant(),),
         failures: Sequence[Failure] = (),
-        step_tokens: dict[str, tuple[float, float]] | None = None,
+        step_tokens: dict[str, tuple[float, float]] | StepTokens | None = None,
         standard: Sequence[str] | None = None,
         tenant_seed: int = 0,
         record_timeline: bool = False,

@@ -1,0 +1,184 @@
+"""The headroom table: how far policies are from what any policy could reach, at sustained load.
+
+Cells: the paper cluster at 0.12 q/s and mixed-16 at 1.6 q/s (the heavy rates of the tuned
+heuristics), each at constant, step and burst load (`training.evaluate.Cell`), prefix cache on.
+For each cell: the capacity bound (`envs.sim.capacity`), the clairvoyant lookahead (knows true
+output lengths and arrivals; where affordable), `lookahead`, `least-work+workflow`, `rr` (and any
+`--policies`): SLO-goodput means over test seeds with BCa bootstrap intervals
+(`training.evaluate.bootstrap_mean`) and as a share of the bound.
+
+Run length: `--choose-length` runs least-work+workflow on each cluster's cells with doubling query
+counts and reports the smallest count Q whose share of missed SLOs (mean over seeds and load
+shapes) changes by at most `--tolerance` (relative) from Q to 2Q (steady state: more queries no
+longer change it). Use the result as `--queries-*`.
+
+The planners fork the simulator at every decision, so they cost orders of magnitude more than a
+heuristic; they run only on `--lookahead-cells` and the first `--lookahead-seeds` seeds.
+
+Run (a few minutes on 2 cores):
+    PYTHONPATH=. .venv/bin/python benchmarks/headroom.py --choose-length
+    PYTHONPATH=. .venv/bin/python benchmarks/headroom.py --out experiments/headroom
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from envs.sim.capacity import capacity_bound
+from envs.sim.scenario import simulate
+from policies import load_policy
+from policies.lookahead import LookaheadPolicy
+from training.evaluate import LOADS, Cell, bootstrap_mean, bootstrap_ratio
+
+HEAVY_RATES_QPS = {"paper": 0.12, "mixed-16": 1.6}
+TEST_SEEDS = (200000, 200001, 200002)
+LOOKAHEAD = "lookahead:least-work+workflow@horizon_s=20,samples=1,top_k=2"
+CLAIRVOYANT = LOOKAHEAD + ",clairvoyant=true"
+
+app = typer.Typer(add_completion=False)
+
+
+def run_policy(name: str, cell: Cell, seed: int) -> dict[str, Any]:
+    policy = load_policy(name)
+    started = time.perf_counter()
+    result, _ = simulate(cell.run_spec(seed), policy)
+    out = {"goodput_qps": result["goodput_qps"], "slo_attainment": result["slo_attainment"],
+           "wall_s": time.perf_counter() - started}
+    if isinstance(policy, LookaheadPolicy):
+        out["decision_ms_mean"] = float(np.mean(policy.decision_ms)) if policy.decision_ms else 0.0
+        out["planned_decisions"] = len(policy.decision_ms)
+        out["changed_decisions"] = policy.changed
+    return out
+
+
+def choose_length(cluster: str, seeds: list[int], start: int, tolerance: float, longest: int) -> tuple[int, list]:
+    """Smallest query count Q whose share of missed SLOs under least-work+workflow (mean over seeds
+    and the three load shapes) changes by at most `tolerance` (relative) from Q to 2Q; else the
+    longest tried. Relative, because short runs miss almost nothing (the cluster starts empty), so
+    an absolute change there is small without the queues having settled."""
+    history: list[tuple[int, float]] = []
+    queries = start
+    while queries <= longest:
+        att = float(np.mean([run_policy("least-work+workflow", Cell(cluster=cluster, rate_qps=HEAVY_RATES_QPS[cluster],
+                                                                    load=load, queries=queries), s)["slo_attainment"]
+                             for s in seeds for load in LOADS]))
+        history.append((queries, att))
+        if len(history) >= 2:
+            missed_before, missed = 1.0 - history[-2][1], 1.0 - att
+            if missed_before > 0 and abs(missed - missed_before) <= tolerance * missed_before:
+                return history[-2][0], history
+        queries *= 2
+    return history[-1][0], history
+
+
+@app.command()
+def main(
+    queries_paper: int = typer.Option(240, help="queries per run on the paper cluster"),
+    queries_mixed: int = typer.Option(480, help="queries per run on mixed-16"),
+    seeds: int = typer.Option(3, min=1, help="test seeds (from 200000)"),
+    policies: str = typer.Option("least-work+workflow,rr", help="comma-separated baselines"),
+    lookahead: str = typer.Option(LOOKAHEAD, help="the lookahead policy ('' to skip)"),
+    clairvoyant: str = typer.Option(CLAIRVOYANT, help="the clairvoyant reference ('' to skip)"),
+    lookahead_cells: str = typer.Option("paper/constant,paper/burst",
+                                        help="cells (cluster/load) where the planners run"),
+    lookahead_seeds: int = typer.Option(2, min=1, help="seeds the planners run on"),
+    lookahead_queries: int = typer.Option(0, help="queries per planner run (0: the cell's; a shorter run is a "
+                                                  "different cell: its baselines are run on it too)"),
+    choose: bool = typer.Option(False, "--choose-length", help="only choose the run length (see the docstring)"),
+    tolerance: float = typer.Option(0.1, help="--choose-length: relative change of the missed share that counts as steady"),
+    longest: int = typer.Option(960, help="--choose-length: the longest run tried"),
+    out: Path = typer.Option(None, help="write results.json and table.md here"),
+) -> None:
+    """Capacity bound, planners and heuristics on sustained-load cells (see the module docstring)."""
+    seed_list = [TEST_SEEDS[0] + i for i in range(seeds)]
+    if choose:
+        for cluster in HEAVY_RATES_QPS:
+            chosen, history = choose_length(cluster, seed_list, 60, tolerance, longest)
+            steps = ", ".join(f"{q}: {a:.3f}" for q, a in history)
+            print(f"{cluster}@{HEAVY_RATES_QPS[cluster]:g} q/s, least-work+workflow attainment by queries ({steps}) "
+                  f"-> {chosen} queries")
+        return
+    baselines = [p for p in policies.split(",") if p]
+    planner_cells = set(filter(None, lookahead_cells.split(",")))
+    rows = []
+    rng = np.random.default_rng(0)
+    for cluster, rate in HEAVY_RATES_QPS.items():
+        for load in LOADS:
+            queries = queries_paper if cluster == "paper" else queries_mixed
+            key = f"{cluster}/{load}"
+            plan = key in planner_cells and (lookahead or clairvoyant)
+            if plan and lookahead_queries:
+                queries = lookahead_queries
+            cell = Cell(cluster=cluster, rate_qps=rate, load=load, queries=queries)
+            bounds = [capacity_bound(cell.run_spec(s)) for s in seed_list]
+            bound = float(np.mean([b.goodput_bound_qps for b in bounds]))
+            entries: dict[str, dict[str, Any]] = {}
+            names = list(baselines)
+            if plan:
+                names += [n for n in (clairvoyant, lookahead) if n]
+            for name in names:
+                use = seed_list[:lookahead_seeds] if name in (lookahead, clairvoyant) else seed_list
+                runs = [run_policy(name, cell, s) for s in use]
+                g = np.array([r["goodput_qps"] for r in runs])
+                mean, lo, hi = bootstrap_mean(g, 0.95, rng)
+                bound_same = float(np.mean([bounds[seed_list.index(s)].goodput_bound_qps for s in use]))
+                entry = {"seeds": use, "goodput_qps": [mean, lo, hi], "per_seed": g.tolist(), "share_of_bound": mean / bound_same,
+                         "slo_attainment": float(np.mean([r["slo_attainment"] for r in runs])),
+                         "wall_s_per_run": float(np.mean([r["wall_s"] for r in runs]))}
+                if "decision_ms_mean" in runs[0]:
+                    entry["decision_ms_mean"] = float(np.mean([r["decision_ms_mean"] for r in runs]))
+                    entry["changed_share"] = float(sum(r["changed_decisions"] for r in runs) /
+                                                   max(1, sum(r["planned_decisions"] for r in runs)))
+                reference = entries.get("least-work+workflow")
+                if reference is not None and name in (lookahead, clairvoyant):
+                    # paired with the heuristic on the planner's own seeds
+                    same = np.array([reference["per_seed"][seed_list.index(s)] for s in use])
+                    entry["vs_least_work_workflow"] = list(bootstrap_ratio(g, same, 0.95, rng))
+                entries[label(name)] = entry
+                print(f"{cell.label} q={queries} {label(name)}: goodput {mean:.4f} [{lo:.4f}, {hi:.4f}] "
+                      f"({entry['share_of_bound']:.2f} of bound) attainment {entry['slo_attainment']:.3f} "
+                      f"{entry['wall_s_per_run']:.1f} s/run", flush=True)
+            rows.append({"cell": cell.label, "queries": queries, "rate_qps": float(np.mean([b.rate_qps for b in bounds])),
+                         "capacity_qps": float(np.mean([b.capacity_qps for b in bounds])),
+                         "goodput_bound_qps": bound, "policies": entries})
+    table = markdown(rows, seed_list)
+    print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        (out / "table.md").write_text(table)
+
+
+def label(name: str) -> str:
+    if name == CLAIRVOYANT:
+        return "clairvoyant"
+    if name == LOOKAHEAD:
+        return "lookahead"
+    return name
+
+
+def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    lines = [f"SLO-goodput (q/s), mean [95% BCa interval] over test seeds {seeds[0]}-{seeds[-1]} (planners: the "
+             f"seeds listed in results.json), and as a share of the capacity bound.", "",
+             "| cell | queries | offered q/s | capacity q/s | bound q/s | policy | SLO-goodput | share of bound | "
+             "attainment | decision ms | / least-work+workflow, same seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name, e in row["policies"].items():
+            g = e["goodput_qps"]
+            ms = f"{e['decision_ms_mean']:.1f}" if "decision_ms_mean" in e else ""
+            r = e.get("vs_least_work_workflow")
+            ratio = f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" if r else ""
+            lines.append(f"| {row['cell']} | {row['queries']} | {row['rate_qps']:.3f} | {row['capacity_qps']:.3f} | "
+                         f"{row['goodput_bound_qps']:.4f} | {name} | {g[0]:.4f} [{g[1]:.4f}, {g[2]:.4f}] | "
+                         f"{e['share_of_bound']:.2f} | {e['slo_attainment']:.3f} | {ms} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app()

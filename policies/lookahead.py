@@ -1,0 +1,294 @@
+"""Simulator-in-the-loop planning: `lookahead` (per dispatch) and `lookahead-knobs` (per interval).
+
+`lookahead` answers a dispatch decision by trying it: for the candidate engines (the base policy's
+own choice first, then the best others by the base's earliest-finish score, `top_k` in all) it forks
+the simulator `samples` times (`envs.sim.fork.fork`: unknown output lengths and future arrivals
+redrawn, the same seeds for every candidate: common random numbers), places the call on the
+candidate, rolls the fork forward `horizon_s` simulated seconds with the base policy, and scores
+the objective: SLO-met workflows among those in flight or arriving within the horizon (unfinished
+ones count if still on track), with their lateness as tie-breaker. The best mean wins if it beats
+the base policy's choice by more than `margin` workflows (noise of a few samples should not move
+a decision); otherwise the base's choice stays, so `horizon_s=0` (or one candidate) is the base.
+With `clairvoyant=True` nothing is redrawn: the planner knows true lengths and arrivals (not
+deployable; the empirical upper reference of benchmarks/headroom.py).
+
+`lookahead-knobs` is a knob controller: every `interval_s` it forks the simulator and rolls out
+each setting of a small grid of the base heuristic's knobs (least-work's backlog/queue/KV weights,
+or HexGen's alpha) over the next `horizon_s`, adopts the best if it beats the current setting, and
+logs each decision with its predicted gain (python logging, logger `policies.lookahead`).
+
+Both need a simulator to fork. In `simulate` the view handed to a policy is the `ClusterSimulator`
+itself; any other view (the gateway's `ClusterState`) gets the base policy's decision (the
+gateway's twin, `envs.sim.fork.simulator_from_view`, is not wired into these policies yet).
+
+Names: `lookahead` and `lookahead-knobs` (base: least-work+workflow), `lookahead:BASE`,
+`lookahead-knobs:BASE`, with knob overrides after `@`: `lookahead:least-work+workflow@horizon_s=30,samples=2`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from envs.sim.cluster import ClusterSimulator
+from envs.sim.fork import fork
+from envs.sim.view import CallView, ClusterView, EngineView
+from heuristics.dispatch import LeastWork, WorkloadBalanced
+from policies.base import Policy, PolicyError
+from policies.heuristic import HeuristicPolicy
+
+LOG = logging.getLogger(__name__)
+DEFAULT_BASE = "least-work+workflow"
+LATENESS_WEIGHT_PER_S = 1e-4  # a workflow met outweighs any lateness a horizon of minutes can add
+LOOKAHEAD_NAMES = ("lookahead", "lookahead-knobs")
+
+
+def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> float:
+    """Run `twin` with its own policy until `until_s`; the workflows from `first_open` on that met
+    their SLO or are still on track (the standard workflow's remaining solo time, from `until_s`,
+    fits before the deadline), minus LATENESS_WEIGHT_PER_S x their lateness (finish past the
+    deadline; projected the same way for those still running). Counting the on-track ones makes
+    a horizon shorter than a workflow meaningful."""
+    policy = twin.policy
+    assert policy is not None
+    while True:
+        call = twin.next_decision(until_s)
+        if call is None:
+            break
+        twin.dispatch(call, policy.dispatch(call, twin))
+    met = 0
+    late_s = 0.0
+    for wf in twin.workflows[first_open:]:
+        if wf.done:
+            if wf.met_slo:
+                met += 1
+            else:
+                late_s += max(0.0, wf.finish_time_s - wf.deadline_s)
+        else:
+            if until_s + wf.expected_remaining_s <= wf.deadline_s:
+                met += 1  # on track: its standard remaining work still fits before its deadline
+            late_s += max(0.0, until_s + wf.expected_remaining_s - wf.deadline_s)
+    return met - LATENESS_WEIGHT_PER_S * late_s
+
+
+def first_open_workflow(sim: ClusterSimulator) -> int:
+    """Index of the oldest workflow not finished yet (every later one counts in the objective)."""
+    for i, wf in enumerate(sim.workflows):
+        if not wf.done:
+            return i
+    return len(sim.workflows)
+
+
+class LookaheadPolicy(Policy):
+    """Per-decision rollouts over forked simulators (see the module docstring)."""
+
+    def __init__(self, base: Policy, horizon_s: float = 30.0, samples: int = 2, top_k: int = 2, seed: int = 0,
+                 clairvoyant: bool = False, margin: float = 0.5, name: str | None = None) -> None:
+        if horizon_s < 0 or samples < 1 or top_k < 1 or margin < 0:
+            raise PolicyError("lookahead: needs horizon_s >= 0, samples >= 1, top_k >= 1 and margin >= 0")
+        self.margin = float(margin)
+        self.base = base
+        self.horizon_s = float(horizon_s)
+        self.samples = int(samples)
+        self.top_k = int(top_k)
+        self.seed = int(seed)
+        self.clairvoyant = bool(clairvoyant)
+        self.name = name or f"lookahead:{base.name}"
+        self.interval_s = base.interval_s
+        self.decision_ms: list[float] = []  # wall time of every planned decision
+        self.changed = 0  # decisions where the plan overrode the base policy
+        self._decisions = 0
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        return self.base.queue_key(call, engine)
+
+    def bind(self, cluster: ClusterView) -> None:
+        self.base.bind(cluster)
+
+    def on_interval(self, cluster: ClusterView) -> None:
+        self.base.on_interval(cluster)
+
+    def reset(self) -> None:
+        self.base.reset()
+        self.decision_ms = []
+        self.changed = 0
+        self._decisions = 0
+
+    def candidates(self, call: CallView, cluster: ClusterView, choice: int) -> list[int]:
+        """The base's choice, then the other healthy engines by the base's earliest-finish score
+        (least-work's own weights when the base dispatches by least-work; plain outstanding work +
+        T_e otherwise), `top_k` in all."""
+        dispatcher = self.base.dispatcher if isinstance(self.base, HeuristicPolicy) else None
+        if isinstance(dispatcher, LeastWork):
+            b, q, k = dispatcher.backlog_weight, dispatcher.queue_weight, dispatcher.kv_weight
+        else:
+            b, q, k = 1.0, 0.0, 0.0
+        others = [(b * e.outstanding_work_s + e.expected_call_latency_s(call) * (1 + q * e.num_waiting + k * e.kv_usage), i)
+                  for i, e in enumerate(cluster.engines) if e.healthy and i != choice]
+        others.sort()
+        return [choice] + [i for _, i in others[: self.top_k - 1]]
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        choice = self.base.dispatch(call, cluster)
+        if self.horizon_s <= 0 or self.top_k < 2 or not isinstance(cluster, ClusterSimulator):
+            return choice
+        started = time.perf_counter()
+        engines = self.candidates(call, cluster, choice)
+        if len(engines) < 2:
+            return choice
+        self._decisions += 1
+        until_s = cluster.now_s + self.horizon_s
+        first_open = first_open_workflow(cluster)
+        base_policy = copy.deepcopy(self.base)  # rollouts never move the base's own state
+        scores = np.zeros(len(engines))
+        for s in range(self.samples):
+            sample_seed = (self.seed * 1_000_003 + self._decisions) * 64 + s
+            for j, engine_id in enumerate(engines):
+                twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=copy.deepcopy(base_policy))
+                ready = twin.next_decision()
+                assert ready is not None, "the fork holds the copy of `call`, still first in line"
+                twin.dispatch(ready, engine_id)
+                scores[j] += rollout_score(twin, until_s, first_open)
+        scores /= self.samples
+        best = int(np.argmax(scores))  # first maximum: the base's choice on ties
+        if scores[best] <= scores[0] + self.margin:
+            best = 0
+        self.decision_ms.append((time.perf_counter() - started) * 1e3)
+        if best != 0:
+            self.changed += 1
+        return engines[best]
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base.name, "horizon_s": self.horizon_s, "samples": self.samples,
+                "top_k": self.top_k, "seed": self.seed, "clairvoyant": self.clairvoyant, "margin": self.margin}
+
+
+def knob_grid(policy: HeuristicPolicy) -> list[dict[str, float]]:
+    """The settings `lookahead-knobs` compares around the dispatcher's current knobs: the current
+    one first, then each tunable weight halved and doubled (least-work: backlog, queue and KV
+    weights; HexGen's workload-balanced: alpha moved by 0.15 either way, within 0..1)."""
+    d = policy.dispatcher
+    if isinstance(d, LeastWork):
+        now = {"backlog_weight": d.backlog_weight, "queue_weight": d.queue_weight, "kv_weight": d.kv_weight}
+        grid = [now]
+        for knob in now:
+            for factor in (0.5, 2.0):
+                value = now[knob] * factor if now[knob] > 0 else (0.5 if factor > 1 else 0.0)
+                if value != now[knob]:
+                    grid.append({**now, knob: value})
+        return grid
+    if isinstance(d, WorkloadBalanced):
+        alpha = d.alpha
+        return [{"alpha": alpha}] + [{"alpha": a} for a in (max(0.0, alpha - 0.15), min(1.0, alpha + 0.15)) if a != alpha]
+    raise PolicyError(f"lookahead-knobs: base dispatcher {d.name!r} has no knob grid (use least-work or workload-balanced)")
+
+
+class LookaheadKnobsPolicy(Policy):
+    """Every `interval_s`, adopt the knob setting of the base heuristic with the best predicted
+    objective over `horizon_s` (rollouts of forked simulators, common random numbers)."""
+
+    def __init__(self, base: Policy, interval_s: float = 60.0, horizon_s: float = 120.0, samples: int = 2,
+                 seed: int = 0, clairvoyant: bool = False, name: str | None = None) -> None:
+        if not isinstance(base, HeuristicPolicy):
+            raise PolicyError("lookahead-knobs: the base must be a heuristic policy (its knobs are tuned)")
+        if interval_s <= 0 or horizon_s <= 0 or samples < 1:
+            raise PolicyError("lookahead-knobs: needs interval_s > 0, horizon_s > 0 and samples >= 1")
+        knob_grid(base)  # fails early for a dispatcher without a grid
+        self.base = base
+        self.interval_s = float(interval_s)
+        self.horizon_s = float(horizon_s)
+        self.samples = int(samples)
+        self.seed = int(seed)
+        self.clairvoyant = bool(clairvoyant)
+        self.name = name or f"lookahead-knobs:{base.name}"
+        self._initial = dict(base.dispatcher.get_knobs())
+        self._ticks = 0
+        self.log: list[dict[str, Any]] = []  # every decision: time, adopted knobs, predicted gain
+
+    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
+        return self.base.dispatch(call, cluster)
+
+    def queue_key(self, call: CallView, engine: EngineView) -> float:
+        return self.base.queue_key(call, engine)
+
+    def reset(self) -> None:
+        self.base.reset()
+        self._set(self._initial)
+        self._ticks = 0
+        self.log = []
+
+    def _set(self, knobs: dict[str, Any]) -> None:
+        for knob, value in knobs.items():
+            setattr(self.base.dispatcher, knob, value)
+
+    def on_interval(self, cluster: ClusterView) -> None:
+        if not isinstance(cluster, ClusterSimulator) or cluster.done:
+            return
+        self._ticks += 1
+        grid = knob_grid(self.base)
+        until_s = cluster.now_s + self.horizon_s
+        first_open = first_open_workflow(cluster)
+        scores = np.zeros(len(grid))
+        for s in range(self.samples):
+            sample_seed = (self.seed * 1_000_003 + self._ticks) * 64 + s
+            for j, knobs in enumerate(grid):
+                candidate = copy.deepcopy(self.base)
+                for knob, value in knobs.items():
+                    setattr(candidate.dispatcher, knob, value)
+                twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=candidate)
+                scores[j] += rollout_score(twin, until_s, first_open)
+        scores /= self.samples
+        best = int(np.argmax(scores))
+        entry = {"time_s": cluster.now_s, "knobs": grid[best], "predicted_gain": float(scores[best] - scores[0]),
+                 "changed": best != 0}
+        self.log.append(entry)
+        LOG.info("lookahead-knobs t=%.0fs: %s knobs %s (predicted objective %+.3f over the current setting)",
+                 cluster.now_s, "adopt" if best else "keep", grid[best], entry["predicted_gain"])
+        if best:
+            self._set(grid[best])
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base.name, "interval_s": self.interval_s, "horizon_s": self.horizon_s,
+                "samples": self.samples, "seed": self.seed, "knobs": self.base.dispatcher.get_knobs()}
+
+
+_KNOB_TYPES: dict[str, Callable[[str], Any]] = {
+    "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float, "margin": float,
+    "clairvoyant": lambda v: v.lower() in ("1", "true", "yes", "on"),
+}
+
+
+_KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin"),
+               "lookahead-knobs": ("interval_s", "horizon_s", "samples", "seed", "clairvoyant")}
+
+
+def is_lookahead_name(text: str) -> bool:
+    return text.split("@", 1)[0].split(":", 1)[0] in LOOKAHEAD_NAMES
+
+
+def lookahead_from_name(text: str, load_base: Callable[[str], Policy]) -> Policy:
+    """`lookahead[:BASE][@knob=value,...]` or `lookahead-knobs[:BASE][@...]`."""
+    head, _, knob_text = text.partition("@")
+    kind, _, base_name = head.partition(":")
+    knobs: dict[str, Any] = {}
+    for item in filter(None, knob_text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in _KNOB_TYPES:
+            raise PolicyError(f"policy: {text}: bad knob {item!r} (use @knob=value with knobs "
+                              f"{', '.join(_KNOB_TYPES)})")
+        try:
+            knobs[key] = _KNOB_TYPES[key](value)
+        except ValueError:
+            raise PolicyError(f"policy: {text}: knob {key} needs a number, got {value!r}") from None
+    allowed = _KIND_KNOBS[kind]
+    for key in knobs:
+        if key not in allowed:
+            raise PolicyError(f"policy: {text}: {kind} has no knob {key!r} (knobs: {', '.join(allowed)})")
+    base = load_base(base_name or DEFAULT_BASE)
+    if kind == "lookahead":
+        return LookaheadPolicy(base, **knobs)
+    return LookaheadKnobsPolicy(base, **knobs)

@@ -1,0 +1,142 @@
+"""Forking a running simulation: seeded resampling, an untouched original, a clairvoyant fork that
+reproduces the run, and the gateway's digital twin."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import yaml
+
+from deploy.cluster import load_cluster
+from deploy.gateway.core import Gateway
+from deploy.gateway.state import build_cluster_state
+from envs.sim.fork import conditional_output_tokens, fork, simulator_from_view, workload_generator
+from envs.sim.metrics import records_from_simulator, summarize
+from envs.sim.scenario import build_simulator, workload_for
+from envs.sim.workload import TraceGenerator
+from policies import load_policy
+from training.evaluate import Cell
+
+CELL = Cell(cluster="paper", rate_qps=0.12, queries=40)
+
+
+def metrics(sim) -> dict:
+    out = summarize(*records_from_simulator(sim), sim_wall_s=0.0)
+    return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def advanced(decisions: int = 60, seed: int = 3):
+    policy = load_policy("least-work+workflow")
+    sim = build_simulator(CELL.run_spec(seed), policy=policy)
+    for _ in range(decisions):
+        call = sim.next_decision()
+        sim.dispatch(call, policy.dispatch(call, sim))
+    assert any(e.running for e in sim.engines), "the fork point must have calls in flight"
+    return sim
+
+
+def state(sim) -> tuple:
+    return (sim.now_s, sim._next_arrival, tuple(sim._arrivals.tolist()),
+            tuple(c.output_tokens for c in sim.calls), tuple((c.generated, c.kv_tokens) for c in sim.calls),
+            tuple((e.version, e.busy_until_s, len(e.waiting), len(e.running), e.free_blocks) for e in sim.engines),
+            len(sim._events), sim.decisions)
+
+
+def test_fork_leaves_the_original_untouched() -> None:
+    sim = advanced()
+    before = state(sim)
+    twin = fork(sim, seed=1)
+    twin.run()
+    assert twin.done and not sim.done
+    assert state(sim) == before
+
+
+def test_resampling_is_deterministic_by_seed_and_changes_the_unknowns() -> None:
+    sim = advanced()
+    a, b, c = fork(sim, 5), fork(sim, 5), fork(sim, 6)
+    assert state(a) == state(b)
+    assert [x.output_tokens for x in a.calls] != [x.output_tokens for x in sim.calls]
+    assert state(a) != state(c)
+    # redrawn lengths respect what was generated; future arrivals are after now
+    for call in a.calls:
+        assert call.output_tokens >= call.generated + (0 if call.generated >= sim.calls[call.call_id].output_tokens else 1)
+    assert (a._arrivals[a._next_arrival:] > sim.now_s).all()
+    a.run()
+    b.run()
+    assert metrics(a) == metrics(b)
+
+
+def test_clairvoyant_fork_reproduces_the_run() -> None:
+    sim = advanced()
+    twin = fork(sim, seed=0, resample=False)
+    sim.run()
+    twin.run()
+    assert metrics(twin) == metrics(sim)
+    assert [c.finish_time_s for c in twin.calls] == [c.finish_time_s for c in sim.calls]
+
+
+def test_conditional_outputs_follow_the_fit() -> None:
+    """Draws with no progress look like the step's outputs; a lower bound is always kept."""
+    specs, _ = workload_for(CELL.run_spec(0))
+    gen = workload_generator(specs)
+    step = "generate_candidate"
+    rng = np.random.default_rng(0)
+    ins = np.full(2000, 9000.0)
+    free = conditional_output_tokens(gen, step, ins, np.ones(2000), rng)
+    bound = conditional_output_tokens(gen, step, ins, np.full(2000, 600.0), rng)
+    assert (bound >= 600).all()
+    assert np.median(bound) > np.median(free)
+    observed = [c.output_tokens for w in specs for s in w.stages for c in s if c.step == step]
+    assert 0.5 < np.median(free) / np.median(observed) < 2.0
+
+
+PAPER_DEPLOY = {
+    "name": "paper-live",
+    "engines": [
+        {"name": "a100", "url": "http://127.0.0.1:1", "gpu": "A100-80G", "architecture": "Llama-3.1-70B",
+         "weight_bits": 4, "price_per_hour": 1.8},
+        {"name": "l40s", "url": "http://127.0.0.1:2", "gpu": "L40S", "architecture": "Llama-3.1-70B",
+         "weight_bits": 4, "price_per_hour": 1.1},
+    ],
+    "gateway": {"slo_scale": 3.0, "token_scale": 1.0},
+}
+
+
+def test_simulator_from_gateway_state_runs(tmp_path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(PAPER_DEPLOY))
+    cluster = load_cluster(path)
+    now = [50.0]
+
+    async def live():
+        gw = Gateway(cluster, load_policy("rr"))
+        gw.state = build_cluster_state(cluster, lambda: now[0])
+        calls = []
+        for w, (step, n_in, n_out, fan, engine) in enumerate([("Information Retriever", 300, 300, 1, 0),
+                                                             ("generate_candidate", 9000, 2048, 2, 1)]):
+            for _ in range(fan):
+                call = gw.new_call(workflow_key=f"q{w}", step=step, tenant="default", input_tokens=n_in,
+                                   output_tokens=n_out, stream=False, stage_index=0, fanout=fan)
+                gw._enqueue(call, gw.state.engines[engine])
+                calls.append(call)
+        return gw, calls
+
+    gw, calls = asyncio.run(live())
+    now[0] += 5.0
+    specs, _ = workload_for(CELL.run_spec(0))
+    twin = simulator_from_view(gw.state, calls, cluster.engine_configs(), slo_scale=3.0, seed=1,
+                               generator=TraceGenerator.fit(specs), future_queries=3, policy=load_policy("least-work"),
+                               slo=gw.state.slo)
+    assert twin.now_s == pytest.approx(gw.state.now_s)
+    assert [e.model for e in twin.engines] == [e.model for e in gw.state.engines]
+    assert [len(e.waiting) + len(e.running) for e in twin.engines] == [1, 2]
+    assert twin.workflows[1].deadline_s == gw.state.workflow(calls[1].workflow_id).deadline_s
+    twin.run()
+    assert twin.done and twin.finished_workflows == 5
+    again = simulator_from_view(gw.state, calls, cluster.engine_configs(), slo_scale=3.0, seed=1,
+                                generator=TraceGenerator.fit(specs), future_queries=3,
+                                policy=load_policy("least-work"), slo=gw.state.slo)
+    again.run()
+    assert metrics(again) == metrics(twin)
