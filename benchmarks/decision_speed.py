@@ -30,13 +30,14 @@ def make_state(n_engines: int, seed: int = 0):
     engines = [EngineConfig(gpu=g, model="Llama-3.1-70B", weight_bits=4, count=per_type + (1 if i < n_engines % len(GPUS) else 0))
                for i, g in enumerate(GPUS)]
     cluster = ClusterConfig(name=f"bench-{n_engines}", engines=engines)
-    sim = build_simulator(RunSpec(cluster=cluster, rate_qps=1.0, queries=1))
+    sim = build_simulator(RunSpec(cluster=cluster, rate_qps=1.0, queries=32))
+    sim.run(load_policy("rr"))  # 32 workflows arrived (policies that read a call's workflow find it)
     rng = random.Random(seed)
-    steps = list(sim.step_tokens)
+    steps = sim.step_tokens.steps()
     for e in sim.engines:
-        e.assigned_work_s = rng.uniform(0, 5000)
-        e.outstanding_work_s = rng.uniform(0, 200)
-        e.assigned_calls = rng.randrange(0, 1000)
+        e.ledger.assigned_work_s = rng.uniform(0, 5000)
+        e.ledger.outstanding_work_s = rng.uniform(0, 200)
+        e.ledger.assigned_calls = rng.randrange(0, 1000)
         e.free_blocks = rng.randrange(0, e.total_blocks + 1)
         for k in range(rng.randrange(0, 6)):  # a few waiting calls
             e.waiting.append((0.0, k, None))
@@ -49,7 +50,7 @@ def make_state(n_engines: int, seed: int = 0):
         step = steps[i % len(steps)]
         # prompt chain: the step's template (key = step index), a per-query segment, the call's own rest
         segments = ((steps.index(step), 600), (10_000 + i % 32, 300), (100_000 + i, 100))
-        c = LLMCall(i, i, "default", step, 0, 1, 1000, 50, 0, segments)
+        c = LLMCall(i, i % 32, "default", step, 0, 1, 1000, 50, 0, segments)
         c.ready_time_s = rng.uniform(0, 100)
         c.deadline_s = c.ready_time_s + rng.uniform(5, 100)
         calls.append(c)
