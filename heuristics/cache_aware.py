@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 
-from envs.sim.view import CallView, ClusterView
+from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative, check_unit_interval
 from heuristics.dispatch import WeightedScoring
 
@@ -47,24 +47,9 @@ class PrefixScoring(WeightedScoring):
         super().__init__(queue_weight=queue_weight, kv_weight=kv_weight, seed=seed)
         self.prefix_weight = check_non_negative("prefix_weight", prefix_weight)
 
-    def dispatch(self, call: CallView, cluster: ClusterView) -> int:
-        healthy = [(i, e) for i, e in enumerate(cluster.engines) if e.healthy]
-        if not healthy:
-            raise NoHealthyEngine("no healthy engine")
-        queues = [e.num_waiting for _, e in healthy]
-        lo, hi = min(queues), max(queues)
-        span = hi - lo
-        best: list[int] = []
-        best_score = -math.inf
-        for (i, e), q in zip(healthy, queues):
-            queue_score = (hi - q) / span if span else 1.0
-            score = (self.prefix_weight * _match_share(e.cached_prefix_tokens(call), call)
-                     + self.queue_weight * queue_score + self.kv_weight * (1.0 - e.kv_usage))
-            if score > best_score + 1e-12:
-                best, best_score = [i], score
-            elif score >= best_score - 1e-12:
-                best.append(i)
-        return best[0] if len(best) == 1 else best[self._rng.randrange(len(best))]
+    def extra_score(self, call: CallView, engine: EngineView) -> float:
+        """llm-d's prefix-cache scorer: the share of the prompt this engine holds, times its weight."""
+        return self.prefix_weight * _match_share(engine.cached_prefix_tokens(call), call)
 
 
 class SGLangCacheAware(Dispatcher):

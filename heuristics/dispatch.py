@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
-from envs.sim.view import CallView, ClusterView
+from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics.base import Dispatcher, NoHealthyEngine, check_choice, check_int, check_non_negative, check_unit_interval
 
 
@@ -64,15 +64,23 @@ class LeastOutstandingRequests(Dispatcher):
     name = "least-outstanding"
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
-        best, best_n = -1, 1 << 62
-        for i, e in enumerate(cluster.engines):
-            if e.healthy:
-                n = e.num_running + e.num_waiting
-                if n < best_n:
-                    best, best_n = i, n
-        if best < 0:
-            raise NoHealthyEngine("no healthy engine")
-        return best
+        return least_loaded(cluster)
+
+
+def least_loaded(cluster: ClusterView, candidates: Iterable[int] | None = None) -> int:
+    """Fewest running + waiting calls (lowest index on ties) among `candidates` (default: all),
+    healthy engines only."""
+    engines = cluster.engines
+    best, best_n = -1, 1 << 62
+    for i in (candidates if candidates is not None else range(len(engines))):
+        e = engines[i]
+        if e.healthy:
+            n = e.num_running + e.num_waiting
+            if n < best_n:
+                best, best_n = i, n
+    if best < 0:
+        raise NoHealthyEngine("no healthy engine")
+    return best
 
 
 class LeastWork(Dispatcher):
@@ -144,6 +152,10 @@ class WeightedScoring(Dispatcher):
     def reset(self) -> None:
         self._rng = random.Random(self.seed)
 
+    def extra_score(self, call: CallView, engine: EngineView) -> float:
+        """Scorers beyond queue and KV (llm-d's prefix-cache scorer: `PrefixScoring`); none here."""
+        return 0.0
+
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         healthy = [(i, e) for i, e in enumerate(cluster.engines) if e.healthy]
         if not healthy:
@@ -155,7 +167,7 @@ class WeightedScoring(Dispatcher):
         best_score = -math.inf
         for (i, e), q in zip(healthy, queues):
             queue_score = (hi - q) / span if span else 1.0
-            score = self.queue_weight * queue_score + self.kv_weight * (1.0 - e.kv_usage)
+            score = self.queue_weight * queue_score + self.kv_weight * (1.0 - e.kv_usage) + self.extra_score(call, e)
             if score > best_score + 1e-12:
                 best, best_score = [i], score
             elif score >= best_score - 1e-12:

@@ -27,6 +27,7 @@ from heuristics.base import (
     check_non_negative,
     check_unit_interval,
 )
+from heuristics.dispatch import least_loaded
 
 # per-run maps keyed by workflow or call id are cut back to their newest half past this size, so a
 # gateway that runs for days does not grow them without bound (simulations never reach it)
@@ -37,21 +38,6 @@ def _trim(table: dict[int, Any]) -> None:
     if len(table) > MAX_TRACKED:
         for key in list(table)[: len(table) // 2]:
             del table[key]
-
-
-def _least_loaded(cluster: ClusterView, candidates: list[int] | None = None) -> int:
-    """Fewest running + waiting calls (lowest index on ties) among `candidates` (default: healthy engines)."""
-    engines = cluster.engines
-    best, best_n = -1, 1 << 62
-    for i in (candidates if candidates is not None else range(len(engines))):
-        e = engines[i]
-        if e.healthy:
-            n = e.num_running + e.num_waiting
-            if n < best_n:
-                best, best_n = i, n
-    if best < 0:
-        raise NoHealthyEngine("no healthy engine")
-    return best
 
 
 class _WorkflowOrder(LocalOrder):
@@ -104,7 +90,7 @@ class AutellixLoadBalancer(Dispatcher):
             if before >= 0 and cluster.engines[before].healthy:
                 engine = before
         if engine < 0:
-            engine = _least_loaded(cluster)
+            engine = least_loaded(cluster)
         self._engine_of[call.workflow_id] = engine
         _trim(self._engine_of)
         return engine
@@ -285,7 +271,7 @@ class ParrotPlacement(Dispatcher):
         if before in allowed and engines[before].num_waiting <= self.max_waiting:
             engine = before
         else:
-            engine = _least_loaded(cluster, allowed)
+            engine = least_loaded(cluster, allowed)
         self._engine_of[call.workflow_id] = engine
         _trim(self._engine_of)
         return engine

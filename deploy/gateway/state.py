@@ -19,7 +19,15 @@ from typing import Callable, Iterator, Sequence, overload
 from deploy.cluster import Cluster, EngineSpec
 from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
-from envs.sim.model import ArrivalWindow, EngineModel, StepTokens, WorkLedger, cluster_slo_model, reference_latency_table
+from envs.sim.model import (
+    ArrivalWindow,
+    EngineModel,
+    LedgerMixin,
+    StepTokens,
+    WorkLedger,
+    cluster_slo_model,
+    reference_latency_table,
+)
 from envs.sim.model import build_engine_model as sim_build_engine_model
 from envs.sim.slo import REFERENCE_PATH, SLOModel
 from envs.sim.workload import normalise_step
@@ -178,7 +186,7 @@ class WorkflowLog(Sequence[WorkflowState]):
         return dropped
 
 
-class EngineState:
+class EngineState(LedgerMixin):
     """One engine (satisfies EngineView): its `EngineModel` (the simulator's), the gateway's own
     in-flight accounting, and what the engine's /metrics said."""
 
@@ -205,18 +213,6 @@ class EngineState:
         self.scraped_kv_capacity_tokens: int | None = None
         self.last_scrape_s: float | None = None
         self.scrape_failures = 0
-
-    @property
-    def outstanding_work_s(self) -> float:
-        return self.ledger.outstanding_work_s
-
-    @property
-    def assigned_work_s(self) -> float:
-        return self.ledger.assigned_work_s
-
-    @property
-    def assigned_calls(self) -> int:
-        return self.ledger.assigned_calls
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -25,7 +25,7 @@ from collections import deque
 from typing import Callable, Hashable
 
 from envs.sim.config import EngineConfig
-from envs.sim.model import EngineModel, StepTokens, WorkLedger, build_engine_model
+from envs.sim.model import EngineModel, LedgerMixin, StepTokens, WorkLedger, build_engine_model
 from envs.sim.perf import DecodeSegmentCost, IterationModel
 from envs.sim.prefix_cache import CacheNode, PrefixCache
 from envs.sim.view import CallView
@@ -93,7 +93,7 @@ class LLMCall:
         return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"
 
 
-class Engine:
+class Engine(LedgerMixin):
     """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue().
 
     Its static facts (expected latencies, limits, KV capacity, price) are its `EngineModel`, the
@@ -167,18 +167,6 @@ class Engine:
     @property
     def kv_usage(self) -> float:
         return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 1.0
-
-    @property
-    def outstanding_work_s(self) -> float:
-        return self.ledger.outstanding_work_s
-
-    @property
-    def assigned_work_s(self) -> float:
-        return self.ledger.assigned_work_s
-
-    @property
-    def assigned_calls(self) -> int:
-        return self.ledger.assigned_calls
 
     # ---- EngineView: prefix cache ------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ ARRIVAL_RATE_WINDOW_S = 60.0
 
 __all__ = [
     "ARRIVAL_RATE_WINDOW_S", "DEFAULT_BLOCK_SIZE_TOKENS", "DEFAULT_MAX_NUM_BATCHED_TOKENS", "DEFAULT_MAX_NUM_SEQS",
-    "ArrivalWindow", "EngineModel", "EngineType", "StepTokens", "WorkLedger",
+    "ArrivalWindow", "EngineModel", "EngineType", "LedgerMixin", "StepTokens", "WorkLedger",
     "build_engine_model", "cluster_slo_model", "reference_latency_table",
 ]
 
@@ -273,6 +273,25 @@ class WorkLedger:
     def clear_outstanding(self) -> None:
         """The engine lost its calls (failure): nothing placed there is outstanding any more."""
         self.outstanding_work_s = 0.0
+
+
+class LedgerMixin:
+    """`outstanding_work_s`, `assigned_work_s`, `assigned_calls` of the view, read from `self.ledger`
+    (the simulator's `Engine` and the gateway's `EngineState` alike)."""
+
+    ledger: WorkLedger
+
+    @property
+    def outstanding_work_s(self) -> float:
+        return self.ledger.outstanding_work_s
+
+    @property
+    def assigned_work_s(self) -> float:
+        return self.ledger.assigned_work_s
+
+    @property
+    def assigned_calls(self) -> int:
+        return self.ledger.assigned_calls
 
 
 class ArrivalWindow:
