@@ -16,6 +16,7 @@ first come, first served.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 from envs.sim.view import CallView, ClusterView, EngineView, WorkflowView
@@ -132,8 +133,9 @@ class _LeastAttainedService(_WorkflowOrder):
         self.starvation_ratio = check_non_negative("starvation_ratio", starvation_ratio)
         self._thresholds = [self.first_threshold_s * self.threshold_ratio ** k for k in range(self.num_queues - 1)]
 
+    @abstractmethod
     def service_s(self, workflow: WorkflowView) -> float:
-        raise NotImplementedError
+        """The workflow's attained service this order ranks by (PLAS: total; ATLAS: critical path)."""
 
     def level_threshold_s(self, service_s: float) -> float:
         """Lower threshold of the queue a workflow with this attained service is in (0 for the top queue)."""

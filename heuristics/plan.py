@@ -77,6 +77,7 @@ import optuna
 import yaml
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from envs.seeds import TEST_SEED_BASE, TUNE_SEED_BASE
 from envs.sim.catalog import Catalog, load_catalog
 from envs.sim.config import ClusterConfig, EngineConfig, load_cluster
 from envs.sim.errors import UserError
@@ -98,10 +99,6 @@ DEFAULT_HEADROOM = 1.2
 DEFAULT_GPU_CAP = 64  # the search never goes past this many GPUs without --max-gpus
 DEFAULT_QUERIES = 50  # at least; by default enough queries that arrivals span MIN_SPAN_SLOS SLOs
 DEFAULT_TUNE_TRIALS = 4
-# the seed blocks of training/config.py (TUNE_SEED_BASE, TEST_SEED_BASE; a test checks they agree),
-# repeated because training.config imports the Gymnasium envs, which the base install does not have
-TUNE_SEED_BASE = 150_000
-TEST_SEED_BASE = 200_000
 REPAIR_HEADROOM_STEP = 1.25
 MAX_REPAIR_STEPS = 8
 MAX_DESCENT_STEPS = 40

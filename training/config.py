@@ -23,13 +23,14 @@ from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.gym.dispatch_env import DispatchEnv
 from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import Scenario
-from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
-# Seed blocks used across training/; disjoint by construction.
-TRAIN_SEED_BASE, TRAIN_SEED_COUNT = 0, 100_000
-EVAL_SEED_BASE = 100_000  # evaluation during training (EvalCallback)
-TUNE_SEED_BASE = 150_000  # tune-rl's objective
-TEST_SEED_BASE = 200_000  # final reports (agentsched evaluate, tune-rl's test report)
+# the seed blocks (envs/seeds.py), re-exported for training's importers
+from envs.seeds import EVAL_SEED_BASE as EVAL_SEED_BASE
+from envs.seeds import TEST_SEED_BASE as TEST_SEED_BASE
+from envs.seeds import TRAIN_SEED_BASE as TRAIN_SEED_BASE
+from envs.seeds import TRAIN_SEED_COUNT as TRAIN_SEED_COUNT
+from envs.seeds import TUNE_SEED_BASE as TUNE_SEED_BASE
+from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
 ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
 ENV_CLASSES = {DISPATCH_ENV_ID: DispatchEnv, KNOBS_ENV_ID: KnobsEnv}  # what `env_kwargs` are passed to
