@@ -161,6 +161,7 @@ class ClusterSimulator:
         self._chain_keys: dict[tuple, int] = {}
         self._n_chain_keys = 0
         self._template_chains: dict[tuple, tuple[tuple[tuple[int, int], ...], int, int]] = {}
+        self._positions: dict[tuple[str, int], tuple[int, float]] = {}  # (step, pointer) -> SLO position, rest
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
         for f in failures:
@@ -198,19 +199,24 @@ class ClusterSimulator:
         started = time.perf_counter()
         events = self._events
         ready = self._ready
+        engines = self.engines
+        heappop = heapq.heappop
+        engine_done = self._engine_done
         try:
             while not ready:
                 if not events or events[0][0] > until_s:
                     if until_s != math.inf and until_s > self.now_s:
                         self.now_s = until_s
                     return None
-                t, _, kind, a, b = heapq.heappop(events)
+                t, _, kind, a, b = heappop(events)
                 self.now_s = t
                 if kind == EV_ENGINE:
-                    engine = self.engines[a]
+                    engine = engines[a]
                     if b != engine.version:
                         continue  # superseded plan
-                    self._engine_done(engine, t)
+                    engine_done(engine, t)
+                    if not ready:
+                        continue  # no stage became ready: no decision to make
                 elif kind == EV_CALL_DONE:
                     self._call_finished(self.calls[a], t)
                 elif kind == EV_FRONTEND:
@@ -226,7 +232,7 @@ class ClusterSimulator:
                         self._on_tick(self)
                     if self._tick_interval_s and (events or ready):
                         self._push(t + self._tick_interval_s, EV_TICK, 0, 0)
-                if ready and not any(e.healthy for e in self.engines):
+                if ready and not any(e.healthy for e in engines):
                     while ready:  # nowhere to send them: hold until an engine recovers
                         self._parked.append(ready.popleft())
             return ready[0]
@@ -235,14 +241,16 @@ class ClusterSimulator:
 
     def dispatch(self, call: LLMCall, engine_id: int) -> None:
         """Place the ready call at the head of the queue on an engine."""
-        if not self._ready or self._ready[0] is not call:
+        ready = self._ready
+        if not ready or ready[0] is not call:
             raise SimulationError("dispatch() must answer the call returned by next_decision()")
-        if not 0 <= engine_id < len(self.engines):
-            raise SimulationError(f"engine {engine_id} does not exist (cluster has {len(self.engines)})")
-        engine = self.engines[engine_id]
+        engines = self.engines
+        if not 0 <= engine_id < len(engines):
+            raise SimulationError(f"engine {engine_id} does not exist (cluster has {len(engines)})")
+        engine = engines[engine_id]
         if not engine.healthy:
             raise SimulationError(f"engine {engine_id} ({engine.name}) is down; dispatch to a healthy engine")
-        self._ready.popleft()
+        ready.popleft()
         self.decisions += 1
         now = self.now_s
         call.engine_id = engine_id
@@ -260,7 +268,18 @@ class ClusterSimulator:
             self._push(engine.frontend_ready_s(now), EV_FRONTEND, call.call_id, call.attempts)
             return
         engine.enqueue(call, self.queue_key(call, engine))
-        self._kick(engine, now)
+        # _kick, inline (once per call)
+        if engine.busy_until_s != engine.busy_until_s:  # nan: idle
+            end = engine.plan(now, self._on_preempt)
+            if end is not None:
+                self._seq += 1
+                heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine_id, engine.version))
+        else:
+            end = engine.interrupt(now)
+            if end is not None:
+                engine.version += 1
+                self._seq += 1
+                heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine_id, engine.version))
 
     def _reach_scheduler(self, call: LLMCall, attempt: int, now: float) -> None:
         """A call leaves its engine's API server (call_frontend_s after it was its turn)."""
@@ -308,33 +327,41 @@ class ClusterSimulator:
 
     def _engine_done(self, engine: Engine, now: float) -> None:
         finished = engine.complete(now)
-        overhead = engine.request_overhead_s
-        for call in finished:
-            engine.ledger.finish(call.expected_s)
-            if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
-                call.finish_time_s = now + overhead
-                self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
-            else:
-                self._call_finished(call, now)
-        if math.isnan(engine.busy_until_s) and engine.healthy:
+        if finished:
+            overhead = engine.request_overhead_s
+            ledger = engine.ledger
+            for call in finished:
+                ledger.finish(call.expected_s)
+                if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
+                    call.finish_time_s = now + overhead
+                    self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
+                else:
+                    self._call_finished(call, now)
+        if engine.healthy and engine.busy_until_s != engine.busy_until_s:  # nan: idle
             end = engine.plan(now, self._on_preempt)
             if end is not None:
-                self._push(end, EV_ENGINE, engine.engine_id, engine.version)
+                self._seq += 1
+                heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine.engine_id, engine.version))
 
     def _arrive(self, index: int, now: float) -> None:
         spec = self._specs[index]
         tenant = self.tenants[int(self._tenant_of[index])]
         wid = len(self.workflows)
         stages: list[list[LLMCall]] = []
+        all_calls = self.calls
+        tenant_name = tenant.name
+        priority = tenant.priority
+        prefix_cache = self.prefix_cache
         for si, stage in enumerate(spec.stages):
             calls = []
+            fanout = len(stage)
             for c in stage:
-                call_id = len(self.calls)
+                call_id = len(all_calls)
                 # prompt structure only matters to a prefix cache (none: skip the work)
-                segments = self._chain(c, call_id, wid, tenant.name) if c.segments and self.prefix_cache else ()
-                call = LLMCall(call_id, wid, tenant.name, c.step, si, len(stage), c.input_tokens,
-                               c.output_tokens, tenant.priority, segments)
-                self.calls.append(call)
+                segments = self._chain(c, call_id, wid, tenant_name) if prefix_cache and c.segments else ()
+                call = LLMCall(call_id, wid, tenant_name, c.step, si, fanout, c.input_tokens,
+                               c.output_tokens, priority, segments)
+                all_calls.append(call)
                 calls.append(call)
             stages.append(calls)
         slo_s = self.slo.base_slo_s * self.slo_scale * tenant.slo_scale
@@ -396,27 +423,38 @@ class ClusterSimulator:
         stage = workflow.stages[workflow.stage_index]
         workflow.pending_in_stage = len(stage)
         workflow.stage_ready_critical_path_s = workflow.critical_path_service_s
-        position = self.slo.position(stage[0].step, workflow.pointer)
+        step = stage[0].step
+        slo = self.slo
+        at = (step, workflow.pointer)
+        known = self._positions.get(at)
+        if known is None:  # the SLO rule's standard position is a function of (step, pointer)
+            position = slo.position(step, workflow.pointer)
+            known = self._positions[at] = (position, slo.remaining_after(position))
+        position, workflow.expected_remaining_s = known
         workflow.pointer = position + 1
-        workflow.expected_remaining_s = self.slo.remaining_after(position)
-        deadline = self.slo.call_deadline_s(now, workflow.deadline_s, stage[0].step, position)
+        deadline = slo.call_deadline_s(now, workflow.deadline_s, step, position)
+        workflow_deadline = workflow.deadline_s
+        ready = self._ready
         for call in stage:
             call.ready_time_s = now
             call.deadline_s = deadline
-            call.workflow_deadline_s = workflow.deadline_s
+            call.workflow_deadline_s = workflow_deadline
             call.position = position
-            self._ready.append(call)
+            ready.append(call)
 
     def _call_finished(self, call: LLMCall, now: float) -> None:
         workflow = self.workflows[call.workflow_id]
         workflow.calls_done += 1
         # service: engine time from (first) admission to finish, queueing at the engine excluded
-        service_s = now - call.admit_time_s if not math.isnan(call.admit_time_s) else 0.0
+        admit = call.admit_time_s
+        service_s = now - admit if admit == admit else 0.0  # never admitted (nan): none
         workflow.attained_service_s += service_s
-        workflow.critical_path_service_s = max(workflow.critical_path_service_s,
-                                               workflow.stage_ready_critical_path_s + service_s)
-        workflow.pending_in_stage -= 1
-        if workflow.pending_in_stage == 0 and not workflow.failed:
+        path = workflow.stage_ready_critical_path_s + service_s
+        if path > workflow.critical_path_service_s:
+            workflow.critical_path_service_s = path
+        pending = workflow.pending_in_stage - 1
+        workflow.pending_in_stage = pending
+        if pending == 0 and not workflow.failed:
             self._start_next_stage(workflow, now)
 
     def _call_failed(self, call: LLMCall, now: float) -> None:

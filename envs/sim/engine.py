@@ -79,7 +79,13 @@ class LLMCall:
         self.attempts = 0
         self.segments = segments
         self.cached_tokens = 0
-        self.reset_progress()
+        # reset_progress(), inline (a call per simulated call)
+        self.prefill_left = input_tokens
+        self.generated = 0
+        self.kv_tokens = 0
+        self.blocks = 0
+        self.cache_nodes: list[CacheNode] | None = None
+        self.shared_blocks = 0
 
     def reset_progress(self) -> None:
         self.prefill_left = self.input_tokens
@@ -146,6 +152,11 @@ class Engine(LedgerMixin):
         self.prefix_cache: PrefixCache | None = PrefixCache(self.block_size) if prefix_cache else None
         self.prefill_tokens_computed = 0  # prompt tokens actually prefilled (hits excluded, recomputes included)
         self.prompt_tokens_admitted = 0  # prompt tokens of every admission (vLLM's prefix_cache_queries)
+        # the blocks the head waiting call's chain would take, remembered from a failed admission
+        # for as long as no running call's chain changes (`PrefixCache.refs_version`)
+        self._take_call: LLMCall | None = None
+        self._take_version = -1
+        self._take_blocks = 0
 
     @classmethod
     def from_config(cls, engine_id: int, config: EngineConfig, step_tokens: StepTokens | None = None,
@@ -185,10 +196,14 @@ class Engine(LedgerMixin):
     def expected_call_latency_s(self, call: CallView) -> float:
         """Expected latency of `call` alone on this engine given its cache hits here now (exactly
         T_e(s) without hits; `EngineModel.expected_latency_with_hits_s`)."""
-        hit = self.cached_prefix_tokens(call)
-        if hit == 0:
-            return self.expected_latency_s(call.step)
-        return self.model.expected_latency_with_hits_s(call.step, call.input_tokens, hit)
+        cache = self.prefix_cache
+        if cache is not None:
+            segments = call.segments
+            if segments:
+                hit = cache.hit_tokens_for(segments, call.input_tokens)
+                if hit:
+                    return self.model.expected_latency_with_hits_s(call.step, call.input_tokens, hit)
+        return self.expected_latency_s(call.step)
 
     def fits(self, call: LLMCall) -> bool:
         """Whether the call's whole context can ever fit in this engine's KV cache."""
@@ -244,12 +259,17 @@ class Engine(LedgerMixin):
         prefills: list[tuple[LLMCall, int]] = []
         decodes: list[LLMCall] = []
         any_preempted = False
+        # free blocks in a local while no call is preempted; blocks taken from the free pool
+        # evict cached ones (LRU) in one go before the cache is next read or changed: evicting
+        # from the LRU head in one go or block by block evicts the same blocks
+        free = self.free_blocks
         # 1) running requests, in admission order; allocate KV, preempting from the back if needed
         i = 0
         while i < len(running):
             seq = running[i]
-            if seq.prefill_left > 0:
-                chunk = min(seq.prefill_left, budget)
+            left = seq.prefill_left
+            if left > 0:
+                chunk = left if left < budget else budget
                 if chunk <= 0:
                     i += 1
                     continue
@@ -259,25 +279,28 @@ class Engine(LedgerMixin):
                     i += 1
                     continue
                 chunk = 0
-                need = 1 if seq.kv_tokens + 1 > seq.blocks * bs else 0
-            preempted_self = False
-            while need > self.free_blocks:
-                # vLLM preempts the lowest-priority running request (largest queue key, latest
-                # admitted on ties) among those not yet scheduled in this iteration
-                victim = max(reversed(running[i:]), key=_key_of)
-                self._preempt(victim)
-                on_preempt(victim)
-                any_preempted = True
-                if victim is seq:
-                    preempted_self = True
-                    break
-            if preempted_self:
-                any_preempted = True
-                continue
-            self.free_blocks -= need
-            seq.blocks += need
-            if need and cache is not None and cache.evictable_blocks > self.free_blocks:
-                cache.evict_down_to(self.free_blocks)
+                need = 1 if seq.kv_tokens >= seq.blocks * bs else 0  # the next token opens a block
+            if need > free:
+                self.free_blocks = free
+                if cache is not None and cache.evictable_blocks > free:
+                    cache.evict_down_to(free)
+                preempted_self = False
+                while need > self.free_blocks:
+                    # vLLM preempts the lowest-priority running request (largest queue key, latest
+                    # admitted on ties) among those not yet scheduled in this iteration
+                    victim = max(reversed(running[i:]), key=_key_of)
+                    self._preempt(victim)
+                    on_preempt(victim)
+                    any_preempted = True
+                    if victim is seq:
+                        preempted_self = True
+                        break
+                free = self.free_blocks
+                if preempted_self:
+                    continue
+            if need:
+                free -= need
+                seq.blocks += need
             if chunk:
                 prefills.append((seq, chunk))
                 budget -= chunk
@@ -285,87 +308,112 @@ class Engine(LedgerMixin):
                 decodes.append(seq)
                 budget -= 1
             i += 1
+        self.free_blocks = free
+        if cache is not None and cache.evictable_blocks > free:
+            cache.evict_down_to(free)
         # 2) admit waiting requests in the local policy's order (not in an iteration that had to
         #    preempt: memory is short). Admission reserves the whole prompt's blocks, so a
         #    half-prefilled prompt never has to evict others to continue.
         new_calls = 0
-        while waiting and budget > 0 and len(running) < self.max_num_seqs and not any_preempted:
-            seq = waiting[0][2]
-            prompt = seq.prefill_left  # a waiting call holds no KV: its whole prompt (+ output so far)
-            segments = seq.segments
-            if cache is not None and segments:
-                # blocks its chain takes from the free pool (cached ones back out of the free
-                # queue) + its partial last block and recomputed output
-                full = seq.input_tokens // bs
-                blocks = -(-prompt // bs)
-                hit, take = cache.admission(segments, prompt)
-                need = take + blocks - full
-                if need > self.free_blocks:
-                    break
-                heapq.heappop(waiting)
-                seq.cache_nodes = cache.acquire(segments)
-                self.free_blocks -= need
-                if cache.evictable_blocks > self.free_blocks:
-                    cache.evict_down_to(self.free_blocks)
-                seq.shared_blocks = full
-                seq.blocks = blocks
-                seq.kv_tokens = hit
-                seq.prefill_left = prompt - hit
-                seq.cached_tokens = hit
-                cache.hit_tokens += hit
-                cache.query_tokens += prompt
-            else:
-                need = -(-prompt // bs)
-                if need > self.free_blocks:
-                    break
-                heapq.heappop(waiting)
-                self.free_blocks -= need
-                seq.blocks += need
-            self.prompt_tokens_admitted += prompt
-            chunk = min(seq.prefill_left, budget)
-            if math.isnan(seq.admit_time_s):
-                seq.admit_time_s = now_s
-                new_calls += 1
-            running.append(seq)
-            prefills.append((seq, chunk))
-            budget -= chunk
+        if waiting and budget > 0 and not any_preempted:
+            max_num_seqs = self.max_num_seqs
+            while waiting and budget > 0 and len(running) < max_num_seqs:
+                seq = waiting[0][2]
+                prompt = seq.prefill_left  # a waiting call holds no KV: its whole prompt (+ output so far)
+                segments = seq.segments
+                if cache is not None and segments:
+                    # blocks its chain takes from the free pool (cached ones back out of the free
+                    # queue) + its partial last block and recomputed output
+                    full = seq.input_tokens // bs
+                    blocks = -(-prompt // bs)
+                    if self._take_call is seq and self._take_version == cache.refs_version:
+                        # the same head call as last time and no running call's chain changed:
+                        # it takes the same blocks (evictions do not change what it takes)
+                        need = self._take_blocks + blocks - full
+                        if need > free:
+                            break
+                        hit = cache.hit_tokens_for(segments, prompt)
+                    else:
+                        hit, take = cache.admission(segments, prompt)
+                        need = take + blocks - full
+                        if need > free:
+                            self._take_call = seq
+                            self._take_version = cache.refs_version
+                            self._take_blocks = take
+                            break
+                    heapq.heappop(waiting)
+                    seq.cache_nodes = cache.acquire(segments)
+                    free -= need
+                    if cache.evictable_blocks > free:
+                        cache.evict_down_to(free)
+                    seq.shared_blocks = full
+                    seq.blocks = blocks
+                    seq.kv_tokens = hit
+                    left = prompt - hit
+                    seq.prefill_left = left
+                    seq.cached_tokens = hit
+                    cache.hit_tokens += hit
+                    cache.query_tokens += prompt
+                else:
+                    need = -(-prompt // bs)
+                    if need > free:
+                        break
+                    heapq.heappop(waiting)
+                    free -= need
+                    seq.blocks += need
+                    left = prompt
+                self.prompt_tokens_admitted += prompt
+                chunk = left if left < budget else budget
+                if seq.admit_time_s != seq.admit_time_s:  # nan: first admission
+                    seq.admit_time_s = now_s
+                    new_calls += 1
+                running.append(seq)
+                prefills.append((seq, chunk))
+                budget -= chunk
+            self.free_blocks = free
         self._seg_start_s = now_s
         self._plan_prefills = prefills
         self._plan_decodes = decodes
-        if not prefills and not decodes:
-            self.busy_until_s = math.nan
-            self._seg_k = 0
-            return None
         if prefills:
             p_tokens = 0
             p_ctx = 0
             pairs = 0.0
             for seq, chunk in prefills:
+                kv = seq.kv_tokens
                 p_tokens += chunk
-                p_ctx += seq.kv_tokens + chunk
-                pairs += chunk * (seq.kv_tokens + (chunk + 1) * 0.5)
+                p_ctx += kv + chunk
+                pairs += chunk * (kv + (chunk + 1) * 0.5)
             d_ctx = 0
             for seq in decodes:
                 d_ctx += seq.kv_tokens + 1
             dur = self.perf.iteration_s(p_tokens, p_ctx, pairs, len(decodes), d_ctx) + new_calls * self.call_engine_s
             self._seg_k = 1
             self._seg_cost = None
-        else:
+        elif decodes:
             # pure decode: how many identical iterations until something changes?
-            k = min(seq.output_tokens - seq.generated for seq in decodes)
+            first = decodes[0]
+            k = first.output_tokens - first.generated
             ctx0 = 0
             for seq in decodes:
                 ctx0 += seq.kv_tokens + 1
+                left = seq.output_tokens - seq.generated
+                if left < k:
+                    k = left
             if self.max_segment_iterations is not None:
                 k = min(k, self.max_segment_iterations)
-            if k > 1:
+            if k > 1 and len(decodes) * (-(-k // bs)) > free:
                 k = self._kv_limited_iterations(decodes, k)
             cost = self.perf.decode_segment(len(decodes), ctx0)
             dur = cost.total_s(k)
             self._seg_k = k
             self._seg_cost = cost
-        self.busy_until_s = now_s + dur
-        return self.busy_until_s
+        else:
+            self.busy_until_s = math.nan
+            self._seg_k = 0
+            return None
+        end = now_s + dur
+        self.busy_until_s = end
+        return end
 
     def _kv_limited_iterations(self, decodes: list[LLMCall], k: int) -> int:
         """Largest k' <= k such that the blocks the first k' iterations allocate fit (the first
@@ -397,41 +445,57 @@ class Engine(LedgerMixin):
         """Apply the planned iteration/segment that ends now; returns the calls that finished."""
         duration = now_s - self._seg_start_s
         self.busy_s += duration
-        self.kv_block_seconds += (self.total_blocks - self.free_blocks) * duration
+        free = self.free_blocks
+        self.kv_block_seconds += (self.total_blocks - free) * duration
+        prefills = self._plan_prefills
+        decodes = self._plan_decodes
         if self.timeline is not None:
-            self.timeline.append((self._seg_start_s, duration,
-                                  sum(c for _, c in self._plan_prefills), len(self._plan_decodes)))
+            self.timeline.append((self._seg_start_s, duration, sum(c for _, c in prefills), len(decodes)))
         finished: list[LLMCall] = []
-        bs = self.block_size
         k = self._seg_k
-        computed = 0
-        for seq, chunk in self._plan_prefills:
-            computed += chunk
-            seq.kv_tokens += chunk
-            seq.prefill_left -= chunk
-            if seq.prefill_left == 0:
-                seq.generated += 1
-                if math.isnan(seq.first_token_time_s):
-                    seq.first_token_time_s = now_s
-                if seq.generated >= seq.output_tokens:
-                    finished.append(seq)
-        self.prefill_tokens_computed += computed
-        cache = self.prefix_cache
-        for seq in self._plan_decodes:
-            seq.kv_tokens += k
-            seq.generated += k
-            if k > 1:
-                blocks = -(-seq.kv_tokens // bs)
+        if prefills:
+            computed = 0
+            for seq, chunk in prefills:
+                computed += chunk
+                seq.kv_tokens += chunk
+                left = seq.prefill_left - chunk
+                seq.prefill_left = left
+                if left == 0:
+                    generated = seq.generated + 1
+                    seq.generated = generated
+                    if seq.first_token_time_s != seq.first_token_time_s:  # nan: the first token
+                        seq.first_token_time_s = now_s
+                    if generated >= seq.output_tokens:
+                        finished.append(seq)
+            self.prefill_tokens_computed += computed
+        if k > 1:
+            bs = self.block_size
+            for seq in decodes:
+                kv = seq.kv_tokens + k
+                seq.kv_tokens = kv
+                generated = seq.generated + k
+                seq.generated = generated
+                blocks = -(-kv // bs)
                 if blocks > seq.blocks:
-                    self.free_blocks -= blocks - seq.blocks
+                    free -= blocks - seq.blocks
                     seq.blocks = blocks
-                    if cache is not None and cache.evictable_blocks > self.free_blocks:
-                        cache.evict_down_to(self.free_blocks)
-            if seq.generated >= seq.output_tokens:
-                finished.append(seq)
+                if generated >= seq.output_tokens:
+                    finished.append(seq)
+            self.free_blocks = free
+            cache = self.prefix_cache
+            if cache is not None and cache.evictable_blocks > free:
+                cache.evict_down_to(free)  # the segment's new blocks, evicted in one go (see plan)
+        else:
+            for seq in decodes:
+                seq.kv_tokens += k
+                generated = seq.generated + k
+                seq.generated = generated
+                if generated >= seq.output_tokens:
+                    finished.append(seq)
         if finished:
-            done = set(map(id, finished))
-            self.running = [s for s in self.running if id(s) not in done]
+            running = self.running
+            for seq in finished:
+                running.remove(seq)  # identity: a call is in the batch once
             for seq in finished:
                 self._release_blocks(seq)
                 seq.finish_time_s = now_s

@@ -29,6 +29,8 @@ from envs.sim.slo import REFERENCE_PATH, SLOModel, standard_workflow
 GB = 1e9
 # `recent_arrival_rate_qps` counts the workflows that arrived within this many seconds
 ARRIVAL_RATE_WINDOW_S = 60.0
+# entries of an engine model's memo of expected latencies with cache hits (a bound on memory)
+HITS_CACHE_ENTRIES = 1 << 16
 
 __all__ = [
     "ARRIVAL_RATE_WINDOW_S", "DEFAULT_BLOCK_SIZE_TOKENS", "DEFAULT_MAX_NUM_BATCHED_TOKENS", "DEFAULT_MAX_NUM_SEQS",
@@ -89,7 +91,7 @@ class EngineModel:
 
     __slots__ = ("name", "gpu", "engine_type", "price_per_hour", "perf", "step_tokens", "latency_table",
                  "request_overhead_s", "call_engine_s", "call_frontend_s", "max_num_seqs", "max_num_batched_tokens",
-                 "block_size_tokens", "kv_capacity_tokens", "_latency_cache", "_decode_cache")
+                 "block_size_tokens", "kv_capacity_tokens", "_latency_cache", "_decode_cache", "_hits_cache")
 
     def __init__(self, *, name: str, gpu: str, engine_type: EngineType, price_per_hour: float,
                  perf: IterationModel | None, step_tokens: StepTokens, max_num_seqs: int, max_num_batched_tokens: int,
@@ -114,6 +116,9 @@ class EngineModel:
         self.kv_capacity_tokens = kv_capacity_tokens
         self._latency_cache: dict[str, float] = {}
         self._decode_cache: dict[str, float] = {}
+        # (step, input tokens, hit tokens) -> expected latency with hits: a pure function of the
+        # engine's model, asked on every dispatch; bounded (cleared when full)
+        self._hits_cache: dict[tuple[str, int, int], float] = {}
 
     @property
     def solo_overhead_s(self) -> float:
@@ -138,6 +143,10 @@ class EngineModel:
         """Expected latency of a call of `step` with this prompt alone on the engine when its first
         `hit_tokens` are served from the prefix cache: T_e(s) scaled by the share of this prompt's
         solo time left when the cached prefix is not prefilled (T_e(s) itself without hits)."""
+        key = (step, input_tokens, hit_tokens)
+        known = self._hits_cache.get(key)
+        if known is not None:
+            return known
         expected = self.expected_latency_s(step)
         if hit_tokens <= 0 or self.perf is None:
             return expected  # a latency table knows no prefill to skip
@@ -156,7 +165,11 @@ class EngineModel:
         else:
             cold = solo_call_latency_s(perf, input_tokens, 1, n)
             warm = solo_call_latency_s(perf, input_tokens, 1, n, cached_tokens=hit_tokens)
-        return expected * (warm + decode_s) / (cold + decode_s)
+        value = expected * (warm + decode_s) / (cold + decode_s)
+        if len(self._hits_cache) >= HITS_CACHE_ENTRIES:
+            self._hits_cache.clear()
+        self._hits_cache[key] = value
+        return value
 
     def latency_by_step(self, steps: Iterable[str]) -> dict[str, float]:
         return {step: self.expected_latency_s(step) for step in steps}

@@ -61,15 +61,53 @@ class DecodeSegmentCost:
         return total
 
     def iterations_within(self, elapsed_s: float, k_max: int) -> int:
-        """Largest j <= k_max with total_s(j) <= elapsed_s (iterations fully done by then)."""
+        """Largest j <= k_max with total_s(j) <= elapsed_s (iterations fully done by then).
+
+        total_s is non-decreasing in j (every term is a non-negative cost, and rounding keeps the
+        order), so the answer is unique: it is looked up next to a closed-form estimate (the j at
+        which the steepest lower bound, one piece alone, reaches elapsed_s), then bisected."""
+        limit = elapsed_s + 1e-12
         lo, hi = 0, k_max
+        if k_max >= 1:
+            guess = self._estimate(limit)
+            g = k_max if guess > k_max else (guess if guess > 1 else 1)
+            if self.total_s(g) <= limit:
+                if g == k_max or self.total_s(g + 1) > limit:
+                    return g
+                lo = g + 1
+            else:
+                hi = g - 1
+                if hi == 0 or self.total_s(hi) <= limit:
+                    return hi
+                hi -= 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self.total_s(mid) <= elapsed_s + 1e-12:
+            if self.total_s(mid) <= limit:
                 lo = mid
             else:
                 hi = mid - 1
         return lo
+
+    def _estimate(self, limit_s: float) -> int:
+        """An estimate of the iterations done by `limit_s`: the smallest, over the pieces, of the
+        j at which base + that piece alone reaches it (exact when one piece dominates)."""
+        if limit_s <= 0.0:
+            return 0
+        best = math.inf
+        base = self.base_s
+        for a, b in self.pieces:
+            c = base + a
+            if b > 0.0:
+                half = 0.5 * b
+                lin = c - half
+                j = (math.sqrt(lin * lin + 2.0 * b * limit_s) - lin) / b
+            elif c > 0.0:
+                j = limit_s / c
+            else:
+                continue
+            if j < best:
+                best = j
+        return int(best) if best < 1e18 else 1 << 62
 
 
 class IterationModel(ABC):

@@ -66,6 +66,9 @@ class PrefixCache:
         self.hit_tokens = 0
         self.query_tokens = 0
         self.evicted_blocks = 0
+        # bumped whenever the set of nodes running calls use changes (acquire, release, clear):
+        # what `blocks_to_take` answers for a chain depends on nothing else
+        self.refs_version = 0
 
     def clear(self) -> None:
         """Drop every cached block (engine failure); counters stay."""
@@ -73,6 +76,7 @@ class PrefixCache:
         self._lru = OrderedDict()
         self.evictable_blocks = 0
         self.cached_blocks = 0
+        self.refs_version += 1
 
     def hit_tokens_for(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> int:
         """Prompt tokens a call would read from the cache now: the longest cached chain of full
@@ -153,6 +157,8 @@ class PrefixCache:
         nodes = self.nodes
         lru = self._lru
         start = 0
+        added = 0  # blocks that become cached
+        reclaimed = 0  # cached blocks taken back out of the free pool
         out: list[CacheNode] = []
         for key, tokens in segments:
             end = start + tokens
@@ -165,15 +171,19 @@ class PrefixCache:
                 node = CacheNode(key, n)
                 nodes[key] = node
                 node.cached = n
-                self.cached_blocks += n
+                added += n
             elif node.refs == 0:
-                if node.cached:
+                cached = node.cached
+                if cached:
                     del lru[key]
-                    self.evictable_blocks -= node.cached
-                self.cached_blocks += n - node.cached
+                    reclaimed += cached
+                added += n - cached
                 node.cached = n
             node.refs += 1
             out.append(node)
+        self.cached_blocks += added
+        self.evictable_blocks -= reclaimed
+        self.refs_version += 1
         return out
 
     def release(self, acquired: list[CacheNode]) -> int:
@@ -182,13 +192,18 @@ class PrefixCache:
         Returns the blocks that went back to the free pool."""
         lru = self._lru
         freed = 0
+        evictable = 0
         for node in reversed(acquired):
-            node.refs -= 1
-            if node.refs == 0:
+            refs = node.refs - 1
+            node.refs = refs
+            if refs == 0:
                 freed += node.blocks
-                if node.cached:
+                cached = node.cached
+                if cached:
                     lru[node.key] = node
-                    self.evictable_blocks += node.cached
+                    evictable += cached
+        self.evictable_blocks += evictable
+        self.refs_version += 1
         return freed
 
     def evict_down_to(self, free_blocks: int) -> None:
@@ -196,16 +211,21 @@ class PrefixCache:
         excess = self.evictable_blocks - free_blocks
         if excess <= 0:
             return
+        self.evictable_blocks = free_blocks
+        self.cached_blocks -= excess
+        self.evicted_blocks += excess
         lru = self._lru
         nodes = self.nodes
-        while excess > 0:
-            key, node = next(iter(lru.items()))
-            take = node.cached if node.cached <= excess else excess
-            node.cached -= take
-            excess -= take
-            self.evictable_blocks -= take
-            self.cached_blocks -= take
-            self.evicted_blocks += take
-            if node.cached == 0:
-                del lru[key]
-                del nodes[key]
+        while True:
+            node = next(iter(lru.values()))  # the least recently released
+            cached = node.cached
+            if cached > excess:
+                node.cached = cached - excess
+                return
+            node.cached = 0
+            key = node.key
+            del lru[key]
+            del nodes[key]
+            excess -= cached
+            if excess == 0:
+                return
