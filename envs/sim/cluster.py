@@ -11,6 +11,7 @@ The simulator object itself is the `ClusterView` handed to policies.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -303,11 +304,24 @@ class ClusterSimulator:
         policy = policy or self.policy
         if policy is None:
             raise SimulationError("run() needs a policy (pass it to the simulator or to run)")
-        while True:
-            call = self.next_decision()
-            if call is None:
-                return
-            self.dispatch(call, policy.dispatch(call, self))
+        # The loop allocates many small objects that form no reference cycles (calls, cache nodes,
+        # event tuples) while the run's calls stay alive: the cyclic collector's full passes over
+        # them find nothing and cost ~10% of the run. Reference counting still frees everything;
+        # the collector runs again afterwards.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            next_decision = self.next_decision
+            dispatch = self.dispatch
+            choose = policy.dispatch
+            while True:
+                call = next_decision()
+                if call is None:
+                    return
+                dispatch(call, choose(call, self))
+        finally:
+            if collecting:
+                gc.enable()
 
     # ---- transitions ---------------------------------------------------------------------------
     def _kick(self, engine: Engine, now: float) -> None:

@@ -176,54 +176,95 @@ def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
       the previous one starts a new history;
     - candidate generation and revise rebuild and reshuffle the schema per call: only the template
       is shared. Steps that are not CHESS steps get no segments (no cache sharing)."""
+    derived = _chess_stages([[(c.step, c.input_tokens, c.output_tokens) for c in stage] for stage in workflow.stages])
+    return WorkflowSpec(tuple(stage if calls is None else calls for stage, calls in zip(workflow.stages, derived)),
+                        source=workflow.source)
+
+
+_new_tuple = tuple.__new__  # builds a SegmentSpec without its Python-level __new__ (hot: once per call)
+
+
+def _chess_stages(stages: Sequence[Sequence[tuple[str, int, int]]]) -> list[tuple[CallSpec, ...] | None]:
+    """`with_chess_segments` on (step, input tokens, output tokens) per call: the stages' calls
+    with their segments, None for a stage of a step that is not a CHESS step."""
     static = chess_static_prefix_tokens()
     history: dict[str, tuple[int, int, tuple[SegmentSpec, ...]]] = {}  # step -> (input, chain id, segments)
-    stages = []
-    for si, stage in enumerate(workflow.stages):
-        step = stage[0].step
-        calls = list(stage)
+    out: list[tuple[CallSpec, ...] | None] = []
+    for si, calls in enumerate(stages):
+        step = calls[0][0]
         if step == "generate_candidate":
-            largest = max(range(len(calls)), key=lambda i: calls[i].input_tokens)
-            out = []
-            for i, c in enumerate(calls):
+            largest = max(range(len(calls)), key=lambda i: calls[i][1])
+            stage = []
+            for i, (_, input_tokens, output_tokens) in enumerate(calls):
                 template = "generate_candidate_one" if i == largest else "generate_candidate_two"
-                size = min(static[template], c.input_tokens - 1)
+                size = min(static[template], input_tokens - 1)
                 common = min(CANDIDATE_COMMON_PREFIX_TOKENS, size)
-                segs: tuple[SegmentSpec, ...] = (SegmentSpec("template", "chess/generate_candidate", common),
-                                                 SegmentSpec("template", f"chess/{template}", size - common))
-                out.append(_with_segments(c, segs))
-            stages.append(tuple(out))
+                stage.append(_call(step, input_tokens, output_tokens,
+                                   (_template_segment("chess/generate_candidate", common),
+                                    _template_segment(_CHESS_NAMES[template], size - common))))
+            out.append(tuple(stage))
         elif step == "evaluate":
-            size = min(static["evaluate"], min(c.input_tokens for c in calls) - 1)
-            shared = min(c.input_tokens for c in calls) - size - EVALUATE_OWN_TOKENS
-            segs = (SegmentSpec("template", "chess/evaluate", size),)
+            shortest = min(c[1] for c in calls)
+            size = min(static["evaluate"], shortest - 1)
+            shared = shortest - size - EVALUATE_OWN_TOKENS
+            segs: tuple[SegmentSpec, ...] = (_template_segment("chess/evaluate", size),)
             if shared > 0:
-                segs += (SegmentSpec("workflow", f"evaluate#{si}", shared),)
-            stages.append(tuple(_with_segments(c, segs) for c in calls))
+                segs += (_new_tuple(SegmentSpec, ("workflow", f"evaluate#{si}", shared)),)
+            out.append(tuple(_call(step, i, o, segs) for _, i, o in calls))
         elif step in ROUTER_STEPS:
-            out = []
-            for c in calls:
+            stage = []
+            for _, input_tokens, output_tokens in calls:
                 prev = history.get(step)
-                if prev is not None and c.input_tokens > prev[0]:
+                if prev is not None and input_tokens > prev[0]:
                     chain = prev[1]
-                    segs = prev[2] + (SegmentSpec("workflow", f"{step}#{chain}.{len(prev[2])}",
-                                                  c.input_tokens - prev[0]),)
+                    segs = prev[2] + (_new_tuple(SegmentSpec, ("workflow", f"{step}#{chain}.{len(prev[2])}",
+                                                               input_tokens - prev[0])),)
                 else:
                     chain = prev[1] + 1 if prev is not None else 0
-                    size = min(static[step], c.input_tokens)
-                    segs = (SegmentSpec("template", f"chess/{step}", size),)
-                    if c.input_tokens > size:
-                        segs += (SegmentSpec("workflow", f"{step}#{chain}.1", c.input_tokens - size),)
-                history[step] = (c.input_tokens, chain, segs)
-                out.append(_with_segments(c, segs))
-            stages.append(tuple(out))
+                    size = min(static[step], input_tokens)
+                    segs = (_template_segment(_CHESS_NAMES[step], size),)
+                    if input_tokens > size:
+                        segs += (_new_tuple(SegmentSpec, ("workflow", f"{step}#{chain}.1", input_tokens - size)),)
+                history[step] = (input_tokens, chain, segs)
+                stage.append(_call(step, input_tokens, output_tokens, segs))
+            out.append(tuple(stage))
         elif step in static:
-            stages.append(tuple(_with_segments(c, (SegmentSpec("template", f"chess/{step}",
-                                                               min(static[step], c.input_tokens - 1)),))
-                                for c in calls))
+            name = _CHESS_NAMES[step]
+            top = static[step]
+            out.append(tuple(_call(step, i, o, (_template_segment(name, min(top, i - 1)),)) for _, i, o in calls))
         else:
-            stages.append(stage)
-    return WorkflowSpec(tuple(stages), source=workflow.source)
+            out.append(None)
+    return out
+
+
+class _ChessNames(dict):
+    """"chess/<template>" per template name, built once each."""
+
+    def __missing__(self, template: str) -> str:
+        name = self[template] = f"chess/{template}"
+        return name
+
+
+_CHESS_NAMES = _ChessNames()
+_TEMPLATE_SEGMENTS: dict[tuple[str, int], SegmentSpec] = {}  # (name, tokens) -> the template segment, built once
+
+
+def _template_segment(name: str, tokens: int) -> SegmentSpec:
+    seg = _TEMPLATE_SEGMENTS.get((name, tokens))
+    if seg is None:
+        seg = SegmentSpec("template", name, tokens)
+        if len(_TEMPLATE_SEGMENTS) < 1 << 16:
+            _TEMPLATE_SEGMENTS[(name, tokens)] = seg
+    return seg
+
+
+def _call(step: str, input_tokens: int, output_tokens: int, segments: tuple[SegmentSpec, ...]) -> CallSpec:
+    """The call with these segments, less the empty ones (a prompt shorter than a template)."""
+    for seg in segments:
+        if seg.tokens <= 0:
+            segments = tuple(s for s in segments if s.tokens > 0)
+            break
+    return CallSpec(step, input_tokens, output_tokens, segments)
 
 
 def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
@@ -244,14 +285,6 @@ def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
         for call in stage:
             seen.update(seg.name for seg in call.segments if seg.scope == "workflow")
     return hits
-
-
-def _with_segments(call: CallSpec, segments: tuple[SegmentSpec, ...]) -> CallSpec:
-    for s in segments:
-        if s.tokens <= 0:
-            segments = tuple(s for s in segments if s.tokens > 0)
-            break
-    return CallSpec(call.step, call.input_tokens, call.output_tokens, segments)
 
 
 def step_mean_tokens(workflows: Sequence[WorkflowSpec]) -> dict[str, tuple[float, float]]:
@@ -330,14 +363,24 @@ class TraceGenerator:
             pools[step] = list(zip(ins, outs))
         cursor = dict.fromkeys(pools, 0)
         out = []
+        segmented = self.chess_segments and prompt_segments
         for qi, shape in enumerate(shapes):
-            stages = []
-            for step, width in shape:
-                at = cursor[step]
-                cursor[step] = at + width
-                stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
-            spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}")
-            out.append(with_chess_segments(spec) if self.chess_segments and prompt_segments else spec)
+            if segmented:  # the calls are built once, with their segments
+                raw = []
+                for step, width in shape:
+                    at = cursor[step]
+                    cursor[step] = at + width
+                    raw.append([(step, i, o) for i, o in pools[step][at:at + width]])
+                derived = _chess_stages(raw)
+                stages = [tuple(CallSpec(*c) for c in calls) if chess is None else chess
+                          for calls, chess in zip(raw, derived)]
+            else:
+                stages = []
+                for step, width in shape:
+                    at = cursor[step]
+                    cursor[step] = at + width
+                    stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
+            out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
         return out
 
 
