@@ -24,7 +24,7 @@ import numpy as np
 from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
-from envs.sim.model import ArrivalWindow, StepTokens, build_engine_model, cluster_slo_model
+from envs.sim.model import ArrivalWindow, EngineModel, StepTokens, build_engine_model, cluster_slo_model
 from envs.sim.view import SchedulingPolicy
 from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
 
@@ -119,8 +119,13 @@ class ClusterSimulator:
         self.step_tokens = (step_tokens if isinstance(step_tokens, StepTokens)
                             else StepTokens(step_tokens or step_mean_tokens(workflows)))
         self.engines: list[Engine] = []
+        twins: dict[str, EngineModel] = {}  # engines configured alike but for their names share latency memos
         for i, spec in enumerate(cluster.expanded()):
-            engine = Engine(i, build_engine_model(spec, self.step_tokens, catalog), spec, prefix_cache=prefix_cache)
+            model = build_engine_model(spec, self.step_tokens, catalog)
+            twin = twins.setdefault(spec.model_dump_json(exclude={"name"}), model)
+            if twin is not model:
+                model.share_memos(twin)
+            engine = Engine(i, model, spec, prefix_cache=prefix_cache)
             if record_timeline:
                 engine.timeline = []
             self.engines.append(engine)
@@ -161,7 +166,7 @@ class ClusterSimulator:
         # rest gets a fresh key of the same counter (never shared, so never looked up)
         self._chain_keys: dict[tuple, int] = {}
         self._n_chain_keys = 0
-        self._template_chains: dict[tuple, tuple[tuple[tuple[int, int], ...], int, int]] = {}
+        self._template_chains: dict[tuple, tuple[tuple[tuple[int, int], ...], int]] = {}  # segments -> chain, tokens
         self._positions: dict[tuple[str, int], tuple[int, float]] = {}  # (step, pointer) -> SLO position, rest
         if len(workflows):
             self._push(float(self._arrivals[0]), EV_ARRIVAL, 0, 0)
@@ -202,7 +207,9 @@ class ClusterSimulator:
         ready = self._ready
         engines = self.engines
         heappop = heapq.heappop
-        engine_done = self._engine_done
+        heappush = heapq.heappush
+        call_finished = self._call_finished
+        on_preempt = self._on_preempt
         try:
             while not ready:
                 if not events or events[0][0] > until_s:
@@ -215,7 +222,23 @@ class ClusterSimulator:
                     engine = engines[a]
                     if b != engine.version:
                         continue  # superseded plan
-                    engine_done(engine, t)
+                    # the engine's iteration/segment ends (`_engine_done`, inline: the commonest event)
+                    finished = engine.complete(t)
+                    if finished:
+                        overhead = engine.request_overhead_s
+                        ledger = engine.ledger
+                        for call in finished:
+                            ledger.finish(call.expected_s)
+                            if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
+                                call.finish_time_s = t + overhead
+                                self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
+                            else:
+                                call_finished(call, t)
+                    if engine.healthy and engine.busy_until_s != engine.busy_until_s:  # nan: idle
+                        end = engine.plan(t, on_preempt)
+                        if end is not None:
+                            self._seq += 1
+                            heappush(events, (end, self._seq, EV_ENGINE, a, engine.version))
                     if not ready:
                         continue  # no stage became ready: no decision to make
                 elif kind == EV_CALL_DONE:
@@ -257,7 +280,7 @@ class ClusterSimulator:
         call.engine_id = engine_id
         call.dispatch_time_s = now
         call.attempts += 1
-        if not engine.fits(call):
+        if call.input_tokens + call.output_tokens > engine.kv_capacity_tokens:  # not engine.fits(call)
             # like vLLM rejecting a prompt longer than the engine's KV/max_model_len
             self._call_failed(call, now)
             return
@@ -400,31 +423,32 @@ class ClusterSimulator:
             templates_only = True
             for seg in segments:
                 # the text's identity: (scope, name, length) within its scope (a prompt cut short
-                # of a template holds a different, shorter text)
+                # of a template holds a different, shorter text); the lookup key is (parent,
+                # segment) for templates and (parent, tenant name or workflow id, segment) otherwise
                 scope = seg[0]
-                ident: Hashable
+                at: tuple
                 if scope == "template":
-                    ident = seg
+                    at = (parent, seg)
                 else:
                     templates_only = False
-                    ident = (tenant, seg) if scope == "tenant" else (workflow_id, seg)
-                key = keys.get((parent, ident))
+                    at = (parent, tenant, seg) if scope == "tenant" else (parent, workflow_id, seg)
+                key = keys.get(at)
                 if key is None:
-                    key = keys[(parent, ident)] = self._n_chain_keys
+                    key = keys[at] = self._n_chain_keys
                     self._n_chain_keys += 1
                 parent = key
                 tokens = seg[2]
-                out.append((parent, tokens))
+                out.append((key, tokens))
                 used += tokens
+            chain = tuple(out)
             if templates_only:
-                self._template_chains[segments] = (tuple(out), used, parent)
+                self._template_chains[segments] = (chain, used)
         else:
-            shared, used, parent = known
-            out = list(shared)
+            chain, used = known
         if spec.input_tokens > used:
-            out.append((self._n_chain_keys, spec.input_tokens - used))
+            chain += ((self._n_chain_keys, spec.input_tokens - used),)
             self._n_chain_keys += 1
-        return tuple(out)
+        return chain
 
     def _start_next_stage(self, workflow: Workflow, now: float) -> None:
         workflow.stage_index += 1

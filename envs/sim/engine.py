@@ -326,26 +326,20 @@ class Engine(LedgerMixin):
                     # queue) + its partial last block and recomputed output
                     full = seq.input_tokens // bs
                     blocks = -(-prompt // bs)
-                    if self._take_call is seq and self._take_version == cache.refs_version:
+                    if (self._take_call is seq and self._take_version == cache.refs_version
+                            and self._take_blocks + blocks - full > free):
                         # the same head call as last time and no running call's chain changed:
                         # it takes the same blocks (evictions do not change what it takes)
-                        need = self._take_blocks + blocks - full
-                        if need > free:
-                            break
-                        hit = cache.hit_tokens_for(segments, prompt)
-                    else:
-                        hit, take = cache.admission(segments, prompt)
-                        need = take + blocks - full
-                        if need > free:
-                            self._take_call = seq
-                            self._take_version = cache.refs_version
-                            self._take_blocks = take
-                            break
+                        break
+                    hit, need, nodes = cache.admit(segments, prompt, free, blocks - full)
+                    if nodes is None:
+                        self._take_call = seq
+                        self._take_version = cache.refs_version
+                        self._take_blocks = need - (blocks - full)
+                        break
                     heapq.heappop(waiting)
-                    seq.cache_nodes = cache.acquire(segments)
+                    seq.cache_nodes = nodes
                     free -= need
-                    if cache.evictable_blocks > free:
-                        cache.evict_down_to(free)
                     seq.shared_blocks = full
                     seq.blocks = blocks
                     seq.kv_tokens = hit
@@ -496,8 +490,18 @@ class Engine(LedgerMixin):
             running = self.running
             for seq in finished:
                 running.remove(seq)  # identity: a call is in the batch once
+            cache = self.prefix_cache
             for seq in finished:
-                self._release_blocks(seq)
+                # _release_blocks(seq), inline
+                nodes = seq.cache_nodes
+                if nodes is not None:
+                    assert cache is not None, "a call holds cache nodes only on an engine with a prefix cache"
+                    self.free_blocks += seq.blocks - seq.shared_blocks + cache.release(nodes)
+                    seq.cache_nodes = None
+                    seq.shared_blocks = 0
+                else:
+                    self.free_blocks += seq.blocks
+                seq.blocks = 0
                 seq.finish_time_s = now_s
         self._plan_prefills = []
         self._plan_decodes = []

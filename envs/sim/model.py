@@ -120,6 +120,14 @@ class EngineModel:
         # engine's model, asked on every dispatch; bounded (cleared when full)
         self._hits_cache: dict[tuple[str, int, int], float] = {}
 
+    def share_memos(self, twin: "EngineModel") -> None:
+        """Use `twin`'s memos of expected latencies: `twin` is the model of an engine configured
+        exactly like this one but for its name (so every latency is the same), e.g. one of a
+        cluster's `count` engines of a type. Cache-aware dispatch asks these on every call."""
+        self._latency_cache = twin._latency_cache
+        self._decode_cache = twin._decode_cache
+        self._hits_cache = twin._hits_cache
+
     @property
     def solo_overhead_s(self) -> float:
         """What a call alone on the engine pays besides its iterations (see PerfProfile.solo_overhead_s)."""

@@ -40,11 +40,11 @@ class CacheNode:
 
     __slots__ = ("key", "blocks", "cached", "refs")
 
-    def __init__(self, key: Hashable, blocks: int):
+    def __init__(self, key: Hashable, blocks: int, cached: int = 0, refs: int = 0):
         self.key = key
         self.blocks = blocks  # full blocks ending inside the segment
-        self.cached = 0  # how many of them (from the segment's start) hold cached KV
-        self.refs = 0  # running calls that use them
+        self.cached = cached  # how many of them (from the segment's start) hold cached KV
+        self.refs = refs  # running calls that use them
 
 
 class PrefixCache:
@@ -131,6 +131,71 @@ class PrefixCache:
         cap = (prompt_tokens - 1) // bs
         return (hit_blocks if hit_blocks < cap else cap) * bs, need
 
+    def admit(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int, free_blocks: int,
+              extra_blocks: int) -> tuple[int, int, list[CacheNode] | None]:
+        """Admit a call if its blocks fit: `admission`, then, when `blocks_to_take` +
+        `extra_blocks` (its private blocks) <= `free_blocks`, `acquire` and `evict_down_to` the
+        free blocks left, in one pass over the chain's nodes. Returns (hit tokens, blocks taken
+        from the free pool including the extra ones, the acquired nodes or None if it does not fit;
+        nothing changed then)."""
+        bs = self.block_size
+        nodes = self.nodes
+        start = 0
+        hit_blocks = 0
+        hitting = True
+        need = extra_blocks
+        found: list[tuple[Hashable, int, CacheNode | None]] = []
+        for key, tokens in segments:
+            end = start + tokens
+            first = start // bs
+            last = end // bs
+            if last > first:
+                node = nodes.get(key)
+                if node is None:
+                    need += last - first
+                    hitting = False
+                else:
+                    if node.refs == 0:
+                        need += last - first
+                    if hitting:
+                        if node.cached < node.blocks:
+                            hit_blocks = first + node.cached
+                            hitting = False
+                        else:
+                            hit_blocks = last
+                found.append((key, last - first, node))
+            start = end
+        cap = (prompt_tokens - 1) // bs
+        hit = (hit_blocks if hit_blocks < cap else cap) * bs
+        if need > free_blocks:
+            return hit, need, None
+        # acquire
+        lru = self._lru
+        added = 0
+        reclaimed = 0
+        out: list[CacheNode] = []
+        for key, n, node in found:
+            if node is None:
+                node = nodes[key] = CacheNode(key, n, n, 1)
+                added += n
+            else:
+                if node.refs == 0:
+                    cached = node.cached
+                    if cached:
+                        del lru[key]
+                        reclaimed += cached
+                    added += n - cached
+                    node.cached = n
+                node.refs += 1
+            out.append(node)
+        self.cached_blocks += added
+        self.evictable_blocks -= reclaimed
+        self.refs_version += 1
+        free = free_blocks - need
+        if self.evictable_blocks > free:
+            self.evict_down_to(free)
+        return hit, need, out
+
     def blocks_to_take(self, segments: Sequence[tuple[Hashable, int]]) -> int:
         """Blocks of the free pool that admitting the call's prompt takes: every block of its
         chain that no running call uses yet (cached ones are taken back out of the free queue,
@@ -168,18 +233,17 @@ class PrefixCache:
                 continue
             node = nodes.get(key)
             if node is None:
-                node = CacheNode(key, n)
-                nodes[key] = node
-                node.cached = n
+                node = nodes[key] = CacheNode(key, n, n, 1)
                 added += n
-            elif node.refs == 0:
-                cached = node.cached
-                if cached:
-                    del lru[key]
-                    reclaimed += cached
-                added += n - cached
-                node.cached = n
-            node.refs += 1
+            else:
+                if node.refs == 0:
+                    cached = node.cached
+                    if cached:
+                        del lru[key]
+                        reclaimed += cached
+                    added += n - cached
+                    node.cached = n
+                node.refs += 1
             out.append(node)
         self.cached_blocks += added
         self.evictable_blocks -= reclaimed
