@@ -264,7 +264,24 @@ class Engine(LedgerMixin):
         # from the LRU head in one go or block by block evicts the same blocks
         free = self.free_blocks
         # 1) running requests, in admission order; allocate KV, preempting from the back if needed
-        i = 0
+        if len(running) <= free:
+            # each call needs at most one new block: none can run short, nobody is preempted
+            for seq in running:
+                left = seq.prefill_left
+                if left > 0:
+                    chunk = left if left < budget else budget
+                    if chunk > 0:
+                        prefills.append((seq, chunk))
+                        budget -= chunk
+                elif budget > 0:
+                    if seq.kv_tokens >= seq.blocks * bs:  # the next token opens a block
+                        free -= 1
+                        seq.blocks += 1
+                    decodes.append(seq)
+                    budget -= 1
+            i = len(running)
+        else:
+            i = 0
         while i < len(running):
             seq = running[i]
             left = seq.prefill_left
