@@ -11,7 +11,6 @@ The simulator object itself is the `ClusterView` handed to policies.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
 from envs.sim.engine import Engine, LLMCall
+from envs.sim.gc_pause import cyclic_gc_paused
 from envs.sim.model import ArrivalWindow, EngineModel, StepTokens, build_engine_model, cluster_slo_model
 from envs.sim.view import SchedulingPolicy
 from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
@@ -327,13 +327,9 @@ class ClusterSimulator:
         policy = policy or self.policy
         if policy is None:
             raise SimulationError("run() needs a policy (pass it to the simulator or to run)")
-        # The loop allocates many small objects that form no reference cycles (calls, cache nodes,
-        # event tuples) while the run's calls stay alive: the cyclic collector's full passes over
-        # them find nothing and cost ~10% of the run. Reference counting still frees everything;
-        # the collector runs again afterwards.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        # the loop allocates many small objects that form no reference cycles (calls, cache
+        # nodes, event tuples) while the run's calls stay alive (see `cyclic_gc_paused`)
+        with cyclic_gc_paused():
             next_decision = self.next_decision
             dispatch = self.dispatch
             choose = policy.dispatch
@@ -342,9 +338,6 @@ class ClusterSimulator:
                 if call is None:
                     return
                 dispatch(call, choose(call, self))
-        finally:
-            if collecting:
-                gc.enable()
 
     # ---- transitions ---------------------------------------------------------------------------
     def _kick(self, engine: Engine, now: float) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from envs.sim.errors import UserError, load_yaml_mapping, validate_as
+from envs.sim.gc_pause import cyclic_gc_paused
 
 TRACE_DIR = Path(__file__).resolve().parent.parent / "data" / "traces"
 FANOUT_STEP_PREFIXES = ("generate_candidate", "evaluate")
@@ -347,6 +348,10 @@ class TraceGenerator:
     def sample(self, n: int, rng: np.random.Generator, prompt_segments: bool = True) -> list[WorkflowSpec]:
         """`n` new queries; `prompt_segments=False` skips deriving their prompt structure (no
         prefix cache to use it; the draws are the same)."""
+        with cyclic_gc_paused():  # many small, cycle-free objects (see `cyclic_gc_paused`)
+            return self._sample(n, rng, prompt_segments)
+
+    def _sample(self, n: int, rng: np.random.Generator, prompt_segments: bool) -> list[WorkflowSpec]:
         shapes = [self.shapes[int(i)] for i in rng.integers(len(self.shapes), size=n)]
         # draw every step's token pairs in one vectorised batch, then hand them out in order
         counts: dict[str, int] = {}
