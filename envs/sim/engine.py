@@ -92,7 +92,7 @@ class LLMCall:
         self.generated = 0
         self.kv_tokens = 0
         self.blocks = 0
-        self.cache_nodes: list[CacheNode] | None = None
+        self.cache_nodes = None
         self.shared_blocks = 0
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
