@@ -80,7 +80,9 @@ class LaunchSpec(_Strict):
     max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     enforce_eager: bool = True
-    enable_prefix_caching: bool = False  # off: replayed prompts are random, and the simulator has no prefix cache
+    # vLLM's automatic prefix caching, on as in vLLM V1 (and as the simulator models it by default);
+    # set false for measurements that must see every prompt prefilled in full
+    enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(240.0, gt=0)
@@ -189,6 +191,9 @@ class GatewaySpec(_Strict):
     control_interval_s: float = Field(1.0, gt=0)  # policy.on_interval period
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT: how long calls in flight upstream may finish
     pass_priority: bool = False  # send each call's rank as vLLM `priority` (needs --scheduling-policy priority)
+    # hash each prompt into its block chain and keep a per-engine prefix index (deploy/gateway/prefix_index.py)
+    # that cache-aware policies read; off: no call has segments, every predicted hit is 0
+    prefix_index: bool = True
 
 
 class ClusterFile(_Strict):

@@ -48,13 +48,13 @@ from deploy.gateway.core import (
     ShuttingDown,
     WorkflowFinished,
 )
+from deploy.gateway.prefix_index import CHARS_PER_TOKEN, prompt_segments
 from deploy.gateway.state import CallState, EngineState
 from deploy.upstream import UpstreamError
 from envs.sim.workload import normalise_step
 
 log = logging.getLogger("agentsched.gateway")
 
-CHARS_PER_TOKEN = 4  # rough prompt-size estimate for text prompts (the gateway does not tokenise)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRYABLE_STATUS = {500, 502, 503, 504}
 
@@ -248,13 +248,15 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             stage_index = _int_header(request, "X-Stage-Index", None, minimum=0)
             fanout = _int_header(request, "X-Fanout", 1, minimum=1)
             priority = _int_header(request, "X-Priority", 0)
+            segments = (prompt_segments(body, chat, n_in, gateway.prefix_block_tokens)
+                        if gateway.prefix_index_enabled else ())
             call = gateway.new_call(
                 workflow_key=h.get("x-workflow-id"),
                 step=normalise_step(h.get("x-workflow-step", "single")),
                 tenant=h.get("x-tenant", "default"),
                 input_tokens=n_in, output_tokens=n_out, stream=stream, slo_s=slo_s,
                 stage_index=stage_index, fanout=fanout or 1, priority=priority or 0,
-                last=h.get("x-workflow-last", "") in ("1", "true", "yes"),
+                last=h.get("x-workflow-last", "") in ("1", "true", "yes"), segments=segments,
             )
         except BadRequest as exc:
             gateway.metrics.rejected.labels("bad_request").inc()
@@ -317,7 +319,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 return Response(resp.body, status_code=resp.status,
                                 media_type=resp.headers.get("content-type", "application/json"),
                                 headers={"X-Agentsched-Engine": engine.name,
-                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}"})
+                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}",
+                                         "X-Agentsched-Predicted-Hit-Tokens": str(call.predicted_hit_tokens)})
             gateway.metrics.rejected.labels("attempts_exhausted").inc()
             return _error(502, f"call failed on {call.attempts} attempts; engines unavailable", "upstream_error")
         finally:
@@ -405,7 +408,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             weakref.finalize(stream, finish, False).atexit = False
             return StreamingResponse(stream, status_code=upstream.status,
                                      media_type=upstream.headers.get("content-type", "text/event-stream"),
-                                     headers={"X-Agentsched-Engine": engine.name})
+                                     headers={"X-Agentsched-Engine": engine.name,
+                                              "X-Agentsched-Predicted-Hit-Tokens": str(call.predicted_hit_tokens)})
         gateway.call_finished(call, False)
         return _error(502, f"stream failed on {call.attempts} attempts; engines unavailable", "upstream_error")
 

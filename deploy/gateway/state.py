@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, overload
 
 from deploy.cluster import Cluster, EngineSpec
+from deploy.gateway.prefix_index import EnginePrefixIndex, Segments
 from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
 from envs.sim.model import (
@@ -88,7 +89,9 @@ class CallState:
     attempts: int = 0
     engine_id: int = -1
     expected_s: float = 0.0
-    segments: tuple = ()  # prompt structure unknown at the gateway (yet): no prefix-cache estimate
+    # the prompt's block hash chain (deploy/gateway/prefix_index.py); () when unknown: no cache estimate
+    segments: Segments = ()
+    predicted_hit_tokens: int = 0  # prompt tokens the prefix index predicted its engine to serve from cache
     admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
     critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
 
@@ -213,6 +216,11 @@ class EngineState(LedgerMixin):
         self.scraped_kv_capacity_tokens: int | None = None
         self.last_scrape_s: float | None = None
         self.scrape_failures = 0
+        # the engine's own prefix-cache counters (tokens; vllm:prefix_cache_queries/hits), None until scraped
+        self.prefix_cache_queries_total: float | None = None
+        self.prefix_cache_hits_total: float | None = None
+        # what the gateway predicts the engine's prefix cache holds, from the prompts it sent there
+        self.prefix_index = EnginePrefixIndex(model.block_size_tokens, model.kv_capacity_tokens)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -238,12 +246,16 @@ class EngineState(LedgerMixin):
             upstream_waiting = self.scraped_waiting  # the engine queues more than we sent (other clients)
         return upstream_waiting + self.queued
 
-    # prefix cache: the gateway keeps no index of what each engine caches yet (the live engines run
-    # without prefix caching), so it predicts no hits; the latency given hits is the model's formula
-    prefix_cache_tokens = 0
+    # prefix cache: the gateway's prediction (`prefix_index`), read exactly as the simulator reads
+    # its engine's cache; the latency given hits is the engine model's formula
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes the engine is predicted to hold in its cache."""
+        return self.prefix_index.cached_tokens
 
     def cached_prefix_tokens(self, call: CallState) -> int:
-        return 0
+        """Prompt tokens of `call` the engine is predicted to serve from its cache if sent now."""
+        return self.prefix_index.hit_tokens(call.segments, call.input_tokens)
 
     def expected_call_latency_s(self, call: CallState) -> float:
         hit = self.cached_prefix_tokens(call)
