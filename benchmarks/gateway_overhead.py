@@ -1,5 +1,5 @@
 """Gateway overhead: added latency (p50, p99) vs a direct call at 200 req/s, highest routed rate,
-and the time of one hexgen dispatch decision.
+the time of one hexgen dispatch decision, and the cost of the prefix index on 10k-token prompts.
 
 The upstream here is a *minimal local HTTP server* (not vLLM) that answers every completion at
 once with a fixed body: a real engine's own latency and jitter (tens of ms on CPU) would drown
@@ -9,6 +9,14 @@ Upstream, gateway and load generator (aiohttp, the same for direct and gateway c
 processes on this 2-core machine.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
+
+Prefix hashing: the same run sends `--long-requests` 10k-token prompts (an 8k-token template shared
+by all, then 2k tokens of each prompt's own) directly, through a gateway with its prefix index off
+(`gateway.prefix_index: false`: no hashing) and through one with it on (each prompt hashed into its
+block chain, looked up, acquired and released in the engine's index), and prints the added p99 of
+both; the in-process time of hashing one such prompt is printed beside it. The stub engine has
+vLLM's GPU block size (16 tokens: 625 blocks per prompt, the costly case; the CPU build's 128 cuts
+8x fewer blocks).
 
 `--engine http://127.0.0.1:8101` instead compares tiny calls (16 prompt tokens, 1 output token) sent
 directly to a live vLLM engine and through a gateway in front of it, in alternating blocks (so
@@ -106,15 +114,16 @@ async def post(session: aiohttp.ClientSession, body: bytes, headers: dict[str, s
         return r.status
 
 
-async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None) -> np.ndarray:
-    """Send n requests at a fixed rate (open loop); latency of each, seconds."""
+async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None,
+                    bodies: list[bytes] | None = None) -> np.ndarray:
+    """Send n requests at a fixed rate (open loop), cycling through `bodies` if given; latency of each, seconds."""
     pool = client_session(url)
     body = body or json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
     lat = np.zeros(n)
 
     async def one(i: int) -> None:
         t0 = time.perf_counter()
-        await post(pool, body, headers)
+        await post(pool, bodies[i % len(bodies)] if bodies else body, headers)
         lat[i] = time.perf_counter() - t0
 
     start = time.perf_counter()
@@ -164,11 +173,36 @@ def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url}{path} not up")
 
 
+LONG_PROMPT_TOKENS = 10_000
+LONG_TEMPLATE_TOKENS = 8_000
+
+
+def long_bodies(n_distinct: int = 40, seed: int = 0) -> list[bytes]:
+    """10k-token completion bodies: a shared 8k-token template, then 2k ids of each one's own."""
+    rng = np.random.default_rng(seed)
+    template = rng.integers(10, 32000, LONG_TEMPLATE_TOKENS).tolist()
+    return [json.dumps({"model": "tiny", "prompt": template + rng.integers(10, 32000, LONG_PROMPT_TOKENS
+                                                                           - LONG_TEMPLATE_TOKENS).tolist(),
+                        "max_tokens": 1}).encode() for _ in range(n_distinct)]
+
+
+def hashing_time_us(block_tokens: int, n: int = 200) -> dict[str, float]:
+    """In-process time of turning one 10k-token prompt into its block chain (prefix_index.token_segments)."""
+    from deploy.gateway.prefix_index import token_segments
+
+    prompts = [json.loads(b)["prompt"] for b in long_bodies(8)]
+    times = np.zeros(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        token_segments(prompts[i % len(prompts)], block_tokens)
+        times[i] = time.perf_counter() - t0
+    return {"p50_us": float(np.percentile(times, 50) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6)}
+
+
 def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> dict[str, float]:
     """Time of policy.dispatch on the gateway's live state view (in process)."""
     from deploy.cluster import Cluster, ClusterFile
     from deploy.gateway.core import Gateway
-    from deploy.gateway.state import build_cluster_state
     from policies import load_policy
 
     table = {"Information Retriever": 0.1, "extract_keywords": 0.5, "generate_candidate": 9.0, "revise": 1.4,
@@ -176,17 +210,11 @@ def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> di
     spec = ClusterFile.model_validate({"engines": [
         {"name": f"e{i}", "url": f"http://127.0.0.1:{20000 + i}", "gpu": "A100" if i % 2 else "H100", "latency_s": table}
         for i in range(n_engines)]})
-    gw = Gateway.__new__(Gateway)  # state only: no event loop or pools needed for decisions
-    gw.cluster = Cluster(spec)
-    gw.config = spec.gateway
-    gw.state = build_cluster_state(gw.cluster)
     policy = load_policy(policy_name)
+    gw = Gateway(Cluster(spec), policy)  # state only: never started, so no event loop or connection is used
     policy.reset()
-    import itertools
-
-    gw._call_ids, gw._workflow_ids, gw._workflow_keys = itertools.count(), itertools.count(), {}
     steps = list(table)
-    calls = [Gateway.new_call(gw, workflow_key=f"w{i % 50}", step=steps[i % len(steps)], tenant="t", input_tokens=500,
+    calls = [gw.new_call(workflow_key=f"w{i % 50}", step=steps[i % len(steps)], tenant="t", input_tokens=500,
                               output_tokens=50, stream=False) for i in range(1000)]
     times = np.zeros(n)
     for i in range(n):
@@ -254,38 +282,52 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--engine", default=None, help="live vLLM engine URL: direct vs gateway comparison instead")
     parser.add_argument("--blocks", type=int, default=6, help="alternating blocks with --engine")
+    parser.add_argument("--long-requests", type=int, default=2000, help="10k-token prompts per prefix-hashing condition")
     args = parser.parse_args()
     if args.engine:
         live_engine(args)
         return
 
-    up_port, gw_port = free_port(), free_port()
+    up_port, gw_port, plain_port = free_port(), free_port(), free_port()
     upstream = mp.get_context("spawn").Process(target=run_upstream, args=(up_port,), daemon=True)
     upstream.start()
-    up_url, gw_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+    up_url, gw_url, plain_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{plain_port}"
     table = {s: 0.05 for s in ("Information Retriever", "extract_keywords", "generate_candidate", "revise",
                                "unit_tester", "generate_unit_test", "evaluate")}
     workdir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     cluster = workdir / "cluster.yaml"
-    cluster.write_text(json.dumps({"name": "bench", "engines": [
-        {"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]}))
-    gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(cluster),
-                                "--policy", args.policy, "--port", str(gw_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    engines = [{"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]
+    cluster.write_text(json.dumps({"name": "bench", "engines": engines}))
+    plain_cluster = workdir / "cluster-no-prefix-index.yaml"
+    plain_cluster.write_text(json.dumps({"name": "bench", "engines": engines, "gateway": {"prefix_index": False}}))
+    gateways = [subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(path),
+                                  "--policy", args.policy, "--port", str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for path, port in ((cluster, gw_port), (plain_cluster, plain_port))]
+    bodies = long_bodies()
     try:
         wait_http(up_url, "/health")
         wait_http(gw_url, "/health")
+        wait_http(plain_url, "/health")
         hdr = {"X-Workflow-Id": "bench", "X-Workflow-Step": "revise", "X-Tenant": "bench"}
         asyncio.run(open_loop(gw_url, args.rate, 400, hdr))  # warm-up
         direct = asyncio.run(open_loop(up_url, args.rate, args.requests, {}))
         via = asyncio.run(open_loop(gw_url, args.rate, args.requests, hdr))
         rps = asyncio.run(closed_loop(gw_url, args.concurrency, args.duration, hdr))
         direct_rps = asyncio.run(closed_loop(up_url, args.concurrency, min(args.duration, 3.0), {}))
+        # 10k-token prompts: direct, gateway without hashing, gateway with hashing (same run, same bodies)
+        asyncio.run(open_loop(plain_url, args.rate, 200, hdr, bodies=bodies))  # warm-up
+        asyncio.run(open_loop(gw_url, args.rate, 200, hdr, bodies=bodies))
+        long_direct = asyncio.run(open_loop(up_url, args.rate, args.long_requests, {}, bodies=bodies))
+        long_plain = asyncio.run(open_loop(plain_url, args.rate, args.long_requests, hdr, bodies=bodies))
+        long_hashed = asyncio.run(open_loop(gw_url, args.rate, args.long_requests, hdr, bodies=bodies))
     finally:
-        gateway.terminate()
-        gateway.wait(10)
+        for gateway in gateways:
+            gateway.terminate()
+            gateway.wait(10)
         upstream.terminate()
     decision = decision_time_us(args.policy)
+    hashing = {block: hashing_time_us(block) for block in (16, 128)}
     pct = lambda a, q: float(np.percentile(a, q) * 1e3)  # noqa: E731 - ms
     result = {
         "rate_rps": args.rate, "requests": args.requests, "policy": args.policy, "cores": os.cpu_count(),
@@ -298,6 +340,13 @@ def main() -> None:
         "loadavg": os.getloadavg()[0],
         "routed_rps": rps, "direct_rps": direct_rps,
         "decision": decision,
+        "long_prompt_tokens": LONG_PROMPT_TOKENS, "long_requests": args.long_requests,
+        "long_direct_p99_ms": pct(long_direct, 99),
+        "long_added_p50_ms_without_hashing": pct(long_plain, 50) - pct(long_direct, 50),
+        "long_added_p99_ms_without_hashing": pct(long_plain, 99) - pct(long_direct, 99),
+        "long_added_p50_ms_with_hashing": pct(long_hashed, 50) - pct(long_direct, 50),
+        "long_added_p99_ms_with_hashing": pct(long_hashed, 99) - pct(long_direct, 99),
+        "hashing_us": {str(block): t for block, t in hashing.items()},
     }
     print(f"gateway overhead at {args.rate:.0f} req/s ({args.requests} requests, policy {args.policy}, minimal local upstream):")
     print(f"  direct   p50 {result['direct_p50_ms']:.3f} ms  p99 {result['direct_p99_ms']:.3f} ms")
@@ -311,6 +360,14 @@ def main() -> None:
           f"   (goal >= {GOALS['routed_rps']:.0f}: ratio {rps / GOALS['routed_rps']:.2f})")
     print(f"  {args.policy} decision p50 {decision['p50_us']:.1f} us  p99 {decision['p99_us']:.1f} us on {decision['n_engines']} engines"
           f"   (goal <= {GOALS['decision_us']:.0f} us: ratio {decision['p99_us'] / GOALS['decision_us']:.2f})")
+    print(f"  10k-token prompts at {args.rate:.0f} req/s ({args.long_requests} each; 8k shared template, block 16):"
+          f" direct p99 {result['long_direct_p99_ms']:.3f} ms")
+    for kind in ("without", "with"):
+        p99 = result[f"long_added_p99_ms_{kind}_hashing"]
+        print(f"    added {kind:7s} prefix hashing  p50 {result[f'long_added_p50_ms_{kind}_hashing']:.3f} ms"
+              f"  p99 {p99:.3f} ms   (goal p99 <= {GOALS['p99_added_ms']} ms: ratio {p99 / GOALS['p99_added_ms']:.2f})")
+    print("    hashing one 10k-token prompt in process: " + ", ".join(
+        f"block {block}: p50 {t['p50_us']:.0f} us, p99 {t['p99_us']:.0f} us" for block, t in hashing.items()))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -194,6 +194,10 @@ class GatewaySpec(_Strict):
     # hash each prompt into its block chain and keep a per-engine prefix index (deploy/gateway/prefix_index.py)
     # that cache-aware policies read; off: no call has segments, every predicted hit is 0
     prefix_index: bool = True
+    # tokens per prompt segment of the index; default the engines' smallest block size (exact, as vLLM
+    # matches). A multiple of it merges that many tokens of consecutive blocks into one segment:
+    # fewer steps per lookup on long prompts (16-token GPU blocks), hits floored to that multiple
+    prefix_segment_tokens: int | None = Field(None, ge=1)
 
 
 class ClusterFile(_Strict):

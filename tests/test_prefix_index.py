@@ -7,9 +7,10 @@ import asyncio
 import random
 from pathlib import Path
 
+import pytest
 import yaml
 
-from deploy.cluster import load_cluster
+from deploy.cluster import Cluster, ClusterFile, load_cluster
 from deploy.gateway.core import Gateway, PrefixCacheCounters, parse_vllm_metrics, prefix_cache_counters
 from deploy.gateway.prefix_index import (
     CHAT_ROOT_KEY,
@@ -20,6 +21,7 @@ from deploy.gateway.prefix_index import (
     text_segments,
     token_segments,
 )
+from envs.sim.errors import UserError
 from policies import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +141,7 @@ def test_gateway_feeds_the_index_and_a_restart_clears_it(tmp_path: Path) -> None
     async def run() -> Gateway:
         gw = Gateway(cluster, load_policy("rr"))
         fast = gw.state.engines[0]
-        assert gw.prefix_block_tokens == fast.model.block_size_tokens == BLOCK
+        assert gw.prefix_segment_tokens == fast.model.block_size_tokens == BLOCK
 
         def call(tail_seed: int):
             body = {"prompt": shared + ids(100, tail_seed)}
@@ -148,7 +150,7 @@ def test_gateway_feeds_the_index_and_a_restart_clears_it(tmp_path: Path) -> None
 
         first = call(31)
         gw._enqueue(first, fast)
-        assert first.predicted_hit_tokens == 0 and fast.prefix_cache_tokens == 768 + 0 * BLOCK
+        assert first.predicted_hit_tokens == 0 and fast.prefix_cache_tokens == 7 * BLOCK  # its 7 full blocks
         second = call(32)
         assert fast.cached_prefix_tokens(second) == 768 and gw.state.engines[1].cached_prefix_tokens(second) == 0
         assert fast.expected_call_latency_s(second) < fast.expected_latency_s("generate_candidate")
@@ -214,3 +216,28 @@ def test_engine_prefix_counters_are_read_under_current_and_older_names() -> None
     assert prefix_cache_counters("vllm:num_requests_running 0.0\n") is None
     assert now.since(PrefixCacheCounters(900.0, 0.0)) == PrefixCacheCounters(1100.0, 768.0)
     assert now.since(PrefixCacheCounters(900.0, 0.0)).hit_rate == 768.0 / 1100.0
+
+
+def gpu_cluster(**gateway: object) -> Cluster:
+    """Two engines known by measured step latencies: vLLM's GPU block size (16 tokens)."""
+    table = {"generate_candidate": 9.0, "revise": 1.4}
+    return Cluster(ClusterFile.model_validate({"engines": [
+        {"name": f"g{i}", "url": f"http://127.0.0.1:{20000 + i}", "gpu": "A100", "latency_s": table} for i in range(2)],
+        "gateway": gateway}))
+
+
+@pytest.mark.parametrize(("segment_tokens", "hit_tokens"), [(None, 800), (64, 768)])
+def test_coarser_segments_floor_the_hits(segment_tokens: int | None, hit_tokens: int) -> None:
+    """16-token blocks: exact segments see all 800 shared tokens; 64-token segments a multiple of 64."""
+    gw = Gateway(gpu_cluster(prefix_segment_tokens=segment_tokens), load_policy("rr"))
+    assert gw.prefix_segment_tokens == (segment_tokens or 16)
+    shared = ids(800, 40)
+    index = gw.state.engines[0].prefix_index
+    index.acquire(0, prompt_segments({"prompt": shared + ids(100, 41)}, False, 900, gw.prefix_segment_tokens), 900)
+    assert index.hit_tokens(prompt_segments({"prompt": shared + ids(100, 42)}, False, 900, gw.prefix_segment_tokens),
+                            900) == hit_tokens
+
+
+def test_segment_size_must_be_a_multiple_of_the_block_size() -> None:
+    with pytest.raises(UserError, match="prefix_segment_tokens=100 must be a multiple"):
+        Gateway(gpu_cluster(prefix_segment_tokens=100), load_policy("rr"))

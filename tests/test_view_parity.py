@@ -117,7 +117,7 @@ def build_both(tmp_path: Path, raw: dict, horizon_s: float, workflows=WORKFLOWS,
         for w, (wf, targets) in enumerate(zip(workflows, placement)):
             stage = wf[0]
             for (step, n_in, n_out, *_), engine_id in zip(stage, targets):
-                segments = token_segments(prompts[len(calls)], gw.prefix_block_tokens) if prompts else ()
+                segments = token_segments(prompts[len(calls)], gw.prefix_segment_tokens) if prompts else ()
                 call = gw.new_call(workflow_key=f"q{w}", step=step, tenant="default", input_tokens=n_in,
                                    output_tokens=n_out, stream=False, stage_index=0, fanout=len(stage),
                                    segments=segments)

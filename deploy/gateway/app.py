@@ -237,7 +237,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             gateway.metrics.rejected.labels("shutting_down").inc()
             return _shutting_down()
         try:
-            body, n_in, n_out, stream = _parse_body(await request.body(), chat)
+            raw = await request.body()
+            body, n_in, n_out, stream = _parse_body(raw, chat)
             model = body.get("model")
             if model is not None and model not in model_names:
                 gateway.metrics.rejected.labels("unknown_model").inc()
@@ -248,7 +249,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             stage_index = _int_header(request, "X-Stage-Index", None, minimum=0)
             fanout = _int_header(request, "X-Fanout", 1, minimum=1)
             priority = _int_header(request, "X-Priority", 0)
-            segments = (prompt_segments(body, chat, n_in, gateway.prefix_block_tokens)
+            segments = (prompt_segments(body, chat, n_in, gateway.prefix_segment_tokens)
                         if gateway.prefix_index_enabled else ())
             call = gateway.new_call(
                 workflow_key=h.get("x-workflow-id"),
@@ -266,10 +267,15 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             return _error(409, f"header X-Workflow-Id: workflow {str(exc)!r} already finished; "
                           "send a new workflow under a fresh id", "conflict_error")
         if stream:
-            return await _forward_stream(call, body, path)
-        return await _forward(call, body, path)
+            return await _forward_stream(call, body, raw, path)
+        return await _forward(call, body, raw, path)
 
-    def _upstream_body(body: dict[str, Any], call: CallState, engine: EngineState) -> bytes:
+    def _upstream_body(body: dict[str, Any], raw: bytes, call: CallState, engine: EngineState) -> bytes:
+        """The body sent to the engine: the client's bytes when nothing changes (re-encoding a
+        10k-token prompt costs about as much as parsing it), else re-encoded with the engine's
+        model name and the call's priority."""
+        if not cfg.pass_priority and body.get("model") == engine.spec.model_name:
+            return raw
         out = dict(body)
         out["model"] = engine.spec.model_name
         if cfg.pass_priority:
@@ -288,7 +294,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
         gateway.metrics.rejected.labels("shutting_down").inc()
         return _shutting_down()
 
-    async def _forward(call: CallState, body: dict[str, Any], path: str) -> Response:
+    async def _forward(call: CallState, body: dict[str, Any], raw: bytes, path: str) -> Response:
         exclude: set[int] = set()
         ok = False
         try:
@@ -301,7 +307,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 try:
                     sent_s = time.perf_counter()
                     resp = await gateway.pools[engine.engine_id].fetch(
-                        "POST", path, _upstream_body(body, call, engine), timeout_s=cfg.upstream_timeout_s)
+                        "POST", path, _upstream_body(body, raw, call, engine), timeout_s=cfg.upstream_timeout_s)
                     upstream_s = time.perf_counter() - sent_s
                 except UpstreamError as exc:
                     gateway.attempt_failed(call, engine, exc)
@@ -326,7 +332,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
         finally:
             gateway.call_finished(call, ok)
 
-    async def _forward_stream(call: CallState, body: dict[str, Any], path: str) -> Response:
+    async def _forward_stream(call: CallState, body: dict[str, Any], raw: bytes, path: str) -> Response:
         """Retry on another engine until the first byte is received; after that, stream through."""
         exclude: set[int] = set()
         for _ in range(cfg.max_attempts):
@@ -338,7 +344,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 return _rejected(exc)
             pool = gateway.pools[engine.engine_id]
             try:
-                upstream = await pool.request("POST", path, _upstream_body(body, call, engine),
+                upstream = await pool.request("POST", path, _upstream_body(body, raw, call, engine),
                                               timeout_s=cfg.upstream_timeout_s)
                 chunks = upstream.chunks()
                 first = await chunks.__anext__()

@@ -33,6 +33,7 @@ from deploy.gateway.state import (
 )
 from deploy.gateway.prefix_index import Segments
 from deploy.upstream import Upstream, UpstreamError
+from envs.sim.errors import UserError
 from policies.base import Policy
 
 log = logging.getLogger("agentsched.gateway")
@@ -218,8 +219,14 @@ class Gateway:
         self.shutting_down = False
         self.interval_calls = 0
         self._tenant_counts: dict[str, list[int]] = {}
-        # prompts are cut into segments at the smallest block size of the cluster (prefix_index.py)
-        self.prefix_block_tokens = min(e.model.block_size_tokens for e in self.state.engines)
+        # prompts are cut into segments at the smallest block size of the cluster (prefix_index.py),
+        # or at the configured multiple of it
+        smallest_block = min(e.model.block_size_tokens for e in self.state.engines)
+        segment = self.config.prefix_segment_tokens
+        if segment is not None and segment % smallest_block:
+            raise UserError(f"gateway.prefix_segment_tokens={segment} must be a multiple of the engines' smallest "
+                            f"block_size_tokens ({smallest_block}); use e.g. {smallest_block * max(1, segment // smallest_block)}")
+        self.prefix_segment_tokens = segment or smallest_block
         self.prefix_index_enabled = self.config.prefix_index
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)

@@ -31,7 +31,10 @@ its first token to the segment's end):
 
 With engines of different block sizes the gateway cuts segments at the smallest one: exact for
 engines of that size, and an engine whose block size is a multiple of it still finds each of its
-blocks' ends at a segment end, so its hits are exact too.
+blocks' ends at a segment end, so its hits are exact too. `gateway.prefix_segment_tokens` (a
+multiple of that block size) cuts coarser segments instead: each then stands for several
+consecutive blocks under the key of its last one (still prefix-naming), so lookups take fewer
+steps on long prompts with 16-token GPU blocks, and a predicted hit is floored to a multiple of it.
 
 `EnginePrefixIndex` is one engine's `PrefixCache` driven by the gateway's events with the calls the
 simulator's `Engine` makes at the same points of a call's life: `admission` + `acquire` +
