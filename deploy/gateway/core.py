@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
+from deploy.gateway.prefix_index import Segments
 from deploy.gateway.state import (
     WORKFLOW_RETENTION_S,
     CallState,
@@ -31,7 +32,6 @@ from deploy.gateway.state import (
     WorkflowState,
     build_cluster_state,
 )
-from deploy.gateway.prefix_index import Segments
 from deploy.upstream import Upstream, UpstreamError
 from envs.sim.errors import UserError
 from policies.base import Policy
