@@ -129,6 +129,9 @@ class EngineSpec(_Strict):
     max_inflight: int | None = Field(None, ge=1)  # gateway's in-flight cap; default max_num_seqs
     profile: str | None = None  # performance profile YAML written by `agentsched calibrate`
     latency_s: dict[str, float] | None = None  # explicit solo latency per step (overrides profile)
+    # the engine's KV-cache event publisher (vLLM --kv-events-config, e.g. tcp://10.0.0.5:5557): the
+    # gateway's prefix index then follows what the engine reports stored and evicted (kv_events.py)
+    kv_events_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc)://.+")
     launch: LaunchSpec | None = None
 
     @model_validator(mode="after")

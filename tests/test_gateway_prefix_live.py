@@ -100,7 +100,9 @@ def test_cache_aware_policy_follows_the_prefix(live_cluster, tmp_path):
         assert send(client, prefixes["wf-fast"] + fresh_ids(rng, 50), "wf-fast").headers["x-agentsched-engine"] == "fast"
         gw.gateway.policy = Pinned(1)
         assert send(client, prefixes["wf-slow"] + fresh_ids(rng, 50), "wf-slow").headers["x-agentsched-engine"] == "slow"
-        gw.gateway.policy = load_policy("sglang-cache-aware")
+        cache_aware = load_policy("sglang-cache-aware")
+        cache_aware.reset()
+        gw.gateway.policy = cache_aware
         before = {name: counters(url) for name, url in urls.items()}
         routed: dict[str, list[str]] = {"wf-fast": [], "wf-slow": []}
         predicted = {"fast": 0, "slow": 0}

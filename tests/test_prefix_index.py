@@ -7,11 +7,14 @@ import asyncio
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
 from deploy.cluster import Cluster, ClusterFile, load_cluster
+from deploy.engines import engine_command
 from deploy.gateway.core import Gateway, PrefixCacheCounters, parse_vllm_metrics, prefix_cache_counters
+from deploy.gateway.kv_events import KVEventIndex
 from deploy.gateway.prefix_index import (
     CHAT_ROOT_KEY,
     TEXT_ROOT_KEY,
@@ -122,8 +125,6 @@ def write_local_cluster(tmp_path: Path, **launch: object) -> Path:
 
 
 def test_apc_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
-    from deploy.engines import engine_command
-
     on = load_cluster(write_local_cluster(tmp_path))
     cmd = engine_command(on, on.engines[0], Path("/m"))
     assert "--enable-prefix-caching" in cmd and "--no-enable-prefix-caching" not in cmd
@@ -241,3 +242,64 @@ def test_coarser_segments_floor_the_hits(segment_tokens: int | None, hit_tokens:
 def test_segment_size_must_be_a_multiple_of_the_block_size() -> None:
     with pytest.raises(UserError, match="prefix_segment_tokens=100 must be a multiple"):
         Gateway(gpu_cluster(prefix_segment_tokens=100), load_policy("rr"))
+
+
+def stored(hashes: list[int], parent: int | None, token_ids: list[int], **extra: object) -> dict:
+    """A BlockStored event as vLLM's publisher encodes it (a map tagged with its type)."""
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": token_ids,
+            "block_size": BLOCK, "lora_id": None, "medium": "GPU", **extra}
+
+
+def test_kv_events_index_follows_what_the_engine_stores_and_evicts() -> None:
+    """The engine stored the first prompt's 7 full blocks (vLLM's own hashes 101..107): a second
+    prompt sharing 800 ids hits 6 of them; an evicted block ends the hit there; a cleared cache,
+    an unknown parent and a gap in the sequence numbers all leave nothing to hit."""
+    shared = ids(800, 50)
+    first, second = shared + ids(100, 51), shared + ids(100, 52)
+    chain = token_segments(second, BLOCK)
+    index = KVEventIndex(BLOCK)
+    assert not index.live
+    index.apply_message(0, msgspec.msgpack.encode([1.0, [stored(list(range(101, 107)), None, first[:768])]]))
+    index.apply_message(1, msgspec.msgpack.encode([1.1, [stored([107], 106, first[768:896])]]))
+    assert index.live and index.cached_tokens == 7 * BLOCK
+    assert index.hit_tokens(chain, 900) == 768
+    assert index.hit_tokens(token_segments(first, BLOCK), 900) == 896
+    index.apply({"type": "BlockRemoved", "block_hashes": [104], "medium": "GPU"})
+    assert index.hit_tokens(chain, 900) == 3 * BLOCK
+    # the older array encoding, a block of an unknown parent (skipped), a LoRA block (skipped)
+    index.apply(["BlockStored", [104], 103, shared[384:512], BLOCK, None, "GPU"])
+    index.apply(stored([900], 899, ids(128, 53)))
+    index.apply(stored([901], None, ids(128, 54), lora_name="adapter"))
+    assert index.hit_tokens(chain, 900) == 768 and index.skipped_blocks == 2
+    index.apply({"type": "AllBlocksCleared"})
+    assert index.hit_tokens(chain, 900) == 0 and index.cached_tokens == 0
+    index.apply_message(2, msgspec.msgpack.encode([1.2, [stored(list(range(101, 107)), None, first[:768])]]))
+    assert index.hit_tokens(chain, 900) == 768
+    index.apply_message(5, msgspec.msgpack.encode([1.3, []]))  # batches 3-4 lost: the index starts over
+    assert index.hit_tokens(chain, 900) == 0 and index.resets == 2
+
+
+def test_engine_with_kv_events_reads_them_for_token_prompts(tmp_path: Path) -> None:
+    """With events heard, the view's hits for a token-id prompt are the engine's report, not the
+    prediction; a text prompt (its chain is not vLLM's) keeps the prediction."""
+    raw = yaml.safe_load(write_local_cluster(tmp_path).read_text())
+    raw["engines"][0]["kv_events_endpoint"] = "tcp://127.0.0.1:5557"
+    path = tmp_path / "events.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    gw = Gateway(load_cluster(path), load_policy("rr"))
+    fast = gw.state.engines[0]
+    assert fast.kv_events is not None and gw.state.engines[1].kv_events is None
+    shared = ids(800, 60)
+    body = {"prompt": shared + ids(100, 61)}
+    call = gw.new_call(workflow_key=None, step="revise", tenant="t", input_tokens=900, output_tokens=2, stream=False,
+                       segments=prompt_segments(body, False, 900, BLOCK), token_chain=True)
+    fast.prefix_index.acquire(99, token_segments(shared + ids(100, 62), BLOCK), 900)  # the prediction: 768
+    fast.kv_events.apply_message(0, msgspec.msgpack.encode([1.0, [stored([1, 2], None, shared[:256])]]))
+    assert fast.cached_prefix_tokens(call) == 256 and fast.prefix_cache_tokens == 256
+    text = gw.new_call(workflow_key=None, step="revise", tenant="t", input_tokens=900, output_tokens=2, stream=False,
+                       segments=call.segments, token_chain=False)
+    assert fast.cached_prefix_tokens(text) == 768
+    with pytest.raises(UserError, match="kv_events_endpoint needs"):
+        raw["gateway"]["prefix_segment_tokens"] = 256
+        path.write_text(yaml.safe_dump(raw))
+        Gateway(load_cluster(path), load_policy("rr"))

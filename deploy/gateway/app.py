@@ -48,7 +48,7 @@ from deploy.gateway.core import (
     ShuttingDown,
     WorkflowFinished,
 )
-from deploy.gateway.prefix_index import CHARS_PER_TOKEN, prompt_segments
+from deploy.gateway.prefix_index import CHARS_PER_TOKEN, is_token_prompt, prompt_segments
 from deploy.gateway.state import CallState, EngineState
 from deploy.upstream import UpstreamError
 from envs.sim.workload import normalise_step
@@ -258,6 +258,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 input_tokens=n_in, output_tokens=n_out, stream=stream, slo_s=slo_s,
                 stage_index=stage_index, fanout=fanout or 1, priority=priority or 0,
                 last=h.get("x-workflow-last", "") in ("1", "true", "yes"), segments=segments,
+                token_chain=bool(segments) and is_token_prompt(body, chat),
             )
         except BadRequest as exc:
             gateway.metrics.rejected.labels("bad_request").inc()

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
+from deploy.gateway.kv_events import follow_kv_events
 from deploy.gateway.prefix_index import Segments
 from deploy.gateway.state import (
     WORKFLOW_RETENTION_S,
@@ -227,6 +228,11 @@ class Gateway:
             raise UserError(f"gateway.prefix_segment_tokens={segment} must be a multiple of the engines' smallest "
                             f"block_size_tokens ({smallest_block}); use e.g. {smallest_block * max(1, segment // smallest_block)}")
         self.prefix_segment_tokens = segment or smallest_block
+        for e in self.state.engines:
+            if e.kv_events is not None and e.kv_events.block_tokens != self.prefix_segment_tokens:
+                raise UserError(f"engine {e.name!r}: kv_events_endpoint needs prompt chains cut at its block size "
+                                f"({e.kv_events.block_tokens} tokens), but the gateway cuts {self.prefix_segment_tokens}; "
+                                "leave gateway.prefix_segment_tokens unset and give every engine the same block_size_tokens")
         self.prefix_index_enabled = self.config.prefix_index
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)
@@ -239,6 +245,10 @@ class Gateway:
                        for i, e in enumerate(self.state.engines)]
         self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         self._tasks.append(asyncio.create_task(self._gc_loop(), name="workflow-gc"))
+        for e in self.state.engines:
+            if e.kv_events is not None and e.spec.kv_events_endpoint:
+                self._tasks.append(asyncio.create_task(follow_kv_events(e.spec.kv_events_endpoint, e.kv_events),
+                                                       name=f"kv-events-{e.name}"))
 
     @property
     def control_interval_s(self) -> float:
@@ -301,9 +311,10 @@ class Gateway:
 
     def new_call(self, *, workflow_key: str | None, step: str, tenant: str, input_tokens: int, output_tokens: int,
                  stream: bool, slo_s: float | None = None, stage_index: int | None = None, fanout: int = 1,
-                 priority: int = 0, last: bool = False, segments: Segments = ()) -> CallState:
+                 priority: int = 0, last: bool = False, segments: Segments = (), token_chain: bool = False) -> CallState:
         """Register a call (and its workflow on first sight); compute its deadline the simulator's way.
-        `segments`: the prompt's block hash chain (`prefix_index.prompt_segments`), () if unknown."""
+        `segments`: the prompt's block hash chain (`prefix_index.prompt_segments`), () if unknown;
+        `token_chain`: it is the chain of a token-id prompt."""
         st = self.state
         now = st.now_s
         wf = self._workflow(workflow_key, tenant, slo_s, now)
@@ -327,6 +338,7 @@ class Gateway:
             stage_index=stage_index if stage_index is not None else position, fanout=fanout,
             input_tokens=input_tokens, output_tokens=output_tokens, ready_time_s=now, deadline_s=deadline,
             workflow_deadline_s=wf.deadline_s, priority=priority, stream=stream, segments=segments,
+            token_chain=token_chain,
             critical_path_at_ready_s=wf.critical_path_service_s,
         )
 
@@ -431,7 +443,13 @@ class Gateway:
             call = pending.call
             call.admit_time_s = self.state.now_s
             if call.segments:  # the engine gets the prompt now: its blocks are in use there, then cached
-                call.predicted_hit_tokens = engine.prefix_index.acquire(call.call_id, call.segments, call.input_tokens)
+                events = engine.kv_events
+                if events is not None and call.token_chain and events.live:  # what the engine reported holding
+                    call.predicted_hit_tokens = events.hit_tokens(call.segments, call.input_tokens)
+                    engine.prefix_index.acquire(call.call_id, call.segments, call.input_tokens)
+                else:
+                    call.predicted_hit_tokens = engine.prefix_index.acquire(call.call_id, call.segments,
+                                                                            call.input_tokens)
                 self.metrics.predicted_queries.labels(engine.name).inc(call.input_tokens)
                 self.metrics.predicted_hits.labels(engine.name).inc(call.predicted_hit_tokens)
             pending.admitted.set_result(True)
@@ -523,6 +541,8 @@ class Gateway:
             log.warning("engine %s is DOWN%s", engine.name, hint)
             self._clear_scraped(engine)
             engine.prefix_index.clear()  # it comes back with an empty cache
+            if engine.kv_events is not None:
+                engine.kv_events.clear()
             # hand queued calls back to dispatch (their waiters see False and re-route)
             queue = self.queues[engine.engine_id]
             while queue:
@@ -656,7 +676,11 @@ class Gateway:
                                   "cached_tokens": e.prefix_index.cached_tokens,
                                   "query_tokens": e.prefix_index.cache.query_tokens,
                                   "predicted_hit_tokens": e.prefix_index.cache.hit_tokens,
-                                  "evicted_blocks": e.prefix_index.cache.evicted_blocks}}
+                                  "evicted_blocks": e.prefix_index.cache.evicted_blocks},
+                 "kv_events": None if e.kv_events is None else {
+                     "endpoint": e.spec.kv_events_endpoint, "live": e.kv_events.live, "batches": e.kv_events.batches,
+                     "resets": e.kv_events.resets, "cached_tokens": e.kv_events.cached_tokens,
+                     "skipped_blocks": e.kv_events.skipped_blocks}}
                 for e in st.engines
             ],
             "control_interval_s": self.control_interval_s,

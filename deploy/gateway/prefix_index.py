@@ -107,6 +107,15 @@ def chat_text(messages: list[Any]) -> str:
     return "".join(parts)
 
 
+def is_token_prompt(body: dict[str, Any], chat: bool) -> bool:
+    """Whether the request's prompt is token ids (its chain is then vLLM's, block for block)."""
+    prompt = body.get("prompt")
+    if chat or not isinstance(prompt, list) or not prompt:
+        return False
+    first = prompt[0]
+    return (isinstance(first, int) and not isinstance(first, bool)) or (len(prompt) == 1 and isinstance(first, list))
+
+
 def prompt_segments(body: dict[str, Any], chat: bool, input_tokens: int, block_tokens: int) -> Segments:
     """The segments of an (already validated) OpenAI request body; () when the structure is unknown."""
     if chat:
@@ -207,5 +216,5 @@ class EnginePrefixIndex:
             self.cache.evict_down_to(free)
 
 
-__all__ = ["CHARS_PER_TOKEN", "EnginePrefixIndex", "Segments", "chat_text", "prompt_segments", "text_segments",
-           "token_segments"]
+__all__ = ["CHARS_PER_TOKEN", "EnginePrefixIndex", "Segments", "chat_text", "is_token_prompt", "prompt_segments",
+           "text_segments", "token_segments"]

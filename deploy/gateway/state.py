@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, overload
 
 from deploy.cluster import Cluster, EngineSpec
+from deploy.gateway.kv_events import KVEventIndex
 from deploy.gateway.prefix_index import EnginePrefixIndex, Segments
 from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
@@ -91,6 +92,7 @@ class CallState:
     expected_s: float = 0.0
     # the prompt's block hash chain (deploy/gateway/prefix_index.py); () when unknown: no cache estimate
     segments: Segments = ()
+    token_chain: bool = False  # the segments are the block chain of a token-id prompt (KV events can match them)
     predicted_hit_tokens: int = 0  # prompt tokens the prefix index predicted its engine to serve from cache
     admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
     critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
@@ -221,6 +223,8 @@ class EngineState(LedgerMixin):
         self.prefix_cache_hits_total: float | None = None
         # what the gateway predicts the engine's prefix cache holds, from the prompts it sent there
         self.prefix_index = EnginePrefixIndex(model.block_size_tokens, model.kv_capacity_tokens)
+        # what the engine itself reports cached, when it publishes KV-cache events (None: it does not)
+        self.kv_events = KVEventIndex(model.block_size_tokens) if spec.kv_events_endpoint else None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -250,11 +254,19 @@ class EngineState(LedgerMixin):
     # its engine's cache; the latency given hits is the engine model's formula
     @property
     def prefix_cache_tokens(self) -> int:
-        """Tokens of prompt prefixes the engine is predicted to hold in its cache."""
+        """Tokens of prompt prefixes the engine holds in its cache (as its KV events report them,
+        else as the gateway predicts them)."""
+        events = self.kv_events
+        if events is not None and events.live:
+            return events.cached_tokens
         return self.prefix_index.cached_tokens
 
     def cached_prefix_tokens(self, call: CallState) -> int:
-        """Prompt tokens of `call` the engine is predicted to serve from its cache if sent now."""
+        """Prompt tokens of `call` the engine would serve from its cache if sent now: from its KV
+        events for a token-id prompt when it publishes them, else the gateway's prediction."""
+        events = self.kv_events
+        if events is not None and call.token_chain and events.live:
+            return events.hit_tokens(call.segments, call.input_tokens)
         return self.prefix_index.hit_tokens(call.segments, call.input_tokens)
 
     def expected_call_latency_s(self, call: CallState) -> float:
