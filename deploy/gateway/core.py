@@ -46,7 +46,7 @@ VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
 VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
 VLLM_CACHE_INFO = "vllm:cache_config_info"
 # the engine's prefix-cache counters, in prompt tokens (queried, served from cache): the current V1
-# names first, then the older ones (`gpu_` prefix, vLLM V1 before 0.10); each with and without the
+# names first, then the older ones (`gpu_` prefix, earlier V1 releases); each with and without the
 # `_total` suffix prometheus_client's exposition adds to a counter
 PREFIX_CACHE_QUERIES = "prefix_cache_queries"
 PREFIX_CACHE_HITS = "prefix_cache_hits"
