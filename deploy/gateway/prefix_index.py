@@ -143,13 +143,14 @@ class EnginePrefixIndex:
     recently released first when it runs out.
     """
 
-    __slots__ = ("cache", "block_tokens", "total_blocks", "free_blocks", "_held")
+    __slots__ = ("cache", "block_tokens", "total_blocks", "free_blocks", "version", "_held")
 
     def __init__(self, block_tokens: int, capacity_tokens: int) -> None:
         self.cache = PrefixCache(block_tokens)
         self.block_tokens = block_tokens
         self.total_blocks = capacity_tokens // block_tokens
         self.free_blocks = self.total_blocks
+        self.version = 0  # bumped by every change of what is cached (lets a reader memoise a lookup)
         # call id -> (cache nodes it uses, its blocks, how many of them are the nodes' shared blocks)
         self._held: dict[int, tuple[list[CacheNode], int, int]] = {}
 
@@ -173,6 +174,7 @@ class EnginePrefixIndex:
         bs = self.block_tokens
         full = prompt_tokens // bs
         blocks = -(-prompt_tokens // bs)
+        self.version += 1
         hit, take = cache.admission(segments, prompt_tokens)
         nodes = cache.acquire(segments)
         self.free_blocks -= take + blocks - full
@@ -190,6 +192,7 @@ class EnginePrefixIndex:
         if held is None:
             return
         nodes, blocks, shared = held
+        self.version += 1
         self.free_blocks += blocks - shared + self.cache.release(nodes)
         # calls sent beyond the engine's capacity (it queues them; the index cannot see that) may
         # have left more cached blocks than the pool has room for: keep the simulator's invariant
@@ -200,6 +203,7 @@ class EnginePrefixIndex:
     def clear(self) -> None:
         """The engine restarted (or went down): its cache is empty; calls held so far are forgotten
         (their later `release` is a no-op)."""
+        self.version += 1
         self.cache.clear()
         self._held = {}
         self.free_blocks = self.total_blocks
@@ -209,6 +213,7 @@ class EnginePrefixIndex:
         total = capacity_tokens // self.block_tokens
         if total == self.total_blocks:
             return
+        self.version += 1
         self.free_blocks += total - self.total_blocks
         self.total_blocks = total
         free = self.free_blocks if self.free_blocks > 0 else 0

@@ -225,6 +225,10 @@ class EngineState(LedgerMixin):
         self.prefix_index = EnginePrefixIndex(model.block_size_tokens, model.kv_capacity_tokens)
         # what the engine itself reports cached, when it publishes KV-cache events (None: it does not)
         self.kv_events = KVEventIndex(model.block_size_tokens) if spec.kv_events_endpoint else None
+        # the last lookup: (call id, index version, event batches, hit tokens). A call's dispatch
+        # and enqueue ask for the same engine's hits in one event-loop step; a long prompt's chain
+        # is walked once
+        self._last_lookup: tuple[int, int, int, int] = (-1, -1, -1, 0)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -264,10 +268,19 @@ class EngineState(LedgerMixin):
     def cached_prefix_tokens(self, call: CallState) -> int:
         """Prompt tokens of `call` the engine would serve from its cache if sent now: from its KV
         events for a token-id prompt when it publishes them, else the gateway's prediction."""
+        if not call.segments:
+            return 0
         events = self.kv_events
-        if events is not None and call.token_chain and events.live:
-            return events.hit_tokens(call.segments, call.input_tokens)
-        return self.prefix_index.hit_tokens(call.segments, call.input_tokens)
+        heard = events.batches if events is not None and call.token_chain else 0
+        call_id, version, batches, hit = self._last_lookup
+        if call_id == call.call_id and version == self.prefix_index.version and batches == heard:
+            return hit
+        if events is not None and heard:
+            hit = events.hit_tokens(call.segments, call.input_tokens)
+        else:
+            hit = self.prefix_index.hit_tokens(call.segments, call.input_tokens)
+        self._last_lookup = (call.call_id, self.prefix_index.version, heard, hit)
+        return hit
 
     def expected_call_latency_s(self, call: CallState) -> float:
         hit = self.cached_prefix_tokens(call)
