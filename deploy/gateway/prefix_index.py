@@ -26,7 +26,8 @@ its first token to the segment's end):
   boundaries by a few tokens: hits are then predicted a block early or late). The precise
   alternative is llm-d's kv-cache-manager (llm-d/llm-d-kv-cache-manager, pkg/kv-cache/indexer.go,
   the `precise-prefix-cache-scorer`), which tokenises the prompt with the model's tokenizer and
-  computes vLLM's own block keys, fed by the engines' KV-cache events (deploy/README.md).
+  computes vLLM's own block keys, fed by the engines' KV-cache events; the gateway can follow those
+  events too, keyed with its own chain (deploy/gateway/kv_events.py).
 - A batch of several prompts in one call gets no segments (no prefix-cache estimate).
 
 With engines of different block sizes the gateway cuts segments at the smallest one: exact for
