@@ -1,5 +1,5 @@
 """Gateway overhead: added latency (p50, p99) vs a direct call at 200 req/s, highest routed rate,
-and the time of one hexgen dispatch decision.
+the time of one hexgen dispatch decision, and the cost of the prefix index on 10k-token prompts.
 
 The upstream here is a *minimal local HTTP server* (not vLLM) that answers every completion at
 once with a fixed body: a real engine's own latency and jitter (tens of ms on CPU) would drown
@@ -9,6 +9,15 @@ Upstream, gateway and load generator (aiohttp, the same for direct and gateway c
 processes on this 2-core machine.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
+
+Prefix hashing: the same run sends `--long-requests` 10k-token prompts (an 8k-token template shared
+by all, then 2k tokens of each prompt's own) directly and through three gateways: prefix index off
+(`gateway.prefix_index: false`: no hashing), on with segments of the engine's block size, and on
+with `prefix_segment_tokens: 128` (each prompt hashed into its chain, looked up, acquired and
+released in the engine's index), and prints the added p50/p99 of each; the in-process time of
+hashing one such prompt is printed beside them. The stub engine has vLLM's GPU block size (16
+tokens: 625 segments per prompt, the costly case; 128-token segments, the CPU build's block size,
+are 8x fewer).
 
 `--engine http://127.0.0.1:8101` instead compares tiny calls (16 prompt tokens, 1 output token) sent
 directly to a live vLLM engine and through a gateway in front of it, in alternating blocks (so
@@ -106,15 +115,16 @@ async def post(session: aiohttp.ClientSession, body: bytes, headers: dict[str, s
         return r.status
 
 
-async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None) -> np.ndarray:
-    """Send n requests at a fixed rate (open loop); latency of each, seconds."""
+async def open_loop(url: str, rate_rps: float, n: int, headers: dict[str, str], body: bytes | None = None,
+                    bodies: list[bytes] | None = None) -> np.ndarray:
+    """Send n requests at a fixed rate (open loop), cycling through `bodies` if given; latency of each, seconds."""
     pool = client_session(url)
     body = body or json.dumps({"model": "tiny", "prompt": list(range(16)), "max_tokens": 1}).encode()
     lat = np.zeros(n)
 
     async def one(i: int) -> None:
         t0 = time.perf_counter()
-        await post(pool, body, headers)
+        await post(pool, bodies[i % len(bodies)] if bodies else body, headers)
         lat[i] = time.perf_counter() - t0
 
     start = time.perf_counter()
@@ -164,11 +174,45 @@ def wait_http(url: str, path: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url}{path} not up")
 
 
+LONG_PROMPT_TOKENS = 10_000
+LONG_TEMPLATE_TOKENS = 8_000
+
+
+def long_bodies(n_distinct: int = 40, seed: int = 0) -> list[bytes]:
+    """10k-token completion bodies: a shared 8k-token template, then 2k ids of each one's own."""
+    rng = np.random.default_rng(seed)
+    template = rng.integers(10, 32000, LONG_TEMPLATE_TOKENS).tolist()
+    return [json.dumps({"model": "tiny", "prompt": template + rng.integers(10, 32000, LONG_PROMPT_TOKENS
+                                                                           - LONG_TEMPLATE_TOKENS).tolist(),
+                        "max_tokens": 1}).encode() for _ in range(n_distinct)]
+
+
+def hashing_time_us(block_tokens: int, n: int = 400) -> dict[str, float]:
+    """In-process time of the prefix index's work for one 10k-token call: hashing its chain
+    (prefix_index.token_segments), one lookup, acquire when sent, release when done."""
+    from deploy.gateway.prefix_index import EnginePrefixIndex, token_segments
+
+    prompts = [json.loads(b)["prompt"] for b in long_bodies(8)]
+    index = EnginePrefixIndex(block_tokens, 2**31 - 1)
+    hashing = np.zeros(n)
+    total = np.zeros(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        segments = token_segments(prompts[i % len(prompts)], block_tokens)
+        t1 = time.perf_counter()
+        index.hit_tokens(segments, LONG_PROMPT_TOKENS)
+        index.acquire(i, segments, LONG_PROMPT_TOKENS)
+        index.release(i)
+        hashing[i] = t1 - t0
+        total[i] = time.perf_counter() - t0
+    return {"hash_p50_us": float(np.percentile(hashing, 50) * 1e6), "hash_p99_us": float(np.percentile(hashing, 99) * 1e6),
+            "call_p50_us": float(np.percentile(total, 50) * 1e6), "call_p99_us": float(np.percentile(total, 99) * 1e6)}
+
+
 def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> dict[str, float]:
     """Time of policy.dispatch on the gateway's live state view (in process)."""
     from deploy.cluster import Cluster, ClusterFile
     from deploy.gateway.core import Gateway
-    from deploy.gateway.state import build_cluster_state
     from policies import load_policy
 
     table = {"Information Retriever": 0.1, "extract_keywords": 0.5, "generate_candidate": 9.0, "revise": 1.4,
@@ -176,17 +220,11 @@ def decision_time_us(policy_name: str, n_engines: int = 8, n: int = 20000) -> di
     spec = ClusterFile.model_validate({"engines": [
         {"name": f"e{i}", "url": f"http://127.0.0.1:{20000 + i}", "gpu": "A100" if i % 2 else "H100", "latency_s": table}
         for i in range(n_engines)]})
-    gw = Gateway.__new__(Gateway)  # state only: no event loop or pools needed for decisions
-    gw.cluster = Cluster(spec)
-    gw.config = spec.gateway
-    gw.state = build_cluster_state(gw.cluster)
     policy = load_policy(policy_name)
+    gw = Gateway(Cluster(spec), policy)  # state only: never started, so no event loop or connection is used
     policy.reset()
-    import itertools
-
-    gw._call_ids, gw._workflow_ids, gw._workflow_keys = itertools.count(), itertools.count(), {}
     steps = list(table)
-    calls = [Gateway.new_call(gw, workflow_key=f"w{i % 50}", step=steps[i % len(steps)], tenant="t", input_tokens=500,
+    calls = [gw.new_call(workflow_key=f"w{i % 50}", step=steps[i % len(steps)], tenant="t", input_tokens=500,
                               output_tokens=50, stream=False) for i in range(1000)]
     times = np.zeros(n)
     for i in range(n):
@@ -254,6 +292,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--engine", default=None, help="live vLLM engine URL: direct vs gateway comparison instead")
     parser.add_argument("--blocks", type=int, default=6, help="alternating blocks with --engine")
+    parser.add_argument("--long-requests", type=int, default=2000, help="10k-token prompts per prefix-hashing condition")
     args = parser.parse_args()
     if args.engine:
         live_engine(args)
@@ -267,25 +306,49 @@ def main() -> None:
                                "unit_tester", "generate_unit_test", "evaluate")}
     workdir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     cluster = workdir / "cluster.yaml"
-    cluster.write_text(json.dumps({"name": "bench", "engines": [
-        {"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]}))
-    gateway = subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(cluster),
-                                "--policy", args.policy, "--port", str(gw_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    engines = [{"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]
+    cluster.write_text(json.dumps({"name": "bench", "engines": engines}))
+    # the 10k-token conditions: a gateway each (the main one above has the index on, block-size segments)
+    conditions = {"off": {"prefix_index": False}, "on, block-size segments": {},
+                  "on, 128-token segments": {"prefix_segment_tokens": 128}}
+    ports: dict[str, int] = {}
+    paths = [(cluster, gw_port)]
+    for name, knobs in conditions.items():
+        if name == "on, block-size segments":
+            ports[name] = gw_port
+            continue
+        ports[name] = free_port()
+        path = workdir / f"cluster-{ports[name]}.yaml"
+        path.write_text(json.dumps({"name": "bench", "engines": engines, "gateway": knobs}))
+        paths.append((path, ports[name]))
+    gateways = [subprocess.Popen([str(REPO / ".venv" / "bin" / "agentsched"), "serve", "--cluster", str(path),
+                                  "--policy", args.policy, "--port", str(port)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for path, port in paths]
+    bodies = long_bodies()
     try:
         wait_http(up_url, "/health")
-        wait_http(gw_url, "/health")
+        for port in ports.values():
+            wait_http(f"http://127.0.0.1:{port}", "/health")
         hdr = {"X-Workflow-Id": "bench", "X-Workflow-Step": "revise", "X-Tenant": "bench"}
         asyncio.run(open_loop(gw_url, args.rate, 400, hdr))  # warm-up
         direct = asyncio.run(open_loop(up_url, args.rate, args.requests, {}))
         via = asyncio.run(open_loop(gw_url, args.rate, args.requests, hdr))
         rps = asyncio.run(closed_loop(gw_url, args.concurrency, args.duration, hdr))
         direct_rps = asyncio.run(closed_loop(up_url, args.concurrency, min(args.duration, 3.0), {}))
+        # 10k-token prompts: direct, gateway without hashing, gateway with hashing (same run, same bodies)
+        for port in ports.values():  # warm-up
+            asyncio.run(open_loop(f"http://127.0.0.1:{port}", args.rate, 200, hdr, bodies=bodies))
+        long_direct = asyncio.run(open_loop(up_url, args.rate, args.long_requests, {}, bodies=bodies))
+        long_via = {name: asyncio.run(open_loop(f"http://127.0.0.1:{port}", args.rate, args.long_requests, hdr,
+                                                bodies=bodies)) for name, port in ports.items()}
     finally:
-        gateway.terminate()
-        gateway.wait(10)
+        for gateway in gateways:
+            gateway.terminate()
+            gateway.wait(10)
         upstream.terminate()
     decision = decision_time_us(args.policy)
+    hashing = {block: hashing_time_us(block) for block in (16, 128)}
     pct = lambda a, q: float(np.percentile(a, q) * 1e3)  # noqa: E731 - ms
     result = {
         "rate_rps": args.rate, "requests": args.requests, "policy": args.policy, "cores": os.cpu_count(),
@@ -298,6 +361,11 @@ def main() -> None:
         "loadavg": os.getloadavg()[0],
         "routed_rps": rps, "direct_rps": direct_rps,
         "decision": decision,
+        "long_prompt_tokens": LONG_PROMPT_TOKENS, "long_requests": args.long_requests,
+        "long_direct_p99_ms": pct(long_direct, 99),
+        "long_added_ms": {name: {"p50": pct(lat, 50) - pct(long_direct, 50), "p99": pct(lat, 99) - pct(long_direct, 99)}
+                          for name, lat in long_via.items()},
+        "hashing_us": {str(block): t for block, t in hashing.items()},
     }
     print(f"gateway overhead at {args.rate:.0f} req/s ({args.requests} requests, policy {args.policy}, minimal local upstream):")
     print(f"  direct   p50 {result['direct_p50_ms']:.3f} ms  p99 {result['direct_p99_ms']:.3f} ms")
@@ -311,6 +379,15 @@ def main() -> None:
           f"   (goal >= {GOALS['routed_rps']:.0f}: ratio {rps / GOALS['routed_rps']:.2f})")
     print(f"  {args.policy} decision p50 {decision['p50_us']:.1f} us  p99 {decision['p99_us']:.1f} us on {decision['n_engines']} engines"
           f"   (goal <= {GOALS['decision_us']:.0f} us: ratio {decision['p99_us'] / GOALS['decision_us']:.2f})")
+    print(f"  10k-token prompts at {args.rate:.0f} req/s ({args.long_requests} each; 8k shared template, block 16):"
+          f" direct p99 {result['long_direct_p99_ms']:.3f} ms")
+    for name, added in result["long_added_ms"].items():
+        print(f"    added, prefix index {name + ':':25s} p50 {added['p50']:.3f} ms  p99 {added['p99']:.3f} ms"
+              f"   (goal p99 <= {GOALS['p99_added_ms']} ms: ratio {added['p99'] / GOALS['p99_added_ms']:.2f})")
+    for block, t in hashing.items():
+        print(f"    in process, {block}-token segments: hashing a 10k-token prompt p50 {t['hash_p50_us']:.0f} us"
+              f" (p99 {t['hash_p99_us']:.0f}); hash + lookup + acquire + release p50 {t['call_p50_us']:.0f} us"
+              f" (p99 {t['call_p99_us']:.0f})")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -80,7 +80,9 @@ class LaunchSpec(_Strict):
     max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     enforce_eager: bool = True
-    enable_prefix_caching: bool = False  # off: replayed prompts are random, and the simulator has no prefix cache
+    # vLLM's automatic prefix caching, on as in vLLM V1 (and as the simulator models it by default);
+    # set false for measurements that must see every prompt prefilled in full
+    enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(240.0, gt=0)
@@ -127,6 +129,9 @@ class EngineSpec(_Strict):
     max_inflight: int | None = Field(None, ge=1)  # gateway's in-flight cap; default max_num_seqs
     profile: str | None = None  # performance profile YAML written by `agentsched calibrate`
     latency_s: dict[str, float] | None = None  # explicit solo latency per step (overrides profile)
+    # the engine's KV-cache event publisher (vLLM --kv-events-config, e.g. tcp://10.0.0.5:5557): the
+    # gateway's prefix index then follows what the engine reports stored and evicted (kv_events.py)
+    kv_events_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc)://.+")
     launch: LaunchSpec | None = None
 
     @model_validator(mode="after")
@@ -189,6 +194,13 @@ class GatewaySpec(_Strict):
     control_interval_s: float = Field(1.0, gt=0)  # policy.on_interval period
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT: how long calls in flight upstream may finish
     pass_priority: bool = False  # send each call's rank as vLLM `priority` (needs --scheduling-policy priority)
+    # hash each prompt into its block chain and keep a per-engine prefix index (deploy/gateway/prefix_index.py)
+    # that cache-aware policies read; off: no call has segments, every predicted hit is 0
+    prefix_index: bool = True
+    # tokens per prompt segment of the index; default the engines' smallest block size (exact, as vLLM
+    # matches). A multiple of it merges that many tokens of consecutive blocks into one segment:
+    # fewer steps per lookup on long prompts (16-token GPU blocks), hits floored to that multiple
+    prefix_segment_tokens: int | None = Field(None, ge=1)
 
 
 class ClusterFile(_Strict):

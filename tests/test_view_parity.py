@@ -11,6 +11,7 @@ decisions of deterministic policies must be equal.
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +20,20 @@ import yaml
 
 from deploy.cluster import load_cluster
 from deploy.gateway.core import Gateway
-from deploy.gateway.state import build_cluster_state
+from deploy.gateway.prefix_index import token_segments
+from deploy.gateway.state import CallState, build_cluster_state
 from envs.observation.dispatch import DispatchObservation
 from envs.observation.knobs import KnobsObservation
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig
 from envs.sim.model import StepTokens
-from envs.sim.workload import CallSpec, WorkflowSpec
+from envs.sim.workload import CallSpec, SegmentSpec, WorkflowSpec
 from policies import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_FIELDS = ("engine_id", "name", "gpu", "healthy", "num_running", "num_waiting", "kv_usage", "outstanding_work_s",
-                 "assigned_work_s", "assigned_calls", "price_per_hour", "max_num_seqs", "kv_capacity_tokens")
+                 "assigned_work_s", "assigned_calls", "price_per_hour", "max_num_seqs", "kv_capacity_tokens",
+                 "prefix_cache_tokens")
 CALL_FIELDS = ("workflow_id", "tenant", "step", "stage_index", "fanout", "input_tokens", "output_tokens",
                "ready_time_s", "deadline_s", "workflow_deadline_s", "priority")
 WORKFLOW_FIELDS = ("workflow_id", "tenant", "arrival_time_s", "slo_s", "deadline_s", "calls_done",
@@ -85,7 +88,9 @@ def local_cpu_deploy(tmp_path: Path) -> dict:
     return raw
 
 
-def build_both(tmp_path: Path, raw: dict, horizon_s: float, workflows=WORKFLOWS, placement=PLACEMENT):
+def build_both(tmp_path: Path, raw: dict, horizon_s: float, workflows=WORKFLOWS, placement=PLACEMENT, prompts=None):
+    """`prompts`: the token ids of each placed call (in placement order), sent to the gateway so that
+    it hashes them into its prefix index; the simulator gets the calls' segment specs instead."""
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(raw))
     cluster = load_cluster(path)
@@ -111,9 +116,11 @@ def build_both(tmp_path: Path, raw: dict, horizon_s: float, workflows=WORKFLOWS,
         calls = []
         for w, (wf, targets) in enumerate(zip(workflows, placement)):
             stage = wf[0]
-            for (step, n_in, n_out), engine_id in zip(stage, targets):
+            for (step, n_in, n_out, *_), engine_id in zip(stage, targets):
+                segments = token_segments(prompts[len(calls)], gw.prefix_segment_tokens) if prompts else ()
                 call = gw.new_call(workflow_key=f"q{w}", step=step, tenant="default", input_tokens=n_in,
-                                   output_tokens=n_out, stream=False, stage_index=0, fanout=len(stage))
+                                   output_tokens=n_out, stream=False, stage_index=0, fanout=len(stage),
+                                   segments=segments)
                 gw._enqueue(call, gw.state.engines[engine_id])
                 calls.append(call)
         return gw, calls
@@ -138,6 +145,9 @@ def assert_views_equal(sim, sim_calls, live, live_calls) -> None:
             assert getattr(se, name) == getattr(le, name), f"engine {se.name}: {name}"
         for step in steps:
             assert se.expected_latency_s(step) == le.expected_latency_s(step), f"engine {se.name}: T_e({step})"
+        for sc, lc in zip(sim_calls, live_calls):
+            assert se.cached_prefix_tokens(sc) == le.cached_prefix_tokens(lc), f"engine {se.name}: hits of {sc}"
+            assert se.expected_call_latency_s(sc) == le.expected_call_latency_s(lc), f"engine {se.name}: latency of {sc}"
     for sw, lw in zip(sim.workflows, live.workflows):
         for name in WORKFLOW_FIELDS:
             assert getattr(sw, name) == getattr(lw, name), f"workflow {sw.workflow_id}: {name}"
@@ -190,3 +200,62 @@ def test_parity_check_can_fail(tmp_path) -> None:
     live.engines[2].scraped_kv_capacity_tokens = live.engines[2].kv_capacity_tokens + 16
     with pytest.raises(AssertionError, match="kv_capacity_tokens"):
         assert_views_equal(sim, sim_calls, live, live_calls)
+
+
+# prompts with shared templates: the simulator gets their segment specs, the gateway their token ids
+CAND, REV = SegmentSpec("template", "cand", 800), SegmentSpec("template", "rev", 600)
+CACHED_WORKFLOWS = [
+    [[("generate_candidate", 900, 40, (CAND,))], [("revise", 700, 8, (REV,))]],
+    [[("generate_candidate", 1000, 40, (CAND,))] * 2, [("generate_candidate", 850, 5, (CAND,))]],
+    [[("revise", 650, 30, (REV,))], [("revise", 700, 8, (REV,))]],
+]
+
+
+def template_prompt(call_key: str, n_in: int, segments) -> list[int]:
+    """Token ids: each template's ids fixed by its name, then ids of the call's own."""
+    out: list[int] = []
+    for seg in segments:
+        rng = random.Random(seg.name)
+        out += [rng.randrange(10, 30000) for _ in range(seg.tokens)]
+    rng = random.Random(call_key)
+    return out + [rng.randrange(10, 30000) for _ in range(n_in - len(out))]
+
+
+def test_prefix_cache_views_are_equal(tmp_path) -> None:
+    """Calls sharing templates, placed on the CPU cluster (block 128): the gateway's index, fed
+    the calls' token ids, and the simulator's cache, fed their segment specs, show policies the
+    same cached tokens for every placed call and for the workflows' next calls on every engine,
+    and cache-aware policies decide alike."""
+    placement = [[0], [0, 0], [1]]
+    prompts = [template_prompt(f"q{w}-{i}", n_in, segs)
+               for w, wf in enumerate(CACHED_WORKFLOWS) for i, (_, n_in, _, segs) in enumerate(wf[0])]
+    sim, sim_calls, live, live_calls = build_both(tmp_path, local_cpu_deploy(tmp_path), horizon_s=0.03,
+                                                  workflows=CACHED_WORKFLOWS, placement=placement, prompts=prompts)
+    assert all(c.admit_time_s == c.admit_time_s for c in sim_calls), "every placed call must be in its engine's batch"
+    # engine 0: the candidate template's 6 blocks and each call's own 7th; engine 1: revise's 4 and 1
+    assert [e.prefix_cache_tokens for e in live.engines] == [9 * 128, 5 * 128]
+    assert_views_equal(sim, sim_calls, live, live_calls)
+    # the workflows' next calls (not ready yet): the same hits on every engine, the same choices
+    probes = []
+    for w, wf in enumerate(CACHED_WORKFLOWS):
+        sim_probe = sim.workflows[w].stages[1][0]
+        step, n_in, n_out, segs = wf[1][0]
+        live_probe = CallState(**{name: getattr(sim_probe, name) for name in CALL_FIELDS}, call_id=100 + w,
+                               segments=token_segments(template_prompt(f"probe{w}", n_in, segs), 128))
+        probes.append((sim_probe, live_probe))
+    hits = [[e.cached_prefix_tokens(lp) for e in live.engines] for _, lp in probes]
+    assert hits == [[0, 512], [768, 0], [0, 512]]
+    for sp, lp in probes:
+        for se, le in zip(sim.engines, live.engines):
+            assert se.cached_prefix_tokens(sp) == le.cached_prefix_tokens(lp)
+            assert se.expected_call_latency_s(sp) == le.expected_call_latency_s(lp)
+    for name in ("llmd-prefix", "sglang-cache-aware", "least-work+workflow"):
+        policy = load_policy(name)
+        chosen = []
+        for sp, lp in probes:
+            policy.reset()
+            chosen.append(policy.dispatch(sp, sim))
+            policy.reset()
+            assert chosen[-1] == policy.dispatch(lp, live), f"{name} dispatch"
+        if name == "sglang-cache-aware":  # each next call goes where its template is cached
+            assert chosen == [1, 0, 1]

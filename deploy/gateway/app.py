@@ -48,13 +48,13 @@ from deploy.gateway.core import (
     ShuttingDown,
     WorkflowFinished,
 )
+from deploy.gateway.prefix_index import CHARS_PER_TOKEN, is_token_prompt, prompt_segments
 from deploy.gateway.state import CallState, EngineState
 from deploy.upstream import UpstreamError
 from envs.sim.workload import normalise_step
 
 log = logging.getLogger("agentsched.gateway")
 
-CHARS_PER_TOKEN = 4  # rough prompt-size estimate for text prompts (the gateway does not tokenise)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRYABLE_STATUS = {500, 502, 503, 504}
 
@@ -237,7 +237,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             gateway.metrics.rejected.labels("shutting_down").inc()
             return _shutting_down()
         try:
-            body, n_in, n_out, stream = _parse_body(await request.body(), chat)
+            raw = await request.body()
+            body, n_in, n_out, stream = _parse_body(raw, chat)
             model = body.get("model")
             if model is not None and model not in model_names:
                 gateway.metrics.rejected.labels("unknown_model").inc()
@@ -248,13 +249,16 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             stage_index = _int_header(request, "X-Stage-Index", None, minimum=0)
             fanout = _int_header(request, "X-Fanout", 1, minimum=1)
             priority = _int_header(request, "X-Priority", 0)
+            segments = (prompt_segments(body, chat, n_in, gateway.prefix_segment_tokens)
+                        if gateway.prefix_index_enabled else ())
             call = gateway.new_call(
                 workflow_key=h.get("x-workflow-id"),
                 step=normalise_step(h.get("x-workflow-step", "single")),
                 tenant=h.get("x-tenant", "default"),
                 input_tokens=n_in, output_tokens=n_out, stream=stream, slo_s=slo_s,
                 stage_index=stage_index, fanout=fanout or 1, priority=priority or 0,
-                last=h.get("x-workflow-last", "") in ("1", "true", "yes"),
+                last=h.get("x-workflow-last", "") in ("1", "true", "yes"), segments=segments,
+                token_chain=bool(segments) and is_token_prompt(body, chat),
             )
         except BadRequest as exc:
             gateway.metrics.rejected.labels("bad_request").inc()
@@ -264,10 +268,15 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             return _error(409, f"header X-Workflow-Id: workflow {str(exc)!r} already finished; "
                           "send a new workflow under a fresh id", "conflict_error")
         if stream:
-            return await _forward_stream(call, body, path)
-        return await _forward(call, body, path)
+            return await _forward_stream(call, body, raw, path)
+        return await _forward(call, body, raw, path)
 
-    def _upstream_body(body: dict[str, Any], call: CallState, engine: EngineState) -> bytes:
+    def _upstream_body(body: dict[str, Any], raw: bytes, call: CallState, engine: EngineState) -> bytes:
+        """The body sent to the engine: the client's bytes when nothing changes (re-encoding a
+        10k-token prompt costs about as much as parsing it), else re-encoded with the engine's
+        model name and the call's priority."""
+        if not cfg.pass_priority and body.get("model") == engine.spec.model_name:
+            return raw
         out = dict(body)
         out["model"] = engine.spec.model_name
         if cfg.pass_priority:
@@ -286,7 +295,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
         gateway.metrics.rejected.labels("shutting_down").inc()
         return _shutting_down()
 
-    async def _forward(call: CallState, body: dict[str, Any], path: str) -> Response:
+    async def _forward(call: CallState, body: dict[str, Any], raw: bytes, path: str) -> Response:
         exclude: set[int] = set()
         ok = False
         try:
@@ -299,7 +308,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 try:
                     sent_s = time.perf_counter()
                     resp = await gateway.pools[engine.engine_id].fetch(
-                        "POST", path, _upstream_body(body, call, engine), timeout_s=cfg.upstream_timeout_s)
+                        "POST", path, _upstream_body(body, raw, call, engine), timeout_s=cfg.upstream_timeout_s)
                     upstream_s = time.perf_counter() - sent_s
                 except UpstreamError as exc:
                     gateway.attempt_failed(call, engine, exc)
@@ -317,13 +326,14 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 return Response(resp.body, status_code=resp.status,
                                 media_type=resp.headers.get("content-type", "application/json"),
                                 headers={"X-Agentsched-Engine": engine.name,
-                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}"})
+                                         "X-Agentsched-Upstream-S": f"{upstream_s:.6f}",
+                                         "X-Agentsched-Predicted-Hit-Tokens": str(call.predicted_hit_tokens)})
             gateway.metrics.rejected.labels("attempts_exhausted").inc()
             return _error(502, f"call failed on {call.attempts} attempts; engines unavailable", "upstream_error")
         finally:
             gateway.call_finished(call, ok)
 
-    async def _forward_stream(call: CallState, body: dict[str, Any], path: str) -> Response:
+    async def _forward_stream(call: CallState, body: dict[str, Any], raw: bytes, path: str) -> Response:
         """Retry on another engine until the first byte is received; after that, stream through."""
         exclude: set[int] = set()
         for _ in range(cfg.max_attempts):
@@ -335,7 +345,7 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
                 return _rejected(exc)
             pool = gateway.pools[engine.engine_id]
             try:
-                upstream = await pool.request("POST", path, _upstream_body(body, call, engine),
+                upstream = await pool.request("POST", path, _upstream_body(body, raw, call, engine),
                                               timeout_s=cfg.upstream_timeout_s)
                 chunks = upstream.chunks()
                 first = await chunks.__anext__()
@@ -405,7 +415,8 @@ def build_app(gateway: Gateway, api_key: str | None = None, metrics_key: str | N
             weakref.finalize(stream, finish, False).atexit = False
             return StreamingResponse(stream, status_code=upstream.status,
                                      media_type=upstream.headers.get("content-type", "text/event-stream"),
-                                     headers={"X-Agentsched-Engine": engine.name})
+                                     headers={"X-Agentsched-Engine": engine.name,
+                                              "X-Agentsched-Predicted-Hit-Tokens": str(call.predicted_hit_tokens)})
         gateway.call_finished(call, False)
         return _error(502, f"stream failed on {call.attempts} attempts; engines unavailable", "upstream_error")
 

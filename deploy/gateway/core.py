@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster
+from deploy.gateway.kv_events import follow_kv_events
+from deploy.gateway.prefix_index import Segments
 from deploy.gateway.state import (
     WORKFLOW_RETENTION_S,
     CallState,
@@ -32,6 +34,7 @@ from deploy.gateway.state import (
     build_cluster_state,
 )
 from deploy.upstream import Upstream, UpstreamError
+from envs.sim.errors import UserError
 from policies.base import Policy
 
 log = logging.getLogger("agentsched.gateway")
@@ -42,7 +45,19 @@ VLLM_WAITING = "vllm:num_requests_waiting"
 VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
 VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
 VLLM_CACHE_INFO = "vllm:cache_config_info"
-_SCRAPED_PREFIXES = (VLLM_RUNNING + "{", VLLM_WAITING + "{", VLLM_KV_USAGE, "vllm:num_preemptions", VLLM_CACHE_INFO)
+# the engine's prefix-cache counters, in prompt tokens (queried, served from cache): the current V1
+# names first, then the older ones (`gpu_` prefix, earlier V1 releases); each with and without the
+# `_total` suffix prometheus_client's exposition adds to a counter
+PREFIX_CACHE_QUERIES = "prefix_cache_queries"
+PREFIX_CACHE_HITS = "prefix_cache_hits"
+_PREFIX_COUNTER_NAMES = {
+    PREFIX_CACHE_QUERIES: ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries",
+                           "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries"),
+    PREFIX_CACHE_HITS: ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
+                        "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits"),
+}
+_SCRAPED_PREFIXES = (VLLM_RUNNING + "{", VLLM_WAITING + "{", VLLM_KV_USAGE, "vllm:num_preemptions", VLLM_CACHE_INFO,
+                     "vllm:prefix_cache_", "vllm:gpu_prefix_cache_")
 DECISION_BUCKETS_S = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
 
@@ -90,9 +105,12 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     kept = "\n".join(line for line in text.splitlines() if line.startswith(_SCRAPED_PREFIXES)) + "\n"
     out: dict[str, float] = {}
     kv_by_core: dict[str, float] = {}
+    prefix: dict[str, float] = {}  # counter sample name -> value summed over engine cores
     for family in text_string_to_metric_families(kept):
         for sample in family.samples:
-            if sample.name == VLLM_CACHE_INFO:
+            if sample.name.startswith(("vllm:prefix_cache_", "vllm:gpu_prefix_cache_")):
+                prefix[sample.name] = prefix.get(sample.name, 0.0) + sample.value
+            elif sample.name == VLLM_CACHE_INFO:
                 tokens = sample.labels.get("kv_cache_size_tokens")
                 if tokens is not None:
                     out["kv_cache_size_tokens"] = out.get("kv_cache_size_tokens", 0.0) + float(tokens)
@@ -103,7 +121,38 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
     if kv_by_core:
         out[VLLM_KV_USAGE] = max(kv_by_core.values())
+    for key, names in _PREFIX_COUNTER_NAMES.items():  # the first name the engine exposes
+        value = next((prefix[name] for name in names if name in prefix), None)
+        if value is not None:
+            out[key] = value
     return out
+
+
+@dataclass(frozen=True)
+class PrefixCacheCounters:
+    """An engine's prefix-cache counters since it started: prompt tokens looked up in the cache
+    (`vllm:prefix_cache_queries`) and served from it (`vllm:prefix_cache_hits`)."""
+
+    queries_tokens: float
+    hits_tokens: float
+
+    def since(self, earlier: "PrefixCacheCounters") -> "PrefixCacheCounters":
+        """The counts between an earlier reading and this one (same engine, no restart between)."""
+        return PrefixCacheCounters(self.queries_tokens - earlier.queries_tokens, self.hits_tokens - earlier.hits_tokens)
+
+    @property
+    def hit_rate(self) -> float:
+        """hits / queries, the quantity the simulator's `prefix_cache_hit_rate` is (0 without queries)."""
+        return self.hits_tokens / self.queries_tokens if self.queries_tokens > 0 else 0.0
+
+
+def prefix_cache_counters(metrics_text: str) -> PrefixCacheCounters | None:
+    """The prefix-cache counters of a vLLM /metrics page (current or older metric names, summed
+    over engine cores); None when the engine exposes none (prefix caching off, or no such metric)."""
+    values = parse_vllm_metrics(metrics_text)
+    if PREFIX_CACHE_QUERIES not in values:
+        return None
+    return PrefixCacheCounters(values[PREFIX_CACHE_QUERIES], values.get(PREFIX_CACHE_HITS, 0.0))
 
 
 class GatewayMetrics:
@@ -121,6 +170,23 @@ class GatewayMetrics:
         self.inflight = Gauge("agentsched_inflight", "Calls in flight at each engine", ["engine"], registry=r)
         self.healthy = Gauge("agentsched_engine_healthy", "1 if the engine is up", ["engine"], registry=r)
         self.kv_usage = Gauge("agentsched_engine_kv_usage", "Scraped KV-cache usage 0..1", ["engine"], registry=r)
+        self.engine_prefix_queries = Gauge(
+            "agentsched_engine_prefix_cache_queries_tokens",
+            "The engine's own vllm:prefix_cache_queries (prompt tokens looked up since it started), as last scraped",
+            ["engine"], registry=r)
+        self.engine_prefix_hits = Gauge(
+            "agentsched_engine_prefix_cache_hits_tokens",
+            "The engine's own vllm:prefix_cache_hits (prompt tokens served from its cache since it started), as last scraped",
+            ["engine"], registry=r)
+        self.predicted_queries = Counter("agentsched_prefix_index_query_tokens",
+                                         "Prompt tokens of calls sent to each engine with a known prompt structure",
+                                         ["engine"], registry=r)
+        self.predicted_hits = Counter("agentsched_prefix_index_predicted_hit_tokens",
+                                      "Prompt tokens the gateway's prefix index predicted each engine to serve from cache",
+                                      ["engine"], registry=r)
+        self.index_cached = Gauge("agentsched_prefix_index_cached_tokens",
+                                  "Prompt-prefix tokens the gateway's index predicts each engine holds", ["engine"],
+                                  registry=r)
         self.decision = Histogram("agentsched_decision_seconds", "Time of one policy dispatch decision",
                                   buckets=DECISION_BUCKETS_S, registry=r)
         self.wf_finished = Counter("agentsched_workflows_finished", "Finished workflows", ["tenant"], registry=r)
@@ -154,6 +220,20 @@ class Gateway:
         self.shutting_down = False
         self.interval_calls = 0
         self._tenant_counts: dict[str, list[int]] = {}
+        # prompts are cut into segments at the smallest block size of the cluster (prefix_index.py),
+        # or at the configured multiple of it
+        smallest_block = min(e.model.block_size_tokens for e in self.state.engines)
+        segment = self.config.prefix_segment_tokens
+        if segment is not None and segment % smallest_block:
+            raise UserError(f"gateway.prefix_segment_tokens={segment} must be a multiple of the engines' smallest "
+                            f"block_size_tokens ({smallest_block}); use e.g. {smallest_block * max(1, segment // smallest_block)}")
+        self.prefix_segment_tokens = segment or smallest_block
+        for e in self.state.engines:
+            if e.kv_events is not None and e.kv_events.block_tokens != self.prefix_segment_tokens:
+                raise UserError(f"engine {e.name!r}: kv_events_endpoint needs prompt chains cut at its block size "
+                                f"({e.kv_events.block_tokens} tokens), but the gateway cuts {self.prefix_segment_tokens}; "
+                                "leave gateway.prefix_segment_tokens unset and give every engine the same block_size_tokens")
+        self.prefix_index_enabled = self.config.prefix_index
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)
 
@@ -165,6 +245,10 @@ class Gateway:
                        for i, e in enumerate(self.state.engines)]
         self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         self._tasks.append(asyncio.create_task(self._gc_loop(), name="workflow-gc"))
+        for e in self.state.engines:
+            if e.kv_events is not None and e.spec.kv_events_endpoint:
+                self._tasks.append(asyncio.create_task(follow_kv_events(e.spec.kv_events_endpoint, e.kv_events),
+                                                       name=f"kv-events-{e.name}"))
 
     @property
     def control_interval_s(self) -> float:
@@ -227,8 +311,10 @@ class Gateway:
 
     def new_call(self, *, workflow_key: str | None, step: str, tenant: str, input_tokens: int, output_tokens: int,
                  stream: bool, slo_s: float | None = None, stage_index: int | None = None, fanout: int = 1,
-                 priority: int = 0, last: bool = False) -> CallState:
-        """Register a call (and its workflow on first sight); compute its deadline the simulator's way."""
+                 priority: int = 0, last: bool = False, segments: Segments = (), token_chain: bool = False) -> CallState:
+        """Register a call (and its workflow on first sight); compute its deadline the simulator's way.
+        `segments`: the prompt's block hash chain (`prefix_index.prompt_segments`), () if unknown;
+        `token_chain`: it is the chain of a token-id prompt."""
         st = self.state
         now = st.now_s
         wf = self._workflow(workflow_key, tenant, slo_s, now)
@@ -251,7 +337,8 @@ class Gateway:
             call_id=next(self._call_ids), workflow_id=wf.workflow_id, tenant=tenant, step=step,
             stage_index=stage_index if stage_index is not None else position, fanout=fanout,
             input_tokens=input_tokens, output_tokens=output_tokens, ready_time_s=now, deadline_s=deadline,
-            workflow_deadline_s=wf.deadline_s, priority=priority, stream=stream,
+            workflow_deadline_s=wf.deadline_s, priority=priority, stream=stream, segments=segments,
+            token_chain=token_chain,
             critical_path_at_ready_s=wf.critical_path_service_s,
         )
 
@@ -353,7 +440,18 @@ class Gateway:
             if pending.admitted.done():  # client went away
                 continue
             engine.inflight += 1
-            pending.call.admit_time_s = self.state.now_s
+            call = pending.call
+            call.admit_time_s = self.state.now_s
+            if call.segments:  # the engine gets the prompt now: its blocks are in use there, then cached
+                events = engine.kv_events
+                if events is not None and call.token_chain and events.live:  # what the engine reported holding
+                    call.predicted_hit_tokens = events.hit_tokens(call.segments, call.input_tokens)
+                    engine.prefix_index.acquire(call.call_id, call.segments, call.input_tokens)
+                else:
+                    call.predicted_hit_tokens = engine.prefix_index.acquire(call.call_id, call.segments,
+                                                                            call.input_tokens)
+                self.metrics.predicted_queries.labels(engine.name).inc(call.input_tokens)
+                self.metrics.predicted_hits.labels(engine.name).inc(call.predicted_hit_tokens)
             pending.admitted.set_result(True)
 
     def _enqueue(self, call: CallState, engine: EngineState) -> asyncio.Future:
@@ -362,7 +460,7 @@ class Gateway:
         heapq.heappush(self.queues[engine.engine_id], _Pending(key, next(self._seq), call, fut))
         engine.queued += 1
         call.engine_id = engine.engine_id
-        call.expected_s = engine.expected_latency_s(call.step)
+        call.expected_s = engine.expected_call_latency_s(call)  # T_e(s) unless the engine holds part of the prompt
         engine.ledger.place(call.expected_s)
         self._pump(engine)
         return fut
@@ -370,6 +468,7 @@ class Gateway:
     def _release(self, call: CallState, engine: EngineState, admitted: bool) -> None:
         if admitted:
             engine.inflight -= 1
+            engine.prefix_index.release(call.call_id)
         engine.ledger.finish(call.expected_s)
         self._pump(engine)
 
@@ -441,6 +540,9 @@ class Gateway:
                 hint = f" (is it running at {engine.spec.base_url}? engines without `launch` are started by you)"
             log.warning("engine %s is DOWN%s", engine.name, hint)
             self._clear_scraped(engine)
+            engine.prefix_index.clear()  # it comes back with an empty cache
+            if engine.kv_events is not None:
+                engine.kv_events.clear()
             # hand queued calls back to dispatch (their waiters see False and re-route)
             queue = self.queues[engine.engine_id]
             while queue:
@@ -509,6 +611,19 @@ class Gateway:
         engine.preemptions_total = float(values.get(VLLM_PREEMPTIONS, engine.preemptions_total))
         if "kv_cache_size_tokens" in values:
             engine.scraped_kv_capacity_tokens = int(values["kv_cache_size_tokens"])
+            engine.prefix_index.set_capacity(engine.scraped_kv_capacity_tokens)
+        queries = values.get(PREFIX_CACHE_QUERIES)
+        if queries is not None:
+            before = engine.prefix_cache_queries_total
+            if before is not None and queries < before:  # counters restarted: so did the engine, with an empty cache
+                log.warning("engine %s restarted (its prefix-cache counters went back); its prefix index is cleared",
+                            engine.name)
+                engine.prefix_index.clear()
+            engine.prefix_cache_queries_total = queries
+            engine.prefix_cache_hits_total = values.get(PREFIX_CACHE_HITS, 0.0)
+            self.metrics.engine_prefix_queries.labels(engine.name).set(queries)
+            self.metrics.engine_prefix_hits.labels(engine.name).set(engine.prefix_cache_hits_total)
+        self.metrics.index_cached.labels(engine.name).set(engine.prefix_index.cached_tokens)
         engine.last_scrape_s = self.state.now_s
 
     async def _control_loop(self) -> None:
@@ -554,7 +669,18 @@ class Gateway:
                  "kv_usage": e.kv_usage, "preemptions_total": e.preemptions_total, "kv_capacity_tokens": e.kv_capacity_tokens,
                  "scraped_kv_capacity_tokens": e.scraped_kv_capacity_tokens,
                  "assigned_calls": e.assigned_calls, "outstanding_work_s": e.outstanding_work_s,
-                 "latency_s": e.latency_table}
+                 "latency_s": e.latency_table,
+                 "prefix_cache_queries_total": e.prefix_cache_queries_total,
+                 "prefix_cache_hits_total": e.prefix_cache_hits_total,
+                 "prefix_index": {"block_size_tokens": e.prefix_index.block_tokens,
+                                  "cached_tokens": e.prefix_index.cached_tokens,
+                                  "query_tokens": e.prefix_index.cache.query_tokens,
+                                  "predicted_hit_tokens": e.prefix_index.cache.hit_tokens,
+                                  "evicted_blocks": e.prefix_index.cache.evicted_blocks},
+                 "kv_events": None if e.kv_events is None else {
+                     "endpoint": e.spec.kv_events_endpoint, "live": e.kv_events.live, "batches": e.kv_events.batches,
+                     "resets": e.kv_events.resets, "cached_tokens": e.kv_events.cached_tokens,
+                     "skipped_blocks": e.kv_events.skipped_blocks}}
                 for e in st.engines
             ],
             "control_interval_s": self.control_interval_s,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, overload
 
 from deploy.cluster import Cluster, EngineSpec
+from deploy.gateway.kv_events import KVEventIndex
+from deploy.gateway.prefix_index import EnginePrefixIndex, Segments
 from envs.sim.catalog import load_catalog
 from envs.sim.errors import UserError
 from envs.sim.model import (
@@ -88,7 +90,10 @@ class CallState:
     attempts: int = 0
     engine_id: int = -1
     expected_s: float = 0.0
-    segments: tuple = ()  # prompt structure unknown at the gateway (yet): no prefix-cache estimate
+    # the prompt's block hash chain (deploy/gateway/prefix_index.py); () when unknown: no cache estimate
+    segments: Segments = ()
+    token_chain: bool = False  # the segments are the block chain of a token-id prompt (KV events can match them)
+    predicted_hit_tokens: int = 0  # prompt tokens the prefix index predicted its engine to serve from cache
     admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
     critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
 
@@ -213,6 +218,17 @@ class EngineState(LedgerMixin):
         self.scraped_kv_capacity_tokens: int | None = None
         self.last_scrape_s: float | None = None
         self.scrape_failures = 0
+        # the engine's own prefix-cache counters (tokens; vllm:prefix_cache_queries/hits), None until scraped
+        self.prefix_cache_queries_total: float | None = None
+        self.prefix_cache_hits_total: float | None = None
+        # what the gateway predicts the engine's prefix cache holds, from the prompts it sent there
+        self.prefix_index = EnginePrefixIndex(model.block_size_tokens, model.kv_capacity_tokens)
+        # what the engine itself reports cached, when it publishes KV-cache events (None: it does not)
+        self.kv_events = KVEventIndex(model.block_size_tokens) if spec.kv_events_endpoint else None
+        # the last lookup: (call id, index version, event batches, hit tokens). A call's dispatch
+        # and enqueue ask for the same engine's hits in one event-loop step; a long prompt's chain
+        # is walked once
+        self._last_lookup: tuple[int, int, int, int] = (-1, -1, -1, 0)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -238,12 +254,33 @@ class EngineState(LedgerMixin):
             upstream_waiting = self.scraped_waiting  # the engine queues more than we sent (other clients)
         return upstream_waiting + self.queued
 
-    # prefix cache: the gateway keeps no index of what each engine caches yet (the live engines run
-    # without prefix caching), so it predicts no hits; the latency given hits is the model's formula
-    prefix_cache_tokens = 0
+    # prefix cache: the gateway's prediction (`prefix_index`), read exactly as the simulator reads
+    # its engine's cache; the latency given hits is the engine model's formula
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens of prompt prefixes the engine holds in its cache (as its KV events report them,
+        else as the gateway predicts them)."""
+        events = self.kv_events
+        if events is not None and events.live:
+            return events.cached_tokens
+        return self.prefix_index.cached_tokens
 
     def cached_prefix_tokens(self, call: CallState) -> int:
-        return 0
+        """Prompt tokens of `call` the engine would serve from its cache if sent now: from its KV
+        events for a token-id prompt when it publishes them, else the gateway's prediction."""
+        if not call.segments:
+            return 0
+        events = self.kv_events
+        heard = events.batches if events is not None and call.token_chain else 0
+        call_id, version, batches, hit = self._last_lookup
+        if call_id == call.call_id and version == self.prefix_index.version and batches == heard:
+            return hit
+        if events is not None and heard:
+            hit = events.hit_tokens(call.segments, call.input_tokens)
+        else:
+            hit = self.prefix_index.hit_tokens(call.segments, call.input_tokens)
+        self._last_lookup = (call.call_id, self.prefix_index.version, heard, hit)
+        return hit
 
     def expected_call_latency_s(self, call: CallState) -> float:
         hit = self.cached_prefix_tokens(call)
