@@ -135,8 +135,43 @@ def load_trace(path_or_name: str | Path) -> list[WorkflowSpec]:
                 if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "input_length" else 1):
                     raise UserError(f"trace: {where}: '{key}' must be a positive integer, got {value!r}")
             calls.append(CallSpec(normalise_step(call["step"]), call["input_length"], call["output_length"]))
-        workflows.append(with_chess_segments(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}")))
+        token_scale = query.get("token_scale", 1.0)
+        if not isinstance(token_scale, (int, float)) or isinstance(token_scale, bool) or not token_scale > 0:
+            raise UserError(f"trace: query {qi} in {path.name}: 'token_scale' must be a number > 0, got {token_scale!r}")
+        workflow = with_chess_segments(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}"))
+        workflows.append(scale_workflow(workflow, float(token_scale)))
     return workflows
+
+
+def scaled_tokens(tokens: int, token_scale: float) -> int:
+    """A token count times `token_scale`, rounded, at least 1 (the replay's and the simulator's rule)."""
+    return max(1, int(round(tokens * token_scale)))
+
+
+def scale_workflow(workflow: WorkflowSpec, token_scale: float) -> WorkflowSpec:
+    """The workflow with every token count times `token_scale` (tiny live engines replay a trace's
+    shape at a size they keep up with), its prompt segments included: the segments are derived at
+    full size and then scaled by their boundaries (a segment ends at round(its full-size end x
+    token_scale)), so a template larger than a scaled prompt never happens, a chat history that
+    extends the previous call's prompt still extends it, and one segment scales to one size in
+    every call. A segment that scales to no token is dropped. Scale 1 returns the workflow as is."""
+    if token_scale == 1.0:
+        return workflow
+    stages = []
+    for stage in workflow.stages:
+        calls = []
+        for c in stage:
+            n_in = scaled_tokens(c.input_tokens, token_scale)
+            segments: list[SegmentSpec] = []
+            end = scaled_end = 0
+            for seg in c.segments:
+                end += seg.tokens
+                start, scaled_end = scaled_end, min(n_in, int(round(end * token_scale)))
+                if scaled_end > start:
+                    segments.append(SegmentSpec(seg.scope, seg.name, scaled_end - start))
+            calls.append(CallSpec(c.step, n_in, scaled_tokens(c.output_tokens, token_scale), tuple(segments)))
+        stages.append(tuple(calls))
+    return WorkflowSpec(tuple(stages), source=workflow.source)
 
 
 # ---------------------------------------------------------------------------------------------
