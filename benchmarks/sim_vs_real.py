@@ -245,9 +245,11 @@ def main() -> None:
                            burst_repeats=base_plan.burst_repeats * args.effort)
             with ThreadPoolExecutor(1 if args.sequential_calibration else len(cluster.engines)) as pool:
                 fitted = list(pool.map(lambda spec: calibrate(spec.base_url, profiles[spec.name],
-                                                              max_num_seqs=spec.batch_limit, plan=plan)[0],
+                                                              max_num_seqs=spec.batch_limit, plan=plan),
                                        cluster.engines))
-            by_name = dict(zip((spec.name for spec in cluster.engines), fitted))
+            for spec, (_, samples) in zip(cluster.engines, fitted):
+                (args.out / f"calibration-samples-{spec.name}.json").write_text(json.dumps(asdict(samples)))
+            by_name = {spec.name: profile for spec, (profile, _) in zip(cluster.engines, fitted)}
             # the request path replay uses: client -> gateway -> engine and back
             path = measure_path_overhead(f"http://127.0.0.1:{port}", by_name, calls=20 * len(by_name))
             for name, profile in by_name.items():
@@ -274,6 +276,13 @@ def main() -> None:
                 print(f"calibrated {name}: {profile.iteration.model_dump()} engine time per call "
                       f"{profile.call_engine_s*1e3:.2f} ms, API server per call {profile.call_frontend_s*1e3:.2f} ms, overhead "
                       f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms)")
+            for name, profile in by_name.items():
+                f = profile.fit
+                if "warm_prefill_saved_ratio" in f:
+                    print(f"warm prefix {name}: time saved by hits real/sim {f['warm_prefill_saved_ratio']:.2f} "
+                          f"({f['warm_prefill_saved_real_s']*1e3:.1f} / {f['warm_prefill_saved_sim_s']*1e3:.1f} ms over "
+                          f"{f['n_warm_prefill_samples']:.0f} probes), warm latency error median "
+                          f"{f['warm_prefill_median_rel_err']:+.1%}")
             print(f"calibration took {time.perf_counter() - t0:.0f} s")
         # a fresh gateway for the replay: its round robin starts at the first engine, as the
         # simulated one does (the calibration streams leave it at an arbitrary phase, and calls
