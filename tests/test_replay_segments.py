@@ -17,7 +17,14 @@ from envs.sim.config import ClusterConfig
 from envs.sim.errors import UserError
 from envs.sim.perf import PerfProfile
 from envs.sim.scenario import RunSpec, workload_for
-from envs.sim.workload import CallSpec, load_trace, resolve_trace_path, scale_workflow
+from envs.sim.workload import (
+    CallSpec,
+    TraceGenerator,
+    chess_static_prefix_tokens,
+    load_trace,
+    resolve_trace_path,
+    scale_workflow,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -238,3 +245,25 @@ def test_counter_reader_reads_older_names_sums_cores_and_never_counts_twice() ->
     assert parse_prefix_cache_counters("vllm:num_requests_running 0\n") is None
     delta = PrefixCacheCounters(1500.0, 900.0) - PrefixCacheCounters(1000.0, 640.0)
     assert delta == PrefixCacheCounters(500.0, 260.0) and delta.hit_rate == pytest.approx(0.52)
+
+
+def test_generator_fitted_to_a_scaled_trace_scales_the_drawn_queries_segments() -> None:
+    """Queries drawn beyond a scaled trace get templates of the scaled size, not the full-size
+    template cut to the (scaled) prompt."""
+    scaled = [scale_workflow(wf, 0.05) for wf in load_trace("chess_trace1")]
+    generator = TraceGenerator.fit(scaled)
+    assert generator.token_scale == 0.05
+    drawn = generator.sample(20, np.random.default_rng(0))
+    templates = {}
+    for wf in drawn:
+        assert wf.token_scale == 0.05
+        for c in _calls(wf):
+            assert 0 < sum(s.tokens for s in c.segments) <= c.input_tokens
+            for s in c.segments:
+                if s.scope == "template":
+                    templates.setdefault(s.name, set()).add(s.tokens)
+    full_size = chess_static_prefix_tokens()["generate_candidate_one"]
+    # the candidate template is its full size scaled (rounded at its end), wherever the prompt has room
+    assert max(templates["chess/generate_candidate_one"]) <= round(full_size * 0.05)
+    candidates = [c for wf in drawn for c in _calls(wf) if c.step == "generate_candidate"]
+    assert any(c.input_tokens - sum(s.tokens for s in c.segments) > 50 for c in candidates)

@@ -60,6 +60,7 @@ class WorkflowSpec:
 
     stages: tuple[tuple[CallSpec, ...], ...]
     source: str = ""
+    token_scale: float = 1.0  # its token counts are the source's times this (`scale_workflow`)
 
     @property
     def n_calls(self) -> int:
@@ -171,7 +172,32 @@ def scale_workflow(workflow: WorkflowSpec, token_scale: float) -> WorkflowSpec:
                     segments.append(SegmentSpec(seg.scope, seg.name, scaled_end - start))
             calls.append(CallSpec(c.step, n_in, scaled_tokens(c.output_tokens, token_scale), tuple(segments)))
         stages.append(tuple(calls))
-    return WorkflowSpec(tuple(stages), source=workflow.source)
+    return WorkflowSpec(tuple(stages), source=workflow.source, token_scale=workflow.token_scale * token_scale)
+
+
+def with_scaled_chess_segments(workflow: WorkflowSpec, token_scale: float) -> WorkflowSpec:
+    """CHESS segments for a query drawn at `token_scale` (a generator fitted to a scaled trace):
+    derived at full size (the lengths divided by the scale) and scaled back as `scale_workflow`
+    scales them, cut to the drawn lengths."""
+    if token_scale == 1.0:
+        return with_chess_segments(workflow)
+    full = WorkflowSpec(tuple(tuple(CallSpec(c.step, max(1, round(c.input_tokens / token_scale)), c.output_tokens)
+                                    for c in stage) for stage in workflow.stages), source=workflow.source)
+    derived = scale_workflow(with_chess_segments(full), token_scale)
+    stages = []
+    for stage, scaled in zip(workflow.stages, derived.stages):
+        calls = []
+        for c, d in zip(stage, scaled):
+            segments, end = [], 0
+            for seg in d.segments:
+                tokens = min(seg.tokens, c.input_tokens - end)
+                if tokens <= 0:
+                    break
+                segments.append(seg if tokens == seg.tokens else SegmentSpec(seg.scope, seg.name, tokens))
+                end += tokens
+            calls.append(CallSpec(c.step, c.input_tokens, c.output_tokens, tuple(segments)))
+        stages.append(tuple(calls))
+    return WorkflowSpec(tuple(stages), source=workflow.source, token_scale=workflow.token_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +284,7 @@ def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
                                 for c in calls))
         else:
             stages.append(stage)
-    return WorkflowSpec(tuple(stages), source=workflow.source)
+    return WorkflowSpec(tuple(stages), source=workflow.source, token_scale=workflow.token_scale)
 
 
 def warm_cache_hit_tokens(workflow: WorkflowSpec) -> int:
@@ -326,6 +352,7 @@ class TraceGenerator:
     token_fits: dict[str, _StepTokenFit] = field(default_factory=dict)
     name: str = "generator"
     chess_segments: bool = False  # derive CHESS prompt segments for the drawn queries (fitted to a CHESS trace)
+    token_scale: float = 1.0  # the fitted trace's token scale: the drawn queries' segments are scaled alike
 
     @classmethod
     def fit(cls, workflows: Sequence[WorkflowSpec], name: str = "generator") -> "TraceGenerator":
@@ -344,7 +371,9 @@ class TraceGenerator:
             fits[step] = _StepTokenFit(arr.mean(axis=0), cov, (int(raw[:, 0].min()), int(raw[:, 1].min())),
                                        (int(raw[:, 0].max()), int(raw[:, 1].max())))
         chess = any(c.segments for wf in workflows for stage in wf.stages for c in stage)
-        return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess)
+        scales = {wf.token_scale for wf in workflows}
+        return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess,
+                   token_scale=scales.pop() if len(scales) == 1 else 1.0)
 
     def sample(self, n: int, rng: np.random.Generator, prompt_segments: bool = True) -> list[WorkflowSpec]:
         """`n` new queries; `prompt_segments=False` skips deriving their prompt structure (no
@@ -371,8 +400,9 @@ class TraceGenerator:
                 at = cursor[step]
                 cursor[step] = at + width
                 stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
-            spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}")
-            out.append(with_chess_segments(spec) if self.chess_segments and prompt_segments else spec)
+            spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}", token_scale=self.token_scale)
+            out.append(with_scaled_chess_segments(spec, self.token_scale) if self.chess_segments and prompt_segments
+                       else spec)
         return out
 
 
