@@ -183,3 +183,5 @@ def calibrate_cmd(
                    f"{f['warm_prefill_median_abs_rel_err']:.1%} (median; signed {f['warm_prefill_median_rel_err']:+.1%}); "
                    f"time saved by the hits real {f['warm_prefill_saved_real_s']*1e3:.1f} ms, simulated "
                    f"{f['warm_prefill_saved_sim_s']*1e3:.1f} ms over {f['n_warm_prefill_samples']:.0f} probes")
+    else:
+        typer.echo("no warm-prefix probes: the engine runs without prefix caching (start it with --enable-prefix-caching)")
