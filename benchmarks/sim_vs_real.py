@@ -281,7 +281,8 @@ def main() -> None:
                 if "warm_prefill_saved_ratio" in f:
                     print(f"warm prefix {name}: time saved by hits real/sim {f['warm_prefill_saved_ratio']:.2f} "
                           f"({f['warm_prefill_saved_real_s']*1e3:.1f} / {f['warm_prefill_saved_sim_s']*1e3:.1f} ms over "
-                          f"{f['n_warm_prefill_samples']:.0f} probes), warm latency error median "
+                          f"{f['n_warm_prefill_samples']:.0f} probes), warm/cold latency ratio error median "
+                          f"{f['warm_cold_ratio_median_rel_err']:+.1%}, warm latency error median "
                           f"{f['warm_prefill_median_rel_err']:+.1%}")
             print(f"calibration took {time.perf_counter() - t0:.0f} s")
         # a fresh gateway for the replay: its round robin starts at the first engine, as the

@@ -308,21 +308,24 @@ def warm_prefill_check(warm: list[tuple[int, int, float, float]], coeffs: Profil
     n - h uncached tokens attending to all n (`solo_call_latency_s` with `cached_tokens`), plus the
     per-call time of every call (`per_call_s`: request overhead and engine time per call).
 
-    Two figures: the warm calls' latency error (signed median, and median of its size), and the
-    ratio of the time the hits saved, real over simulated, summed over the probes. The probe's
-    cold and warm calls alternate, so the saving is robust to load from other jobs on the
-    machine, which moves both alike; the absolute warm latency is not."""
+    Three figures: the warm calls' latency error (signed median, and median of its size); the
+    error of the warm/cold latency ratio (what `EngineModel.expected_latency_with_hits_s` scales
+    a step's expected latency by); and the time the hits saved, real over simulated, summed over
+    the probes. A probe's cold and warm calls alternate, so the ratio and the saving are robust to
+    load from other jobs on the machine, which moves both alike; the absolute warm latency is not."""
     model = ProfileModel(PerfProfile(iteration=coeffs))
-    errs, saved_real, saved_sim = [], [], []
+    errs, ratio_errs, saved_real, saved_sim = [], [], [], []
     for n, hit, cold_s, warm_s in warm:
         cold_pred = per_call_s + solo_call_latency_s(model, n, 1, n)
         warm_pred = per_call_s + solo_call_latency_s(model, n, 1, n, cached_tokens=hit)
         errs.append((warm_pred - warm_s) / warm_s)
+        ratio_errs.append((warm_pred / cold_pred) / (warm_s / cold_s) - 1.0)
         saved_real.append(cold_s - warm_s)
         saved_sim.append(cold_pred - warm_pred)
     sim_saved = float(np.sum(saved_sim))
     return {"warm_prefill_median_abs_rel_err": float(np.median(np.abs(errs))),
             "warm_prefill_median_rel_err": float(np.median(errs)), "n_warm_prefill_samples": float(len(warm)),
+            "warm_cold_ratio_median_rel_err": float(np.median(ratio_errs)),
             "warm_prefill_saved_real_s": float(np.sum(saved_real)), "warm_prefill_saved_sim_s": sim_saved,
             "warm_prefill_saved_ratio": float(np.sum(saved_real)) / sim_saved if sim_saved > 0 else float("nan"),
             "warm_prefill_hit_tokens": float(sum(h for _, h, _, _ in warm))}

@@ -180,7 +180,8 @@ def calibrate_cmd(
     if "warm_prefill_median_abs_rel_err" in profile.fit:
         f = profile.fit
         typer.echo(f"warm prefix: latency of prompts with cached prefixes predicted within "
-                   f"{f['warm_prefill_median_abs_rel_err']:.1%} (median; signed {f['warm_prefill_median_rel_err']:+.1%}); "
+                   f"{f['warm_prefill_median_abs_rel_err']:.1%} (median; signed {f['warm_prefill_median_rel_err']:+.1%}), "
+                   f"their warm/cold ratio within {f['warm_cold_ratio_median_rel_err']:+.1%}; "
                    f"time saved by the hits real {f['warm_prefill_saved_real_s']*1e3:.1f} ms, simulated "
                    f"{f['warm_prefill_saved_sim_s']*1e3:.1f} ms over {f['n_warm_prefill_samples']:.0f} probes")
     else:
