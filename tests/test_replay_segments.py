@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.calibrate import warm_prefill_check
 from deploy.engines import PrefixCacheCounters, parse_prefix_cache_counters, prefix_caching_enabled
 from deploy.replay import TOKEN_ID_RANGE, prompt_token_ids
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig
 from envs.sim.errors import UserError
-from envs.sim.perf import PerfProfile
+from envs.sim.perf import PerfProfile, ProfileCoefficients, ProfileModel, solo_call_latency_s
 from envs.sim.scenario import RunSpec, workload_for
 from envs.sim.workload import (
     CallSpec,
@@ -267,3 +268,24 @@ def test_generator_fitted_to_a_scaled_trace_scales_the_drawn_queries_segments() 
     assert max(templates["chess/generate_candidate_one"]) <= round(full_size * 0.05)
     candidates = [c for wf in drawn for c in _calls(wf) if c.step == "generate_candidate"]
     assert any(c.input_tokens - sum(s.tokens for s in c.segments) > 50 for c in candidates)
+
+
+def test_warm_prefill_check_compares_probes_with_the_simulators_prefill_of_hits() -> None:
+    """Probes timed exactly as the simulator's engine model prefills a prompt with hits give no
+    error; warm calls 10% slower show as +10% and as less time saved than simulated."""
+    coeffs = ProfileCoefficients(base_s=0.005, prefill_token_s=2e-5, decode_seq_s=1e-4, context_token_s=1e-7,
+                                 attn_pair_s=3e-8)
+    model, per_call_s = ProfileModel(PerfProfile(iteration=coeffs)), 0.004
+    probes = [(256, 128), (512, 384), (1024, 896)]
+    exact = [(n, h, per_call_s + solo_call_latency_s(model, n, 1, n),
+              per_call_s + solo_call_latency_s(model, n, 1, n, cached_tokens=h)) for n, h in probes]
+    fit = warm_prefill_check(exact, coeffs, per_call_s)
+    assert fit["warm_prefill_median_abs_rel_err"] == pytest.approx(0.0, abs=1e-12)
+    assert fit["warm_cold_ratio_median_rel_err"] == pytest.approx(0.0, abs=1e-12)
+    assert fit["warm_prefill_saved_ratio"] == pytest.approx(1.0)
+    # the hits save prefill compute: a warm prompt is faster than a cold one of its length
+    assert all(warm < cold for _, _, cold, warm in exact)
+    slower = [(n, h, cold, warm * 1.1) for n, h, cold, warm in exact]
+    fit = warm_prefill_check(slower, coeffs, per_call_s)
+    assert fit["warm_prefill_median_rel_err"] == pytest.approx(-0.1 / 1.1)
+    assert fit["warm_prefill_saved_ratio"] < 1.0
