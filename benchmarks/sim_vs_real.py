@@ -1,15 +1,22 @@
 """Does the simulator predict the real engines? Calibrate, replay for real, simulate, compare.
 
 Steps (all on this machine, real vLLM CPU engines from deploy/clusters/local-cpu.yaml):
-1. `engines up` (reuses running engines), `calibrate` each engine -> profiles in the out folder;
-2. write the trace scaled by --token-scale (the tiny CPU engines keep up), so simulator and replay
-   read the very same token counts;
-3. `serve` a gateway with the calibrated profiles and replay the scaled trace (`rr`, same seed);
-4. `simulate` the same run on a simulator cluster whose engines use the calibrated profiles;
+1. `engines up` with automatic prefix caching as --prefix-cache says (running engines started with
+   the other setting are restarted), `calibrate` each engine -> profiles in the out folder (with
+   the cache on, also the warm-prefix probes; the profile carries the engine's KV block size);
+2. write the trace with its queries marked `token_scale` (the tiny CPU engines keep up): the
+   workload scales every token count, the prompt segments included, so simulator and replay read
+   the very same calls and the very same shared segments;
+3. `serve` a gateway with the calibrated profiles and replay the scaled trace (`rr`, same seed):
+   with the cache on, shared segments have shared token ids; the engines' own prefix-cache
+   counters give the real hit rate;
+4. `simulate` the same run on a simulator cluster whose engines use the calibrated profiles, with
+   the prefix cache on or off as the engines;
 5. print the prediction error: per-call latency (median, p90) and workflow latency (median, p90),
-   both as errors of the distributions' percentiles and as pairwise errors of matched calls.
+   both as errors of the distributions' percentiles and as pairwise errors of matched calls; and
+   the simulator's prefix-cache hit rate against the engines' counters.
 
-    .venv/bin/python benchmarks/sim_vs_real.py [--queries 30 --rate 0.5 --token-scale 0.05 --effort 2]
+    .venv/bin/python benchmarks/sim_vs_real.py [--queries 30 --rate 0.5 --token-scale 0.05 --effort 2 --prefix-cache on]
 """
 
 from __future__ import annotations
@@ -34,13 +41,13 @@ STEP_NAMES_FAN_OUT = ("generate_candidate", "evaluate")
 
 
 def scaled_trace(src: str, dst: Path, scale: float) -> Path:
+    """The trace with every query marked `token_scale`: `load_trace` scales its token counts and
+    its prompt segments together (envs.sim.workload.scale_workflow), for replay and simulator alike."""
     from envs.sim.workload import resolve_trace_path
 
     raw = json.loads(resolve_trace_path(src).read_text())
     for query in raw:
-        for call in query["Text2SQLRequest"]:
-            call["input_length"] = max(1, int(round(call["input_length"] * scale)))
-            call["output_length"] = max(1, int(round(call["output_length"] * scale)))
+        query["token_scale"] = scale
     dst.write_text(json.dumps(raw))
     return dst
 
@@ -142,6 +149,9 @@ def main() -> None:
     parser.add_argument("--no-load-calibration", action="store_true",
                         help="skip the under-load refit (synthetic call stream through the gateway)")
     parser.add_argument("--port", type=int, default=18999, help="the benchmark's gateway port")
+    parser.add_argument("--prefix-cache", choices=("on", "off"), default="on",
+                        help="automatic prefix caching on the engines and in the simulator; on: replayed prompts "
+                             "share the token ids of their shared segments (off: random prompts, as before)")
     parser.add_argument("--effort", type=int, default=2,
                         help="repeat every calibration measurement this many times (and lengthen the load stream "
                              "as much): less noise in the fitted profiles, at ~90 s of calibration per unit "
@@ -162,16 +172,17 @@ def main() -> None:
         measure_under_load,
     )
     from deploy.cluster import load_cluster
-    from deploy.engines import engines_up
+    from deploy.engines import engines_up_prefix_caching, with_prefix_caching
     from deploy.replay import ReplayConfig, replay
     from envs.sim.config import ClusterConfig
     from envs.sim.metrics import records_from_simulator
     from envs.sim.scenario import RunSpec, simulate
     from policies import load_policy
 
-    cluster = load_cluster(args.cluster)
+    cache_on = args.prefix_cache == "on"
+    cluster = with_prefix_caching(load_cluster(args.cluster), cache_on)
     t0 = time.perf_counter()
-    procs = engines_up(cluster)
+    procs = engines_up_prefix_caching(cluster, cache_on)
     print(f"engines up in {time.perf_counter() - t0:.0f} s")
     # each engine runs in its own process group (API server, EngineCore, worker)
     groups = [os.getpgid(p.pid) for p in procs if getattr(p, "pid", None)]
@@ -185,6 +196,8 @@ def main() -> None:
         entry["profile"] = str(cluster.path(spec.profile)) if spec.profile else None
         if entry["profile"] is None:
             del entry["profile"]
+        if entry.get("launch") is not None:
+            entry["launch"]["enable_prefix_caching"] = cache_on
     raw["workdir"] = str(cluster.workdir)
     raw["vllm_python"] = str(cluster.path(raw["vllm_python"]))
     raw.setdefault("gateway", {})["token_scale"] = args.token_scale
@@ -232,9 +245,11 @@ def main() -> None:
                            burst_repeats=base_plan.burst_repeats * args.effort)
             with ThreadPoolExecutor(1 if args.sequential_calibration else len(cluster.engines)) as pool:
                 fitted = list(pool.map(lambda spec: calibrate(spec.base_url, profiles[spec.name],
-                                                              max_num_seqs=spec.batch_limit, plan=plan)[0],
+                                                              max_num_seqs=spec.batch_limit, plan=plan),
                                        cluster.engines))
-            by_name = dict(zip((spec.name for spec in cluster.engines), fitted))
+            for spec, (_, samples) in zip(cluster.engines, fitted):
+                (args.out / f"calibration-samples-{spec.name}.json").write_text(json.dumps(asdict(samples)))
+            by_name = {spec.name: profile for spec, (profile, _) in zip(cluster.engines, fitted)}
             # the request path replay uses: client -> gateway -> engine and back
             path = measure_path_overhead(f"http://127.0.0.1:{port}", by_name, calls=20 * len(by_name))
             for name, profile in by_name.items():
@@ -261,6 +276,14 @@ def main() -> None:
                 print(f"calibrated {name}: {profile.iteration.model_dump()} engine time per call "
                       f"{profile.call_engine_s*1e3:.2f} ms, API server per call {profile.call_frontend_s*1e3:.2f} ms, overhead "
                       f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms)")
+            for name, profile in by_name.items():
+                f = profile.fit
+                if "warm_prefill_saved_ratio" in f:
+                    print(f"warm prefix {name}: time saved by hits real/sim {f['warm_prefill_saved_ratio']:.2f} "
+                          f"({f['warm_prefill_saved_real_s']*1e3:.1f} / {f['warm_prefill_saved_sim_s']*1e3:.1f} ms over "
+                          f"{f['n_warm_prefill_samples']:.0f} probes), warm/cold latency ratio error median "
+                          f"{f['warm_cold_ratio_median_rel_err']:+.1%}, warm latency error median "
+                          f"{f['warm_prefill_median_rel_err']:+.1%}")
             print(f"calibration took {time.perf_counter() - t0:.0f} s")
         # a fresh gateway for the replay: its round robin starts at the first engine, as the
         # simulated one does (the calibration streams leave it at an arbitrary phase, and calls
@@ -269,7 +292,8 @@ def main() -> None:
         gateway = start_gateway()
         loads["before_replay"] = loadavg_1m()
         real, _ = replay(ReplayConfig(gateway=f"http://127.0.0.1:{port}", trace=str(trace), rate_qps=args.rate,
-                                      slo_scale=args.slo_scale, token_scale=1.0, queries=args.queries, seed=args.seed),
+                                      slo_scale=args.slo_scale, token_scale=1.0, queries=args.queries, seed=args.seed,
+                                      prompt_segments=cache_on),
                          out=args.out / "replay.json", with_records=True)
         loads["after_replay"] = loadavg_1m()
     finally:
@@ -281,7 +305,7 @@ def main() -> None:
     sim_cluster = ClusterConfig(name="local-cpu-calibrated",
                                 engines=[spec.engine_config(profiles[spec.name]) for spec in cluster.engines])
     spec = RunSpec(trace=str(trace), cluster=sim_cluster, rate_qps=args.rate, slo_scale=args.slo_scale,
-                   seed=args.seed, queries=args.queries)
+                   seed=args.seed, queries=args.queries, prefix_cache=cache_on)
     sim_result, sim = simulate(spec, load_policy("rr"))
     wfs, calls, _ = records_from_simulator(sim)
     (args.out / "simulate.json").write_text(json.dumps(dict(sim_result, call_records=[asdict(c) for c in calls],
@@ -289,11 +313,33 @@ def main() -> None:
                                                        indent=1, default=float))
     report = compare(real["call_records"], [asdict(c) for c in calls], real["workflow_records"], [asdict(w) for w in wfs])
     report.update({"queries": args.queries, "rate_qps": args.rate, "token_scale": args.token_scale,
+                   "prefix_cache": args.prefix_cache,
                    "real_slo_attainment": real["slo_attainment"], "sim_slo_attainment": sim_result["slo_attainment"],
                    "loadavg_1m": loads})
+    report["prefix_cache_hit_rate"] = {
+        "real": real["prefix_cache_hit_rate"], "sim": sim_result["prefix_cache_hit_rate"],
+        "real_query_tokens": sum(e["prefix_query_tokens"] for e in real["engines"]),
+        "sim_query_tokens": sum(e["prefix_query_tokens"] for e in sim_result["engines"]),
+        "prompt_tokens_sent": real["prompt_tokens_sent"],
+        "sim_evicted_blocks": sim_result["prefix_cache_evicted_blocks"],
+        "per_engine": {e["name"]: {"real": e["prefix_cache_hit_rate"],
+                                   "sim": next(x["prefix_cache_hit_rate"] for x in sim_result["engines"] if x["name"] == e["name"])}
+                       for e in real["engines"]},
+        # the simulator's KV block size per engine (the calibrated profile's, read from the engine) and its KV size
+        "block_size_tokens": {e.name: e.block_size for e in sim.engines},
+        "kv_capacity_tokens": {e.name: e.total_blocks * e.block_size for e in sim.engines},
+    }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
 
-    print(f"sim vs real on {args.queries} queries of {args.trace} x{args.token_scale} tokens at {args.rate} q/s (rr):")
+    print(f"sim vs real on {args.queries} queries of {args.trace} x{args.token_scale} tokens at {args.rate} q/s (rr), "
+          f"prefix cache {args.prefix_cache}:")
+    h = report["prefix_cache_hit_rate"]
+    print(f"  prefix-cache hit rate  real (engines' counters) {h['real']:.1%}  sim {h['sim']:.1%}  "
+          f"difference {abs(h['sim'] - h['real']) * 100:.1f} points (goal <= 5); per engine "
+          + ", ".join(f"{n} real {v['real']:.1%} sim {v['sim']:.1%}" for n, v in h["per_engine"].items()))
+    print(f"    prompt tokens: sent {h['prompt_tokens_sent']}, engines' queries {h['real_query_tokens']}, simulated "
+          f"{h['sim_query_tokens']}; simulated evictions {h['sim_evicted_blocks']} blocks; block sizes {h['block_size_tokens']}, "
+          f"KV {h['kv_capacity_tokens']} tokens")
     r, s = report["real"], report["sim"]
     print(f"  call latency     p50 real {r['call_p50_s']*1e3:7.1f} ms  sim {s['call_p50_s']*1e3:7.1f} ms  error {report['call_p50_err']:.1%}")
     print(f"  call latency     p90 real {r['call_p90_s']*1e3:7.1f} ms  sim {s['call_p90_s']*1e3:7.1f} ms  error {report['call_p90_err']:.1%}")
@@ -304,7 +350,8 @@ def main() -> None:
     for step, v in report["per_step"].items():
         print(f"    {step:22s} n={v['n']:3d}  real p50 {v['real_p50_s']*1e3:7.1f} ms  sim p50 {v['sim_p50_s']*1e3:7.1f} ms")
     print(f"  load average (1 min): {', '.join(f'{k} {v:.2f}' for k, v in loads.items())} on {os.cpu_count()} cores")
-    print(f"  goal: median error <= 10%  (workflow p50 ratio {report['workflow_p50_err'] / 0.10:.2f})")
+    print(f"  goal: median error <= 10%  (call p50 ratio {report['call_p50_err'] / 0.10:.2f}, "
+          f"workflow p50 ratio {report['workflow_p50_err'] / 0.10:.2f})")
 
 
 if __name__ == "__main__":

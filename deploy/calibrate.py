@@ -8,8 +8,14 @@ gateway and `replay` send them):
   and once with a long output; the difference of the median latencies over the extra tokens is
   one decode iteration at batch B and context about B x (L + T) (prefill, request overhead and
   the staggered arrival of the B calls cancel out).
-- discovered from /metrics: KV capacity and KV block size (vLLM CPU pages in 128-token blocks).
-  The token budget per iteration is vLLM CPU's API-server default, 2048, unless given.
+- discovered from /metrics: KV capacity and KV block size (vLLM CPU pages in 128-token blocks),
+  and whether the engine runs with automatic prefix caching. The token budget per iteration is
+  vLLM CPU's API-server default, 2048, unless given.
+- warm prefix (engines with prefix caching on): a prompt, then one of the same length sharing its
+  first N blocks (`max_tokens=1`), against a cold prompt of that length; the engine's own
+  counters give the hit tokens of the warm call. Not fitted: the profile fitted to the cold
+  calls predicts the warm ones (the simulator's engine model skips the hit tokens' prefill and
+  attends the rest to them), and the fit records how well (`warm_prefill_*`).
 
 Fits (non-negative least squares on relative errors), in `ProfileCoefficients` terms:
     decode iteration  = base_s + decode_seq_s * B + context_token_s * C
@@ -48,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from deploy.engines import prefix_caching_enabled, read_prefix_cache_counters
 from deploy.gateway.core import parse_vllm_metrics
 from deploy.upstream import Upstream, UpstreamError, read_sse_completion
 from envs.sim.cluster import ClusterSimulator
@@ -79,6 +86,10 @@ class CalibrationPlan:
     burst_prompt_tokens: int = 16
     burst_repeats: int = 5
     warmup_calls: int = 8
+    # warm-prefix probes, in KV blocks of the engine: (prompt blocks, shared leading blocks);
+    # prompts longer than the largest of prefill_tokens are skipped (the cold fit's range)
+    warm_prefix_blocks: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 3), (8, 4), (8, 7))
+    warm_prefix_repeats: int = 5
     seed: int = 0
 
 
@@ -87,6 +98,8 @@ class Samples:
     prefill: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tokens, seconds)
     burst: list[tuple[int, int, float]] = field(default_factory=list)  # (calls, prompt tokens, mean seconds)
+    # (prompt tokens, hit tokens the engine counted, cold seconds, warm seconds): medians per probe
+    warm_prefill: list[tuple[int, int, float, float]] = field(default_factory=list)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average while measuring
 
 
@@ -120,6 +133,9 @@ class EngineProber:
         block = re.search(r'vllm:cache_config_info\{[^}]*\bblock_size="(\d+)"', metrics.body.decode())
         if block:  # vLLM CPU pages the KV cache in 128-token blocks, GPUs in 16
             info["block_size"] = int(block.group(1))
+        enabled = prefix_caching_enabled(metrics.body.decode())
+        if enabled is not None:
+            info["prefix_caching"] = enabled
         return info
 
     def _prompt(self, n: int) -> list[int]:
@@ -129,8 +145,9 @@ class EngineProber:
         return json.dumps({"model": self.model, "prompt": self._prompt(n_in), "max_tokens": n_out,
                            "ignore_eos": True, "temperature": 0, "stream": stream}).encode()
 
-    async def solo_latency_s(self, n_in: int, n_out: int) -> float:
-        body = self._body(n_in, n_out, False)
+    async def solo_latency_s(self, n_in: int, n_out: int, prompt: list[int] | None = None) -> float:
+        body = self._body(n_in, n_out, False) if prompt is None else json.dumps({
+            "model": self.model, "prompt": prompt, "max_tokens": n_out, "ignore_eos": True, "temperature": 0}).encode()
         t0 = time.perf_counter()
         resp = await self.pool.fetch("POST", "/v1/completions", body, timeout_s=120)
         elapsed = time.perf_counter() - t0
@@ -156,9 +173,11 @@ async def _batch_latencies(prober: EngineProber, batch: int, n_in: int, n_out: i
     return list(await asyncio.gather(*(prober.solo_latency_s(n_in, n_out) for _ in range(batch))))
 
 
-async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: int, max_len: int) -> Samples:
+async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: int, max_len: int,
+                   prefix_block_size: int | None = None) -> Samples:
     """Non-streamed calls only, as the gateway and `replay` send them (streaming adds per-token
-    API-server work that replayed calls do not pay)."""
+    API-server work that replayed calls do not pay). With `prefix_block_size` (the engine caches
+    prefixes in blocks of that size), the warm-prefix probes too."""
     samples = Samples()
     for _ in range(2):
         await asyncio.gather(*(prober.solo_latency_s(64, 8) for _ in range(plan.warmup_calls)))
@@ -196,7 +215,32 @@ async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: in
                  for _ in range(plan.burst_repeats)]
         samples.burst.append((k, plan.burst_prompt_tokens, statistics.median(means)))
     samples.loadavg.append(loadavg_1m())
+    if prefix_block_size:
+        await _measure_warm_prefix(prober, plan, prefix_block_size, max_len, samples)
     return samples
+
+
+async def _measure_warm_prefix(prober: EngineProber, plan: CalibrationPlan, block_size: int, max_len: int,
+                               samples: Samples) -> None:
+    """Per probe: a cold prompt of L tokens; then a prompt P, and one of L tokens sharing P's first
+    N blocks (the warm call). The hit tokens are the engine's own count over the warm call."""
+    for prompt_blocks, shared_blocks in plan.warm_prefix_blocks:
+        n = prompt_blocks * block_size
+        shared = shared_blocks * block_size
+        if n + 2 > max_len or shared >= n or n > max(plan.prefill_tokens):
+            continue
+        cold, warm, hits = [], [], []
+        for _ in range(plan.warm_prefix_repeats):
+            cold.append(await prober.solo_latency_s(n, 1))
+            first = prober._prompt(n)
+            await prober.solo_latency_s(n, 1, prompt=first)
+            before = await read_prefix_cache_counters(prober.url)
+            warm.append(await prober.solo_latency_s(n, 1, prompt=first[:shared] + prober._prompt(n - shared)))
+            after = await read_prefix_cache_counters(prober.url)
+            if before is not None and after is not None:
+                hits.append((after - before).hits_tokens)
+        samples.warm_prefill.append((n, int(statistics.median(hits)) if hits else shared,
+                                     statistics.median(cold), statistics.median(warm)))
 
 
 def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
@@ -242,6 +286,8 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
     }
     if samples.loadavg:
         fit["loadavg_1m_median"] = float(np.nanmedian(samples.loadavg))
+    if samples.warm_prefill:
+        fit.update(warm_prefill_check(samples.warm_prefill, coeffs, c0 - base_s))
     return PerfProfile(
         engine=f"{info.get('model')} @ {info.get('url')}",
         iteration=coeffs,
@@ -255,6 +301,36 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
     )
 
 
+def warm_prefill_check(warm: list[tuple[int, int, float, float]], coeffs: ProfileCoefficients,
+                       per_call_s: float) -> dict[str, float]:
+    """How well the profile fitted to cold prompts predicts prompts with a warm prefix: the
+    simulator's prefill of a prompt of n tokens whose first h are hits is one iteration of the
+    n - h uncached tokens attending to all n (`solo_call_latency_s` with `cached_tokens`), plus the
+    per-call time of every call (`per_call_s`: request overhead and engine time per call).
+
+    Three figures: the warm calls' latency error (signed median, and median of its size); the
+    error of the warm/cold latency ratio (what `EngineModel.expected_latency_with_hits_s` scales
+    a step's expected latency by); and the time the hits saved, real over simulated, summed over
+    the probes. A probe's cold and warm calls alternate, so the ratio and the saving are robust to
+    load from other jobs on the machine, which moves both alike; the absolute warm latency is not."""
+    model = ProfileModel(PerfProfile(iteration=coeffs))
+    errs, ratio_errs, saved_real, saved_sim = [], [], [], []
+    for n, hit, cold_s, warm_s in warm:
+        cold_pred = per_call_s + solo_call_latency_s(model, n, 1, n)
+        warm_pred = per_call_s + solo_call_latency_s(model, n, 1, n, cached_tokens=hit)
+        errs.append((warm_pred - warm_s) / warm_s)
+        ratio_errs.append((warm_pred / cold_pred) / (warm_s / cold_s) - 1.0)
+        saved_real.append(cold_s - warm_s)
+        saved_sim.append(cold_pred - warm_pred)
+    sim_saved = float(np.sum(saved_sim))
+    return {"warm_prefill_median_abs_rel_err": float(np.median(np.abs(errs))),
+            "warm_prefill_median_rel_err": float(np.median(errs)), "n_warm_prefill_samples": float(len(warm)),
+            "warm_cold_ratio_median_rel_err": float(np.median(ratio_errs)),
+            "warm_prefill_saved_real_s": float(np.sum(saved_real)), "warm_prefill_saved_sim_s": sim_saved,
+            "warm_prefill_saved_ratio": float(np.sum(saved_real)) / sim_saved if sim_saved > 0 else float("nan"),
+            "warm_prefill_hit_tokens": float(sum(h for _, h, _, _ in warm))}
+
+
 def calibrate(url: str, out: str | Path, model: str | None = None, max_num_seqs: int = 32,
               plan: CalibrationPlan | None = None,
               max_num_batched_tokens: int | None = VLLM_CPU_MAX_NUM_BATCHED_TOKENS) -> tuple[PerfProfile, Samples]:
@@ -265,7 +341,8 @@ def calibrate(url: str, out: str | Path, model: str | None = None, max_num_seqs:
         try:
             info = await prober.discover()
             max_len = int(info.get("max_model_len") or 4096)
-            samples = await _measure(prober, plan, max_num_seqs, max_len)
+            block = int(info["block_size"]) if info.get("prefix_caching") and info.get("block_size") else None
+            samples = await _measure(prober, plan, max_num_seqs, max_len, prefix_block_size=block)
         except UpstreamError as exc:
             raise UserError(f"cannot reach engine {url}: {exc} (check --engine)") from None
         finally:

@@ -121,8 +121,13 @@ def replay_cmd(
     records: bool = typer.Option(False, "--records", help="also write per-call and per-workflow records"),
     stream: bool = typer.Option(True, "--stream/--no-stream",
                                 help="stream calls (SSE) to measure time to first token (ttft_* in the result)"),
+    shared_prompts: bool = typer.Option(True, "--shared-prompts/--random-prompts",
+                                        help="give shared prompt segments (templates, chat histories) the same token "
+                                             "ids in every call, as the simulator's prefix cache sees them; "
+                                             "--random-prompts: every prompt random (no prefix-cache hits)"),
 ) -> None:
-    """Run a trace's workflows for real through a gateway; write the simulator's result JSON."""
+    """Run a trace's workflows for real through a gateway; write the simulator's result JSON, with
+    `prefix_cache_hit_rate` as the engines' own counters measured it over the replay."""
     import json
 
     from deploy.replay import ReplayConfig, replay
@@ -134,10 +139,12 @@ def replay_cmd(
     # the trace (or YAML template) loads as for `simulate`: its mistakes are one line before any call is sent
     workload_for(RunSpec(trace=trace, rate_qps=rate, slo_scale=slo_scale, queries=queries, seed=seed))
     cfg = ReplayConfig(gateway=gateway, trace=trace, rate_qps=rate, slo_scale=slo_scale, token_scale=token_scale,
-                       queries=queries, seed=seed, tenant=tenant, api_key=api_key, stream=stream)
+                       queries=queries, seed=seed, tenant=tenant, api_key=api_key, stream=stream,
+                       prompt_segments=shared_prompts)
     result, _ = replay(cfg, out=out, with_records=records)
     keys = ("n_workflows", "n_calls", "slo_attainment", "goodput_qps", "throughput_qps", "latency_p50_s",
-            "latency_p95_s", "latency_p99_s", "call_latency_p50_s", "ttft_p50_s", "ttft_p95_s", "sim_wall_s")
+            "latency_p95_s", "latency_p99_s", "call_latency_p50_s", "ttft_p50_s", "ttft_p95_s",
+            "prefix_cache_hit_rate", "sim_wall_s")
     typer.echo(json.dumps({k: result.get(k) for k in keys}, indent=1))
 
 
@@ -168,4 +175,14 @@ def calibrate_cmd(
     typer.echo(f"wrote {out}: base {c.base_s*1e3:.2f} ms, decode/seq {c.decode_seq_s*1e6:.1f} us, "
                f"ctx/token {c.context_token_s*1e9:.2f} ns, prefill/token {c.prefill_token_s*1e6:.2f} us, "
                f"overhead {profile.fit['request_overhead_s']*1e3:.2f} ms; fit errors decode "
-               f"{profile.fit['decode_median_abs_rel_err']:.1%} prefill {profile.fit['prefill_median_abs_rel_err']:.1%}")
+               f"{profile.fit['decode_median_abs_rel_err']:.1%} prefill {profile.fit['prefill_median_abs_rel_err']:.1%}"
+               f"; KV block {profile.block_size_tokens} tokens")
+    if "warm_prefill_median_abs_rel_err" in profile.fit:
+        f = profile.fit
+        typer.echo(f"warm prefix: latency of prompts with cached prefixes predicted within "
+                   f"{f['warm_prefill_median_abs_rel_err']:.1%} (median; signed {f['warm_prefill_median_rel_err']:+.1%}), "
+                   f"their warm/cold ratio within {f['warm_cold_ratio_median_rel_err']:+.1%}; "
+                   f"time saved by the hits real {f['warm_prefill_saved_real_s']*1e3:.1f} ms, simulated "
+                   f"{f['warm_prefill_saved_sim_s']*1e3:.1f} ms over {f['n_warm_prefill_samples']:.0f} probes")
+    else:
+        typer.echo("no warm-prefix probes: the engine runs without prefix caching (start it with --enable-prefix-caching)")

@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from deploy.cluster import Cluster, EngineSpec, LaunchSpec
 from envs.sim.errors import UserError
 
@@ -377,3 +380,99 @@ def engines_down(cluster: Cluster, names: list[str] | None = None, grace_s: floa
         raise UserError(f"engines {[n for n, p in running.items() if p in stuck]} (process groups {stuck}) survived "
                         "SIGKILL; check `ps -g <pgid>` (uninterruptible I/O?)")
     return list(running)
+
+
+# vLLM's prefix-cache counters (tokens): the V1 engine's names first, then the older
+# `gpu_`-prefixed ones of earlier releases; exposed with or without the `_total` suffix
+PREFIX_CACHE_COUNTER_NAMES = {
+    "queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    "hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
+}
+
+
+@dataclass(frozen=True)
+class PrefixCacheCounters:
+    """An engine's prefix-cache counters at one moment: prompt tokens looked up in the cache and
+    tokens served from it (vLLM counts both when it admits a request, not per scheduling try)."""
+
+    queries_tokens: float
+    hits_tokens: float
+
+    def __sub__(self, before: "PrefixCacheCounters") -> "PrefixCacheCounters":
+        return PrefixCacheCounters(self.queries_tokens - before.queries_tokens, self.hits_tokens - before.hits_tokens)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits_tokens / self.queries_tokens if self.queries_tokens > 0 else float("nan")
+
+
+def parse_prefix_cache_counters(metrics_text: str) -> PrefixCacheCounters | None:
+    """The prefix-cache counters of a vLLM /metrics page, summed over its engine cores (label sets);
+    None when the page has neither generation of names (an engine too old, or not vLLM). Where an
+    engine exposes both the current and the deprecated names, the current ones are read (the two
+    count the same tokens: summing them would count every token twice)."""
+    wanted = {name for names in PREFIX_CACHE_COUNTER_NAMES.values() for name in names}
+    found: dict[str, float] = {}
+    kept = "\n".join(line for line in metrics_text.splitlines()
+                     if line.startswith("#") or line.startswith(tuple(wanted))) + "\n"
+    for family in text_string_to_metric_families(kept):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in wanted and not sample.name.endswith("_created"):
+                found[name] = found.get(name, 0.0) + sample.value
+    values = {}
+    for kind, names in PREFIX_CACHE_COUNTER_NAMES.items():
+        present = [n for n in names if n in found]
+        if not present:
+            return None
+        values[kind] = found[present[0]]
+    return PrefixCacheCounters(values["queries"], values["hits"])
+
+
+async def read_prefix_cache_counters(base_url: str, timeout_s: float = 10.0) -> PrefixCacheCounters | None:
+    """GET the engine's /metrics and parse its prefix-cache counters (None: not exposed)."""
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        resp = await client.get(base_url.rstrip("/") + "/metrics")
+    resp.raise_for_status()
+    return parse_prefix_cache_counters(resp.text)
+
+
+def prefix_caching_enabled(metrics_text: str) -> bool | None:
+    """Whether the engine runs with automatic prefix caching, from vLLM's cache_config_info labels
+    (None when the page does not say)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            for family in text_string_to_metric_families(line + "\n"):
+                for sample in family.samples:
+                    value = sample.labels.get("enable_prefix_caching")
+                    if value is not None:
+                        return value.lower() == "true"
+    return None
+
+
+def with_prefix_caching(cluster: Cluster, enabled: bool) -> Cluster:
+    """The cluster with every local engine's `enable_prefix_caching` set to `enabled`."""
+    engines = [e.model_copy(update={"launch": e.launch.model_copy(update={"enable_prefix_caching": enabled})})
+               if e.launch is not None else e for e in cluster.engines]
+    return Cluster(cluster.spec.model_copy(update={"engines": engines}), source=cluster.source)
+
+
+def engines_up_prefix_caching(cluster: Cluster, enabled: bool, warmup: bool = True) -> list[EngineProcess]:
+    """`engines_up` with automatic prefix caching on or off on every local engine. A running engine
+    started with the other setting (its cache_config_info says so) is stopped and started anew;
+    `engines_up` alone would reuse it as it is."""
+    cluster = with_prefix_caching(cluster, enabled)
+    stale = []
+    for spec in cluster.engines:
+        if spec.launch is None or running_pid(cluster, spec) is None:
+            continue
+        try:
+            running = prefix_caching_enabled(httpx.get(spec.base_url + "/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            running = None  # not answering: engines_up's health wait decides
+        if running is not None and running != enabled:
+            stale.append(spec.name)
+    if stale:
+        print(f"engines {stale} run with prefix caching {'off' if enabled else 'on'}: restarting them", file=sys.stderr)
+        engines_down(cluster, stale)
+    return engines_up(cluster, warmup=warmup)

@@ -2,10 +2,21 @@
 
 Each workflow arrives at its Poisson arrival time and runs its stages in order; the calls of a
 stage (fan-out) are sent in parallel and the next stage starts when all of them finished. A call
-is a /v1/completions request whose prompt is `input_length x token_scale` random token ids (no
-prefix-cache luck) and whose output is exactly `output_length x token_scale` tokens
-(`ignore_eos` + `max_tokens`), so the tiny CPU engines see the trace's shape at a size they keep
-up with. The result is `envs.sim.metrics.summarize` over the same records the simulator fills.
+is a /v1/completions request of `input_length x token_scale` prompt token ids whose output is
+exactly `output_length x token_scale` tokens (`ignore_eos` + `max_tokens`), so the tiny CPU
+engines see the trace's shape at a size they keep up with; the whole workflow is scaled by
+`envs.sim.workload.scale_workflow`, its prompt segments included, as the simulator scales it.
+
+Prompts follow the simulator's prompt structure (`CallSpec.segments`, from the CHESS templates):
+a shared segment has the same token ids in every call that shares it (ids drawn by an RNG seeded
+with the segment's identity: scope, name, length, and the tenant or workflow it belongs to, plus
+a per-replay salt, so every replay starts with cold engines as the simulator does), and the
+call's own rest is fresh random ids. The engines' prefix caches then hit what the simulator's
+predicts. With `prompt_segments=False`, or a trace without segments, every prompt is random ids
+(no prefix-cache luck). The engines' own prefix-cache counters (`vllm:prefix_cache_queries` /
+`_hits`) are read before and after the replay; the result's `prefix_cache_hit_rate` (and per
+engine) is their delta. The result is `envs.sim.metrics.summarize` over the same records the
+simulator fills.
 
 With `stream=True` (`agentsched replay` default; `--no-stream` to turn off) calls are sent with
 `stream: true` and `stream_options: {include_usage: true}`: the time of the first SSE event that
@@ -27,18 +38,21 @@ import random
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 
 from agentsched.client import AsyncGatewayClient, AsyncWorkflow, StreamError
+from deploy.engines import PrefixCacheCounters, read_prefix_cache_counters
 from deploy.upstream import Upstream, UpstreamError
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
 from envs.sim.scenario import RunSpec, workload_for
-from envs.sim.workload import WorkflowSpec
+from envs.sim.workload import CallSpec, SegmentSpec, WorkflowSpec, scale_workflow
 
 TOKEN_ID_RANGE = (10, 1000)
 CLIENT_RETRY_STATUS = {429, 502, 503}
@@ -60,10 +74,32 @@ class ReplayConfig:
     api_key: str | None = None
     start_delay_s: float = 0.05
     stream: bool = False  # the CLI defaults to True; the library default keeps sim_vs_real's calls as calibrated
+    # shared prompt segments get shared token ids (False: every prompt random, as with the cache off)
+    prompt_segments: bool = True
+    # seeds the shared segments' ids; None: a fresh salt per replay (engines start cold, as simulated)
+    prompt_salt: str | None = None
 
 
-def scaled_tokens(n: int, scale: float) -> int:
-    return max(1, int(round(n * scale)))
+def segment_token_ids(segment: SegmentSpec, owner: str, salt: str) -> tuple[int, ...]:
+    """The token ids of one shared segment: a function of its identity only (scope, name, length,
+    and `owner`, the tenant or workflow it belongs to; "" for templates) and the replay's salt."""
+    return _segment_ids(f"{salt}|{segment.scope}|{owner}|{segment.name}|{segment.tokens}", segment.tokens)
+
+
+@lru_cache(maxsize=4096)
+def _segment_ids(identity: str, tokens: int) -> tuple[int, ...]:
+    rng = random.Random(identity)  # str seeds hash with sha512: stable across processes
+    return tuple(rng.randrange(*TOKEN_ID_RANGE) for _ in range(tokens))
+
+
+def prompt_token_ids(call: CallSpec, workflow_key: str, tenant: str, salt: str, rng: random.Random) -> list[int]:
+    """A call's prompt: its shared segments' ids in order, then `rng`'s fresh ids for its own rest."""
+    ids: list[int] = []
+    for seg in call.segments:
+        owner = "" if seg.scope == "template" else tenant if seg.scope == "tenant" else workflow_key
+        ids.extend(segment_token_ids(seg, owner, salt))
+    ids.extend(rng.randrange(*TOKEN_ID_RANGE) for _ in range(call.input_tokens - len(ids)))
+    return ids
 
 
 class Replayer:
@@ -79,6 +115,7 @@ class Replayer:
         self.client = AsyncGatewayClient(cfg.gateway, api_key=cfg.api_key, tenant=cfg.tenant,
                                          max_retries=CLIENT_MAX_TRIES, max_retry_wait_s=30.0, timeout_s=CALL_TIMEOUT_S)
         self._run_id = uuid.uuid4().hex[:8]  # workflow ids are never reused across replays (409)
+        self.salt = cfg.prompt_salt if cfg.prompt_salt is not None else self._run_id
         # call id -> seconds the gateway waited on the engine for the answer (non-streamed calls:
         # the gateway's X-Agentsched-Upstream-S); the rest of a call's latency is the gateway's
         self.upstream_s: dict[int, float] = {}
@@ -97,14 +134,20 @@ class Replayer:
             raise UserError(f"{self.cfg.gateway} is not an agentsched gateway (GET /v1/agentsched/info -> {resp.status})")
         return json.loads(resp.body)
 
-    async def _call(self, wf: AsyncWorkflow, wf_id: int, stage_index: int, fanout: int, last: bool,
-                    step: str, n_in: int, n_out: int) -> CallRecord:
+    def prompt(self, call: CallSpec, workflow_key: str) -> list[int]:
+        if not self.cfg.prompt_segments:
+            return [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(call.input_tokens)]
+        return prompt_token_ids(call, workflow_key, self.cfg.tenant, self.salt, self.rng)
+
+    async def _call(self, wf: AsyncWorkflow, wf_id: int, workflow_key: str, stage_index: int, fanout: int,
+                    last: bool, call: CallSpec) -> CallRecord:
         """One call through `agentsched.client` (the application's helper): tagged with the
         workflow's headers, 429/503 retried after Retry-After; failed attempts (a broken stream's
         error event, a 502, a lost connection) are sent again, up to CLIENT_MAX_TRIES."""
         call_id = self._call_ids
         self._call_ids += 1
-        request: dict[str, Any] = {"model": "tiny", "prompt": [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)],
+        step, n_in, n_out = call.step, call.input_tokens, call.output_tokens
+        request: dict[str, Any] = {"model": "tiny", "prompt": self.prompt(call, workflow_key),
                                    "max_tokens": n_out, "temperature": 0, "extra_body": {"ignore_eos": True}}
         if self.cfg.stream:
             request.update(stream=True, stream_options={"include_usage": True})
@@ -153,10 +196,7 @@ class Replayer:
         async with self.client.workflow(workflow_id=key, slo_s=slo_s) as wf:
             for si, stage in enumerate(spec.stages):
                 records = await asyncio.gather(*(
-                    self._call(wf, wf_id, si, len(stage), si == n_stages - 1, c.step,
-                               scaled_tokens(c.input_tokens, self.cfg.token_scale),
-                               scaled_tokens(c.output_tokens, self.cfg.token_scale))
-                    for c in stage))
+                    self._call(wf, wf_id, key, si, len(stage), si == n_stages - 1, c) for c in stage))
                 if any(math.isnan(r.finish_s) for r in records):
                     failed = True
                     break
@@ -176,22 +216,56 @@ class Replayer:
         # the simulator's own workload draw: same seed -> same workflows and arrival times as `simulate`
         specs, arrivals = workload_for(RunSpec(trace=cfg.trace, rate_qps=cfg.rate_qps, slo_scale=cfg.slo_scale,
                                                seed=cfg.seed, queries=cfg.queries))
+        # the token scale applies to the whole workflow, its prompt segments included, as the
+        # simulator applies it (envs.sim.workload.scale_workflow)
+        specs = [scale_workflow(s, cfg.token_scale) for s in specs]
         arrivals = np.asarray(arrivals, dtype=float) + cfg.start_delay_s
         slo_s = cfg.slo_scale * float(info["base_slo_s"])
+        counters_before = await self.prefix_counters(info)
         wall0 = time.perf_counter()
         self._t0 = time.perf_counter()
         await asyncio.gather(*(self._workflow(i, s, float(a), slo_s) for i, (s, a) in enumerate(zip(specs, arrivals))))
         wall = time.perf_counter() - wall0
         after = await self.info()
-        # busy time is not observable from outside the engine: reported as 0
+        counters_after = await self.prefix_counters(after)
+        delta = {name: counters_after[name] - counters_before[name]
+                 for name in counters_after if counters_after[name] is not None and counters_before.get(name) is not None}
+        # busy time is not observable from outside the engine: reported as 0; the prefix-cache
+        # figures are the engines' own counters over the replay (0 where an engine exposes none)
         engines = [EngineRecord(e["name"], e["gpu"], e.get("price_per_hour", 0.0), 0.0, e.get("kv_usage", 0.0),
-                                sum(1 for c in self.calls if c.engine == e["name"]), int(e.get("preemptions_total", 0)))
+                                sum(1 for c in self.calls if c.engine == e["name"]), int(e.get("preemptions_total", 0)),
+                                prefix_hit_tokens=int(delta[e["name"]].hits_tokens) if e["name"] in delta else 0,
+                                prefix_query_tokens=int(delta[e["name"]].queries_tokens) if e["name"] in delta else 0,
+                                prefill_tokens=(int(delta[e["name"]].queries_tokens - delta[e["name"]].hits_tokens)
+                                                if e["name"] in delta else 0))
                    for e in after["engines"]]
-        return summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
+        result = summarize(self.workflows, self.calls, engines, sim_wall_s=wall, extra={
             "mode": "replay", "gateway": cfg.gateway, "trace": cfg.trace, "rate_qps": cfg.rate_qps,
             "slo_scale": cfg.slo_scale, "token_scale": cfg.token_scale, "base_slo_s": info["base_slo_s"],
             "policy": info.get("policy"), "seed": cfg.seed, "stream": cfg.stream,
+            "prompt_segments": cfg.prompt_segments,
+            # prompt tokens the replay sent (the counters' queries should equal them: a check)
+            "prompt_tokens_sent": sum(c.input_tokens for c in self.calls),
         })
+        if not delta:
+            result["prefix_cache_hit_rate"] = math.nan  # no engine exposes the counters: unknown, not 0
+        result["prefix_cache_counters"] = "engines" if delta else "unavailable"
+        return result
+
+    async def prefix_counters(self, info: dict[str, Any]) -> dict[str, PrefixCacheCounters | None]:
+        """Every engine's prefix-cache counters, read from its own /metrics (None: unreadable)."""
+
+        async def one(url: str | None) -> PrefixCacheCounters | None:
+            if not url:
+                return None
+            try:
+                return await read_prefix_cache_counters(url)
+            except (httpx.HTTPError, OSError):
+                return None
+
+        engines = info["engines"]
+        values = await asyncio.gather(*(one(e.get("url")) for e in engines))
+        return {e["name"]: v for e, v in zip(engines, values)}
 
 
 def replay(cfg: ReplayConfig, out: str | Path | None = None, with_records: bool = False) -> tuple[dict[str, Any], Replayer]:

@@ -61,6 +61,7 @@ class WorkflowSpec:
 
     stages: tuple[tuple[CallSpec, ...], ...]
     source: str = ""
+    token_scale: float = 1.0  # its token counts are the source's times this (`scale_workflow`)
 
     @property
     def n_calls(self) -> int:
@@ -136,8 +137,68 @@ def load_trace(path_or_name: str | Path) -> list[WorkflowSpec]:
                 if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "input_length" else 1):
                     raise UserError(f"trace: {where}: '{key}' must be a positive integer, got {value!r}")
             calls.append(CallSpec(normalise_step(call["step"]), call["input_length"], call["output_length"]))
-        workflows.append(with_chess_segments(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}")))
+        token_scale = query.get("token_scale", 1.0)
+        if not isinstance(token_scale, (int, float)) or isinstance(token_scale, bool) or not token_scale > 0:
+            raise UserError(f"trace: query {qi} in {path.name}: 'token_scale' must be a number > 0, got {token_scale!r}")
+        workflow = with_chess_segments(WorkflowSpec(stages_from_calls(calls), source=f"{path.stem}#{qi}"))
+        workflows.append(scale_workflow(workflow, float(token_scale)))
     return workflows
+
+
+def scaled_tokens(tokens: int, token_scale: float) -> int:
+    """A token count times `token_scale`, rounded, at least 1 (the replay's and the simulator's rule)."""
+    return max(1, int(round(tokens * token_scale)))
+
+
+def scale_workflow(workflow: WorkflowSpec, token_scale: float) -> WorkflowSpec:
+    """The workflow with every token count times `token_scale` (tiny live engines replay a trace's
+    shape at a size they keep up with), its prompt segments included: the segments are derived at
+    full size and then scaled by their boundaries (a segment ends at round(its full-size end x
+    token_scale)), so a template larger than a scaled prompt never happens, a chat history that
+    extends the previous call's prompt still extends it, and one segment scales to one size in
+    every call. A segment that scales to no token is dropped. Scale 1 returns the workflow as is."""
+    if token_scale == 1.0:
+        return workflow
+    stages = []
+    for stage in workflow.stages:
+        calls = []
+        for c in stage:
+            n_in = scaled_tokens(c.input_tokens, token_scale)
+            segments: list[SegmentSpec] = []
+            end = scaled_end = 0
+            for seg in c.segments:
+                end += seg.tokens
+                start, scaled_end = scaled_end, min(n_in, int(round(end * token_scale)))
+                if scaled_end > start:
+                    segments.append(SegmentSpec(seg.scope, seg.name, scaled_end - start))
+            calls.append(CallSpec(c.step, n_in, scaled_tokens(c.output_tokens, token_scale), tuple(segments)))
+        stages.append(tuple(calls))
+    return WorkflowSpec(tuple(stages), source=workflow.source, token_scale=workflow.token_scale * token_scale)
+
+
+def with_scaled_chess_segments(workflow: WorkflowSpec, token_scale: float) -> WorkflowSpec:
+    """CHESS segments for a query drawn at `token_scale` (a generator fitted to a scaled trace):
+    derived at full size (the lengths divided by the scale) and scaled back as `scale_workflow`
+    scales them, cut to the drawn lengths."""
+    if token_scale == 1.0:
+        return with_chess_segments(workflow)
+    full = WorkflowSpec(tuple(tuple(CallSpec(c.step, max(1, round(c.input_tokens / token_scale)), c.output_tokens)
+                                    for c in stage) for stage in workflow.stages), source=workflow.source)
+    derived = scale_workflow(with_chess_segments(full), token_scale)
+    stages = []
+    for stage, scaled in zip(workflow.stages, derived.stages):
+        calls = []
+        for c, d in zip(stage, scaled):
+            segments, end = [], 0
+            for seg in d.segments:
+                tokens = min(seg.tokens, c.input_tokens - end)
+                if tokens <= 0:
+                    break
+                segments.append(seg if tokens == seg.tokens else SegmentSpec(seg.scope, seg.name, tokens))
+                end += tokens
+            calls.append(CallSpec(c.step, c.input_tokens, c.output_tokens, tuple(segments)))
+        stages.append(tuple(calls))
+    return WorkflowSpec(tuple(stages), source=workflow.source, token_scale=workflow.token_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +240,7 @@ def with_chess_segments(workflow: WorkflowSpec) -> WorkflowSpec:
       is shared. Steps that are not CHESS steps get no segments (no cache sharing)."""
     derived = _chess_stages([[(c.step, c.input_tokens, c.output_tokens) for c in stage] for stage in workflow.stages])
     return WorkflowSpec(tuple(stage if calls is None else calls for stage, calls in zip(workflow.stages, derived)),
-                        source=workflow.source)
+                        source=workflow.source, token_scale=workflow.token_scale)
 
 
 _new_tuple = tuple.__new__  # builds a SegmentSpec without its Python-level __new__ (hot: once per call)
@@ -325,6 +386,7 @@ class TraceGenerator:
     token_fits: dict[str, _StepTokenFit] = field(default_factory=dict)
     name: str = "generator"
     chess_segments: bool = False  # derive CHESS prompt segments for the drawn queries (fitted to a CHESS trace)
+    token_scale: float = 1.0  # the fitted trace's token scale: the drawn queries' segments are scaled alike
 
     @classmethod
     def fit(cls, workflows: Sequence[WorkflowSpec], name: str = "generator") -> "TraceGenerator":
@@ -343,7 +405,9 @@ class TraceGenerator:
             fits[step] = _StepTokenFit(arr.mean(axis=0), cov, (int(raw[:, 0].min()), int(raw[:, 1].min())),
                                        (int(raw[:, 0].max()), int(raw[:, 1].max())))
         chess = any(c.segments for wf in workflows for stage in wf.stages for c in stage)
-        return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess)
+        scales = {wf.token_scale for wf in workflows}
+        return cls(shapes=shapes, token_fits=fits, name=name, chess_segments=chess,
+                   token_scale=scales.pop() if len(scales) == 1 else 1.0)
 
     def sample(self, n: int, rng: np.random.Generator, prompt_segments: bool = True) -> list[WorkflowSpec]:
         """`n` new queries; `prompt_segments=False` skips deriving their prompt structure (no
@@ -370,7 +434,7 @@ class TraceGenerator:
         out = []
         segmented = self.chess_segments and prompt_segments
         for qi, shape in enumerate(shapes):
-            if segmented:  # the calls are built once, with their segments
+            if segmented and self.token_scale == 1.0:  # the calls are built once, with their segments
                 raw = []
                 for step, width in shape:
                     at = cursor[step]
@@ -379,13 +443,15 @@ class TraceGenerator:
                 derived = _chess_stages(raw)
                 stages = [tuple(CallSpec(*c) for c in calls) if chess is None else chess
                           for calls, chess in zip(raw, derived)]
-            else:
-                stages = []
-                for step, width in shape:
-                    at = cursor[step]
-                    cursor[step] = at + width
-                    stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
-            out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
+                out.append(WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}"))
+                continue
+            stages = []
+            for step, width in shape:
+                at = cursor[step]
+                cursor[step] = at + width
+                stages.append(tuple(CallSpec(step, i, o) for i, o in pools[step][at:at + width]))
+            spec = WorkflowSpec(tuple(stages), source=f"{self.name}#{qi}", token_scale=self.token_scale)
+            out.append(with_scaled_chess_segments(spec, self.token_scale) if segmented else spec)
         return out
 
 
