@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,12 @@ from deploy.gateway.state import (
     build_cluster_state,
 )
 from deploy.upstream import Upstream, UpstreamError
-from policies.base import Policy
+from envs.sim.cluster import ClusterSimulator
+from envs.sim.config import EngineConfig
+from envs.sim.errors import UserError
+from envs.sim.fork import simulator_from_view, token_scaled
+from envs.sim.workload import TraceGenerator, load_trace
+from policies.base import IntervalDecision, Policy
 
 log = logging.getLogger("agentsched.gateway")
 
@@ -65,6 +72,13 @@ class ShuttingDown(Exception):
 FINISHED_KEY_MEMORY_S = WORKFLOW_RETENTION_S  # a finished workflow's id is refused this long after it finished
 STOP_TASKS_TIMEOUT_S = 2.0  # background loops get this long to end after cancellation
 SLOW_CALLBACK_S = 0.02  # policy hooks slower than this are logged (they block the event loop)
+# the digital twin (planners with `plans_on_twin`): its workload model is this trace's fitted
+# generator at the gateway's token_scale, and it holds enough future arrivals at the recent rate
+# to cover this long (a planner's rollouts stop at their own horizon)
+TWIN_TRACE = "chess_trace1"
+TWIN_ARRIVALS_S = 300.0
+TWIN_MAX_FUTURE_QUERIES = 200
+TWIN_DECISIONS_KEPT = 100  # recent twin decisions shown by /v1/agentsched/info
 
 
 @dataclass(order=True)
@@ -126,6 +140,16 @@ class GatewayMetrics:
         self.wf_finished = Counter("agentsched_workflows_finished", "Finished workflows", ["tenant"], registry=r)
         self.wf_met = Counter("agentsched_workflows_met_slo", "Workflows finished within their SLO", ["tenant"], registry=r)
         self.slo_attainment = Gauge("agentsched_slo_attainment", "Share of finished workflows within SLO", ["tenant"], registry=r)
+        # planners on the digital twin (Policy.plans_on_twin)
+        self.twin_decisions = Counter("agentsched_twin_decisions", "Control-interval decisions planned on the digital twin",
+                                      ["changed"], registry=r)
+        self.twin_decision_s = Gauge("agentsched_twin_decision_seconds",
+                                     "Wall time of the last twin decision (twin build + planning)", registry=r)
+        self.twin_goodput = Gauge("agentsched_twin_predicted_goodput_qps",
+                                  "Predicted SLO-goodput over the planning horizon of the last decision, per setting",
+                                  ["setting"], registry=r)
+        self.policy_knob = Gauge("agentsched_policy_knob", "Knob values in force after the last twin decision", ["knob"],
+                                 registry=r)
 
 
 class Gateway:
@@ -156,6 +180,12 @@ class Gateway:
         self._tenant_counts: dict[str, list[int]] = {}
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)
+        # calls placed on an engine (queued here or sent) and not yet released: the twin's calls in flight
+        self.calls_in_flight: dict[int, CallState] = {}
+        self.twin_decisions: deque[dict[str, Any]] = deque(maxlen=TWIN_DECISIONS_KEPT)
+        self._twin_inputs: tuple[TraceGenerator, list[EngineConfig]] | None = None
+        if policy.plans_on_twin:  # its mistakes (an engine the simulator cannot run) show at start-up
+            self._twin_inputs = self._prepare_twin()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -205,6 +235,68 @@ class Gateway:
         self._tasks = []
         for pool in self.pools:
             await pool.close()
+
+    # ------------------------------------------------------------------ the digital twin
+    def _prepare_twin(self) -> tuple[TraceGenerator, list[EngineConfig]]:
+        """The twin's workload model (TWIN_TRACE at the gateway's token_scale) and engine configs;
+        refuses, in one line, a cluster whose engines the simulator cannot run (a latency table only)."""
+        for e in self.state.engines:
+            if e.model.perf is None:
+                raise UserError(f"engine {e.name!r}: policy {self.policy.name} plans on the gateway's digital twin, "
+                                f"which needs an iteration model (give the engine `profile:` or `architecture:`)")
+        specs = token_scaled(load_trace(TWIN_TRACE), self.config.token_scale)
+        generator = TraceGenerator.fit(specs, name=f"twin({TWIN_TRACE} x{self.config.token_scale:g})")
+        return generator, self.cluster.engine_configs()
+
+    def build_twin(self, seed: int) -> ClusterSimulator:
+        """A simulator in the live state now (`envs.sim.fork.simulator_from_view`: the calls in
+        flight on their engines, unknown lengths and the rest of each workflow drawn with `seed`,
+        future arrivals at the recent rate). Built on the event loop: a snapshot, which the
+        planner may then use in a worker thread while the live state moves on."""
+        if self._twin_inputs is None:
+            self._twin_inputs = self._prepare_twin()
+        generator, engine_configs = self._twin_inputs
+        rate = self.state.recent_arrival_rate_qps
+        future = min(TWIN_MAX_FUTURE_QUERIES, math.ceil(rate * TWIN_ARRIVALS_S) + 2)
+        calls = [c for c in self.calls_in_flight.values() if c.workflow_id in self.state.open_workflows]
+        # the twin carries the live policy: forks of it order queues and tick as the candidates do
+        return simulator_from_view(self.state, calls, engine_configs, self.config.slo_scale, seed,
+                                   generator, future_queries=future, policy=self.policy,
+                                   prefix_cache=False, slo=self.state.slo)
+
+    async def _plan_on_twin(self, tick: int) -> IntervalDecision | None:
+        """One control interval of a `plans_on_twin` policy: snapshot the live state into a twin
+        (event loop), plan on it in a worker thread, adopt the decision back on the event loop;
+        log it (one JSON line) and export it on /metrics."""
+        t0 = time.perf_counter()
+        in_flight = len(self.calls_in_flight)
+        twin = self.build_twin(seed=tick)
+        built_s = time.perf_counter() - t0
+        decision = await asyncio.to_thread(self.policy.plan_interval, twin)
+        if decision is None:
+            return None
+        self.policy.adopt_plan(decision)
+        total_s = time.perf_counter() - t0
+        record = {
+            "event": "twin_decision", "tick": tick, "time_s": round(decision.time_s, 3), "changed": decision.changed,
+            "knobs": decision.knobs, "current_knobs": decision.current_knobs,
+            "predicted_goodput_qps": round(decision.predicted_goodput_qps, 6),
+            "current_goodput_qps": round(decision.current_goodput_qps, 6),
+            "predicted_gain": round(decision.predicted_gain, 6), "horizon_s": decision.horizon_s,
+            "plan_s": round(decision.decision_s, 4), "twin_build_s": round(built_s, 4), "decision_s": round(total_s, 4),
+            "calls_in_flight": in_flight, "open_workflows": len(self.state.open_workflows),
+            "recent_arrival_rate_qps": round(self.state.recent_arrival_rate_qps, 4),
+        }
+        self.twin_decisions.append(record)
+        log.info("twin decision %s", json.dumps(record))
+        m = self.metrics
+        m.twin_decisions.labels(str(decision.changed).lower()).inc()
+        m.twin_decision_s.set(total_s)
+        m.twin_goodput.labels("chosen").set(decision.predicted_goodput_qps)
+        m.twin_goodput.labels("current").set(decision.current_goodput_qps)
+        for knob, value in decision.knobs.items():
+            m.policy_knob.labels(knob).set(value)
+        return decision
 
     # ------------------------------------------------------------------ workflows and calls
     def _workflow(self, key: str | None, tenant: str, slo_s: float | None, now: float) -> WorkflowState:
@@ -364,6 +456,7 @@ class Gateway:
         call.engine_id = engine.engine_id
         call.expected_s = engine.expected_latency_s(call.step)
         engine.ledger.place(call.expected_s)
+        self.calls_in_flight[call.call_id] = call
         self._pump(engine)
         return fut
 
@@ -371,6 +464,7 @@ class Gateway:
         if admitted:
             engine.inflight -= 1
         engine.ledger.finish(call.expected_s)
+        self.calls_in_flight.pop(call.call_id, None)
         self._pump(engine)
 
     async def acquire(self, call: CallState, exclude: set[int]) -> EngineState:
@@ -519,6 +613,15 @@ class Gateway:
         while True:
             ticks += 1
             await asyncio.sleep(max(0.0, start + ticks * interval - time.monotonic()))
+            if self.policy.plans_on_twin:  # plans off the event loop; only the twin's snapshot is taken on it
+                try:
+                    await self._plan_on_twin(ticks)
+                except Exception:  # noqa: BLE001
+                    log.exception("planning on the digital twin failed")
+                self.interval_calls += 1
+                # a plan longer than the interval skips the ticks it overran (no back-to-back plans)
+                ticks = max(ticks, int((time.monotonic() - start) // interval))
+                continue
             t0 = time.perf_counter()
             try:
                 self.policy.on_interval(self.state)
@@ -559,6 +662,7 @@ class Gateway:
             ],
             "control_interval_s": self.control_interval_s,
             "interval_calls": self.interval_calls,
+            "twin_decisions": list(self.twin_decisions),
             "workflows_arrived": len(st.workflows),
             "workflows_open": len(st.open_workflows),
             "workflows_finished": st.finished_workflows,
