@@ -191,3 +191,27 @@ def test_twin_needs_simulable_engines(tmp_path) -> None:
     Gateway(cluster, load_policy("least-work+workflow"))  # a policy that needs no twin is fine
     with pytest.raises(UserError, match="engine 'a': policy lookahead-knobs.* needs an iteration model"):
         Gateway(cluster, load_policy("lookahead-knobs"))
+
+
+@pytest.mark.engines
+def test_lookahead_knobs_decides_in_front_of_live_engines(live_cluster, tmp_path, caplog) -> None:
+    """A small replay through a gateway running `lookahead-knobs` in front of the two vLLM CPU
+    engines: it takes decisions on the twin of the live state (calls in flight) and logs each."""
+    from deploy.replay import ReplayConfig, replay
+    from tests.deploy_fixtures import thread_gateway
+
+    policy = load_policy("lookahead-knobs:least-work+workflow@interval_s=2,horizon_s=30,samples=1")
+    with caplog.at_level(logging.INFO, logger="agentsched.gateway"):
+        with thread_gateway(live_cluster.cluster(tmp_path), policy) as gw:
+            result, _ = replay(ReplayConfig(gateway=gw.url, trace="chess_trace1", rate_qps=1.0, slo_scale=3.0,
+                                            token_scale=0.05, queries=8, seed=2))
+            info = gw.gateway.info()
+    assert result["n_finished"] == 8 and result["n_failed"] == 0
+    decisions = info["twin_decisions"]
+    assert len(decisions) >= 2 and info["interval_calls"] >= len(decisions)
+    assert any(d["calls_in_flight"] > 0 and d["open_workflows"] > 0 for d in decisions), decisions
+    assert all(d["plan_s"] > 0 and set(d["knobs"]) == {"backlog_weight", "queue_weight", "kv_weight"} for d in decisions)
+    logged = [json.loads(r.getMessage().removeprefix("twin decision ")) for r in caplog.records
+              if r.getMessage().startswith("twin decision ")]
+    assert logged[:len(decisions)] == decisions[:len(logged)] and len(logged) >= len(decisions)
+    assert policy.base.dispatcher.get_knobs() == decisions[-1]["knobs"] or len(logged) > len(decisions)
