@@ -79,6 +79,9 @@ def test_twin_is_the_live_state(cpu_cluster) -> None:
     assert twin.recent_arrival_rate_qps == pytest.approx(gw.state.recent_arrival_rate_qps, rel=0.1)
     # the twin holds a policy reference but never ticks it (building it planned nothing)
     assert gw.policy.log == []
+    idle, idle_now = loaded_gateway(cpu_cluster, load_policy(POLICY.format(seed=0)), workflows=0)
+    idle_now[0] += 30.0
+    assert idle.build_twin(seed=1).now_s == pytest.approx(30.0)  # on the view's clock, with nothing in flight too
 
 
 def test_twin_decision_is_seeded_and_moves_knobs(cpu_cluster) -> None:

@@ -318,6 +318,8 @@ def simulator_from_view(view: ModelledClusterView, calls: Sequence[PlacedCallVie
             ready.workflow_deadline_s = view_call.workflow_deadline_s
             ready.priority = view_call.priority
             sim.dispatch(ready, view_call.engine_id)
+    if sim.now_s < now:  # nothing in flight: the twin's clock still has to reach the view's
+        assert sim.next_decision(until_s=now) is None
     sim._recent_arrivals = arrival_window_at_rate(view.recent_arrival_rate_qps, now)
     _remember_generator(sim._specs, generator)
     return sim
