@@ -11,6 +11,7 @@ marked down while queued) goes back to `dispatch` with the failed engine exclude
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import itertools
 import json
@@ -38,6 +39,7 @@ from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import EngineConfig
 from envs.sim.errors import UserError
 from envs.sim.fork import simulator_from_view, token_scaled
+from envs.sim.model import EngineModel
 from envs.sim.workload import TraceGenerator, load_trace
 from policies.base import IntervalDecision, Policy
 
@@ -79,6 +81,29 @@ TWIN_TRACE = "chess_trace1"
 TWIN_ARRIVALS_S = 300.0
 TWIN_MAX_FUTURE_QUERIES = 200
 TWIN_DECISIONS_KEPT = 100  # recent twin decisions shown by /v1/agentsched/info
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    name: str
+    healthy: bool
+    model: EngineModel
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """What the digital twin is built from (`envs.sim.fork.ModelledClusterView`), copied on the
+    event loop: the worker thread that builds the twin and plans on it reads nothing the loop
+    mutates meanwhile."""
+
+    now_s: float
+    recent_arrival_rate_qps: float
+    engines: tuple[EngineSnapshot, ...]
+    calls: tuple[CallState, ...]  # copies of the calls in flight of open workflows
+    workflows: dict[int, WorkflowState]  # copies of their workflows
+
+    def workflow(self, workflow_id: int) -> WorkflowState:
+        return self.workflows[workflow_id]
 
 
 @dataclass(order=True)
@@ -248,31 +273,45 @@ class Gateway:
         generator = TraceGenerator.fit(specs, name=f"twin({TWIN_TRACE} x{self.config.token_scale:g})")
         return generator, self.cluster.engine_configs()
 
-    def build_twin(self, seed: int) -> ClusterSimulator:
-        """A simulator in the live state now (`envs.sim.fork.simulator_from_view`: the calls in
-        flight on their engines, unknown lengths and the rest of each workflow drawn with `seed`,
-        future arrivals at the recent rate). Built on the event loop: a snapshot, which the
-        planner may then use in a worker thread while the live state moves on."""
+    def snapshot(self) -> LiveSnapshot:
+        """Copy what the twin needs of the live state (on the event loop; about a millisecond)."""
+        st = self.state
+        open_wfs = st.open_workflows
+        calls = tuple(copy.copy(c) for c in self.calls_in_flight.values() if c.workflow_id in open_wfs)
+        return LiveSnapshot(st.now_s, st.recent_arrival_rate_qps,
+                            tuple(EngineSnapshot(e.name, e.healthy, e.model) for e in st.engines), calls,
+                            {c.workflow_id: copy.copy(open_wfs[c.workflow_id]) for c in calls})
+
+    def build_twin(self, seed: int, snapshot: LiveSnapshot | None = None) -> ClusterSimulator:
+        """A simulator in the live state (`envs.sim.fork.simulator_from_view` of `snapshot`,
+        default: one taken now): the calls in flight on their engines, unknown lengths and the rest
+        of each workflow drawn with `seed`, future arrivals at the recent rate. Reads only the
+        snapshot, so it may run in a worker thread while the live state moves on."""
         if self._twin_inputs is None:
             self._twin_inputs = self._prepare_twin()
         generator, engine_configs = self._twin_inputs
-        rate = self.state.recent_arrival_rate_qps
-        future = min(TWIN_MAX_FUTURE_QUERIES, math.ceil(rate * TWIN_ARRIVALS_S) + 2)
-        calls = [c for c in self.calls_in_flight.values() if c.workflow_id in self.state.open_workflows]
+        view = snapshot if snapshot is not None else self.snapshot()
+        future = min(TWIN_MAX_FUTURE_QUERIES, math.ceil(view.recent_arrival_rate_qps * TWIN_ARRIVALS_S) + 2)
         # the twin carries the live policy: forks of it order queues and tick as the candidates do
-        return simulator_from_view(self.state, calls, engine_configs, self.config.slo_scale, seed,
+        return simulator_from_view(view, view.calls, engine_configs, self.config.slo_scale, seed,
                                    generator, future_queries=future, policy=self.policy,
                                    prefix_cache=False, slo=self.state.slo)
 
-    async def _plan_on_twin(self, tick: int) -> IntervalDecision | None:
-        """One control interval of a `plans_on_twin` policy: snapshot the live state into a twin
-        (event loop), plan on it in a worker thread, adopt the decision back on the event loop;
-        log it (one JSON line) and export it on /metrics."""
+    def _plan_on_snapshot(self, snapshot: LiveSnapshot, seed: int) -> tuple[IntervalDecision | None, float]:
+        """Build the twin and plan on it (in the worker thread); returns the decision and the build time."""
         t0 = time.perf_counter()
-        in_flight = len(self.calls_in_flight)
-        twin = self.build_twin(seed=tick)
+        twin = self.build_twin(seed, snapshot)
         built_s = time.perf_counter() - t0
-        decision = await asyncio.to_thread(self.policy.plan_interval, twin)
+        return self.policy.plan_interval(twin), built_s
+
+    async def _plan_on_twin(self, tick: int) -> IntervalDecision | None:
+        """One control interval of a `plans_on_twin` policy: snapshot the live state (event loop),
+        build the twin from it and plan on it in a worker thread, adopt the decision back on the
+        event loop; log it (one JSON line) and export it on /metrics."""
+        t0 = time.perf_counter()
+        snapshot = self.snapshot()
+        snapshot_s = time.perf_counter() - t0
+        decision, built_s = await asyncio.to_thread(self._plan_on_snapshot, snapshot, tick)
         if decision is None:
             return None
         self.policy.adopt_plan(decision)
@@ -283,8 +322,8 @@ class Gateway:
             "predicted_goodput_qps": round(decision.predicted_goodput_qps, 6),
             "current_goodput_qps": round(decision.current_goodput_qps, 6),
             "predicted_gain": round(decision.predicted_gain, 6), "horizon_s": decision.horizon_s,
-            "plan_s": round(decision.decision_s, 4), "twin_build_s": round(built_s, 4), "decision_s": round(total_s, 4),
-            "calls_in_flight": in_flight, "open_workflows": len(self.state.open_workflows),
+            "plan_s": round(decision.decision_s, 4), "twin_build_s": round(built_s, 4),
+            "snapshot_s": round(snapshot_s, 5), "decision_s": round(total_s, 4), "calls_in_flight": len(snapshot.calls), "open_workflows": len(self.state.open_workflows),
             "recent_arrival_rate_qps": round(self.state.recent_arrival_rate_qps, 4),
         }
         self.twin_decisions.append(record)

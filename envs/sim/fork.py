@@ -42,7 +42,7 @@ from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.model import ARRIVAL_RATE_WINDOW_S, ArrivalWindow, EngineModel
 from envs.sim.slo import SLOModel
-from envs.sim.view import CallView, ClusterView, EngineView, SchedulingPolicy
+from envs.sim.view import CallView, SchedulingPolicy, WorkflowView
 from envs.sim.workload import CallSpec, TraceGenerator, WorkflowSpec
 
 MIN_ARRIVAL_RATE_QPS = 1e-3  # a view that saw no arrival yet: (almost) none expected
@@ -56,16 +56,35 @@ class PlacedCallView(CallView, Protocol):
     engine_id: int
 
 
-class ModelledEngineView(EngineView, Protocol):
-    """An engine of a live view that carries its engine model (the gateway's `EngineState`)."""
+class ModelledEngineView(Protocol):
+    """What a twin reads of a live engine: its engine model, name and health (the gateway's
+    `EngineState`, or a copy of those)."""
 
-    model: EngineModel
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def model(self) -> EngineModel: ...
 
 
-class ModelledClusterView(ClusterView, Protocol):
+class ModelledClusterView(Protocol):
+    """What a twin reads of a live view: the clock, the recent arrival rate, the engines and the
+    workflows of the calls in flight (the gateway's `ClusterState`, or a snapshot of it taken on
+    the gateway's event loop so that a worker thread can build the twin)."""
+
+    @property
+    def now_s(self) -> float: ...
+
+    @property
+    def recent_arrival_rate_qps(self) -> float: ...
+
     @property
     def engines(self) -> Sequence[ModelledEngineView]: ...
 
+    def workflow(self, workflow_id: int) -> WorkflowView: ...
 
 
 def workload_generator(specs: Sequence[WorkflowSpec]) -> TraceGenerator:
