@@ -4,15 +4,16 @@
 #   flock /tmp/agentsched-engines.lock bash experiments/lookahead-knobs-live/run.sh OUT_DIR
 set -euo pipefail
 OUT=${1:-runs/lookahead-knobs-live}
-BASE_RATE=${BASE_RATE:-1.0}      # q/s for the whole run
-BASE_QUERIES=${BASE_QUERIES:-90} # about 90 s of base load
-STEP_RATE=${STEP_RATE:-4.0}      # q/s added by the step
-STEP_QUERIES=${STEP_QUERIES:-120} # about 30 s of step
-STEP_AT_S=${STEP_AT_S:-30}       # the step starts this long after the base
+BASE_RATE=${BASE_RATE:-0.4}       # q/s for the whole run
+BASE_QUERIES=${BASE_QUERIES:-48}  # about 120 s of base load
+STEP_RATE=${STEP_RATE:-1.6}       # q/s added by the step (base + step: 5x the base)
+STEP_QUERIES=${STEP_QUERIES:-48}  # about 30 s of step
+STEP_AT_S=${STEP_AT_S:-40}        # the step starts this long after the base
 SEED=${SEED:-7}
 PORT=${PORT:-18300}
-LOOKAHEAD=${LOOKAHEAD:-lookahead-knobs:least-work+workflow@interval_s=5,horizon_s=20,samples=1}
+LOOKAHEAD=${LOOKAHEAD:-lookahead-knobs:least-work+workflow@interval_s=5,horizon_s=20,samples=1,margin=0.25}
 FIXED=${FIXED:-least-work+workflow}
+ORDER=${ORDER:-fixed lookahead}   # which policy's replay runs first (the shared machine's load drifts)
 AGENTSCHED=(env PYTHONPATH="$PWD" .venv/bin/python -m agentsched.cli)
 mkdir -p "$OUT"
 
@@ -55,6 +56,7 @@ run_one() {  # $1: label, $2: policy
   wait "$gw_pid" || true
 }
 
-run_one fixed "$FIXED"
-run_one lookahead "$LOOKAHEAD"
+for label in $ORDER; do
+  if [ "$label" = fixed ]; then run_one fixed "$FIXED"; else run_one lookahead "$LOOKAHEAD"; fi
+done
 .venv/bin/python experiments/lookahead-knobs-live/summarize.py "$OUT"
