@@ -212,8 +212,8 @@ class LookaheadKnobsPolicy(Policy):
         workflows (0: any gain, lateness included, moves the knobs)."""
         if not isinstance(base, HeuristicPolicy):
             raise PolicyError("lookahead-knobs: the base must be a heuristic policy (its knobs are tuned)")
-        for knob, value, least in (("interval_s", interval_s, 0.0), ("horizon_s", horizon_s, 0.0)):
-            if not value > least:
+        for knob, value in (("interval_s", interval_s), ("horizon_s", horizon_s)):
+            if not value > 0:
                 raise PolicyError(f"lookahead-knobs: {knob} must be > 0 seconds, got {value}")
         if samples < 1:
             raise PolicyError(f"lookahead-knobs: samples must be >= 1, got {samples}")
