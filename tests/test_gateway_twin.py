@@ -128,7 +128,8 @@ def test_control_interval_adopts_logs_and_exports(cpu_cluster, caplog) -> None:
 
 def test_control_loop_plans_without_blocking_the_event_loop(cpu_cluster) -> None:
     """The loop keeps serving (a 5 ms heartbeat) while a plan of a second or more runs."""
-    gw, _ = loaded_gateway(cpu_cluster, load_policy(POLICY.format(seed=0).replace("interval_s=5", "interval_s=0.05")))
+    heavy = POLICY.format(seed=0).replace("interval_s=5", "interval_s=0.05").replace("samples=2", "samples=4")
+    gw, _ = loaded_gateway(cpu_cluster, load_policy(heavy))
 
     async def run() -> float:
         gaps, last = [], time.perf_counter()
