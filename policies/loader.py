@@ -12,7 +12,7 @@ from heuristics import registry
 from policies.base import Policy, PolicyError
 from policies.combined import combined_from_spec
 from policies.heuristic import HeuristicPolicy
-from policies.lookahead import is_lookahead_name, lookahead_from_name
+from policies.lookahead import is_lookahead_name, lookahead_from_name, lookahead_from_spec
 from policies.trained import load_trained_policy
 
 POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -35,8 +35,8 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
         raise PolicyError(f"{source}: a policy file must be a mapping with 'kind' (heuristic or trained)")
     kind = spec.get("kind", "heuristic")
     if kind != "heuristic":
-        raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic' or 'combined', or a trained "
-                          f"policy directory)")
+        raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic', 'combined' or "
+                          f"'lookahead-knobs', or a trained policy directory)")
     unknown = sorted(set(spec) - {"kind", "name", "base", "dispatch", "local", "meta"})
     if unknown:
         raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: kind, name, base, dispatch, local, meta)")
@@ -102,6 +102,8 @@ def load_policy(name_or_path: str | Path) -> Policy:
             raise PolicyError(f"policy: {path} cannot be parsed ({exc.__class__.__name__}); fix the file syntax") from None
         if isinstance(raw, dict) and raw.get("kind") == "combined":
             return combined_from_spec(raw, path.parent, source=f"policy file {path.name}", load_policy=load_policy)
+        if isinstance(raw, dict) and raw.get("kind") == "lookahead-knobs":
+            return lookahead_from_spec(raw, load_policy, source=f"policy file {path.name}")
         return policy_from_spec(raw, source=f"policy file {path.name}")
     if is_lookahead_name(text):  # simulator-in-the-loop planners over a base policy (policies/lookahead.py)
         return lookahead_from_name(text, load_policy)

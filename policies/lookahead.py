@@ -12,17 +12,23 @@ a decision); otherwise the base's choice stays, so `horizon_s=0` (or one candida
 With `clairvoyant=True` nothing is redrawn: the planner knows true lengths and arrivals (not
 deployable; the empirical upper reference of benchmarks/headroom.py).
 
-`lookahead-knobs` is a knob controller: every `interval_s` it forks the simulator and rolls out
-each setting of a small grid of the base heuristic's knobs (least-work's backlog/queue/KV weights,
-or HexGen's alpha) over the next `horizon_s`, adopts the best if it beats the current setting, and
-logs each decision with its predicted gain (python logging, logger `policies.lookahead`).
+`lookahead-knobs` is a knob controller: every `interval_s` it forks a simulator of the current
+state and rolls out each setting of a small grid of the base heuristic's knobs (least-work's
+backlog/queue/KV weights, or HexGen's alpha) over the next `horizon_s`, adopts the best if it beats
+the current setting (by more than `margin` workflows), and logs each decision with its predicted
+gain (python logging, logger `policies.lookahead`). The search (`plan_interval`) and the change
+(`adopt_plan`) are the `Policy` interface's planner hooks (`plans_on_twin`): in `simulate` the
+simulator plans on itself at each tick; the gateway plans on its digital twin
+(`envs.sim.fork.simulator_from_view` of its live state) in a worker thread and adopts the new knobs
+on its event loop (deploy/gateway/core.py, `Gateway._plan_on_twin`).
 
-Both need a simulator to fork. In `simulate` the view handed to a policy is the `ClusterSimulator`
-itself; any other view (the gateway's `ClusterState`) gets the base policy's decision (the
-gateway's twin, `envs.sim.fork.simulator_from_view`, is not wired into these policies yet).
+`lookahead` needs the simulator at every dispatch; in `simulate` the view handed to a policy is
+the `ClusterSimulator` itself, and any other view (the gateway's `ClusterState`) gets the base
+policy's decision (a twin per dispatch would cost more than the decision is worth there).
 
 Names: `lookahead` and `lookahead-knobs` (base: least-work+workflow), `lookahead:BASE`,
-`lookahead-knobs:BASE`, with knob overrides after `@`: `lookahead:least-work+workflow@horizon_s=30,samples=2`.
+`lookahead-knobs:BASE`, with knob overrides after `@`: `lookahead:least-work+workflow@horizon_s=30,samples=2`;
+or a policy file of `kind: lookahead-knobs` (`LookaheadKnobsFile`).
 """
 
 from __future__ import annotations
@@ -30,15 +36,16 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.fork import fork
 from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics.dispatch import LeastWork, WorkloadBalanced
-from policies.base import Policy, PolicyError
+from policies.base import IntervalDecision, Policy, PolicyError
 from policies.heuristic import HeuristicPolicy
 
 LOG = logging.getLogger(__name__)
@@ -189,16 +196,43 @@ def knob_grid(policy: HeuristicPolicy) -> list[dict[str, float]]:
 
 class LookaheadKnobsPolicy(Policy):
     """Every `interval_s`, adopt the knob setting of the base heuristic with the best predicted
-    objective over `horizon_s` (rollouts of forked simulators, common random numbers)."""
+    objective over `horizon_s` (rollouts of forked simulators, common random numbers).
+
+    The search (`plan_interval`) and the change (`adopt_plan`) are apart: in `simulate` the
+    simulator's tick runs both on the simulator itself; the gateway plans on its digital twin in a
+    worker thread and adopts on its event loop (`Policy.plans_on_twin`)."""
+
+    plans_on_twin = True
 
     def __init__(self, base: Policy, interval_s: float = 60.0, horizon_s: float = 120.0, samples: int = 2,
-                 seed: int = 0, clairvoyant: bool = False, name: str | None = None) -> None:
+                 seed: int = 0, clairvoyant: bool = False, name: str | None = None,
+                 knobs: dict[str, float] | None = None, margin: float = 0.0) -> None:
+        """`knobs`: the base dispatcher's starting knobs (default: the base's own). `margin`: a
+        setting replaces the current one only if it predicts more than this many more SLO-met
+        workflows (0: any gain, lateness included, moves the knobs)."""
         if not isinstance(base, HeuristicPolicy):
             raise PolicyError("lookahead-knobs: the base must be a heuristic policy (its knobs are tuned)")
-        if interval_s <= 0 or horizon_s <= 0 or samples < 1:
-            raise PolicyError("lookahead-knobs: needs interval_s > 0, horizon_s > 0 and samples >= 1")
+        for knob, value in (("interval_s", interval_s), ("horizon_s", horizon_s)):
+            if not value > 0:
+                raise PolicyError(f"lookahead-knobs: {knob} must be > 0 seconds, got {value}")
+        if samples < 1:
+            raise PolicyError(f"lookahead-knobs: samples must be >= 1, got {samples}")
+        if not margin >= 0:
+            raise PolicyError(f"lookahead-knobs: margin must be >= 0 workflows, got {margin}")
+        self.margin = float(margin)
         knob_grid(base)  # fails early for a dispatcher without a grid
         self.base = base
+        if knobs:
+            current = base.dispatcher.get_knobs()
+            unknown = sorted(set(knobs) - set(current))
+            if unknown:
+                raise PolicyError(f"lookahead-knobs: knobs: {base.dispatcher.name} has no knob {unknown[0]!r} "
+                                  f"(knobs: {', '.join(current)})")
+            try:  # the dispatcher's own validation of the values
+                type(base.dispatcher)(**{**current, **knobs})
+            except (TypeError, ValueError) as exc:
+                raise PolicyError(f"lookahead-knobs: knobs: {exc}") from None
+            self._set(knobs)
         self.interval_s = float(interval_s)
         self.horizon_s = float(horizon_s)
         self.samples = int(samples)
@@ -206,7 +240,6 @@ class LookaheadKnobsPolicy(Policy):
         self.clairvoyant = bool(clairvoyant)
         self.name = name or f"lookahead-knobs:{base.name}"
         self._initial = dict(base.dispatcher.get_knobs())
-        self._ticks = 0
         self.log: list[dict[str, Any]] = []  # every decision: time, adopted knobs, predicted gain
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
@@ -218,7 +251,6 @@ class LookaheadKnobsPolicy(Policy):
     def reset(self) -> None:
         self.base.reset()
         self._set(self._initial)
-        self._ticks = 0
         self.log = []
 
     def _set(self, knobs: dict[str, Any]) -> None:
@@ -226,44 +258,74 @@ class LookaheadKnobsPolicy(Policy):
             setattr(self.base.dispatcher, knob, value)
 
     def on_interval(self, cluster: ClusterView) -> None:
+        """In `simulate` the view is the simulator itself: plan on it and adopt at once. Another
+        view (this policy as a part of a combined one in the gateway) leaves the knobs as they are."""
         if not isinstance(cluster, ClusterSimulator) or cluster.done:
             return
-        self._ticks += 1
+        self.adopt_plan(self.plan_interval(cluster))
+
+    def plan_interval(self, twin: ClusterSimulator) -> IntervalDecision:
+        """Roll out every setting of the knob grid from `twin`, `samples` forks each (the same
+        seeds for every setting), until `horizon_s` from now; the best mean objective wins, the
+        current setting on ties. Reads the base's knobs and the decision count, changes nothing."""
+        started = time.perf_counter()
+        decision_index = len(self.log) + 1
         grid = knob_grid(self.base)
-        until_s = cluster.now_s + self.horizon_s
-        first_open = first_open_workflow(cluster)
+        base = copy.deepcopy(self.base)  # one copy per plan; every candidate is a copy of it
+        until_s = twin.now_s + self.horizon_s
+        first_open = first_open_workflow(twin)
         scores = np.zeros(len(grid))
         for s in range(self.samples):
-            sample_seed = (self.seed * 1_000_003 + self._ticks) * 64 + s
+            sample_seed = (self.seed * 1_000_003 + decision_index) * 64 + s
             for j, knobs in enumerate(grid):
-                candidate = copy.deepcopy(self.base)
+                candidate = copy.deepcopy(base)
                 for knob, value in knobs.items():
                     setattr(candidate.dispatcher, knob, value)
-                twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=candidate)
-                scores[j] += rollout_score(twin, until_s, first_open)
+                fork_sim = fork(twin, sample_seed, resample=not self.clairvoyant, policy=candidate)
+                scores[j] += rollout_score(fork_sim, until_s, first_open)
         scores /= self.samples
-        best = int(np.argmax(scores))
-        entry = {"time_s": cluster.now_s, "knobs": grid[best], "predicted_gain": float(scores[best] - scores[0]),
-                 "changed": best != 0}
+        best = int(np.argmax(scores))  # first maximum: the current setting on ties
+        if scores[best] <= scores[0] + self.margin:
+            best = 0
+        return IntervalDecision(time_s=twin.now_s, knobs=dict(grid[best]), current_knobs=dict(grid[0]),
+                                changed=best != 0, predicted_objective=float(scores[best]),
+                                current_objective=float(scores[0]), horizon_s=self.horizon_s,
+                                decision_s=time.perf_counter() - started)
+
+    def adopt_plan(self, decision: IntervalDecision | None) -> None:
+        if decision is None:
+            return
+        entry = {"time_s": decision.time_s, "knobs": decision.knobs, "predicted_gain": decision.predicted_gain,
+                 "changed": decision.changed, "decision_s": decision.decision_s}
         self.log.append(entry)
         LOG.info("lookahead-knobs t=%.0fs: %s knobs %s (predicted objective %+.3f over the current setting)",
-                 cluster.now_s, "adopt" if best else "keep", grid[best], entry["predicted_gain"])
-        if best:
-            self._set(grid[best])
+                 decision.time_s, "adopt" if decision.changed else "keep", decision.knobs, decision.predicted_gain)
+        if decision.changed:
+            self._set(decision.knobs)
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base.name, "interval_s": self.interval_s, "horizon_s": self.horizon_s,
-                "samples": self.samples, "seed": self.seed, "knobs": self.base.dispatcher.get_knobs()}
+        return {"name": self.name, "kind": "lookahead-knobs", "base": self.base.name, "interval_s": self.interval_s,
+                "horizon_s": self.horizon_s, "samples": self.samples, "seed": self.seed,
+                "clairvoyant": self.clairvoyant, "margin": self.margin, "knobs": self.base.dispatcher.get_knobs()}
+
+
+def _flag(text: str) -> bool:
+    word = text.lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 _KNOB_TYPES: dict[str, Callable[[str], Any]] = {
     "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float, "margin": float,
-    "clairvoyant": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "clairvoyant": _flag,
 }
 
 
 _KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin"),
-               "lookahead-knobs": ("interval_s", "horizon_s", "samples", "seed", "clairvoyant")}
+               "lookahead-knobs": ("interval_s", "horizon_s", "samples", "seed", "clairvoyant", "margin")}
 
 
 def is_lookahead_name(text: str) -> bool:
@@ -283,7 +345,8 @@ def lookahead_from_name(text: str, load_base: Callable[[str], Policy]) -> Policy
         try:
             knobs[key] = _KNOB_TYPES[key](value)
         except ValueError:
-            raise PolicyError(f"policy: {text}: knob {key} needs a number, got {value!r}") from None
+            kind_of = "true or false" if key == "clairvoyant" else "a number"
+            raise PolicyError(f"policy: {text}: knob {key} needs {kind_of}, got {value!r}") from None
     allowed = _KIND_KNOBS[kind]
     for key in knobs:
         if key not in allowed:
@@ -292,3 +355,33 @@ def lookahead_from_name(text: str, load_base: Callable[[str], Policy]) -> Policy
     if kind == "lookahead":
         return LookaheadPolicy(base, **knobs)
     return LookaheadKnobsPolicy(base, **knobs)
+
+
+class LookaheadKnobsFile(BaseModel):
+    """A `lookahead-knobs` policy file (`kind: lookahead-knobs`); `knobs` are the base dispatcher's
+    starting knobs (the `spec()` of a running controller writes the ones it adopted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lookahead-knobs"]
+    name: str | None = None
+    base: str = DEFAULT_BASE
+    interval_s: PositiveFloat = 60.0
+    horizon_s: PositiveFloat = 120.0
+    samples: PositiveInt = 2
+    seed: int = 0
+    clairvoyant: bool = False
+    margin: float = Field(0.0, ge=0.0)
+    knobs: dict[str, float] = {}
+
+
+def lookahead_from_spec(spec: dict[str, Any], load_base: Callable[[str], Policy], source: str) -> Policy:
+    """A policy file of kind `lookahead-knobs` (fields of `LookaheadKnobsFile`)."""
+    try:
+        cfg = LookaheadKnobsFile.model_validate(spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "file"
+        raise PolicyError(f"{source}: {field}: {err['msg']}") from None
+    return LookaheadKnobsPolicy(load_base(cfg.base), interval_s=cfg.interval_s, horizon_s=cfg.horizon_s,
+                                samples=cfg.samples, seed=cfg.seed, clairvoyant=cfg.clairvoyant, name=cfg.name,
+                                knobs=cfg.knobs, margin=cfg.margin)

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from envs.sim.capacity import capacity_bound
-from envs.sim.scenario import simulate
+from envs.sim.scenario import build_simulator, simulate
 from policies import load_policy
 from policies.base import PolicyError
 from policies.lookahead import LookaheadKnobsPolicy, LookaheadPolicy
@@ -60,6 +60,34 @@ def test_knob_controller_decides_every_interval(caplog) -> None:
     assert all(entry["predicted_gain"] >= 0 for entry in policy.log)  # the current setting is a candidate
     assert sum("lookahead-knobs t=" in r.message for r in caplog.records) == len(policy.log)
     assert result["n_finished"] == SMALL.queries
+
+
+def test_knob_planning_is_pure_and_margin_keeps_the_base() -> None:
+    """`plan_interval` (the hook the gateway runs in a worker thread) changes neither the simulator
+    nor the knobs, and plans the same twice; with a margin no rollout can beat, the controller
+    keeps the base's knobs and its run is the base policy's run."""
+    spec = Cell(cluster="mixed-16", rate_qps=1.2, queries=40).run_spec(2)
+    policy = load_policy("lookahead-knobs:least-work+workflow@interval_s=20,horizon_s=40,samples=1")
+    assert isinstance(policy, LookaheadKnobsPolicy)
+    sim = build_simulator(spec, policy=policy)
+    while sim.now_s < 30.0:
+        call = sim.next_decision(until_s=30.0)
+        if call is None:
+            break
+        sim.dispatch(call, policy.dispatch(call, sim))
+    knobs = dict(policy.base.dispatcher.get_knobs())
+    before = (sim.now_s, sim.decisions, [len(e.waiting) + len(e.running) for e in sim.engines], len(policy.log))
+    first, second = policy.plan_interval(sim), policy.plan_interval(sim)
+    assert (first.knobs, first.predicted_objective) == (second.knobs, second.predicted_objective)
+    assert first.current_knobs == knobs == policy.base.dispatcher.get_knobs()
+    assert (sim.now_s, sim.decisions, [len(e.waiting) + len(e.running) for e in sim.engines], len(policy.log)) == before
+
+    base_result, base_sim = simulate(spec, load_policy("least-work+workflow"))
+    kept = load_policy("lookahead-knobs:least-work+workflow@interval_s=20,horizon_s=40,samples=1,margin=1000")
+    kept_result, kept_sim = simulate(spec, kept)
+    assert kept.log and not any(entry["changed"] for entry in kept.log)
+    assert numbers(kept_result) == numbers(base_result)
+    assert [c.engine_id for c in kept_sim.calls] == [c.engine_id for c in base_sim.calls]
 
 
 def test_capacity_bound_holds_and_binds_under_overload() -> None:

@@ -11,11 +11,14 @@ marked down while queued) goes back to `dispatch` with the failed engine exclude
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import itertools
+import json
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +37,13 @@ from deploy.gateway.state import (
     build_cluster_state,
 )
 from deploy.upstream import Upstream, UpstreamError
+from envs.sim.cluster import ClusterSimulator
+from envs.sim.config import EngineConfig
 from envs.sim.errors import UserError
-from policies.base import Policy
+from envs.sim.fork import simulator_from_view, token_scaled
+from envs.sim.model import EngineModel
+from envs.sim.workload import TraceGenerator, load_trace
+from policies.base import IntervalDecision, Policy
 
 log = logging.getLogger("agentsched.gateway")
 
@@ -80,6 +88,36 @@ class ShuttingDown(Exception):
 FINISHED_KEY_MEMORY_S = WORKFLOW_RETENTION_S  # a finished workflow's id is refused this long after it finished
 STOP_TASKS_TIMEOUT_S = 2.0  # background loops get this long to end after cancellation
 SLOW_CALLBACK_S = 0.02  # policy hooks slower than this are logged (they block the event loop)
+# the digital twin (planners with `plans_on_twin`): its workload model is this trace's fitted
+# generator at the gateway's token_scale, and it holds enough future arrivals at the recent rate
+# to cover this long (a planner's rollouts stop at their own horizon)
+TWIN_TRACE = "chess_trace1"
+TWIN_ARRIVALS_S = 300.0
+TWIN_MAX_FUTURE_QUERIES = 200
+TWIN_DECISIONS_KEPT = 100  # recent twin decisions shown by /v1/agentsched/info
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    name: str
+    healthy: bool
+    model: EngineModel
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """What the digital twin is built from (`envs.sim.fork.ModelledClusterView`), copied on the
+    event loop: the worker thread that builds the twin and plans on it reads nothing the loop
+    mutates meanwhile."""
+
+    now_s: float
+    recent_arrival_rate_qps: float
+    engines: tuple[EngineSnapshot, ...]
+    calls: tuple[CallState, ...]  # copies of the calls in flight of open workflows
+    workflows: dict[int, WorkflowState]  # copies of their workflows
+
+    def workflow(self, workflow_id: int) -> WorkflowState:
+        return self.workflows[workflow_id]
 
 
 @dataclass(order=True)
@@ -192,6 +230,16 @@ class GatewayMetrics:
         self.wf_finished = Counter("agentsched_workflows_finished", "Finished workflows", ["tenant"], registry=r)
         self.wf_met = Counter("agentsched_workflows_met_slo", "Workflows finished within their SLO", ["tenant"], registry=r)
         self.slo_attainment = Gauge("agentsched_slo_attainment", "Share of finished workflows within SLO", ["tenant"], registry=r)
+        # planners on the digital twin (Policy.plans_on_twin)
+        self.twin_decisions = Counter("agentsched_twin_decisions", "Control-interval decisions planned on the digital twin",
+                                      ["changed"], registry=r)
+        self.twin_decision_s = Gauge("agentsched_twin_decision_seconds",
+                                     "Wall time of the last twin decision (twin build + planning)", registry=r)
+        self.twin_goodput = Gauge("agentsched_twin_predicted_goodput_qps",
+                                  "Predicted SLO-goodput over the planning horizon of the last decision, per setting",
+                                  ["setting"], registry=r)
+        self.policy_knob = Gauge("agentsched_policy_knob", "Knob values in force after the last twin decision", ["knob"],
+                                 registry=r)
 
 
 class Gateway:
@@ -236,6 +284,12 @@ class Gateway:
         self.prefix_index_enabled = self.config.prefix_index
         for e in self.state.engines:
             self.metrics.healthy.labels(e.name).set(1)
+        # calls placed on an engine (queued here or sent) and not yet released: the twin's calls in flight
+        self.calls_in_flight: dict[int, CallState] = {}
+        self.twin_decisions: deque[dict[str, Any]] = deque(maxlen=TWIN_DECISIONS_KEPT)
+        self._twin_inputs: tuple[TraceGenerator, list[EngineConfig]] | None = None
+        if policy.plans_on_twin:  # its mistakes (an engine the simulator cannot run) show at start-up
+            self._twin_inputs = self._prepare_twin()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -289,6 +343,82 @@ class Gateway:
         self._tasks = []
         for pool in self.pools:
             await pool.close()
+
+    # ------------------------------------------------------------------ the digital twin
+    def _prepare_twin(self) -> tuple[TraceGenerator, list[EngineConfig]]:
+        """The twin's workload model (TWIN_TRACE at the gateway's token_scale) and engine configs;
+        refuses, in one line, a cluster whose engines the simulator cannot run (a latency table only)."""
+        for e in self.state.engines:
+            if e.model.perf is None:
+                raise UserError(f"engine {e.name!r}: policy {self.policy.name} plans on the gateway's digital twin, "
+                                f"which needs an iteration model (give the engine `profile:` or `architecture:`)")
+        specs = token_scaled(load_trace(TWIN_TRACE), self.config.token_scale)
+        generator = TraceGenerator.fit(specs, name=f"twin({TWIN_TRACE} x{self.config.token_scale:g})")
+        return generator, self.cluster.engine_configs()
+
+    def snapshot(self) -> LiveSnapshot:
+        """Copy what the twin needs of the live state (on the event loop; about a millisecond)."""
+        st = self.state
+        open_wfs = st.open_workflows
+        calls = tuple(copy.copy(c) for c in self.calls_in_flight.values() if c.workflow_id in open_wfs)
+        return LiveSnapshot(st.now_s, st.recent_arrival_rate_qps,
+                            tuple(EngineSnapshot(e.name, e.healthy, e.model) for e in st.engines), calls,
+                            {c.workflow_id: copy.copy(open_wfs[c.workflow_id]) for c in calls})
+
+    def build_twin(self, seed: int, snapshot: LiveSnapshot | None = None) -> ClusterSimulator:
+        """A simulator in the live state (`envs.sim.fork.simulator_from_view` of `snapshot`,
+        default: one taken now): the calls in flight on their engines, unknown lengths and the rest
+        of each workflow drawn with `seed`, future arrivals at the recent rate. Reads only the
+        snapshot, so it may run in a worker thread while the live state moves on."""
+        if self._twin_inputs is None:
+            self._twin_inputs = self._prepare_twin()
+        generator, engine_configs = self._twin_inputs
+        view = snapshot if snapshot is not None else self.snapshot()
+        future = min(TWIN_MAX_FUTURE_QUERIES, math.ceil(view.recent_arrival_rate_qps * TWIN_ARRIVALS_S) + 2)
+        # the twin carries the live policy: forks of it order queues and tick as the candidates do
+        return simulator_from_view(view, view.calls, engine_configs, self.config.slo_scale, seed,
+                                   generator, future_queries=future, policy=self.policy,
+                                   prefix_cache=False, slo=self.state.slo)
+
+    def _plan_on_snapshot(self, snapshot: LiveSnapshot, seed: int) -> tuple[IntervalDecision | None, float]:
+        """Build the twin and plan on it (in the worker thread); returns the decision and the build time."""
+        t0 = time.perf_counter()
+        twin = self.build_twin(seed, snapshot)
+        built_s = time.perf_counter() - t0
+        return self.policy.plan_interval(twin), built_s
+
+    async def _plan_on_twin(self, tick: int) -> IntervalDecision | None:
+        """One control interval of a `plans_on_twin` policy: snapshot the live state (event loop),
+        build the twin from it and plan on it in a worker thread, adopt the decision back on the
+        event loop; log it (one JSON line) and export it on /metrics."""
+        t0 = time.perf_counter()
+        snapshot = self.snapshot()
+        snapshot_s = time.perf_counter() - t0
+        decision, built_s = await asyncio.to_thread(self._plan_on_snapshot, snapshot, tick)
+        if decision is None:
+            return None
+        self.policy.adopt_plan(decision)
+        total_s = time.perf_counter() - t0
+        record = {
+            "event": "twin_decision", "tick": tick, "time_s": round(decision.time_s, 3), "changed": decision.changed,
+            "knobs": decision.knobs, "current_knobs": decision.current_knobs,
+            "predicted_goodput_qps": round(decision.predicted_goodput_qps, 6),
+            "current_goodput_qps": round(decision.current_goodput_qps, 6),
+            "predicted_gain": round(decision.predicted_gain, 6), "horizon_s": decision.horizon_s,
+            "plan_s": round(decision.decision_s, 4), "twin_build_s": round(built_s, 4),
+            "snapshot_s": round(snapshot_s, 5), "decision_s": round(total_s, 4), "calls_in_flight": len(snapshot.calls), "open_workflows": len(self.state.open_workflows),
+            "recent_arrival_rate_qps": round(self.state.recent_arrival_rate_qps, 4),
+        }
+        self.twin_decisions.append(record)
+        log.info("twin decision %s", json.dumps(record))
+        m = self.metrics
+        m.twin_decisions.labels(str(decision.changed).lower()).inc()
+        m.twin_decision_s.set(total_s)
+        m.twin_goodput.labels("chosen").set(decision.predicted_goodput_qps)
+        m.twin_goodput.labels("current").set(decision.current_goodput_qps)
+        for knob, value in decision.knobs.items():
+            m.policy_knob.labels(knob).set(value)
+        return decision
 
     # ------------------------------------------------------------------ workflows and calls
     def _workflow(self, key: str | None, tenant: str, slo_s: float | None, now: float) -> WorkflowState:
@@ -462,6 +592,7 @@ class Gateway:
         call.engine_id = engine.engine_id
         call.expected_s = engine.expected_call_latency_s(call)  # T_e(s) unless the engine holds part of the prompt
         engine.ledger.place(call.expected_s)
+        self.calls_in_flight[call.call_id] = call
         self._pump(engine)
         return fut
 
@@ -470,6 +601,7 @@ class Gateway:
             engine.inflight -= 1
             engine.prefix_index.release(call.call_id)
         engine.ledger.finish(call.expected_s)
+        self.calls_in_flight.pop(call.call_id, None)
         self._pump(engine)
 
     async def acquire(self, call: CallState, exclude: set[int]) -> EngineState:
@@ -634,6 +766,15 @@ class Gateway:
         while True:
             ticks += 1
             await asyncio.sleep(max(0.0, start + ticks * interval - time.monotonic()))
+            if self.policy.plans_on_twin:  # plans off the event loop; only the twin's snapshot is taken on it
+                try:
+                    await self._plan_on_twin(ticks)
+                except Exception:  # noqa: BLE001
+                    log.exception("planning on the digital twin failed")
+                self.interval_calls += 1
+                # a plan longer than the interval skips the ticks it overran (no back-to-back plans)
+                ticks = max(ticks, int((time.monotonic() - start) // interval))
+                continue
             t0 = time.perf_counter()
             try:
                 self.policy.on_interval(self.state)
@@ -685,6 +826,7 @@ class Gateway:
             ],
             "control_interval_s": self.control_interval_s,
             "interval_calls": self.interval_calls,
+            "twin_decisions": list(self.twin_decisions),
             "workflows_arrived": len(st.workflows),
             "workflows_open": len(st.open_workflows),
             "workflows_finished": st.finished_workflows,

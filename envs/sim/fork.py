@@ -21,7 +21,9 @@ their calls) are shared, so a fork costs what is in flight, not the length of th
 (benchmarks/headroom.py reports the time per fork).
 
 `simulator_from_view(view, calls, ...)` builds such a simulator from a view that is not a
-simulator (the gateway's `ClusterState`): the gateway's digital twin.
+simulator (the gateway's `ClusterState`): the gateway's digital twin. The twin can be forked like
+any simulator: its forks draw from the generator it was built with and at the view's arrival rate,
+so a planner's code (`Policy.plan_interval`) is the same on the twin and in `simulate`.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from envs.sim.cluster import EV_ARRIVAL, EV_ENGINE, ClusterSimulator, Tenant
+from envs.sim.cluster import EV_ARRIVAL, EV_ENGINE, EV_TICK, ClusterSimulator, Tenant
 from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.engine import Engine, LLMCall
-from envs.sim.model import EngineModel
+from envs.sim.model import ARRIVAL_RATE_WINDOW_S, ArrivalWindow, EngineModel
 from envs.sim.slo import SLOModel
-from envs.sim.view import CallView, ClusterView, EngineView, SchedulingPolicy
+from envs.sim.view import CallView, SchedulingPolicy, WorkflowView
 from envs.sim.workload import CallSpec, TraceGenerator, WorkflowSpec
 
 MIN_ARRIVAL_RATE_QPS = 1e-3  # a view that saw no arrival yet: (almost) none expected
@@ -54,31 +56,77 @@ class PlacedCallView(CallView, Protocol):
     engine_id: int
 
 
-class ModelledEngineView(EngineView, Protocol):
-    """An engine of a live view that carries its engine model (the gateway's `EngineState`)."""
+class ModelledEngineView(Protocol):
+    """What a twin reads of a live engine: its engine model, name and health (the gateway's
+    `EngineState`, or a copy of those)."""
 
-    model: EngineModel
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def model(self) -> EngineModel: ...
 
 
-class ModelledClusterView(ClusterView, Protocol):
+class ModelledClusterView(Protocol):
+    """What a twin reads of a live view: the clock, the recent arrival rate, the engines and the
+    workflows of the calls in flight (the gateway's `ClusterState`, or a snapshot of it taken on
+    the gateway's event loop so that a worker thread can build the twin)."""
+
+    @property
+    def now_s(self) -> float: ...
+
+    @property
+    def recent_arrival_rate_qps(self) -> float: ...
+
     @property
     def engines(self) -> Sequence[ModelledEngineView]: ...
 
+    def workflow(self, workflow_id: int) -> WorkflowView: ...
 
 
 def workload_generator(specs: Sequence[WorkflowSpec]) -> TraceGenerator:
     """The generator fitted to a run's workflows (cached per workflow list, so forking a run many
-    times fits it once)."""
+    times fits it once), or the one a twin was built with (`simulator_from_view` registers it)."""
     key = id(specs)
     hit = _GENERATORS.get(key)
     if hit is not None and hit[0] is specs:
         _GENERATORS.move_to_end(key)
         return hit[1]
     generator = TraceGenerator.fit(specs, name="fork")
-    _GENERATORS[key] = (specs, generator)
+    _remember_generator(specs, generator)
+    return generator
+
+
+def _remember_generator(specs: Sequence[WorkflowSpec], generator: TraceGenerator) -> None:
+    _GENERATORS[id(specs)] = (specs, generator)
     while len(_GENERATORS) > _GENERATOR_CACHE_SIZE:
         _GENERATORS.popitem(last=False)
-    return generator
+
+
+def token_scaled(specs: Sequence[WorkflowSpec], token_scale: float) -> list[WorkflowSpec]:
+    """`specs` with every call's input and output lengths times `token_scale` (at least 1 token;
+    prompt segments dropped): the workload a gateway with that `token_scale` sees (the replay
+    sends such calls to tiny CPU engines), to fit its twin's generator to."""
+    if token_scale == 1.0:
+        return list(specs)
+    return [WorkflowSpec(tuple(tuple(CallSpec(c.step, max(1, round(c.input_tokens * token_scale)),
+                                              max(1, round(c.output_tokens * token_scale))) for c in stage)
+                               for stage in wf.stages), source=wf.source) for wf in specs]
+
+
+def arrival_window_at_rate(rate_qps: float, now_s: float) -> ArrivalWindow:
+    """An arrival window that reads about `rate_qps` at `now_s` (arrivals evenly spaced over the
+    window): a twin's, so its forks draw future arrivals at the live view's recent rate rather than
+    at the burst of in-flight workflows the twin saw arrive at once."""
+    window = ArrivalWindow()
+    span_s = max(1.0, min(ARRIVAL_RATE_WINDOW_S, now_s))
+    count = int(round(rate_qps * span_s))
+    for k in range(count):
+        window.note(now_s - span_s * (count - k - 0.5) / count)
+    return window
 
 
 def conditional_output_tokens(generator: TraceGenerator, step: str, input_tokens: np.ndarray,
@@ -228,6 +276,7 @@ def simulator_from_view(view: ModelledClusterView, calls: Sequence[PlacedCallVie
       deadline, and the calls' deadlines, are the view's.
     - `slo`: the view's SLO model (the gateway's `ClusterState.slo`); default: built from the engines.
     - `future_queries` new workflows arrive as Poisson at the view's recent rate from now.
+    - Forks of the twin (`fork`) draw from `generator` and at the view's recent arrival rate.
 
     Workflow ids are the twin's own (in-flight workflows first, in the view's order)."""
     if len(engine_configs) != len(view.engines):
@@ -267,6 +316,11 @@ def simulator_from_view(view: ModelledClusterView, calls: Sequence[PlacedCallVie
         engine.healthy = state.healthy
     if slo is not None:  # the gateway's SLO model (the same rule over the same engine models)
         sim.slo = slo
+    # the policy's ticks (interval_s) start from now, not from the twin's time 0
+    sim._events = [ev for ev in sim._events if ev[2] != EV_TICK]
+    heapq.heapify(sim._events)
+    if sim._tick_interval_s:
+        sim._push(now + sim._tick_interval_s, EV_TICK, 0, 0)
     # the in-flight workflows arrive now; their current calls go where the gateway sent them
     for index, wid in enumerate(open_ids):
         view_wf = view.workflow(wid)
@@ -283,4 +337,8 @@ def simulator_from_view(view: ModelledClusterView, calls: Sequence[PlacedCallVie
             ready.workflow_deadline_s = view_call.workflow_deadline_s
             ready.priority = view_call.priority
             sim.dispatch(ready, view_call.engine_id)
+    if sim.now_s < now:  # nothing in flight: the twin's clock still has to reach the view's
+        assert sim.next_decision(until_s=now) is None
+    sim._recent_arrivals = arrival_window_at_rate(view.recent_arrival_rate_qps, now)
+    _remember_generator(sim._specs, generator)
     return sim
