@@ -22,6 +22,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cluster import Cluster, EngineSpec, LaunchSpec
+from deploy.vllm_metrics import PrefixCacheCounters, parse_prefix_cache_counters
 from envs.sim.errors import UserError
 
 HEALTH_POLL_S = 0.5
@@ -380,53 +381,6 @@ def engines_down(cluster: Cluster, names: list[str] | None = None, grace_s: floa
         raise UserError(f"engines {[n for n, p in running.items() if p in stuck]} (process groups {stuck}) survived "
                         "SIGKILL; check `ps -g <pgid>` (uninterruptible I/O?)")
     return list(running)
-
-
-# vLLM's prefix-cache counters (tokens): the V1 engine's names first, then the older
-# `gpu_`-prefixed ones of earlier releases; exposed with or without the `_total` suffix
-PREFIX_CACHE_COUNTER_NAMES = {
-    "queries": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
-    "hits": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
-}
-
-
-@dataclass(frozen=True)
-class PrefixCacheCounters:
-    """An engine's prefix-cache counters at one moment: prompt tokens looked up in the cache and
-    tokens served from it (vLLM counts both when it admits a request, not per scheduling try)."""
-
-    queries_tokens: float
-    hits_tokens: float
-
-    def __sub__(self, before: "PrefixCacheCounters") -> "PrefixCacheCounters":
-        return PrefixCacheCounters(self.queries_tokens - before.queries_tokens, self.hits_tokens - before.hits_tokens)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits_tokens / self.queries_tokens if self.queries_tokens > 0 else float("nan")
-
-
-def parse_prefix_cache_counters(metrics_text: str) -> PrefixCacheCounters | None:
-    """The prefix-cache counters of a vLLM /metrics page, summed over its engine cores (label sets);
-    None when the page has neither generation of names (an engine too old, or not vLLM). Where an
-    engine exposes both the current and the deprecated names, the current ones are read (the two
-    count the same tokens: summing them would count every token twice)."""
-    wanted = {name for names in PREFIX_CACHE_COUNTER_NAMES.values() for name in names}
-    found: dict[str, float] = {}
-    kept = "\n".join(line for line in metrics_text.splitlines()
-                     if line.startswith("#") or line.startswith(tuple(wanted))) + "\n"
-    for family in text_string_to_metric_families(kept):
-        for sample in family.samples:
-            name = sample.name.removesuffix("_total")
-            if name in wanted and not sample.name.endswith("_created"):
-                found[name] = found.get(name, 0.0) + sample.value
-    values = {}
-    for kind, names in PREFIX_CACHE_COUNTER_NAMES.items():
-        present = [n for n in names if n in found]
-        if not present:
-            return None
-        values[kind] = found[present[0]]
-    return PrefixCacheCounters(values["queries"], values["hits"])
 
 
 async def read_prefix_cache_counters(base_url: str, timeout_s: float = 10.0) -> PrefixCacheCounters | None:

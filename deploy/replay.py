@@ -47,8 +47,9 @@ import numpy as np
 import openai
 
 from agentsched.client import AsyncGatewayClient, AsyncWorkflow, StreamError
-from deploy.engines import PrefixCacheCounters, read_prefix_cache_counters
+from deploy.engines import read_prefix_cache_counters
 from deploy.upstream import Upstream, UpstreamError
+from deploy.vllm_metrics import PrefixCacheCounters
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
 from envs.sim.scenario import RunSpec, workload_for

@@ -51,7 +51,7 @@ def settled(url: str, before: PrefixCacheCounters, queries_tokens: int) -> Prefi
     """The engine's counters since `before`, once they count `queries_tokens` queried tokens."""
     deadline = time.monotonic() + 5
     while True:
-        delta = counters(url).since(before)
+        delta = counters(url) - before
         if delta.queries_tokens >= queries_tokens or time.monotonic() > deadline:
             return delta
         time.sleep(0.05)

@@ -215,8 +215,8 @@ def test_engine_prefix_counters_are_read_under_current_and_older_names() -> None
     assert parse_vllm_metrics(VLLM_METRICS)["vllm:num_requests_running"] == 1.0
     assert prefix_cache_counters(OLD_VLLM_METRICS) == PrefixCacheCounters(900.0, 128.0)
     assert prefix_cache_counters("vllm:num_requests_running 0.0\n") is None
-    assert now.since(PrefixCacheCounters(900.0, 0.0)) == PrefixCacheCounters(1100.0, 768.0)
-    assert now.since(PrefixCacheCounters(900.0, 0.0)).hit_rate == 768.0 / 1100.0
+    assert now - PrefixCacheCounters(900.0, 0.0) == PrefixCacheCounters(1100.0, 768.0)
+    assert (now - PrefixCacheCounters(900.0, 0.0)).hit_rate == 768.0 / 1100.0
 
 
 def gpu_cluster(**gateway: object) -> Cluster:

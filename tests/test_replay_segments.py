@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from deploy.calibrate import warm_prefill_check
-from deploy.engines import PrefixCacheCounters, parse_prefix_cache_counters, prefix_caching_enabled
+from deploy.engines import prefix_caching_enabled
 from deploy.replay import TOKEN_ID_RANGE, prompt_token_ids
+from deploy.vllm_metrics import PrefixCacheCounters, parse_prefix_cache_counters
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import ClusterConfig
 from envs.sim.errors import UserError

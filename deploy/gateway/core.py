@@ -37,6 +37,12 @@ from deploy.gateway.state import (
     build_cluster_state,
 )
 from deploy.upstream import Upstream, UpstreamError
+from deploy.vllm_metrics import (
+    PREFIX_CACHE_SAMPLE_PREFIXES,
+    PrefixCacheCounters,
+    add_prefix_cache_sample,
+    counters_from_samples,
+)
 from envs.sim.cluster import ClusterSimulator
 from envs.sim.config import EngineConfig
 from envs.sim.errors import UserError
@@ -56,16 +62,7 @@ VLLM_CACHE_INFO = "vllm:cache_config_info"
 # the engine's prefix-cache counters, in prompt tokens (queried, served from cache): the current V1
 # names first, then the older ones (`gpu_` prefix, earlier V1 releases); each with and without the
 # `_total` suffix prometheus_client's exposition adds to a counter
-PREFIX_CACHE_QUERIES = "prefix_cache_queries"
-PREFIX_CACHE_HITS = "prefix_cache_hits"
-_PREFIX_COUNTER_NAMES = {
-    PREFIX_CACHE_QUERIES: ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries",
-                           "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries"),
-    PREFIX_CACHE_HITS: ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
-                        "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits"),
-}
-_SCRAPED_PREFIXES = (VLLM_RUNNING + "{", VLLM_WAITING + "{", VLLM_KV_USAGE, "vllm:num_preemptions", VLLM_CACHE_INFO,
-                     "vllm:prefix_cache_", "vllm:gpu_prefix_cache_")
+_SCRAPED_PREFIXES = (VLLM_RUNNING + "{", VLLM_WAITING + "{", VLLM_KV_USAGE, "vllm:num_preemptions", VLLM_CACHE_INFO) + PREFIX_CACHE_SAMPLE_PREFIXES
 DECISION_BUCKETS_S = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
 
@@ -128,6 +125,7 @@ class _Pending:
     admitted: asyncio.Future = field(compare=False)
 
 
+PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS = "prefix_cache_queries", "prefix_cache_hits"  # keys of the scrape
 _SUMMED = (VLLM_RUNNING, VLLM_WAITING, VLLM_PREEMPTIONS)  # counts: summed over an engine's label sets
 
 
@@ -146,8 +144,8 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     prefix: dict[str, float] = {}  # counter sample name -> value summed over engine cores
     for family in text_string_to_metric_families(kept):
         for sample in family.samples:
-            if sample.name.startswith(("vllm:prefix_cache_", "vllm:gpu_prefix_cache_")):
-                prefix[sample.name] = prefix.get(sample.name, 0.0) + sample.value
+            if sample.name.startswith(PREFIX_CACHE_SAMPLE_PREFIXES):
+                add_prefix_cache_sample(prefix, sample.name, sample.value)
             elif sample.name == VLLM_CACHE_INFO:
                 tokens = sample.labels.get("kv_cache_size_tokens")
                 if tokens is not None:
@@ -159,38 +157,18 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
     if kv_by_core:
         out[VLLM_KV_USAGE] = max(kv_by_core.values())
-    for key, names in _PREFIX_COUNTER_NAMES.items():  # the first name the engine exposes
-        value = next((prefix[name] for name in names if name in prefix), None)
-        if value is not None:
-            out[key] = value
+    counters = counters_from_samples(prefix)
+    if counters is not None:
+        out[PREFIX_CACHE_QUERIES], out[PREFIX_CACHE_HITS] = counters.queries_tokens, counters.hits_tokens
     return out
 
 
-@dataclass(frozen=True)
-class PrefixCacheCounters:
-    """An engine's prefix-cache counters since it started: prompt tokens looked up in the cache
-    (`vllm:prefix_cache_queries`) and served from it (`vllm:prefix_cache_hits`)."""
-
-    queries_tokens: float
-    hits_tokens: float
-
-    def since(self, earlier: "PrefixCacheCounters") -> "PrefixCacheCounters":
-        """The counts between an earlier reading and this one (same engine, no restart between)."""
-        return PrefixCacheCounters(self.queries_tokens - earlier.queries_tokens, self.hits_tokens - earlier.hits_tokens)
-
-    @property
-    def hit_rate(self) -> float:
-        """hits / queries, the quantity the simulator's `prefix_cache_hit_rate` is (0 without queries)."""
-        return self.hits_tokens / self.queries_tokens if self.queries_tokens > 0 else 0.0
-
-
 def prefix_cache_counters(metrics_text: str) -> PrefixCacheCounters | None:
-    """The prefix-cache counters of a vLLM /metrics page (current or older metric names, summed
-    over engine cores); None when the engine exposes none (prefix caching off, or no such metric)."""
+    """The prefix-cache counters of a vLLM /metrics page as the gateway's scrape reads them."""
     values = parse_vllm_metrics(metrics_text)
     if PREFIX_CACHE_QUERIES not in values:
         return None
-    return PrefixCacheCounters(values[PREFIX_CACHE_QUERIES], values.get(PREFIX_CACHE_HITS, 0.0))
+    return PrefixCacheCounters(values[PREFIX_CACHE_QUERIES], values[PREFIX_CACHE_HITS])
 
 
 class GatewayMetrics:
