@@ -12,6 +12,10 @@ in learned schedulers such as Decima).
 `EngineScoringPolicy` (PPO) and `MaskableEngineScoringPolicy` (MaskablePPO) replace SB3's
 `mlp_extractor` with `EngineScorer`; the actor's latent *is* the per-engine logits, so
 `action_net` is the identity. Use them in a config with `policy: EngineScoringPolicy`.
+
+Dispatch-v1 (`policy_kwargs: {scorer_admission: true}`): one more logit, "defer the call's
+workflow", from the call/workflow context, the pooled engine rows and a linear path on the context
+(a slack-versus-remaining-work threshold, as in the defer-late heuristic, is one layer away).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class EngineScorer(nn.Module):
     """features (B, N_HEAD + E*F) -> (per-engine logits (B, E), value latent (B, hidden))."""
 
     def __init__(self, features_dim: int, hidden: int = 64, context: int = 32,
-                 engine_features: int = N_ENGINE_FEATURES_V1):
+                 engine_features: int = N_ENGINE_FEATURES_V1, admission: bool = False):
         super().__init__()
         nf = self.engine_features = engine_features
         self.max_engines = (features_dim - N_HEAD) // nf
@@ -67,7 +71,12 @@ class EngineScorer(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.engine_embed = _mlp([2 * nf + N_DERIVED, hidden])
         self.critic = _mlp([context + hidden, hidden])
-        self.latent_dim_pi = self.max_engines
+        self.admission = bool(admission)
+        if self.admission:  # Dispatch-v1: the defer logit after the engines'
+            self.defer_embed = _mlp([2 * nf + N_DERIVED, hidden])
+            self.defer = nn.Sequential(_mlp([context + hidden, hidden]), nn.Linear(hidden, 1))
+            self.defer_linear = nn.Linear(N_HEAD, 1)
+        self.latent_dim_pi = self.max_engines + int(self.admission)
         self.latent_dim_vf = hidden
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,10 +115,16 @@ class EngineScorer(nn.Module):
         return out * real
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
-        head, per_engine, _ = self._split(features)
-        ctx = self.head(head).unsqueeze(1).expand(-1, self.max_engines, -1)
-        logits = self.score(torch.cat([per_engine, ctx], dim=-1)) + self.linear(per_engine)
-        return (logits * self.log_scale.exp()).squeeze(-1)
+        head, per_engine, real = self._split(features)
+        context = self.head(head)
+        ctx = context.unsqueeze(1).expand(-1, self.max_engines, -1)
+        logits = (self.score(torch.cat([per_engine, ctx], dim=-1)) + self.linear(per_engine)).squeeze(-1)
+        if self.admission:
+            emb = self.defer_embed(per_engine)
+            pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
+            defer = self.defer(torch.cat([context, pooled], dim=-1)) + self.defer_linear(head)
+            logits = torch.cat([logits, defer], dim=-1)
+        return logits * self.log_scale.exp()
 
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
         head, per_engine, real = self._split(features)
@@ -125,7 +140,8 @@ class _EngineScoringMixin:
     """Swap SB3's MlpExtractor for EngineScorer and make action_net the identity."""
 
     def __init__(self, *args: Any, scorer_hidden: int = 64, scorer_context: int = 32,
-                 engine_features: int = N_ENGINE_FEATURES_V1, **kwargs: Any):
+                 engine_features: int = N_ENGINE_FEATURES_V1, scorer_admission: bool = False, **kwargs: Any):
+        self._scorer_admission = scorer_admission  # Dispatch-v1: one more logit (defer)
         self._scorer_hidden = scorer_hidden
         self._scorer_context = scorer_context
         self._engine_features = engine_features  # row width of the observation spec (training passes it)
@@ -133,13 +149,15 @@ class _EngineScoringMixin:
 
     def _build_mlp_extractor(self) -> None:
         self.mlp_extractor = EngineScorer(self.features_dim, self._scorer_hidden, self._scorer_context,
-                                          self._engine_features)
+                                          self._engine_features, self._scorer_admission)
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         self.action_net = nn.Identity()
         # the last scoring layer starts small, like SB3's action_net (gain 0.01): near-uniform at init
-        for last in (self.mlp_extractor.score[-1], self.mlp_extractor.linear):
+        scorer = self.mlp_extractor
+        lasts = [scorer.score[-1], scorer.linear] + ([scorer.defer[-1], scorer.defer_linear] if scorer.admission else [])
+        for last in lasts:
             nn.init.orthogonal_(last.weight, gain=0.01)
             nn.init.zeros_(last.bias)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -148,6 +166,8 @@ class _EngineScoringMixin:
         data = super()._get_constructor_parameters()
         data.update(scorer_hidden=self._scorer_hidden, scorer_context=self._scorer_context,
                     engine_features=self._engine_features)
+        if self._scorer_admission:  # absent for Dispatch-v0 models, so their saved parameters stay as they were
+            data["scorer_admission"] = True
         return data
 
 
