@@ -40,6 +40,7 @@ import yaml
 from envs import ADMISSION_ENV_ID, DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.observation import dispatch as dispatch_observation
 from envs.observation import knobs as knobs_observation_module
+from envs.observation.admission import ADMISSION_FEATURES, AdmissionObservation
 from envs.observation.dispatch import OBS_VERSION, SUPPORTED_OBS_VERSIONS, DispatchObservation
 from envs.observation.knobs import DEFAULT_KNOBS, Knob, KnobsObservation
 from envs.sim.view import CallView, ClusterView, EngineView
@@ -84,11 +85,13 @@ def observation_spec(env_id: str, version: int | None = None) -> dict[str, Any]:
     so a change of layout is caught even if nobody bumped the version. Dispatch-v0 still builds its
     older versions (`version`, for policies trained on them).
     """
-    if env_id in (DISPATCH_ENV_ID, ADMISSION_ENV_ID):  # Dispatch-v1 observes exactly what v0 does
+    if env_id in (DISPATCH_ENV_ID, ADMISSION_ENV_ID):  # Dispatch-v1: v0's vector + admission features
         mod = dispatch_observation
         version = mod.OBS_VERSION if version is None else version
         features = mod.engine_features(version) if version in mod.SUPPORTED_OBS_VERSIONS else mod.ENGINE_FEATURES
         names = [*mod.GLOBAL_FEATURES, *mod.CALL_FEATURES, *mod.WORKFLOW_FEATURES, "|", *features]
+        if env_id == ADMISSION_ENV_ID:
+            names += ["|", *ADMISSION_FEATURES]
         digest = hashlib.sha1(json.dumps([names, float(mod.OBS_CLIP)]).encode()).hexdigest()[:12]
         return {"version": int(version), "fingerprint": digest}
     if env_id == KNOBS_ENV_ID:
@@ -233,6 +236,15 @@ class TrainedAdmissionPolicy(TrainedDispatchPolicy):
                                           name=str(base.get("name", "base")))
         self._decided: tuple[int, int] = (-1, -1)  # (call id, engine) of the last admitted call
         self._deferred: set[int] = set()
+        self._admission_obs = AdmissionObservation(self.max_engines, dispatch=self._obs)
+
+    def observation(self, call: CallView, cluster: ClusterView) -> np.ndarray:
+        """The Dispatch-v1 env's observation (v0's + admission features, with this policy's deferrals)."""
+        if cluster is not self._bound:
+            self.check_cluster(cluster)
+            self._bound = cluster
+            self._deferred = set()
+        return self._admission_obs.build(call, cluster, self._deferred)
 
     def reset(self) -> None:
         super().reset()
@@ -250,8 +262,6 @@ class TrainedAdmissionPolicy(TrainedDispatchPolicy):
         return best
 
     def admit(self, call: CallView, cluster: ClusterView) -> bool:
-        if cluster is not self._bound:
-            self._deferred = set()
         choice = self._best(self.net.logits(self.observation(call, cluster)), cluster, with_defer=True)
         if choice == self.max_engines:
             self._deferred.add(call.workflow_id)

@@ -182,7 +182,7 @@ def test_v1_policy_round_trips_with_identical_decisions(v1_policy):
     obs = np.random.default_rng(0).uniform(-1, 1, size=(8, model.observation_space.shape[0])).astype(np.float32)
     for o in obs:
         live = model.policy.mlp_extractor.forward_actor(__import__("torch").as_tensor(o[None]))[0].detach().numpy()
-        assert live.shape == (6,)
+        assert live.shape == (6,) and model.observation_space.shape[0] == a._admission_obs.size
         np.testing.assert_allclose(a.action_logits(o), live, rtol=1e-5, atol=1e-6)
     # a caller that never asks admit (the gateway) still gets a healthy engine for every call
     sim = build_simulator(spec)

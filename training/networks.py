@@ -27,6 +27,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
+from envs.observation.admission import ADMISSION_FEATURES
 from envs.observation.dispatch import ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD
 
 N_ENGINE_FEATURES = len(ENGINE_FEATURES)
@@ -56,10 +57,11 @@ class EngineScorer(nn.Module):
                  engine_features: int = N_ENGINE_FEATURES_V1, admission: bool = False):
         super().__init__()
         nf = self.engine_features = engine_features
-        self.max_engines = (features_dim - N_HEAD) // nf
-        if N_HEAD + self.max_engines * nf != features_dim:
-            raise ValueError(f"observation size {features_dim} is not a Dispatch-v0 observation "
-                             f"({N_HEAD} + max_engines x {nf})")
+        self.n_extra = len(ADMISSION_FEATURES) if admission else 0  # Dispatch-v1's features after the rows
+        self.max_engines = (features_dim - N_HEAD - self.n_extra) // nf
+        if N_HEAD + self.max_engines * nf + self.n_extra != features_dim:
+            raise ValueError(f"observation size {features_dim} is not a Dispatch-v{int(admission)} observation "
+                             f"({N_HEAD} + max_engines x {nf}{f' + {self.n_extra}' if admission else ''})")
         self.head = _mlp([N_HEAD, context])
         self.score = nn.Sequential(_mlp([2 * nf + N_DERIVED + context, hidden, hidden]), nn.Linear(hidden, 1))
         # linear path next to the MLP: scores that are (nearly) linear in the engine's features, like
@@ -74,14 +76,16 @@ class EngineScorer(nn.Module):
         self.admission = bool(admission)
         if self.admission:  # Dispatch-v1: the defer logit after the engines'
             self.defer_embed = _mlp([2 * nf + N_DERIVED, hidden])
-            self.defer = nn.Sequential(_mlp([context + hidden, hidden]), nn.Linear(hidden, 1))
-            self.defer_linear = nn.Linear(N_HEAD, 1)
+            self.defer = nn.Sequential(_mlp([context + hidden + self.n_extra, hidden]), nn.Linear(hidden, 1))
+            self.defer_linear = nn.Linear(N_HEAD + self.n_extra, 1)
+            self.critic = _mlp([context + hidden + self.n_extra, hidden])
         self.latent_dim_pi = self.max_engines + int(self.admission)
         self.latent_dim_vf = hidden
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         head = features[:, :N_HEAD]
-        rows = features[:, N_HEAD:].reshape(-1, self.max_engines, self.engine_features)
+        rows = features[:, N_HEAD:N_HEAD + self.max_engines * self.engine_features].reshape(
+            -1, self.max_engines, self.engine_features)
         # padding rows are all zero; a real engine always has relative_speed > 0
         real = (rows[..., RELATIVE_SPEED] > 0).float().unsqueeze(-1)
         n_real = real.sum(1, keepdim=True).clamp(min=1.0)
@@ -122,7 +126,8 @@ class EngineScorer(nn.Module):
         if self.admission:
             emb = self.defer_embed(per_engine)
             pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
-            defer = self.defer(torch.cat([context, pooled], dim=-1)) + self.defer_linear(head)
+            extra = features[:, features.shape[1] - self.n_extra:]
+            defer = self.defer(torch.cat([context, pooled, extra], dim=-1)) + self.defer_linear(torch.cat([head, extra], -1))
             logits = torch.cat([logits, defer], dim=-1)
         return logits * self.log_scale.exp()
 
@@ -130,7 +135,10 @@ class EngineScorer(nn.Module):
         head, per_engine, real = self._split(features)
         emb = self.engine_embed(per_engine)
         pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
-        return self.critic(torch.cat([self.head(head), pooled], dim=-1))
+        parts = [self.head(head), pooled]
+        if self.n_extra:
+            parts.append(features[:, features.shape[1] - self.n_extra:])
+        return self.critic(torch.cat(parts, dim=-1))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_actor(features), self.forward_critic(features)

@@ -21,8 +21,9 @@ rho x (simulated seconds of the step), with rho the running average reward per s
 over this env's past episodes (the average-reward form Decima uses on job streams: returns of long
 episodes are then about doing better than average, not about episode length).
 
-The observation is Dispatch-v0's (same layout and version), so a Dispatch-v0 network's inputs carry
-over; the network needs one more output (`training.networks`, `admission=True`).
+The observation is Dispatch-v0's (same layout and version) followed by three admission features
+(`envs.observation.admission`: admitted and deferred workflows in flight per engine, first call);
+the network needs one more output (`training.networks`, `scorer_admission=True`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ import numpy as np
 
 from envs.gym.dispatch_env import DEFAULT_LOCAL_ORDER, DispatchEnv, MaskedDiscrete
 from envs.gym.reward import COMPLETION_BONUS, REJECTION_PENALTY
+from gymnasium import spaces
+
 from envs.observation import InvalidActionError
-from envs.observation.dispatch import OBS_VERSION
+from envs.observation.admission import AdmissionObservation
+from envs.observation.dispatch import OBS_CLIP, OBS_VERSION
 from policies.loader import load_policy
 
 DEFAULT_BASE_POLICY = "least-work+workflow"
@@ -58,6 +62,9 @@ class AdmissionDispatchEnv(DispatchEnv):
                          tardiness_weight, rejection_penalty, episode_metrics, render_mode, obs_version)
         self.defer_action = self.max_engines
         self.action_space = MaskedDiscrete(self.max_engines + 1)
+        self._admission_obs = AdmissionObservation(self.max_engines, obs_version, dispatch=self._obs)
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (self._admission_obs.size,), np.float32)
+        self._deferred: set[int] = set()
         self.base_policy = load_policy(base_policy) if isinstance(base_policy, str) else base_policy
         self.base_policy_name = base_policy if isinstance(base_policy, str) else getattr(base_policy, "name", "policy")
         self.differential = bool(differential)
@@ -69,12 +76,10 @@ class AdmissionDispatchEnv(DispatchEnv):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         obs, info = super().reset(seed=seed, options=options)
         self.base_policy.reset()
+        self._deferred = set()
         self._episode_return = 0.0
         self._t_s = self._sim.now_s
-        reward = self._place_deferred()
-        if reward:  # cannot happen at the first decision (nothing deferred yet); kept for clarity
-            self._episode_return += reward
-        obs = self._obs.build(self._call, self._sim)
+        obs = self._admission_obs.build(self._call, self._sim, self._deferred)
         self._update_mask()
         info["action_mask"] = self._mask.copy()
         return obs, info
@@ -87,6 +92,7 @@ class AdmissionDispatchEnv(DispatchEnv):
         call = self._call
         if a == self.defer_action:
             sim.defer_workflow(call.workflow_id)
+            self._deferred.add(call.workflow_id)
             engine_id = self.base_policy.dispatch(call, sim)
         else:
             engine_id = a
@@ -110,7 +116,7 @@ class AdmissionDispatchEnv(DispatchEnv):
             if span > 0:
                 met_rate = sim.met_workflows * self._reward.completion_bonus / span  # rho of the plain reward
                 self.reward_rate += REWARD_RATE_EMA * (met_rate - self.reward_rate)
-        obs = self._obs.build(self._call, sim)
+        obs = self._admission_obs.build(self._call, sim, self._deferred)
         self._update_mask()
         info["action_mask"] = self._mask.copy()
         return obs, reward, terminated, truncated, info
@@ -167,6 +173,9 @@ class AdmissionDispatchEnv(DispatchEnv):
         if not policy.admit(self._call, self._sim):
             return self.defer_action
         return int(policy.dispatch(self._call, self._sim))
+
+    def observation_names(self) -> list[str]:
+        return self._admission_obs.describe()
 
     def metrics(self) -> dict[str, Any]:
         out = super().metrics()
