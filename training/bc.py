@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from envs.gym.admission_env import AdmissionDispatchEnv
+
 MASKED_LOGIT = -1e8
 
 
@@ -165,6 +167,17 @@ def agreement(policy: Any, data: Dataset, normalise: Callable[[np.ndarray], np.n
     return float((learner_actions(policy, obs, masks, normalise) == actions).mean())
 
 
+def agreement_on(policy: Any, data: Dataset, action: int,
+                 normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> tuple[float, int]:
+    """Share of the states where the expert took `action` on which the policy takes it too (e.g.
+    Dispatch-v1's defer: rare, so overall agreement hides whether it is cloned), and their count."""
+    obs, masks, actions, _, _ = data.arrays()
+    sel = actions == action
+    if not sel.any():
+        return float("nan"), 0
+    return float((learner_actions(policy, obs[sel], masks[sel], normalise) == action).mean()), int(sel.sum())
+
+
 def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[Any], *, scenarios: int, seeds: list[int],
                holdout_seeds: list[int], epochs: int, batch_size: int, learning_rate: float, dagger_rounds: int,
                value_pretrain: bool, seed: int, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
@@ -211,6 +224,10 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
             f"-> holdout agreement {agree:.3f}")
     report["holdout_agreement"] = agree
     report["holdout_states"] = len(holdout)
+    if isinstance(envs[0].unwrapped, AdmissionDispatchEnv):
+        recall, n = agreement_on(model.policy, holdout, envs[0].unwrapped.defer_action, normalise)
+        report["holdout_defer_agreement"], report["holdout_defer_states"] = recall, n
+        say(f"warm start: holdout defer agreement {recall:.3f} on {n} states the expert deferred")
     report["expert_goodput_qps"] = float(np.mean([m["goodput_qps"] for m in expert_metrics]))
     for env in envs:
         env.close()

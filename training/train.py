@@ -165,6 +165,8 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
         model.logger.record("warm_start/holdout_agreement", report["holdout_agreement"])
         model.logger.record("warm_start/samples", report["rounds"][-1]["samples"])
         summary["warm_start"] = report
+        # the clone before any RL update, kept so the RL stage's own gain can be measured against it
+        save_policy_dir(out / "warm_start_policy", model, config, meta, vecnorm, extra={"selected": "warm start (before RL)"})
 
     baseline = load_policy(config.eval.baseline) if config.eval.baseline else None
     best_dir = out / "policy"
