@@ -106,7 +106,7 @@ def observation_spec(env_id: str, version: int | None = None) -> dict[str, Any]:
 class _Network:
     """The SB3 model's policy network as a function obs -> action logits / action, on CPU, no grad."""
 
-    def __init__(self, model: Any, obs_rms: dict[str, np.ndarray] | None):
+    def __init__(self, model: Any, obs_rms: dict[str, np.ndarray] | None, compiled: bool = False):
         import torch
 
         # one decision is a few small matrix products: intra-op threads only add synchronisation,
@@ -118,6 +118,11 @@ class _Network:
         self.policy = model.policy
         self.policy.set_training_mode(False)
         self.obs_rms = obs_rms
+        # a loaded policy's weights never change: its actor is traced and frozen once (TorchScript),
+        # which halves the per-decision cost (Python overhead of a few dozen small ops) with identical
+        # outputs; the live model during training stays eager (freezing would snapshot its weights)
+        self.compiled = compiled
+        self._actor: Any = None
 
     def normalise(self, obs: np.ndarray) -> np.ndarray:
         rms = self.obs_rms
@@ -131,6 +136,10 @@ class _Network:
         torch = self.torch
         with torch.inference_mode():
             tensor = torch.as_tensor(self.normalise(obs)[None], dtype=torch.float32)
+            if self.compiled:
+                if self._actor is None:
+                    self._actor = torch.jit.freeze(torch.jit.trace(_actor_module(self.policy), tensor).eval())
+                return self._actor(tensor)[0].numpy()
             features = self.policy.extract_features(tensor, self.policy.pi_features_extractor)
             latent_pi = self.policy.mlp_extractor.forward_actor(features)
             return self.policy.action_net(latent_pi)[0].numpy()
@@ -138,6 +147,22 @@ class _Network:
     def act_continuous(self, obs: np.ndarray) -> np.ndarray:
         action, _ = self.model.predict(self.normalise(obs), deterministic=True)
         return np.asarray(action, dtype=np.float32)
+
+
+def _actor_module(policy: Any) -> Any:
+    """The actor path of an SB3 policy as one torch module (obs -> logits), for tracing."""
+    import torch
+
+    class Actor(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, obs: Any) -> Any:
+            features = self.policy.extract_features(obs, self.policy.pi_features_extractor)
+            return self.policy.action_net(self.policy.mlp_extractor.forward_actor(features))
+
+    return Actor()
 
 
 class TrainedPolicy(Policy):
@@ -489,7 +514,7 @@ def _load_trained_root(path: Path, root: Path) -> TrainedPolicy:
     if tuple(model.observation_space.shape) != expected_shape:
         raise PolicyError(f"policy: {path}: model observation shape {model.observation_space.shape} does not match "
                           f"policy.yaml's {list(expected_shape)}")
-    network = _Network(model, obs_rms)
+    network = _Network(model, obs_rms, compiled=True)
     if meta["env_id"] == ADMISSION_ENV_ID:
         if meta.get("max_engines") is None:
             raise PolicyError(f"policy: {path}: a Dispatch policy needs max_engines in {METADATA_FILE}")
