@@ -93,6 +93,9 @@ class WarmStartConfig(BaseModel):
     dagger_rounds: int = Field(1, ge=0)
     value_pretrain: bool = True  # also regress the value head on the expert's discounted returns
     holdout_episodes: PositiveInt = 2  # expert episodes on other seeds, for the agreement figure
+    # Dispatch-v1: weight of the "defer" action in the cloning loss (the expert defers on a few % of
+    # the states; > 1 trades precision of the clone's deferrals for recall)
+    defer_weight: float = Field(1.0, gt=0)
 
 
 class TrainConfig(BaseModel):
