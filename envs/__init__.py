@@ -5,4 +5,5 @@ when imported: `import envs.gym`, or Gymnasium's module form "envs.gym:agentsche
 
 DISPATCH_ENV_ID = "agentsched/Dispatch-v0"
 KNOBS_ENV_ID = "agentsched/Knobs-v0"
+ADMISSION_ENV_ID = "agentsched/Dispatch-v1"  # Dispatch-v0 + a workflow-level admission action (envs/gym/admission_env.py)
 ENV_IDS = (DISPATCH_ENV_ID, KNOBS_ENV_ID)

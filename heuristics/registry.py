@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import yaml
 
+from heuristics.admission import Admission, DeferLate
 from heuristics.base import Dispatcher, LocalOrder
 from heuristics.cache_aware import DynamoKV, PrebleE2, PrefixScoring, SGLangCacheAware
 from heuristics.dispatch import LeastOutstandingRequests, LeastWork, RandomDispatch, RoundRobin, WeightedScoring, WorkloadBalanced
@@ -57,6 +58,11 @@ LOCAL_ORDERS: dict[str, Callable[..., LocalOrder]] = {
     "app-fifo": ApplicationFIFO,
     "justitia-vft": JustitiaVirtualFinish,
     "hexagent-risk": HexagentRisk,
+}
+
+# workflow-level admission rules (heuristics/admission.py): a policy file's optional `admission` section
+ADMISSIONS: dict[str, Callable[..., Admission]] = {
+    "defer-late": DeferLate,
 }
 
 

@@ -1,6 +1,11 @@
 """The `Policy` interface: what the simulator, the envs and the gateway call.
 
-A policy makes the two decisions of the paper's hierarchy:
+A policy makes the two decisions of the paper's hierarchy, after an optional admission decision:
+- `admit`: whether the workflow of a call that just became ready stays admitted; `False` defers
+  it (`ClusterSimulator.defer_workflow`): from then on its calls wait behind every call of a
+  workflow that is not deferred, on every engine. The default admits everything, which is every
+  policy's behaviour before this hook existed. The simulator asks once per ready call of a workflow
+  not yet deferred, just before `dispatch`; the deploy gateway does not ask yet (it admits all);
 - `dispatch`: which engine gets a call that just became ready (global);
 - `queue_key`: the order in which an engine admits its waiting calls (local). Smaller keys are
   admitted first. Keys must not depend on the current time, so queues can be heaps: every
@@ -64,6 +69,10 @@ class Policy(ABC):
     # (`envs.sim.fork.simulator_from_view`), runs `plan_interval(twin)` in a worker thread, and
     # `adopt_plan` on its event loop, so the search never holds up a dispatch.
     plans_on_twin: bool = False
+
+    def admit(self, call: CallView, cluster: ClusterView) -> bool:
+        """Keep `call`'s workflow admitted (True, the default) or defer it (False) for good."""
+        return True
 
     @abstractmethod
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:

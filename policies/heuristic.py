@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics import registry
+from heuristics.admission import Admission
 from heuristics.base import Dispatcher, LocalOrder
 from policies.base import Policy, PolicyError
 
@@ -28,10 +29,12 @@ def _construct(factory: Any, kind: str, name: str, knobs: Any) -> Any:
 class HeuristicPolicy(Policy):
     """Composes the two layers; the hot paths are bound methods, so a decision costs one call."""
 
-    def __init__(self, dispatcher: Dispatcher, local: LocalOrder, name: str | None = None):
+    def __init__(self, dispatcher: Dispatcher, local: LocalOrder, name: str | None = None,
+                 admission: Admission | None = None):
         self.dispatcher = dispatcher
         self.local = local
-        self.name = name or f"{dispatcher.name}+{local.name}"
+        self.admission = admission  # None: admit every workflow (Policy's default)
+        self.name = name or f"{dispatcher.name}+{local.name}" + (f"+{admission.name}" if admission else "")
         self._key = local.key
         self._dispatch = self._bind_and_dispatch if local.needs_cluster else dispatcher.dispatch
 
@@ -46,14 +49,23 @@ class HeuristicPolicy(Policy):
 
     @classmethod
     def build(cls, dispatch: str, local: str, dispatch_knobs: dict[str, Any] | None = None,
-              local_knobs: dict[str, Any] | None = None, name: str | None = None) -> "HeuristicPolicy":
+              local_knobs: dict[str, Any] | None = None, name: str | None = None,
+              admission: dict[str, Any] | None = None) -> "HeuristicPolicy":
+        """`admission`: {name: <heuristics.registry.ADMISSIONS key>, knob: value, ...} or None."""
         if dispatch not in registry.DISPATCHERS:
             raise PolicyError(f"policy dispatch: unknown dispatcher {dispatch!r} (known: {', '.join(registry.DISPATCHERS)})")
         if local not in registry.LOCAL_ORDERS:
             raise PolicyError(f"policy local: unknown local order {local!r} (known: {', '.join(registry.LOCAL_ORDERS)})")
         d = _construct(registry.DISPATCHERS[dispatch], "dispatcher", dispatch, dispatch_knobs if dispatch_knobs is not None else {})
         order = _construct(registry.LOCAL_ORDERS[local], "local order", local, local_knobs if local_knobs is not None else {})
-        return cls(d, order, name=name)
+        rule = None
+        if admission is not None:
+            knobs = dict(admission)
+            rule_name = knobs.pop("name", None)
+            if rule_name not in registry.ADMISSIONS:
+                raise PolicyError(f"policy admission: unknown rule {rule_name!r} (known: {', '.join(registry.ADMISSIONS)})")
+            rule = _construct(registry.ADMISSIONS[rule_name], "admission rule", rule_name, knobs)
+        return cls(d, order, name=name, admission=rule)
 
     @classmethod
     def named(cls, name: str, dispatch_knobs: dict[str, Any] | None = None,
@@ -72,9 +84,14 @@ class HeuristicPolicy(Policy):
     def queue_key(self, call: CallView, engine: EngineView) -> float:
         return self._key(call, engine)
 
+    def admit(self, call: CallView, cluster: ClusterView) -> bool:
+        return True if self.admission is None else self.admission.admit(call, cluster)
+
     def reset(self) -> None:
         self.dispatcher.reset()
         self.local.reset()
+        if self.admission is not None:
+            self.admission.reset()
 
     def knobs(self) -> dict[str, dict[str, Any]]:
         return {"dispatch": self.dispatcher.get_knobs(), "local": self.local.get_knobs()}
@@ -85,6 +102,8 @@ class HeuristicPolicy(Policy):
             "name": self.name,
             "dispatch": {"name": self._registry_name(registry.DISPATCHERS, self.dispatcher), **self.dispatcher.get_knobs()},
             "local": {"name": self._registry_name(registry.LOCAL_ORDERS, self.local), **self.local.get_knobs()},
+            **({"admission": {"name": self._registry_name(registry.ADMISSIONS, self.admission),
+                              **self.admission.get_knobs()}} if self.admission is not None else {}),
         }
 
     @staticmethod

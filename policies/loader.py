@@ -37,9 +37,13 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
     if kind != "heuristic":
         raise PolicyError(f"{source}: kind: unknown policy kind {kind!r} (use 'heuristic', 'combined' or "
                           f"'lookahead-knobs', or a trained policy directory)")
-    unknown = sorted(set(spec) - {"kind", "name", "base", "dispatch", "local", "meta"})
+    unknown = sorted(set(spec) - {"kind", "name", "base", "dispatch", "local", "admission", "meta"})
     if unknown:
-        raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: kind, name, base, dispatch, local, meta)")
+        raise PolicyError(f"{source}: unknown field {unknown[0]!r} (fields: kind, name, base, dispatch, local, "
+                          f"admission, meta)")
+    admission = spec.get("admission")
+    if admission is not None and not (isinstance(admission, dict) and "name" in admission):
+        raise PolicyError(f"{source}: admission: must be a mapping like {{name: defer-late, margin: 1.5}}, got {admission!r}")
     sections = {}
     for section in ("dispatch", "local"):
         value = spec.get(section) or {}
@@ -65,7 +69,7 @@ def policy_from_spec(spec: dict[str, Any], source: str = "policy") -> Policy:
     if "name" not in dispatch or "name" not in local:
         raise PolicyError(f"{source}: needs dispatch.name and local.name (or base: a policy name)")
     d_name, l_name = dispatch.pop("name"), local.pop("name")
-    return HeuristicPolicy.build(d_name, l_name, dispatch, local, name=name)
+    return HeuristicPolicy.build(d_name, l_name, dispatch, local, name=name, admission=admission)
 
 
 def policy_label(ref: str | Path | dict[str, Any]) -> str:

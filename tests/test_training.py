@@ -204,3 +204,75 @@ def test_train_cli_smoke_config(tmp_path):
     assert "policy:" in res.output and (out / "policy" / "model.zip").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert "warm_start" not in summary and summary["total_timesteps"] == 256
+
+
+@pytest.mark.slow
+def test_dagger_with_a_lookahead_expert_distils_and_round_trips(tmp_path):
+    """Expert iteration from the simulator-in-the-loop planner: DAgger rounds where the learner
+    drives and `lookahead` labels the states it visits (tiny episodes: the planner costs tens of ms
+    per decision); the distilled network saves and loads with identical decisions."""
+    from envs.sim.scenario import RunSpec, simulate
+    from policies.loader import load_policy
+    from training import bc
+    from training.envs import make_single_env, make_vec_env
+    from training.train import build_model, policy_meta, save_policy_dir
+
+    cfg = tiny_config(scenarios=[{**TINY_SCENARIO, "queries": 3, "rate_qps": 0.2}], env_kwargs={"max_engines": 4},
+                      warm_start=None)
+    venv = make_vec_env(cfg)
+    model = build_model(cfg, venv, None)
+    expert = load_policy("lookahead:least-work+workflow@horizon_s=5,samples=1,top_k=2")
+    labels = []
+    real_collect = bc.collect
+
+    def spy(env, exp, seeds, *args, **kwargs):
+        data, metrics = real_collect(env, exp, seeds, *args, **kwargs)
+        learner = kwargs.get("learner", args[1] if len(args) > 1 else None)  # collect(env, expert, seeds, gamma, learner)
+        labels.append((exp is expert, learner is not None, len(data)))
+        return data, metrics
+
+    bc.collect = spy
+    try:
+        report = bc.warm_start(model, lambda i: make_single_env(cfg, i), expert, scenarios=1, seeds=[1, 2],
+                               holdout_seeds=[3], epochs=2, batch_size=32, learning_rate=3e-3, dagger_rounds=1,
+                               value_pretrain=False, seed=0)
+    finally:
+        bc.collect = real_collect
+    assert all(is_expert for is_expert, _, _ in labels)
+    assert [learner_drove for _, learner_drove, _ in labels] == [False, False, False, True]  # 2 + holdout, DAgger
+    assert report["rounds"][1]["samples"] > report["rounds"][0]["samples"]
+    out = save_policy_dir(tmp_path / "distilled", model, cfg, policy_meta(cfg, venv), None)
+    spec = RunSpec(cluster="paper", rate_qps=0.1, queries=5, seed=9)
+    a, b = load_policy(out), load_policy(out)
+    da = [c.engine_id for c in simulate(spec, a)[1].calls]
+    assert da == [c.engine_id for c in simulate(spec, b)[1].calls]
+
+
+def test_admission_training_run_with_schedules(tmp_path):
+    """Dispatch-v1 end to end, tiny: BC warm start from an admission heuristic, then MaskablePPO with
+    the entropy schedule (ent_coef decays to its final value) and the episode-length curriculum."""
+    from policies.loader import load_policy
+    from policies.trained import TrainedAdmissionPolicy
+    from training.train import train
+
+    expert = ROOT / "training" / "configs" / "experts" / "least-work+admit-paper.yaml"
+    cfg = tiny_config(env_id="agentsched/Dispatch-v1", scenarios=[{**TINY_SCENARIO, "queries": 10, "rate_qps": 0.3}],
+                      env_kwargs={"max_engines": 4, "local_order": "workflow-first", "differential": True},
+                      hyperparams={"n_steps": 64, "batch_size": 32, "n_epochs": 1, "ent_coef": 0.02},
+                      total_timesteps=256, ent_coef_final=0.0, curriculum_queries=[4], curriculum_fraction=0.5,
+                      eval={"freq_steps": 256, "seeds": [100_000], "baseline": None},
+                      warm_start={"expert": str(expert), "episodes": 1, "epochs": 1, "dagger_rounds": 0,
+                                  "holdout_episodes": 1})
+    summary = train(cfg, tmp_path, progress=False)
+    assert "holdout_defer_agreement" in summary["warm_start"]
+    for name in ("policy", "warm_start_policy", "final_policy"):
+        assert isinstance(load_policy(tmp_path / name), TrainedAdmissionPolicy)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "tb" / "progress.csv")))
+    ent = [float(r["train/ent_coef_scheduled"]) for r in rows if r.get("train/ent_coef_scheduled")]
+    queries = [float(r["train/episode_queries"]) for r in rows if r.get("train/episode_queries")]
+    assert ent[0] > ent[-1] and ent[-1] < 0.02
+    assert queries[0] == 4 and queries[-1] == 10
+    with pytest.raises(UserError, match="curriculum_queries"):
+        train(tiny_config(curriculum_queries=[4], warm_start=None), tmp_path / "v0", progress=False)

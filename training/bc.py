@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from envs.gym.admission_env import AdmissionDispatchEnv
+
 MASKED_LOGIT = -1e8
 
 
@@ -115,8 +117,9 @@ def collect(env: Any, expert: Any, seeds: list[int], gamma: float, learner: Any 
 
 def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int,
         value_pretrain: bool = True, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-        log: Callable[[str, float], None] | None = None) -> dict[str, float]:
-    """Supervised fit of the policy (and value) head; returns the final losses and accuracy."""
+        log: Callable[[str, float], None] | None = None, class_weights: np.ndarray | None = None) -> dict[str, float]:
+    """Supervised fit of the policy (and value) head; returns the final losses and accuracy.
+    `class_weights` (one per action) weights the cross-entropy, e.g. a rare action up."""
     obs, masks, actions, returns, has_ret = data.arrays()
     obs = normalise(obs)
     obs_t = torch.as_tensor(obs)
@@ -124,6 +127,7 @@ def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate:
     actions_t = torch.as_tensor(actions)
     returns_t = torch.as_tensor(returns)
     has_ret_t = torch.as_tensor(has_ret)
+    weight_t = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     n = len(actions)
@@ -135,7 +139,7 @@ def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate:
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             logits = masked_logits(policy, obs_t[idx], masks_t[idx])
-            ce = F.cross_entropy(logits, actions_t[idx])
+            ce = F.cross_entropy(logits, actions_t[idx], weight=weight_t)
             loss = ce
             v_loss = torch.zeros(())
             if value_pretrain and has_ret_t[idx].any():
@@ -165,17 +169,33 @@ def agreement(policy: Any, data: Dataset, normalise: Callable[[np.ndarray], np.n
     return float((learner_actions(policy, obs, masks, normalise) == actions).mean())
 
 
+def agreement_on(policy: Any, data: Dataset, action: int,
+                 normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> tuple[float, int]:
+    """Share of the states where the expert took `action` on which the policy takes it too (e.g.
+    Dispatch-v1's defer: rare, so overall agreement hides whether it is cloned), and their count."""
+    obs, masks, actions, _, _ = data.arrays()
+    sel = actions == action
+    if not sel.any():
+        return float("nan"), 0
+    return float((learner_actions(policy, obs[sel], masks[sel], normalise) == action).mean()), int(sel.sum())
+
+
 def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[Any], *, scenarios: int, seeds: list[int],
                holdout_seeds: list[int], epochs: int, batch_size: int, learning_rate: float, dagger_rounds: int,
                value_pretrain: bool, seed: int, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-               log: Callable[[str, float], None] | None = None, progress: Callable[[str], None] | None = None
-               ) -> dict[str, Any]:
+               log: Callable[[str, float], None] | None = None, progress: Callable[[str], None] | None = None,
+               defer_weight: float = 1.0) -> dict[str, Any]:
     """Clone `expert` into `model.policy` (+ DAgger rounds). Episodes rotate over the scenarios
     (`make_env(i)` builds an env of scenario i); `expert` may be a list with one expert per
-    scenario. Returns a report with the agreement figures."""
+    scenario. Returns a report with the agreement figures. `defer_weight`: Dispatch-v1's defer
+    action's weight in the loss."""
     gamma = float(getattr(model, "gamma", 0.99))
     say = progress or (lambda s: None)
     envs = [make_env(i) for i in range(scenarios)]
+    weights = None
+    if isinstance(envs[0].unwrapped, AdmissionDispatchEnv) and defer_weight != 1.0:
+        weights = np.ones(envs[0].unwrapped.defer_action + 1, dtype=np.float32)
+        weights[-1] = defer_weight
     experts = list(expert) if isinstance(expert, (list, tuple)) else [expert] * scenarios
     if len(experts) != scenarios:
         raise ValueError(f"{len(experts)} experts for {scenarios} scenarios")
@@ -194,7 +214,7 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
     holdout, _ = run(holdout_seeds)
     names = [getattr(e, "name", str(e)) for e in experts]
     report: dict[str, Any] = {"expert": names[0] if len(set(names)) == 1 else names, "rounds": []}
-    stats = fit(model.policy, data, epochs, batch_size, learning_rate, seed, value_pretrain, normalise, log)
+    stats = fit(model.policy, data, epochs, batch_size, learning_rate, seed, value_pretrain, normalise, log, weights)
     agree = agreement(model.policy, holdout, normalise)
     report["rounds"].append({"round": 0, "samples": len(data), **stats, "holdout_agreement": agree})
     say(f"warm start: BC on {len(data)} states, holdout agreement {agree:.3f}")
@@ -203,7 +223,7 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
         on_policy_agree = agreement(model.policy, visited, normalise)
         data.extend(visited)
         stats = fit(model.policy, data, max(1, epochs // 2), batch_size, learning_rate, seed + r, value_pretrain,
-                    normalise, log)
+                    normalise, log, weights)
         agree = agreement(model.policy, holdout, normalise)
         report["rounds"].append({"round": r, "samples": len(data), **stats, "holdout_agreement": agree,
                                  "learner_states_agreement_before_refit": on_policy_agree})
@@ -211,6 +231,10 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
             f"-> holdout agreement {agree:.3f}")
     report["holdout_agreement"] = agree
     report["holdout_states"] = len(holdout)
+    if isinstance(envs[0].unwrapped, AdmissionDispatchEnv):
+        recall, n = agreement_on(model.policy, holdout, envs[0].unwrapped.defer_action, normalise)
+        report["holdout_defer_agreement"], report["holdout_defer_states"] = recall, n
+        say(f"warm start: holdout defer agreement {recall:.3f} on {n} states the expert deferred")
     report["expert_goodput_qps"] = float(np.mean([m["goodput_qps"] for m in expert_metrics]))
     for env in envs:
         env.close()

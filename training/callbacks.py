@@ -133,3 +133,55 @@ class SimEvalCallback(EventCallback):
         if self.verbose:
             print(f"eval @ {self.num_timesteps}: {metrics}")
         return metrics
+
+
+class EntropyScheduleCallback(BaseCallback):
+    """Linear decay of PPO's entropy coefficient from `start` to `end` over the run (Decima's entropy
+    schedule: explore early, commit late); logged as train/ent_coef_scheduled."""
+
+    def __init__(self, start: float, end: float, verbose: int = 0):
+        super().__init__(verbose)
+        self.start, self.end = float(start), float(end)
+
+    def _on_rollout_start(self) -> None:
+        progress = 1.0 - self.model._current_progress_remaining  # 0 at the start, 1 at the end
+        self.model.ent_coef = self.start + (self.end - self.start) * min(max(progress, 0.0), 1.0)
+        self.logger.record("train/ent_coef_scheduled", self.model.ent_coef)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class CurriculumCallback(BaseCallback):
+    """Curriculum over episode length: episodes of `stages[0]` workflows first, then each next stage,
+    reaching `final` workflows after `fraction` of `total_timesteps` (Decima grows episode length
+    the same way: short episodes give the value function a tractable start). Calls the envs'
+    `set_queries` (Dispatch-v1); the new length applies from each env's next reset."""
+
+    def __init__(self, stages: list[int], final: int, fraction: float, total_timesteps: int, verbose: int = 0):
+        super().__init__(verbose)
+        self.lengths = [int(q) for q in stages] + [int(final)]
+        self.boundary = float(fraction) * int(total_timesteps)
+        self.current = -1
+
+    def _stage(self) -> int:
+        steps = len(self.lengths) - 1
+        if self.num_timesteps >= self.boundary or steps == 0:
+            return steps
+        return min(steps, int(self.num_timesteps / self.boundary * steps))
+
+    def _apply(self) -> None:
+        stage = self._stage()
+        if stage != self.current:
+            self.current = stage
+            self.training_env.env_method("set_queries", self.lengths[stage])
+        self.logger.record("train/episode_queries", self.lengths[self.current])
+
+    def _on_training_start(self) -> None:
+        self._apply()
+
+    def _on_rollout_start(self) -> None:
+        self._apply()
+
+    def _on_step(self) -> bool:
+        return True

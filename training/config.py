@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
+from envs import ADMISSION_ENV_ID, DISPATCH_ENV_ID, KNOBS_ENV_ID
+from envs.gym.admission_env import AdmissionDispatchEnv
 from envs.gym.dispatch_env import DispatchEnv
 from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import Scenario
@@ -32,8 +33,11 @@ from envs.seeds import TRAIN_SEED_COUNT as TRAIN_SEED_COUNT
 from envs.seeds import TUNE_SEED_BASE as TUNE_SEED_BASE
 from envs.sim.errors import UserError, load_yaml_mapping, pydantic_error_text, validate_as
 
-ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac")}
-ENV_CLASSES = {DISPATCH_ENV_ID: DispatchEnv, KNOBS_ENV_ID: KnobsEnv}  # what `env_kwargs` are passed to
+ALGOS_FOR_ENV = {DISPATCH_ENV_ID: ("ppo", "maskable_ppo"), KNOBS_ENV_ID: ("ppo", "sac"),
+                 ADMISSION_ENV_ID: ("maskable_ppo",)}
+# what `env_kwargs` are passed to
+ENV_CLASSES = {DISPATCH_ENV_ID: DispatchEnv, KNOBS_ENV_ID: KnobsEnv, ADMISSION_ENV_ID: AdmissionDispatchEnv}
+DISPATCH_ENV_IDS = (DISPATCH_ENV_ID, ADMISSION_ENV_ID)  # one decision per call, an engine (v1: or defer)
 
 
 def _check_scenario(raw: dict[str, Any], where: str) -> None:
@@ -89,12 +93,15 @@ class WarmStartConfig(BaseModel):
     dagger_rounds: int = Field(1, ge=0)
     value_pretrain: bool = True  # also regress the value head on the expert's discounted returns
     holdout_episodes: PositiveInt = 2  # expert episodes on other seeds, for the agreement figure
+    # Dispatch-v1: weight of the "defer" action in the cloning loss (the expert defers on a few % of
+    # the states; > 1 trades precision of the clone's deferrals for recall)
+    defer_weight: float = Field(1.0, gt=0)
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "run"
-    env_id: Literal["agentsched/Dispatch-v0", "agentsched/Knobs-v0"] = DISPATCH_ENV_ID
+    env_id: Literal["agentsched/Dispatch-v0", "agentsched/Knobs-v0", "agentsched/Dispatch-v1"] = DISPATCH_ENV_ID
     algo: Literal["ppo", "maskable_ppo", "sac"] = "maskable_ppo"
     policy: str = "MlpPolicy"
     total_timesteps: PositiveInt = 100_000
@@ -110,6 +117,12 @@ class TrainConfig(BaseModel):
     eval: EvalConfig = EvalConfig()
     checkpoint_freq_steps: PositiveInt | None = 50_000
     warm_start: WarmStartConfig | None = None
+    # schedules during RL (training/callbacks.py): ent_coef decays linearly from its hyperparams value
+    # to `ent_coef_final`; episodes grow from `curriculum_queries[0]` workflows to the scenario's
+    # `queries` over the first `curriculum_fraction` of the steps (Dispatch-v1 only)
+    ent_coef_final: float | None = Field(None, ge=0)
+    curriculum_queries: list[PositiveInt] | None = Field(None, min_length=1)
+    curriculum_fraction: float = Field(0.5, gt=0, le=1)
 
     @field_validator("scenarios")
     @classmethod

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
-from training.config import DISPATCH_ENV_ID, TrainConfig
+from training.config import DISPATCH_ENV_ID, DISPATCH_ENV_IDS, TrainConfig
 
 
 class RemapInvalidAction(gym.Wrapper):
@@ -50,7 +50,7 @@ def max_engines_for(config: TrainConfig) -> int:
 def env_kwargs_for(config: TrainConfig, scenario: Any) -> dict[str, Any]:
     kwargs = dict(config.env_kwargs)
     kwargs["scenario"] = scenario
-    if config.env_id == DISPATCH_ENV_ID:
+    if config.env_id in DISPATCH_ENV_IDS:
         kwargs["max_engines"] = max_engines_for(config)
     return kwargs
 

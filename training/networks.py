@@ -12,6 +12,10 @@ in learned schedulers such as Decima).
 `EngineScoringPolicy` (PPO) and `MaskableEngineScoringPolicy` (MaskablePPO) replace SB3's
 `mlp_extractor` with `EngineScorer`; the actor's latent *is* the per-engine logits, so
 `action_net` is the identity. Use them in a config with `policy: EngineScoringPolicy`.
+
+Dispatch-v1 (`policy_kwargs: {scorer_admission: true}`): one more logit, "defer the call's
+workflow", from the call/workflow context, the pooled engine rows and a linear path on the context
+(a slack-versus-remaining-work threshold, as in the defer-late heuristic, is one layer away).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
+from envs.observation.admission import ADMISSION_FEATURES
 from envs.observation.dispatch import ENGINE_FEATURES, ENGINE_FEATURES_V1, N_HEAD
 
 N_ENGINE_FEATURES = len(ENGINE_FEATURES)
@@ -49,13 +54,14 @@ class EngineScorer(nn.Module):
     """features (B, N_HEAD + E*F) -> (per-engine logits (B, E), value latent (B, hidden))."""
 
     def __init__(self, features_dim: int, hidden: int = 64, context: int = 32,
-                 engine_features: int = N_ENGINE_FEATURES_V1):
+                 engine_features: int = N_ENGINE_FEATURES_V1, admission: bool = False):
         super().__init__()
         nf = self.engine_features = engine_features
-        self.max_engines = (features_dim - N_HEAD) // nf
-        if N_HEAD + self.max_engines * nf != features_dim:
-            raise ValueError(f"observation size {features_dim} is not a Dispatch-v0 observation "
-                             f"({N_HEAD} + max_engines x {nf})")
+        self.n_extra = len(ADMISSION_FEATURES) if admission else 0  # Dispatch-v1's features after the rows
+        self.max_engines = (features_dim - N_HEAD - self.n_extra) // nf
+        if N_HEAD + self.max_engines * nf + self.n_extra != features_dim:
+            raise ValueError(f"observation size {features_dim} is not a Dispatch-v{int(admission)} observation "
+                             f"({N_HEAD} + max_engines x {nf}{f' + {self.n_extra}' if admission else ''})")
         self.head = _mlp([N_HEAD, context])
         self.score = nn.Sequential(_mlp([2 * nf + N_DERIVED + context, hidden, hidden]), nn.Linear(hidden, 1))
         # linear path next to the MLP: scores that are (nearly) linear in the engine's features, like
@@ -67,12 +73,19 @@ class EngineScorer(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.engine_embed = _mlp([2 * nf + N_DERIVED, hidden])
         self.critic = _mlp([context + hidden, hidden])
-        self.latent_dim_pi = self.max_engines
+        self.admission = bool(admission)
+        if self.admission:  # Dispatch-v1: the defer logit after the engines'
+            self.defer_embed = _mlp([2 * nf + N_DERIVED, hidden])
+            self.defer = nn.Sequential(_mlp([context + hidden + self.n_extra, hidden]), nn.Linear(hidden, 1))
+            self.defer_linear = nn.Linear(N_HEAD + self.n_extra, 1)
+            self.critic = _mlp([context + hidden + self.n_extra, hidden])
+        self.latent_dim_pi = self.max_engines + int(self.admission)
         self.latent_dim_vf = hidden
 
     def _split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         head = features[:, :N_HEAD]
-        rows = features[:, N_HEAD:].reshape(-1, self.max_engines, self.engine_features)
+        rows = features[:, N_HEAD:N_HEAD + self.max_engines * self.engine_features].reshape(
+            -1, self.max_engines, self.engine_features)
         # padding rows are all zero; a real engine always has relative_speed > 0
         real = (rows[..., RELATIVE_SPEED] > 0).float().unsqueeze(-1)
         n_real = real.sum(1, keepdim=True).clamp(min=1.0)
@@ -106,16 +119,26 @@ class EngineScorer(nn.Module):
         return out * real
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
-        head, per_engine, _ = self._split(features)
-        ctx = self.head(head).unsqueeze(1).expand(-1, self.max_engines, -1)
-        logits = self.score(torch.cat([per_engine, ctx], dim=-1)) + self.linear(per_engine)
-        return (logits * self.log_scale.exp()).squeeze(-1)
+        head, per_engine, real = self._split(features)
+        context = self.head(head)
+        ctx = context.unsqueeze(1).expand(-1, self.max_engines, -1)
+        logits = (self.score(torch.cat([per_engine, ctx], dim=-1)) + self.linear(per_engine)).squeeze(-1)
+        if self.admission:
+            emb = self.defer_embed(per_engine)
+            pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
+            extra = features[:, features.shape[1] - self.n_extra:]
+            defer = self.defer(torch.cat([context, pooled, extra], dim=-1)) + self.defer_linear(torch.cat([head, extra], -1))
+            logits = torch.cat([logits, defer], dim=-1)
+        return logits * self.log_scale.exp()
 
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
         head, per_engine, real = self._split(features)
         emb = self.engine_embed(per_engine)
         pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)
-        return self.critic(torch.cat([self.head(head), pooled], dim=-1))
+        parts = [self.head(head), pooled]
+        if self.n_extra:
+            parts.append(features[:, features.shape[1] - self.n_extra:])
+        return self.critic(torch.cat(parts, dim=-1))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_actor(features), self.forward_critic(features)
@@ -125,7 +148,8 @@ class _EngineScoringMixin:
     """Swap SB3's MlpExtractor for EngineScorer and make action_net the identity."""
 
     def __init__(self, *args: Any, scorer_hidden: int = 64, scorer_context: int = 32,
-                 engine_features: int = N_ENGINE_FEATURES_V1, **kwargs: Any):
+                 engine_features: int = N_ENGINE_FEATURES_V1, scorer_admission: bool = False, **kwargs: Any):
+        self._scorer_admission = scorer_admission  # Dispatch-v1: one more logit (defer)
         self._scorer_hidden = scorer_hidden
         self._scorer_context = scorer_context
         self._engine_features = engine_features  # row width of the observation spec (training passes it)
@@ -133,13 +157,15 @@ class _EngineScoringMixin:
 
     def _build_mlp_extractor(self) -> None:
         self.mlp_extractor = EngineScorer(self.features_dim, self._scorer_hidden, self._scorer_context,
-                                          self._engine_features)
+                                          self._engine_features, self._scorer_admission)
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         self.action_net = nn.Identity()
         # the last scoring layer starts small, like SB3's action_net (gain 0.01): near-uniform at init
-        for last in (self.mlp_extractor.score[-1], self.mlp_extractor.linear):
+        scorer = self.mlp_extractor
+        lasts = [scorer.score[-1], scorer.linear] + ([scorer.defer[-1], scorer.defer_linear] if scorer.admission else [])
+        for last in lasts:
             nn.init.orthogonal_(last.weight, gain=0.01)
             nn.init.zeros_(last.bias)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -148,6 +174,8 @@ class _EngineScoringMixin:
         data = super()._get_constructor_parameters()
         data.update(scorer_hidden=self._scorer_hidden, scorer_context=self._scorer_context,
                     engine_features=self._engine_features)
+        if self._scorer_admission:  # absent for Dispatch-v0 models, so their saved parameters stay as they were
+            data["scorer_admission"] = True
         return data
 
 

@@ -25,10 +25,18 @@ import numpy as np
 from envs.observation.knobs import DEFAULT_CONTROL_INTERVAL_S
 from envs.sim.errors import UserError
 from policies.loader import load_policy
-from policies.trained import TrainedDispatchPolicy, TrainedKnobsPolicy, _Network, algorithm_class, save_trained_policy
+from envs.gym.admission_env import DEFAULT_BASE_POLICY
+from policies.trained import (
+    TrainedAdmissionPolicy,
+    TrainedDispatchPolicy,
+    TrainedKnobsPolicy,
+    _Network,
+    algorithm_class,
+    save_trained_policy,
+)
 from training import bc
-from training.callbacks import SimEvalCallback, write_custom_scalars
-from training.config import DISPATCH_ENV_ID, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
+from training.callbacks import CurriculumCallback, EntropyScheduleCallback, SimEvalCallback, write_custom_scalars
+from training.config import ADMISSION_ENV_ID, DISPATCH_ENV_ID, DISPATCH_ENV_IDS, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
 from training.envs import make_single_env, make_vec_env, max_engines_for
 from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
 
@@ -44,6 +52,8 @@ def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) ->
     policy_kwargs = dict(config.policy_kwargs)
     if config.policy in POLICY_CLASSES:  # the engine scorer needs the row width of this observation spec
         policy_kwargs.setdefault("engine_features", N_ENGINE_FEATURES)
+        if config.env_id == ADMISSION_ENV_ID:
+            policy_kwargs["scorer_admission"] = True  # the defer logit
     try:
         return cls(resolve_policy(config.policy, config.algo), venv, seed=config.seed, device="cpu", verbose=0,
                    policy_kwargs=policy_kwargs or None, **config.hyperparams)
@@ -56,11 +66,13 @@ def policy_meta(config: TrainConfig, venv: Any) -> dict[str, Any]:
 
     meta: dict[str, Any] = {"env_id": config.env_id, "algo": config.algo,
                             "observation_shape": list(venv.observation_space.shape)}
-    if config.env_id == DISPATCH_ENV_ID:
+    if config.env_id in DISPATCH_ENV_IDS:
         local = config.env_kwargs.get("local_order", "urgency")
         meta["max_engines"] = max_engines_for(config)
         meta["local"] = {"name": local if isinstance(local, str) else "urgency",
                          "knobs": dict(config.env_kwargs.get("local_knobs") or {})}
+        if config.env_id == ADMISSION_ENV_ID:
+            meta["base_policy"] = load_policy(config.env_kwargs.get("base_policy", DEFAULT_BASE_POLICY)).spec()
     else:
         meta["max_engines"] = None
         meta["heuristic"] = {"base": config.env_kwargs.get("policy", "hexgen")}
@@ -77,7 +89,8 @@ def in_memory_policy(model: Any, meta: dict[str, Any], vecnorm: Any = None) -> A
         obs_rms = {"mean": vecnorm.obs_rms.mean.astype(np.float32), "var": vecnorm.obs_rms.var.astype(np.float32),
                    "clip_obs": np.float32(vecnorm.clip_obs), "epsilon": np.float32(vecnorm.epsilon)}
     net = _Network(model, obs_rms)
-    cls = TrainedDispatchPolicy if meta["env_id"] == DISPATCH_ENV_ID else TrainedKnobsPolicy
+    cls = {DISPATCH_ENV_ID: TrainedDispatchPolicy, ADMISSION_ENV_ID: TrainedAdmissionPolicy}.get(meta["env_id"],
+                                                                                         TrainedKnobsPolicy)
     return cls(Path("<training>"), {**meta, "name": "training"}, net)
 
 
@@ -85,7 +98,7 @@ def save_policy_dir(out: Path, model: Any, config: TrainConfig, meta: dict[str, 
                     extra: dict[str, Any] | None = None) -> Path:
     if out.exists():
         shutil.rmtree(out)
-    extra_meta = {k: v for k, v in meta.items() if k in ("heuristic", "interval_s", "env_kwargs")}
+    extra_meta = {k: v for k, v in meta.items() if k in ("heuristic", "interval_s", "env_kwargs", "base_policy")}
     extra_meta.update(extra or {})
     save_trained_policy(out, model, env_id=meta["env_id"], algo=meta["algo"], max_engines=meta.get("max_engines"),
                         observation_shape=meta["observation_shape"], local=meta.get("local"),
@@ -115,7 +128,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
     torch.set_num_threads(1)  # small MLPs; the env processes need the cores
     set_random_seed(config.seed)
     config.scenario_objects()  # validate scenarios before spawning processes
-    if config.warm_start is not None and config.env_id != DISPATCH_ENV_ID:
+    if config.warm_start is not None and config.env_id not in DISPATCH_ENV_IDS:
         raise UserError("warm_start: behaviour cloning needs a discrete expert action; use it with agentsched/Dispatch-v0 "
                         "(Knobs-v0 starts at the heuristic's default knobs already)")
     if config.warm_start is not None and config.normalize is not None and config.normalize.norm_obs:
@@ -147,11 +160,13 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
             model, lambda i: make_single_env(config, i), expert, scenarios=len(config.scenarios),
             seeds=seeds[:ws.episodes], holdout_seeds=seeds[ws.episodes:], epochs=ws.epochs,
             batch_size=ws.batch_size, learning_rate=ws.learning_rate, dagger_rounds=ws.dagger_rounds,
-            value_pretrain=ws.value_pretrain, seed=config.seed, log=None, progress=say)
+            value_pretrain=ws.value_pretrain, seed=config.seed, log=None, progress=say, defer_weight=ws.defer_weight)
         report["wall_s"] = time.time() - t0
         model.logger.record("warm_start/holdout_agreement", report["holdout_agreement"])
         model.logger.record("warm_start/samples", report["rounds"][-1]["samples"])
         summary["warm_start"] = report
+        # the clone before any RL update, kept so the RL stage's own gain can be measured against it
+        save_policy_dir(out / "warm_start_policy", model, config, meta, vecnorm, extra={"selected": "warm start (before RL)"})
 
     baseline = load_policy(config.eval.baseline) if config.eval.baseline else None
     best_dir = out / "policy"
@@ -163,6 +178,14 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
                               eval_freq=config.eval.freq_steps, baseline=baseline, metric=config.eval.metric,
                               on_new_best=on_new_best, log_path=out / "eval_history.json", on_evaluation=on_evaluation)
     callbacks = [eval_cb]
+    if config.ent_coef_final is not None:
+        callbacks.append(EntropyScheduleCallback(float(config.hyperparams.get("ent_coef", 0.0)), config.ent_coef_final))
+    if config.curriculum_queries:
+        if config.env_id != ADMISSION_ENV_ID:
+            raise UserError("curriculum_queries: the episode-length curriculum needs agentsched/Dispatch-v1 (set_queries)")
+        final = [s.queries for s in config.scenario_objects()]
+        callbacks.append(CurriculumCallback(config.curriculum_queries, max(final), config.curriculum_fraction,
+                                            config.total_timesteps))
     if config.checkpoint_freq_steps:
         callbacks.append(CheckpointCallback(save_freq=max(1, config.checkpoint_freq_steps // config.n_envs),
                                             save_path=str(out / "checkpoints"), name_prefix="model",

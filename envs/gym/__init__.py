@@ -2,6 +2,8 @@
 
 - `agentsched/Dispatch-v0` (`DispatchEnv`): one decision per ready LLM call, which engine gets it
   (`Discrete(max_engines)`, masked; `info["action_mask"]`, `action_masks()` for MaskablePPO).
+- `agentsched/Dispatch-v1` (`AdmissionDispatchEnv`): Dispatch-v0 plus a workflow-level admission
+  action (`Discrete(max_engines + 1)`, the last one defers the call's workflow; see admission_env.py).
 - `agentsched/Knobs-v0` (`KnobsEnv`): one decision per control interval, the knobs of the paper's
   hierarchical heuristic (alpha, urgency weight) for the next interval (`Box(-1, 1)`).
 
@@ -37,7 +39,7 @@ reads only the view protocols; `valid_actions(cluster)` is the mask.
 
 from gymnasium.envs.registration import register, registry
 
-from envs import DISPATCH_ENV_ID, KNOBS_ENV_ID
+from envs import ADMISSION_ENV_ID, DISPATCH_ENV_ID, KNOBS_ENV_ID
 from envs.gym.dispatch_env import DispatchEnv
 from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
@@ -46,7 +48,8 @@ from envs.observation.dispatch import DispatchObservation
 from envs.observation.knobs import Knob, KnobsObservation
 
 for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),
-                        (KNOBS_ENV_ID, "envs.gym.knobs_env:KnobsEnv")):
+                        (KNOBS_ENV_ID, "envs.gym.knobs_env:KnobsEnv"),
+                        (ADMISSION_ENV_ID, "envs.gym.admission_env:AdmissionDispatchEnv")):
     if _env_id not in registry:
         # no TimeLimit: episodes end with their workload or at the scenario's simulated horizon
         register(id=_env_id, entry_point=_entry, disable_env_checker=False)

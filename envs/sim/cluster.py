@@ -30,6 +30,11 @@ from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
 
 EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
 
+# A deferred workflow's calls queue behind every call of a workflow that is not deferred, on every
+# engine (added to the policy's queue key). It outweighs the local orders' own offsets (hopeless
+# calls: 1e8 s, tenant priority levels: 1e9 s per level), so "deferred" is the outermost tier.
+DEFERRED_OFFSET_S = 1e12
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -52,7 +57,7 @@ class Workflow:
     __slots__ = ("workflow_id", "tenant", "priority", "arrival_time_s", "slo_s", "deadline_s", "stages",
                  "stage_index", "pending_in_stage", "calls_done", "finish_time_s", "failed", "pointer",
                  "expected_remaining_s", "n_calls", "attained_service_s", "critical_path_service_s",
-                 "stage_ready_critical_path_s")
+                 "stage_ready_critical_path_s", "deferred")
 
     def __init__(self, workflow_id: int, tenant: Tenant, arrival_time_s: float, slo_s: float,
                  stages: list[list[LLMCall]]):
@@ -76,6 +81,9 @@ class Workflow:
         # the critical-path value every call of the current stage recorded when it became ready
         # (a stage's calls become ready together)
         self.stage_ready_critical_path_s = 0.0
+        # given up on by the policy's admission decision (`ClusterSimulator.defer_workflow`): it still
+        # runs, behind every workflow that is not deferred, and counts as missed if it ends late
+        self.deferred = False
 
     @property
     def done(self) -> bool:
@@ -108,10 +116,14 @@ class ClusterSimulator:
         on_tick: Callable[["ClusterSimulator"], None] | None = None,
         policy: SchedulingPolicy | None = None,
         prefix_cache: bool = True,
+        deferred_background: bool = True,
     ):
         """`policy`, when given, is the one policy of the run: its queue_key orders every engine's
         queue, its on_interval ticks every interval_s, and `run()` asks it for every dispatch
-        (the Gymnasium env passes no policy and answers dispatch decisions itself)."""
+        (the Gymnasium env passes no policy and answers dispatch decisions itself).
+        `deferred_background`: a deferred workflow's calls are background work, admitted into an
+        engine's batch only when it runs nothing else (else they only queue last, and fill free
+        batch slots, slowing the batch for everyone)."""
         if len(arrival_times_s) != len(workflows):
             raise ValueError("one arrival time per workflow")
         catalog = load_catalog()
@@ -161,6 +173,7 @@ class ClusterSimulator:
         self._on_tick = on_tick
         self._tick_interval_s = tick_interval_s
         self.prefix_cache = prefix_cache
+        self.deferred_background = deferred_background
         # chain keys of prompt prefixes: (parent chain key, segment identity) -> int, like vLLM's
         # block hashes (a key names the whole text from the prompt's first token); a call's own
         # rest gets a fresh key of the same counter (never shared, so never looked up)
@@ -291,7 +304,7 @@ class ClusterSimulator:
             engine.in_frontend.append(call)
             self._push(engine.frontend_ready_s(now), EV_FRONTEND, call.call_id, call.attempts)
             return
-        engine.enqueue(call, self.queue_key(call, engine))
+        engine.enqueue(call, self._queue_key_of(call, engine))
         # _kick, inline (once per call)
         if engine.busy_until_s != engine.busy_until_s:  # nan: idle
             end = engine.plan(now, self._on_preempt)
@@ -305,6 +318,34 @@ class ClusterSimulator:
                 self._seq += 1
                 heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine_id, engine.version))
 
+    def _queue_key_of(self, call: LLMCall, engine: Engine) -> float:
+        """The policy's queue key, behind every non-deferred workflow if the call's workflow is deferred."""
+        key = self.queue_key(call, engine)
+        return key + DEFERRED_OFFSET_S if self.workflows[call.workflow_id].deferred else key
+
+    def defer_workflow(self, workflow_id: int) -> None:
+        """The admission decision "defer": from now on the workflow's calls wait behind every call of
+        a workflow that is not deferred, on every engine; its calls already queued move back too.
+        The workflow still runs when nothing else waits (work-conserving) and is scored as usual."""
+        workflow = self.workflows[workflow_id]
+        if workflow.deferred:
+            return
+        workflow.deferred = True
+        for engine in self.engines:
+            if self.deferred_background:
+                engine.background_key_s = DEFERRED_OFFSET_S
+            changed = False
+            for i, (key, seq, call) in enumerate(engine.waiting):
+                if call.workflow_id == workflow_id:
+                    call.key = key + DEFERRED_OFFSET_S
+                    engine.waiting[i] = (call.key, seq, call)
+                    changed = True
+            if changed:
+                heapq.heapify(engine.waiting)
+            for call in engine.running:  # a preempted call goes back to the queue with its key
+                if call.workflow_id == workflow_id:
+                    call.key += DEFERRED_OFFSET_S
+
     def _reach_scheduler(self, call: LLMCall, attempt: int, now: float) -> None:
         """A call leaves its engine's API server (call_frontend_s after it was its turn)."""
         engine = self.engines[call.engine_id]
@@ -316,14 +357,15 @@ class ClusterSimulator:
         if end is not None:
             engine.version += 1
             self._push(end, EV_ENGINE, engine.engine_id, engine.version)
-        engine.enqueue(call, self.queue_key(call, engine))
+        engine.enqueue(call, self._queue_key_of(call, engine))
         self._kick(engine, now)
 
     def healthy_engines(self) -> list[int]:
         return [e.engine_id for e in self.engines if e.healthy]
 
     def run(self, policy: SchedulingPolicy | None = None) -> None:
-        """Run to the end, answering every dispatch decision with `policy` (default: the run's own)."""
+        """Run to the end, answering every dispatch decision with `policy` (default: the run's own):
+        first its admission decision for the call's workflow (unless already deferred), then the engine."""
         policy = policy or self.policy
         if policy is None:
             raise SimulationError("run() needs a policy (pass it to the simulator or to run)")
@@ -333,10 +375,14 @@ class ClusterSimulator:
             next_decision = self.next_decision
             dispatch = self.dispatch
             choose = policy.dispatch
+            admit = policy.admit
+            workflows = self.workflows
             while True:
                 call = next_decision()
                 if call is None:
                     return
+                if not workflows[call.workflow_id].deferred and not admit(call, self):
+                    self.defer_workflow(call.workflow_id)
                 dispatch(call, choose(call, self))
 
     # ---- transitions ---------------------------------------------------------------------------

@@ -139,6 +139,9 @@ class Engine(LedgerMixin):
         self.in_frontend: deque[LLMCall] = deque()  # sent here, not yet seen by the scheduler (FIFO)
         self.busy_until_s = math.nan  # end of the planned iteration/segment, nan when idle
         self._enqueue_seq = 0
+        # calls queued with a key at or above this are background work: admitted only into a batch
+        # that runs no other call (the simulator sets it for deferred workflows; inf: none)
+        self.background_key_s = math.inf
         # the plan in flight
         self._seg_start_s = 0.0
         self._seg_k = 0
@@ -334,7 +337,10 @@ class Engine(LedgerMixin):
         new_calls = 0
         if waiting and budget > 0 and not any_preempted:
             max_num_seqs = self.max_num_seqs
+            background_key_s = self.background_key_s
             while waiting and budget > 0 and len(running) < max_num_seqs:
+                if waiting[0][0] >= background_key_s and any(r.key < background_key_s for r in running):
+                    break  # background work (a deferred workflow's call) joins only a batch of background work
                 seq = waiting[0][2]
                 prompt = seq.prefill_left  # a waiting call holds no KV: its whole prompt (+ output so far)
                 segments = seq.segments

@@ -148,10 +148,13 @@ class ClusterView(Protocol):
 
 @runtime_checkable
 class SchedulingPolicy(Protocol):
-    """What the simulator asks of a policy (`policies.base.Policy` provides it): the engine for a
-    ready call, an engine's admission order, and an optional periodic hook."""
+    """What the simulator asks of a policy (`policies.base.Policy` provides it): whether to keep
+    a ready call's workflow admitted (or defer it), the engine for the call, an engine's admission
+    order, and an optional periodic hook."""
 
     interval_s: float | None
+
+    def admit(self, call: CallView, cluster: ClusterView) -> bool: ...
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int: ...
 
