@@ -310,3 +310,49 @@ def test_serve_without_engines_says_where_it_listens_and_how_to_start_them(tmp_p
     assert f"listening on {gw.url}" in text
     assert f"engine local is DOWN (start it with `agentsched engines up --cluster {path.resolve()} --engine local`)" in text
     assert "engine remote is DOWN (is it running at http://127.0.0.1:" in text
+
+
+class DeferFirstWorkflow(AlwaysFirst):
+    """Test policy: defers the first workflow that arrives, admits every other."""
+
+    name = "test-defer-first"
+
+    def admit(self, call, cluster) -> bool:
+        return call.workflow_id != 0
+
+
+def test_deferred_workflow_is_background_work_as_in_the_simulator(tmp_path):
+    """`Policy.admit` in the gateway: a deferred workflow's call waits while its engine serves a
+    call of an admitted workflow (even with in-flight room), then goes; the simulator's rule."""
+    with FakeEngine("a") as a:
+        a.release.clear()
+        cluster = fake_cluster(tmp_path, [a])
+        cluster.engines[0].max_inflight = 4
+        with thread_gateway(cluster, DeferFirstWorkflow()) as gw:
+
+            async def run() -> tuple[list[httpx.Response], dict, dict]:
+                async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+                    def post(workflow: str) -> asyncio.Task:
+                        return asyncio.ensure_future(client.post(
+                            "/v1/completions", json=completion(), headers={"X-Workflow-Id": workflow}))
+
+                    deferred = post("w-deferred")  # workflow 0: deferred, but the engine is idle: it goes
+                    await asyncio.sleep(0.3)
+                    first = (await client.get("/v1/agentsched/info")).json()["engines"][0]
+                    a.release.set()
+                    await deferred
+                    a.release.clear()
+                    admitted = post("w-admitted")  # workflow 1: admitted, held at the engine
+                    await asyncio.sleep(0.3)
+                    second = post("w-deferred")  # workflow 0 again: waits behind the admitted call
+                    await asyncio.sleep(0.3)
+                    held = (await client.get("/v1/agentsched/info")).json()["engines"][0]
+                    a.release.set()
+                    return [await deferred, await admitted, await second], first, held
+
+            responses, first, held = asyncio.run(run())
+            metrics = httpx.get(gw.url + "/metrics").text
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert (first["inflight"], first["queued"]) == (1, 0)  # work-conserving: an idle engine takes it
+    assert (held["inflight"], held["queued"]) == (1, 1)  # room for 4, but background work waits
+    assert "agentsched_deferred_workflows_total 1.0" in metrics

@@ -22,6 +22,7 @@ from deploy.cluster import load_cluster
 from deploy.gateway.core import Gateway
 from deploy.gateway.prefix_index import token_segments
 from deploy.gateway.state import CallState, build_cluster_state
+from envs.observation.admission import AdmissionObservation
 from envs.observation.dispatch import DispatchObservation
 from envs.observation.knobs import KnobsObservation
 from envs.sim.cluster import ClusterSimulator
@@ -40,6 +41,8 @@ WORKFLOW_FIELDS = ("workflow_id", "tenant", "arrival_time_s", "slo_s", "deadline
                    "expected_remaining_s", "done")
 CLUSTER_FIELDS = ("now_s", "finished_workflows", "met_workflows", "recent_arrival_rate_qps", "slo_attainment_so_far")
 # deterministic policies whose decisions must agree (random ones draw from their own generator)
+# the shipped admission network and the hand-written admission rule it was cloned from
+ADMISSION_POLICIES = ("learned", str(REPO / "training" / "configs" / "experts" / "least-work+admit-paper.yaml"))
 POLICIES = ("rr", "lor", "least-work", "llmd", "hexgen", "hexgen-outstanding", "least-work+workflow", "hexgen+triage")
 
 PAPER_DEPLOY = {
@@ -165,6 +168,16 @@ def assert_views_equal(sim, sim_calls, live, live_calls) -> None:
     sim_knobs = knobs.build(sim, action)
     knobs.reset(live)
     np.testing.assert_array_equal(sim_knobs, knobs.build(live, action))
+    admission_obs = AdmissionObservation(max_engines=8)
+    for sc, lc in zip(sim_calls, live_calls):
+        np.testing.assert_array_equal(admission_obs.build(sc, sim, {0}), admission_obs.build(lc, live, {0}))
+    for name in ADMISSION_POLICIES:  # the admission decision (`Policy.admit`) is asked of both views alike
+        policy = load_policy(name)
+        for sc, lc in zip(sim_calls, live_calls):
+            policy.reset()
+            admitted = policy.admit(sc, sim)
+            policy.reset()
+            assert admitted == policy.admit(lc, live), f"{name} admit"
     for name in POLICIES:
         policy = load_policy(name)
         for sc, lc in zip(sim_calls, live_calls):

@@ -43,7 +43,7 @@ from deploy.vllm_metrics import (
     add_prefix_cache_sample,
     counters_from_samples,
 )
-from envs.sim.cluster import ClusterSimulator
+from envs.sim.cluster import DEFERRED_OFFSET_S, ClusterSimulator
 from envs.sim.config import EngineConfig
 from envs.sim.errors import UserError
 from envs.sim.fork import simulator_from_view, token_scaled
@@ -180,6 +180,7 @@ class GatewayMetrics:
         self.routed = Counter("agentsched_routed_calls", "Calls sent to each engine", ["engine"], registry=r)
         self.retries = Counter("agentsched_retried_calls", "Attempts that failed and were re-dispatched", ["engine"], registry=r)
         self.rejected = Counter("agentsched_rejected_calls", "Calls refused", ["reason"], registry=r)
+        self.deferred = Counter("agentsched_deferred_workflows", "Workflows the policy's admission deferred", registry=r)
         self.answered = Counter("agentsched_answered_calls", "Calls answered with a complete 2xx answer", ["engine"],
                                 registry=r)
         self.queue_len = Gauge("agentsched_queue_length", "Calls held in the gateway queue per engine", ["engine"], registry=r)
@@ -543,12 +544,17 @@ class Gateway:
         """Admit queued calls, most urgent first, while the engine has in-flight room."""
         queue = self.queues[engine.engine_id]
         while queue and engine.inflight < engine.inflight_cap and engine.healthy:
+            if queue[0].key >= DEFERRED_OFFSET_S and engine.foreground_inflight:
+                break  # background work (a deferred workflow's call) waits for an engine free of other work
             pending = heapq.heappop(queue)
             engine.queued -= 1
             if pending.admitted.done():  # client went away
                 continue
             engine.inflight += 1
             call = pending.call
+            call.background = pending.key >= DEFERRED_OFFSET_S
+            if not call.background:
+                engine.foreground_inflight += 1
             call.admit_time_s = self.state.now_s
             if call.segments:  # the engine gets the prompt now: its blocks are in use there, then cached
                 events = engine.kv_events
@@ -565,6 +571,8 @@ class Gateway:
     def _enqueue(self, call: CallState, engine: EngineState) -> asyncio.Future:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         key = self.policy.queue_key(call, engine)
+        if self.state.workflows[call.workflow_id].deferred:  # behind every call of a workflow not deferred
+            key += DEFERRED_OFFSET_S
         heapq.heappush(self.queues[engine.engine_id], _Pending(key, next(self._seq), call, fut))
         engine.queued += 1
         call.engine_id = engine.engine_id
@@ -574,9 +582,28 @@ class Gateway:
         self._pump(engine)
         return fut
 
+    def _defer(self, workflow: WorkflowState) -> None:
+        """The admission decision "defer", as `ClusterSimulator.defer_workflow` takes it: from now on
+        the workflow's calls wait behind every call of a workflow not deferred and are let through
+        to an engine only while it has no other call in flight (background work); its calls queued
+        here already move back."""
+        workflow.deferred = True
+        log.info("workflow %s (tenant %s) deferred by the policy's admission", workflow.key, workflow.tenant)
+        self.metrics.deferred.inc()
+        for queue in self.queues:
+            moved = False
+            for pending in queue:
+                if pending.call.workflow_id == workflow.workflow_id and pending.key < DEFERRED_OFFSET_S:
+                    pending.key += DEFERRED_OFFSET_S
+                    moved = True
+            if moved:
+                heapq.heapify(queue)
+
     def _release(self, call: CallState, engine: EngineState, admitted: bool) -> None:
         if admitted:
             engine.inflight -= 1
+            if not call.background:
+                engine.foreground_inflight -= 1
             engine.prefix_index.release(call.call_id)
         engine.ledger.finish(call.expected_s)
         self.calls_in_flight.pop(call.call_id, None)
@@ -585,6 +612,9 @@ class Gateway:
     async def acquire(self, call: CallState, exclude: set[int]) -> EngineState:
         """Dispatch + wait for an in-flight slot. Returns the engine; the caller must `release`."""
         waited_since = time.monotonic()
+        workflow = self.state.workflows[call.workflow_id]
+        if not workflow.deferred and not self.policy.admit(call, self.state):
+            self._defer(workflow)
         while True:
             if self.shutting_down:
                 raise ShuttingDown()

@@ -96,6 +96,7 @@ class CallState:
     predicted_hit_tokens: int = 0  # prompt tokens the prefix index predicted its engine to serve from cache
     admit_time_s: float = -1.0  # when the gateway last let it through to its engine (-1: not yet)
     critical_path_at_ready_s: float = 0.0  # its workflow's critical_path_service_s when it arrived (ATLAS)
+    background: bool = False  # sent as background work (its workflow was deferred when it was let through)
 
 
 @dataclass(slots=True)
@@ -122,6 +123,7 @@ class WorkflowState:
     last_seen_s: float = 0.0
     closing: bool = False  # the client said the last stage has been sent
     finished: bool = False
+    deferred: bool = False  # the policy's admission said "defer" (`Policy.admit`): its calls are background work
 
     @property
     def done(self) -> bool:
@@ -210,6 +212,7 @@ class EngineState(LedgerMixin):
         # own accounting
         self.inflight = 0  # calls the gateway has sent and not yet seen finish
         self.queued = 0  # calls held in the gateway's urgency queue for this engine
+        self.foreground_inflight = 0  # of the in-flight calls, those of workflows not deferred
         # scraped from the engine's /metrics
         self.scraped_running = 0
         self.scraped_waiting = 0
