@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from envs.gym.admission_env import DEFAULT_BASE_POLICY
 from envs.observation.knobs import DEFAULT_CONTROL_INTERVAL_S
 from envs.sim.errors import UserError
 from policies.loader import load_policy
-from envs.gym.admission_env import DEFAULT_BASE_POLICY
 from policies.trained import (
     TrainedAdmissionPolicy,
     TrainedDispatchPolicy,

@@ -81,7 +81,7 @@ def main() -> None:
                 entry["policies"][name] = {"ref": ref, "goodput_qps": list(pool.map(_run, [(ref, cell, s) for s in SEEDS]))}
             rng = np.random.default_rng(0)
             base = entry["policies"].get("least-work+workflow")
-            for name, rec in entry["policies"].items():
+            for rec in entry["policies"].values():
                 g = np.asarray(rec["goodput_qps"])
                 rec["mean"] = list(bootstrap_mean(g, 0.95, rng))
                 rec["share_of_bound"] = rec["mean"][0] / entry["bound_qps"]
