@@ -261,7 +261,8 @@ class TrainedAdmissionPolicy(TrainedDispatchPolicy):
                                           name=str(base.get("name", "base")))
         self._decided: tuple[int, int] = (-1, -1)  # (call id, engine) of the last admitted call
         self._deferred: set[int] = set()
-        self._admission_obs = AdmissionObservation(self.max_engines, dispatch=self._obs)
+        self._defer_action = self._obs.max_engines  # the action after the last engine slot
+        self._admission_obs = AdmissionObservation(self._defer_action, dispatch=self._obs)
 
     def observation(self, call: CallView, cluster: ClusterView) -> np.ndarray:
         """The Dispatch-v1 env's observation (v0's + admission features, with this policy's deferrals)."""
@@ -282,13 +283,13 @@ class TrainedAdmissionPolicy(TrainedDispatchPolicy):
         for i, e in enumerate(cluster.engines):
             if e.healthy and logits[i] > best_logit:
                 best, best_logit = i, float(logits[i])
-        if with_defer and logits[self.max_engines] > best_logit:
-            return self.max_engines
+        if with_defer and logits[self._defer_action] > best_logit:
+            return self._defer_action
         return best
 
     def admit(self, call: CallView, cluster: ClusterView) -> bool:
         choice = self._best(self.net.logits(self.observation(call, cluster)), cluster, with_defer=True)
-        if choice == self.max_engines:
+        if choice == self._defer_action:
             self._deferred.add(call.workflow_id)
             return False
         self._decided = (call.call_id, choice)
