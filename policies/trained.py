@@ -248,8 +248,8 @@ class TrainedAdmissionPolicy(TrainedDispatchPolicy):
     `admit(call, cluster)` takes the most probable valid action over the engines and "defer"; if it
     is an engine, `dispatch` of the same call returns it. The calls of a workflow this policy
     deferred go to its base policy's engine, as in the env (`metadata base_policy`). A caller that
-    never asks `admit` (the deploy gateway, for now) gets the network's best engine for every call,
-    with every workflow admitted."""
+    never asks `admit` gets the network's best engine for every call, with every workflow admitted
+    (the simulator and the gateway both ask)."""
 
     def __init__(self, path: Path, meta: dict[str, Any], network: _Network):
         super().__init__(path, meta, network)
