@@ -258,7 +258,8 @@ def _run_population(base: TrainConfig, out: Path, trials: int, timesteps: int, t
                     sampler_seed: int, console: Any, search: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
     import ray
     from ray import tune
-    from ray.tune.schedulers import PB2, PopulationBasedTraining
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     bounds = PBT_BOUNDS[base.algo]
