@@ -198,6 +198,14 @@ def _run_ray(base: TrainConfig, out: Path, trials: int, timesteps: int, tune_see
     return best.config, best.metrics["policy"], rows
 
 
+def clip_to_bounds(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """PBT's explore step multiplies a value by 0.8 or 1.2, which can leave its range; keep it inside."""
+    for name, (lo, hi) in bounds.items():
+        if name in config:
+            config[name] = min(hi, max(lo, float(config[name])))
+    return config
+
+
 def _load_model(config: TrainConfig, path: Path, venv: Any, params: dict[str, Any]) -> Any:
     """A checkpointed model with this trial's (possibly perturbed) hyper-parameters."""
     # replaced before SB3 rebuilds its schedules, so the new learning rate and clip range take effect
@@ -270,7 +278,8 @@ def _run_population(base: TrainConfig, out: Path, trials: int, timesteps: int, t
     else:
         scheduler = PopulationBasedTraining(
             time_attr="timesteps", perturbation_interval=interval, quantile_fraction=0.25, resample_probability=0.25,
-            hyperparam_mutations={k: tune.loguniform(lo, hi) for k, (lo, hi) in bounds.items()})
+            hyperparam_mutations={k: tune.loguniform(lo, hi) for k, (lo, hi) in bounds.items()},
+            custom_explore_fn=lambda config: clip_to_bounds(config, bounds))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
                  log_to_driver=False)
