@@ -305,7 +305,8 @@ def _run_population(base: TrainConfig, out: Path, trials: int, timesteps: int, t
         if history is None or history.empty:
             continue
         top = history.loc[history[metric].idxmax()]
-        row = {"params": {k: float(r.config[k]) for k in bounds if k in r.config}, "value": float(top[metric]),
+        # the hyper-parameters in force when the best score was reached (PBT/PB2 change them during a run)
+        row = {"params": {k: float(top[k]) for k in bounds if k in top}, "value": float(top[metric]),
                "at_timesteps": int(top["timesteps"]), "policy": str(top["policy"]),
                "history": [{"timesteps": int(t), metric: float(v)} for t, v in zip(history["timesteps"], history[metric])]}
         rows.append(row)
