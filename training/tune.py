@@ -14,11 +14,13 @@ Searches (`--search`):
 - pbt: population-based training (Jaderberg et al. 2017; Ray Tune's `PopulationBasedTraining`):
   `trials` runs train side by side; every `perturbation_interval` steps each reports its eval
   score on the tuning seeds, and the bottom quarter copies the weights of a top-quarter run
-  (exploit) and perturbs its hyper-parameters (explore). So the result is a schedule, not a
-  constant: the report gives each surviving run's final values.
+  (exploit) and perturbs its hyper-parameters (explore), kept within `PBT_BOUNDS`. So a run's
+  hyper-parameters are a schedule, not a constant: the report gives each run's values in force
+  at its best evaluation, and that evaluation's policy.
 - pb2: the same, with the explore step chosen by a Gaussian-process bandit over the recent
-  improvements of the population (Parker-Holder et al. 2020, Ray Tune's `PB2`; needs
-  scikit-learn), which the seed paper found more sample-efficient for small populations.
+  improvements of the population (Parker-Holder et al. 2020, "Provably Efficient Online
+  Hyperparameter Optimization with Population-Based Bandits"; Ray Tune's `PB2`, which needs
+  scikit-learn), designed for the small populations a single machine affords.
 PBT and PB2 always run on Ray Tune (they need many trials alive at once); they change only the
 hyper-parameters that can change in the middle of a run (`PBT_BOUNDS`: learning rate, entropy
 coefficient, clip range); the rest stay at the base config's values. Locally `ray.init()` starts
