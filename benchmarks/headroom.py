@@ -1,19 +1,24 @@
 """The headroom table: how far policies are from what any policy could reach, at sustained load.
 
-Cells: the paper cluster at 0.12 q/s and mixed-16 at 1.6 q/s (the heavy rates of the tuned
-heuristics), each at constant, step and burst load (`training.evaluate.Cell`), prefix cache on.
-For each cell: the capacity bound (`envs.sim.capacity`), the clairvoyant lookahead (knows true
-output lengths and arrivals; where affordable), `lookahead`, `least-work+workflow`, `rr` (and any
-`--policies`): SLO-goodput means over test seeds with BCa bootstrap intervals
+Cells: the benchmark cells (`envs.gym.benchmark`): the paper cluster and mixed-16 at their heavy
+rates (`HEAVY_RATES_QPS`), each at constant, step and burst load (`training.evaluate.Cell`),
+prefix cache on, SLO scale 3. The rates are the ones where, with prefix caching on,
+least-work+workflow misses a large share of SLOs at steady state while the capacity bound is still
+well above what it reaches (the earlier heavy rates were chosen without the cache, which makes
+the same cluster sustain more). For each cell: the capacity bound (`envs.sim.capacity`), the
+clairvoyant lookahead (knows true output lengths and arrivals; where affordable), `lookahead`, and
+the baselines (`--policies`; `hexgen-tuned` is HexGen with the league's per-cell tuned knobs,
+heuristics/league/league.json): SLO-goodput means over test seeds with BCa bootstrap intervals
 (`training.evaluate.bootstrap_mean`) and as a share of the bound.
 
 Run length: `--choose-length` runs least-work+workflow on each cluster's cells with doubling query
 counts and reports the smallest count Q whose share of missed SLOs (mean over seeds and load
 shapes) changes by at most `--tolerance` (relative) from Q to 2Q (steady state: more queries no
-longer change it). Use the result as `--queries-*`.
+longer change it). The result is `envs.gym.benchmark.BENCHMARK_QUERIES` and the default here.
 
 The planners fork the simulator at every decision, so they cost orders of magnitude more than a
-heuristic; they run only on `--lookahead-cells` and the first `--lookahead-seeds` seeds.
+heuristic; they run only on `--lookahead-cells` and the first `--lookahead-seeds` seeds (at
+`--lookahead-queries`, a shorter run: then the baselines of that cell run at that length too).
 
 Run (a few minutes on 2 cores):
     PYTHONPATH=. .venv/bin/python benchmarks/headroom.py --choose-length
@@ -30,22 +35,49 @@ from typing import Any
 import numpy as np
 import typer
 
+from envs.gym.benchmark import BENCHMARK_QUERIES, CLUSTER_NAMES, HEAVY_RATES_QPS, SHAPE_NAMES
+from envs.seeds import TEST_SEED_BASE
 from envs.sim.capacity import capacity_bound
+from envs.sim.cells import LOADS, Cell
 from envs.sim.scenario import simulate
 from policies import load_policy
+from policies.base import Policy
+from policies.loader import policy_from_spec
 from policies.lookahead import LookaheadPolicy
-from training.evaluate import LOADS, Cell, bootstrap_mean, bootstrap_ratio
+from training.evaluate import bootstrap_mean, bootstrap_ratio
 
-HEAVY_RATES_QPS = {"paper": 0.12, "mixed-16": 1.6}
-TEST_SEEDS = (200000, 200001, 200002)
+LEAGUE_PATH = Path(__file__).resolve().parents[1] / "heuristics" / "league" / "league.json"
+TUNED_HEXGEN = "hexgen-tuned"
 LOOKAHEAD = "lookahead:least-work+workflow@horizon_s=20,samples=1,top_k=2"
 CLAIRVOYANT = LOOKAHEAD + ",clairvoyant=true"
 
 app = typer.Typer(add_completion=False)
 
 
+def league_cell_name(cell: Cell) -> str:
+    """The league's name of the cell with this cluster and load shape (`paper-burst`, ...)."""
+    return f"{CLUSTER_NAMES[cell.cluster]}-{SHAPE_NAMES[cell.load]}"
+
+
+def tuned_hexgen(cell: Cell, league_path: Path = LEAGUE_PATH) -> Policy:
+    """HexGen with the knobs the league tuned for this cluster and load shape (on tuning seeds;
+    the league tuned them at its own heavy rate, so they are reused here, not re-tuned)."""
+    cells = {c["name"]: c for c in json.loads(league_path.read_text())["cells"]}
+    knobs = cells[league_cell_name(cell)]["policies"]["hexgen"]["knobs"]
+    spec: dict[str, Any] = {"base": "hexgen", "name": TUNED_HEXGEN, "dispatch": {}, "local": {}}
+    for key, value in knobs.items():
+        section, knob = key.split(".", 1)
+        spec[section][knob] = value
+    return policy_from_spec(spec, source=f"league {league_cell_name(cell)}")
+
+
+def policy_for(name: str, cell: Cell) -> Policy:
+    """A fresh policy for one run: `hexgen-tuned` is per cell, any other name goes to `load_policy`."""
+    return tuned_hexgen(cell) if name == TUNED_HEXGEN else load_policy(name)
+
+
 def run_policy(name: str, cell: Cell, seed: int) -> dict[str, Any]:
-    policy = load_policy(name)
+    policy = policy_for(name, cell)
     started = time.perf_counter()
     result, _ = simulate(cell.run_spec(seed), policy)
     out = {"goodput_qps": result["goodput_qps"], "slo_attainment": result["slo_attainment"],
@@ -79,16 +111,16 @@ def choose_length(cluster: str, seeds: list[int], start: int, tolerance: float, 
 
 @app.command()
 def main(
-    queries_paper: int = typer.Option(240, help="queries per run on the paper cluster"),
-    queries_mixed: int = typer.Option(480, help="queries per run on mixed-16"),
-    seeds: int = typer.Option(3, min=1, help="test seeds (from 200000)"),
-    policies: str = typer.Option("least-work+workflow,rr", help="comma-separated baselines"),
+    queries_paper: int = typer.Option(BENCHMARK_QUERIES["paper"], help="queries per run on the paper cluster"),
+    queries_mixed: int = typer.Option(BENCHMARK_QUERIES["mixed-16"], help="queries per run on mixed-16"),
+    seeds: int = typer.Option(3, min=1, help=f"test seeds (from {TEST_SEED_BASE})"),
+    policies: str = typer.Option(f"least-work+workflow,{TUNED_HEXGEN},hexgen,rr", help="comma-separated baselines"),
     lookahead: str = typer.Option(LOOKAHEAD, help="the lookahead policy ('' to skip)"),
     clairvoyant: str = typer.Option(CLAIRVOYANT, help="the clairvoyant reference ('' to skip)"),
-    lookahead_cells: str = typer.Option("paper/constant,paper/burst",
+    lookahead_cells: str = typer.Option("paper/burst,mixed-16/burst",
                                         help="cells (cluster/load) where the planners run"),
-    lookahead_seeds: int = typer.Option(2, min=1, help="seeds the planners run on"),
-    lookahead_queries: int = typer.Option(0, help="queries per planner run (0: the cell's; a shorter run is a "
+    lookahead_seeds: int = typer.Option(1, min=1, help="seeds the planners run on"),
+    lookahead_queries: int = typer.Option(120, help="queries per planner run (0: the cell's; a shorter run is a "
                                                   "different cell: its baselines are run on it too)"),
     choose: bool = typer.Option(False, "--choose-length", help="only choose the run length (see the docstring)"),
     tolerance: float = typer.Option(0.1, help="--choose-length: relative change of the missed share that counts as steady"),
@@ -96,7 +128,7 @@ def main(
     out: Path = typer.Option(None, help="write results.json and table.md here"),
 ) -> None:
     """Capacity bound, planners and heuristics on sustained-load cells (see the module docstring)."""
-    seed_list = [TEST_SEEDS[0] + i for i in range(seeds)]
+    seed_list = [TEST_SEED_BASE + i for i in range(seeds)]
     if choose:
         for cluster in HEAVY_RATES_QPS:
             chosen, history = choose_length(cluster, seed_list, 60, tolerance, longest)
@@ -105,54 +137,57 @@ def main(
                   f"-> {chosen} queries")
         return
     baselines = [p for p in policies.split(",") if p]
+    planners = [n for n in (clairvoyant, lookahead) if n]
     planner_cells = set(filter(None, lookahead_cells.split(",")))
     rows = []
     rng = np.random.default_rng(0)
     for cluster, rate in HEAVY_RATES_QPS.items():
         for load in LOADS:
             queries = queries_paper if cluster == "paper" else queries_mixed
-            key = f"{cluster}/{load}"
-            plan = key in planner_cells and (lookahead or clairvoyant)
-            if plan and lookahead_queries:
-                queries = lookahead_queries
-            cell = Cell(cluster=cluster, rate_qps=rate, load=load, queries=queries)
-            bounds = [capacity_bound(cell.run_spec(s)) for s in seed_list]
-            bound = float(np.mean([b.goodput_bound_qps for b in bounds]))
-            entries: dict[str, dict[str, Any]] = {}
-            names = list(baselines)
-            if plan:
-                names += [n for n in (clairvoyant, lookahead) if n]
-            for name in names:
-                use = seed_list[:lookahead_seeds] if name in (lookahead, clairvoyant) else seed_list
-                runs = [run_policy(name, cell, s) for s in use]
-                g = np.array([r["goodput_qps"] for r in runs])
-                mean, lo, hi = bootstrap_mean(g, 0.95, rng)
-                bound_same = float(np.mean([bounds[seed_list.index(s)].goodput_bound_qps for s in use]))
-                entry = {"seeds": use, "goodput_qps": [mean, lo, hi], "per_seed": g.tolist(), "share_of_bound": mean / bound_same,
-                         "slo_attainment": float(np.mean([r["slo_attainment"] for r in runs])),
-                         "wall_s_per_run": float(np.mean([r["wall_s"] for r in runs]))}
-                if "decision_ms_mean" in runs[0]:
-                    entry["decision_ms_mean"] = float(np.mean([r["decision_ms_mean"] for r in runs]))
-                    entry["changed_share"] = float(sum(r["changed_decisions"] for r in runs) /
-                                                   max(1, sum(r["planned_decisions"] for r in runs)))
-                reference = entries.get("least-work+workflow")
-                if reference is not None and name in (lookahead, clairvoyant):
-                    # paired with the heuristic on the planner's own seeds
-                    same = np.array([reference["per_seed"][seed_list.index(s)] for s in use])
-                    entry["vs_least_work_workflow"] = list(bootstrap_ratio(g, same, 0.95, rng))
-                entries[label(name)] = entry
-                print(f"{cell.label} q={queries} {label(name)}: goodput {mean:.4f} [{lo:.4f}, {hi:.4f}] "
-                      f"({entry['share_of_bound']:.2f} of bound) attainment {entry['slo_attainment']:.3f} "
-                      f"{entry['wall_s_per_run']:.1f} s/run", flush=True)
-            rows.append({"cell": cell.label, "queries": queries, "rate_qps": float(np.mean([b.rate_qps for b in bounds])),
-                         "capacity_qps": float(np.mean([b.capacity_qps for b in bounds])),
-                         "goodput_bound_qps": bound, "policies": entries})
+            rows.append(run_cell(Cell(cluster=cluster, rate_qps=rate, load=load, queries=queries), baselines, [],
+                                 seed_list, lookahead_seeds, rng))
+            if f"{cluster}/{load}" in planner_cells and planners:
+                # the planners' shorter run is its own cell: the baselines run on it too
+                short = Cell(cluster=cluster, rate_qps=rate, load=load, queries=lookahead_queries or queries)
+                rows.append(run_cell(short, baselines, planners, seed_list, lookahead_seeds, rng))
     table = markdown(rows, seed_list)
     print(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
         (out / "table.md").write_text(table)
+
+
+def run_cell(cell: Cell, baselines: list[str], planners: list[str], seed_list: list[int], planner_seeds: int,
+             rng: np.random.Generator) -> dict[str, Any]:
+    """One table row: the bound, every baseline on every seed, the planners on the first seeds."""
+    bounds = [capacity_bound(cell.run_spec(s)) for s in seed_list]
+    entries: dict[str, dict[str, Any]] = {}
+    for name in baselines + planners:
+        use = seed_list[:planner_seeds] if name in planners else seed_list
+        runs = [run_policy(name, cell, s) for s in use]
+        g = np.array([r["goodput_qps"] for r in runs])
+        mean, lo, hi = bootstrap_mean(g, 0.95, rng)
+        bound_same = float(np.mean([bounds[seed_list.index(s)].goodput_bound_qps for s in use]))
+        entry = {"seeds": use, "goodput_qps": [mean, lo, hi], "per_seed": g.tolist(), "share_of_bound": mean / bound_same,
+                 "slo_attainment": float(np.mean([r["slo_attainment"] for r in runs])),
+                 "wall_s_per_run": float(np.mean([r["wall_s"] for r in runs]))}
+        if "decision_ms_mean" in runs[0]:
+            entry["decision_ms_mean"] = float(np.mean([r["decision_ms_mean"] for r in runs]))
+            entry["changed_share"] = float(sum(r["changed_decisions"] for r in runs) /
+                                           max(1, sum(r["planned_decisions"] for r in runs)))
+        reference = entries.get("least-work+workflow")
+        if reference is not None and name in planners:
+            # paired with the heuristic on the planner's own seeds
+            same = np.array([reference["per_seed"][seed_list.index(s)] for s in use])
+            entry["vs_least_work_workflow"] = list(bootstrap_ratio(g, same, 0.95, rng))
+        entries[label(name)] = entry
+        print(f"{cell.label} q={cell.queries} {label(name)}: goodput {mean:.4f} [{lo:.4f}, {hi:.4f}] "
+              f"({entry['share_of_bound']:.2f} of bound) attainment {entry['slo_attainment']:.3f} "
+              f"{entry['wall_s_per_run']:.1f} s/run", flush=True)
+    return {"cell": cell.label, "queries": cell.queries, "rate_qps": float(np.mean([b.rate_qps for b in bounds])),
+            "capacity_qps": float(np.mean([b.capacity_qps for b in bounds])),
+            "goodput_bound_qps": float(np.mean([b.goodput_bound_qps for b in bounds])), "policies": entries}
 
 
 def label(name: str) -> str:

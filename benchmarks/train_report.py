@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from envs.sim.cells import Cell
 from envs.sim.errors import UserError
 from policies.loader import policy_label
 from training.config import TEST_SEED_BASE, TUNE_SEED_BASE
-from training.evaluate import Cell, evaluate, markdown_table, plot
+from training.evaluate import evaluate, markdown_table, plot
 
 CELLS = [
     Cell(cluster="paper", rate_qps=0.04, load="constant"),

@@ -285,6 +285,7 @@ def plan_command(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from envs.sim.catalog import load_catalog
+    from envs.sim.cells import LOADS
     from heuristics.bench import make_policy
     from heuristics.plan import (
         PlanConfig,
@@ -298,7 +299,6 @@ def plan_command(
     )
     from heuristics.tune import search_space
     from policies import policy_from_spec, save_policy
-    from training.evaluate import LOADS
 
     console = _console()
     if load not in LOADS:

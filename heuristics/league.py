@@ -36,12 +36,12 @@ import numpy as np
 import optuna
 from scipy import stats
 
+from envs.sim.cells import Cell
 from envs.sim.errors import UserError
 from envs.sim.scenario import simulate
 from heuristics.bench import PolicyRef, jsonable, make_executor, make_policy
 from heuristics.registry import PEERS
 from heuristics.tune import _suggest, search_space, spec_with
-from training.evaluate import Cell
 
 OURS = "least-work+workflow"
 SHIPPED_SUFFIX = " (shipped)"

@@ -79,6 +79,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from envs.seeds import TEST_SEED_BASE, TUNE_SEED_BASE
 from envs.sim.catalog import Catalog, load_catalog
+from envs.sim.cells import LOADS, Cell
 from envs.sim.config import ClusterConfig, EngineConfig, load_cluster
 from envs.sim.errors import UserError
 from envs.sim.model import EngineModel, StepTokens, build_engine_model
@@ -88,7 +89,6 @@ from envs.sim.workload import step_mean_tokens
 from heuristics.bench import MIN_SPAN_SLOS, PolicyRef, make_policy
 from heuristics.tune import search_space, spec_with
 from policies.loader import RECOMMENDED_POLICY
-from training.evaluate import LOADS, Cell
 
 TP_DEGREES = (1, 2, 4, 8)
 WEIGHT_BITS = (4, 8, 16)

@@ -12,12 +12,12 @@ import yaml
 from deploy.cluster import load_cluster
 from deploy.gateway.core import Gateway
 from deploy.gateway.state import build_cluster_state
+from envs.sim.cells import Cell
 from envs.sim.fork import conditional_output_tokens, fork, simulator_from_view, workload_generator
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.scenario import build_simulator, workload_for
 from envs.sim.workload import TraceGenerator
 from policies import load_policy
-from training.evaluate import Cell
 
 CELL = Cell(cluster="paper", rate_qps=0.12, queries=40)
 

@@ -48,6 +48,17 @@ def test_simulator_core_sources_import_none_of_them() -> None:
         assert not roots & (ours - {"envs"}), f"{path.name} imports {sorted(roots & (ours - {'envs'}))} (a higher layer)"
 
 
+def test_envs_import_no_training_serving_or_cli_code() -> None:
+    """The envs (simulator, observations, Gymnasium wrappers, benchmark ids) sit below training,
+    deploy and the CLI: `import envs.gym` must not pull in the trainer (nor its scipy)."""
+    for path in sorted((REPO / "envs").rglob("*.py")):
+        if path.name == "cli.py":  # the envs' own subcommands of the CLI: the top layer
+            continue
+        roots = _imported_roots(path)
+        higher = roots & {"training", "deploy", "agentsched"}
+        assert not higher, f"{path.relative_to(REPO)} imports {sorted(higher)} (a higher layer)"
+
+
 BASE_INSTALL = """
 import importlib.abc, sys
 BLOCKED = {"gymnasium", "stable_baselines3", "sb3_contrib", "torch", "tensorboard", "ray",

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from envs.sim.cells import Cell
 from heuristics.bench import BenchConfig, Scenario, run_bench
 from heuristics.league import (
     OURS,
@@ -20,7 +21,7 @@ from heuristics.league import (
     write,
 )
 from tests.test_bench import run_main
-from training.evaluate import Cell, evaluate
+from training.evaluate import evaluate
 
 TINY_POLICIES = ["rr", OURS, "autellix-plas"]
 

@@ -7,11 +7,12 @@ import logging
 import pytest
 
 from envs.sim.capacity import capacity_bound
+from envs.sim.cells import Cell
 from envs.sim.scenario import build_simulator, simulate
 from policies import load_policy
 from policies.base import PolicyError
 from policies.lookahead import LookaheadKnobsPolicy, LookaheadPolicy
-from training.evaluate import Cell, evaluate, markdown_table
+from training.evaluate import evaluate, markdown_table
 
 SMALL = Cell(cluster="paper", rate_qps=0.12, queries=30)
 OVERLOADED = Cell(cluster="mixed-16", rate_qps=1.6, queries=60)

@@ -198,7 +198,8 @@ def _shipped_reports() -> list[tuple[Path, Path]]:
 def test_shipped_policy_reproduces_its_report(path, report_path):
     """Re-run two seeds of the report's first two cells: simulation is deterministic, so the
     per-seed goodput must match the report (to float noise)."""
-    from training.evaluate import Cell, evaluate
+    from envs.sim.cells import Cell
+    from training.evaluate import evaluate
 
     report = json.loads(report_path.read_text())
     for cell in report["cells"][:2]:

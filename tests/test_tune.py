@@ -1,11 +1,14 @@
 """`agentsched tune`: a 2-3 trial TPE run writes a policy file that loads, resumes from its SQLite
-study, and the --grid mode sweeps the paper's alphas."""
+study, and the --grid mode sweeps the paper's alphas. `agentsched tune-rl --search pbt|pb2`: bad
+values and a warm-started config are one-line errors; a tiny PBT population runs (slow: Ray)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 import yaml
 
 from policies import load_policy
@@ -53,3 +56,72 @@ def test_tune_bad_input(tmp_path, capsys, monkeypatch):
     assert proc.returncode == 2 and "has no tunable knobs" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_main(capsys, monkeypatch, "tune", "--policy", "hexgen", "--out", str(tmp_path / "x.yaml"), *SMALL[:-4], "--test-seeds", "0")
     assert proc.returncode == 2 and "--test-seeds: seed 0 is also a tuning seed" in proc.stderr
+
+
+# ---- tune-rl --search (training/tune.py): PBT and PB2 on Ray Tune next to Optuna
+
+TINY_RL_CONFIG = """\
+name: pbt-tiny
+env_id: agentsched/Dispatch-v0
+algo: maskable_ppo
+policy: EngineScoringPolicy
+n_envs: 1
+vec_env: dummy
+env_kwargs: {max_engines: 4}
+scenarios:
+  - {trace: chess_trace1, cluster: paper, queries: 6, rate_qps: 0.08}
+hyperparams: {n_steps: 64, batch_size: 64, n_epochs: 1}
+eval: {seeds: [100000], baseline: null}
+checkpoint_freq_steps: null
+"""
+
+
+@pytest.mark.parametrize("search", ["nope", "PBT", "asha"])
+def test_tune_rl_bad_search_is_one_line(search, capsys, monkeypatch):
+    proc = run_main(capsys, monkeypatch, "tune-rl", "--config", "smoke", "--search", search)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--search" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_tune_rl_population_search_refuses_a_warm_start(tmp_path, capsys, monkeypatch):
+    # the smoke config warm-starts by cloning; population runs start from scratch: one line, nothing started
+    def never(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr("training.tune._run_population", never)
+    proc = run_main(capsys, monkeypatch, "tune-rl", "--config", "smoke", "--search", "pb2", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--search pb2: the config's warm_start" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_tune_rl_pbt_runs_a_population_and_reports_on_test_seeds(tmp_path, capsys, monkeypatch):
+    from training.tune import PBT_BOUNDS, PBT_ROUNDS
+
+    config = tmp_path / "pbt-tiny.yaml"
+    config.write_text(TINY_RL_CONFIG)
+    out = tmp_path / "run"
+    proc = run_main(capsys, monkeypatch, "tune-rl", "--config", str(config), "--search", "pbt", "--trials", "2",
+                    "--timesteps", "256", "--tune-seeds", "1", "--test-seeds", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"] == "pbt" and len(report["trials"]) == 2
+    assert not set(report["tune_seeds"]) & set(report["test_seeds"])
+    for row in report["trials"]:
+        assert len(row["history"]) == PBT_ROUNDS  # one evaluation (and chance to exploit) per round
+        for name, (lo, hi) in PBT_BOUNDS["maskable_ppo"].items():
+            assert lo <= row["params"][name] <= hi
+    best = max(report["trials"], key=lambda r: r["value"])
+    assert report["best_policy"] == best["policy"] and load_policy(best["policy"]).name
+    assert report["test"]["seeds"] == report["test_seeds"]
+    tuned = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert tuned["hyperparams"]["learning_rate"] == pytest.approx(report["best_params"]["learning_rate"])
+
+
+def test_pbt_explore_keeps_hyperparameters_in_their_bounds():
+    from training.tune import PBT_BOUNDS, clip_to_bounds
+
+    bounds = PBT_BOUNDS["maskable_ppo"]
+    explored = clip_to_bounds({"learning_rate": 2e-3, "clip_range": 0.04, "ent_coef": 1e-3, "other": 7}, bounds)
+    assert explored == {"learning_rate": bounds["learning_rate"][1], "clip_range": bounds["clip_range"][0],
+                        "ent_coef": 1e-3, "other": 7}

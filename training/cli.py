@@ -33,6 +33,14 @@ class TuneBackend(str, Enum):
     ray = "ray"
 
 
+class TuneSearch(str, Enum):
+    """How tune-rl searches (training/tune.py): Optuna TPE + pruning, or a population (Ray Tune)."""
+
+    optuna = "optuna"
+    pbt = "pbt"
+    pb2 = "pb2"
+
+
 def _console():
     from rich.console import Console
 
@@ -84,16 +92,19 @@ def register(app: typer.Typer) -> None:
         backend: TuneBackend = typer.Option(TuneBackend.optuna, "--backend", help="optuna (in process) or ray (Ray Tune; RAY_ADDRESS to use a cluster)"),
         tune_seeds: int = typer.Option(4, "--tune-seeds", min=1, help="episodes of the tuning seed block each trial is scored on"),
         test_seeds: int = typer.Option(8, "--test-seeds", min=1, help="episodes of the (disjoint) test seed block for the report"),
-        sampler_seed: int = typer.Option(0, "--sampler-seed", help="seed of the Optuna sampler"),
+        sampler_seed: int = typer.Option(0, "--sampler-seed", help="seed of the sampler (Optuna's, or the population's starting points)"),
+        search: TuneSearch = typer.Option(TuneSearch.optuna, "--search",
+                                          help="optuna (TPE + pruning), pbt (population-based training) or pb2 "
+                                               "(PBT with a GP bandit); pbt/pb2 run on Ray Tune with --trials as the population"),
     ) -> None:
-        """Tune RL hyper-parameters with Optuna (median pruner) on tuning seeds; report on separate test seeds."""
+        """Tune RL hyper-parameters on tuning seeds (Optuna/ASHA, PBT or PB2); report on separate test seeds."""
         from training.config import TrainConfig
         from training.tune import tune_rl
 
         cfg = TrainConfig.load(config)
         out_dir = out or Path("runs") / f"tune-rl-{cfg.name}"
         report = tune_rl(cfg, out_dir, trials=trials, timesteps=timesteps, backend=backend.value, n_tune_seeds=tune_seeds,
-                         n_test_seeds=test_seeds, sampler_seed=sampler_seed, console=_console())
+                         n_test_seeds=test_seeds, sampler_seed=sampler_seed, console=_console(), search=search.value)
         print(f"best hyperparams: {report['best_params']}")
         print(f"test seeds: {report['test']}")
         print(f"report: {out_dir / 'report.json'}")
@@ -124,7 +135,8 @@ def register(app: typer.Typer) -> None:
         backend: Backend = backend_option(),
     ) -> None:
         """Evaluate a policy against baselines on test seeds: bootstrap CIs, ratios, a table and plots."""
-        from training.evaluate import Cell, evaluate, load_cached_policy, print_table
+        from envs.sim.cells import Cell
+        from training.evaluate import evaluate, load_cached_policy, print_table
 
         for name in [policy, *baselines]:
             load_cached_policy(name)  # a bad name or file: one line, before any simulation

@@ -9,11 +9,7 @@ baseline, the ratio of mean SLO-goodput and of mean SLO attainment, with a *pair
 SLO-goodput is also given as a share of the cell's capacity bound (`envs.sim.capacity`: an upper
 bound on what any policy could reach, averaged over the same seeds).
 
-Load shapes (the "shifting" load):
-- constant: Poisson at the rate;
-- step: Poisson at 0.5 x rate for the first half of the expected span, then 1.5 x rate;
-- burst: Poisson at 0.5 x rate, with a burst at 3 x rate for a sixth of the expected span starting
-  at a third of it (the same number of queries arrives in a shorter, rougher window).
+The cells and their load shapes (constant, step, burst) are `envs.sim.cells.Cell`.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ import json
 import math
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,55 +26,15 @@ import numpy as np
 from scipy import stats
 
 from envs.sim.capacity import capacity_bound
+from envs.sim.cells import Cell
 from envs.sim.errors import UserError
-from envs.sim.scenario import RunSpec, simulate
-from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
+from envs.sim.scenario import simulate
 from heuristics.bench import RayExecutor
 from policies.loader import load_policy, policy_label
 
 METRICS = ("goodput_qps", "slo_attainment", "latency_p95_s", "latency_mean_s", "slo_goodput_per_usd")
 RATIO_METRICS = ("goodput_qps", "slo_attainment")
-LOADS = ("constant", "step", "burst")
 BOOTSTRAP_RESAMPLES = 2000
-
-
-@dataclass(frozen=True)
-class Cell:
-    trace: str = "chess_trace1"
-    cluster: str = "paper"
-    rate_qps: float = 0.1
-    load: str = "constant"
-    slo_scale: float = 3.0
-    queries: int = 60
-    generated: bool = False
-    prefix_cache: bool = True  # vLLM's automatic prefix caching on every engine
-
-    def __post_init__(self) -> None:
-        if self.load not in LOADS:
-            raise UserError(f"--load: unknown load shape {self.load!r} (use {', '.join(LOADS)})")
-        if not self.rate_qps > 0:
-            raise UserError(f"--rate: must be > 0, got {self.rate_qps}")
-
-    @property
-    def label(self) -> str:
-        return f"{self.cluster}/{self.trace}/{self.load}@{self.rate_qps:g}"
-
-    def arrivals(self) -> Any:
-        r = self.rate_qps
-        span_s = self.queries / r  # expected span of the arrivals at the mean rate
-        if self.load == "constant":
-            return PoissonArrivals(rate_qps=r)
-        if self.load == "step":
-            return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 2, rate_qps=0.5 * r),
-                                               RateSegment(duration_s=100 * span_s, rate_qps=1.5 * r)])
-        return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 3, rate_qps=0.5 * r),
-                                           RateSegment(duration_s=span_s / 6, rate_qps=3.0 * r),
-                                           RateSegment(duration_s=100 * span_s, rate_qps=0.5 * r)])
-
-    def run_spec(self, seed: int) -> RunSpec:
-        return RunSpec(trace=self.trace, cluster=self.cluster, rate_qps=self.rate_qps, slo_scale=self.slo_scale,
-                       seed=seed, queries=self.queries, generated=self.generated, arrivals=self.arrivals(),
-                       prefix_cache=self.prefix_cache)
 
 
 def bootstrap_mean(values: np.ndarray, confidence: float, rng: np.random.Generator) -> tuple[float, float, float]:

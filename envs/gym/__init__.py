@@ -6,6 +6,9 @@
   action (`Discrete(max_engines + 1)`, the last one defers the call's workflow; see admission_env.py).
 - `agentsched/Knobs-v0` (`KnobsEnv`): one decision per control interval, the knobs of the paper's
   hierarchical heuristic (alpha, urgency weight) for the next interval (`Box(-1, 1)`).
+- `agentsched/Dispatch-{paper,mixed16}-{heavy,step,burst}-v1` (`BenchmarkDispatchEnv`): Dispatch-v0
+  on one fixed sustained-load cell each, with fixed test seeds and reference scores
+  (`envs.gym.benchmark`).
 
 Both draw episodes from a `Scenario` (pydantic, YAML; shipped: `default`, `train-randomized`,
 `test-heldout` in envs/gym/scenarios/). Reward: `envs.gym.reward`. Typical use:
@@ -40,6 +43,7 @@ reads only the view protocols; `valid_actions(cluster)` is the mask.
 from gymnasium.envs.registration import register, registry
 
 from envs import ADMISSION_ENV_ID, DISPATCH_ENV_ID, KNOBS_ENV_ID
+from envs.gym.benchmark import BENCHMARK_ENV_IDS, BenchmarkDispatchEnv, reference_scores, registration_kwargs
 from envs.gym.dispatch_env import DispatchEnv
 from envs.gym.knobs_env import KnobsEnv
 from envs.gym.scenario import RandomClusterSpec, Randomization, Scenario
@@ -53,6 +57,10 @@ for _env_id, _entry in ((DISPATCH_ENV_ID, "envs.gym.dispatch_env:DispatchEnv"),
     if _env_id not in registry:
         # no TimeLimit: episodes end with their workload or at the scenario's simulated horizon
         register(id=_env_id, entry_point=_entry, disable_env_checker=False)
+for _env_id in BENCHMARK_ENV_IDS:  # the benchmark cells (envs/gym/benchmark.py)
+    if _env_id not in registry:
+        register(id=_env_id, entry_point="envs.gym.benchmark:BenchmarkDispatchEnv",
+                 kwargs=registration_kwargs(_env_id), disable_env_checker=False)
 
-__all__ = ["DispatchEnv", "DispatchObservation", "InvalidActionError", "Knob", "KnobsEnv", "KnobsObservation",
-           "RandomClusterSpec", "Randomization", "Scenario"]
+__all__ = ["BENCHMARK_ENV_IDS", "BenchmarkDispatchEnv", "DispatchEnv", "DispatchObservation", "InvalidActionError", "Knob",
+           "KnobsEnv", "KnobsObservation", "RandomClusterSpec", "Randomization", "Scenario", "reference_scores"]

@@ -22,9 +22,10 @@ import numpy as np
 
 from envs.seeds import TEST_SEED_BASE
 from envs.sim.capacity import capacity_bound
+from envs.sim.cells import Cell
 from envs.sim.scenario import simulate
 from policies.loader import load_policy
-from training.evaluate import Cell, bootstrap_mean, bootstrap_ratio
+from training.evaluate import bootstrap_mean, bootstrap_ratio
 
 HERE = Path(__file__).resolve().parent
 SEEDS = [TEST_SEED_BASE + i for i in range(10)]

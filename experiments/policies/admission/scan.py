@@ -18,9 +18,9 @@ import numpy as np
 import yaml
 
 from envs.seeds import TUNE_SEED_BASE
+from envs.sim.cells import Cell
 from envs.sim.scenario import simulate
 from policies.loader import policy_from_spec
-from training.evaluate import Cell
 
 HERE = Path(__file__).resolve().parent
 CELLS = [Cell(cluster=c, rate_qps=r, load=load, queries=240) for c, r in (("paper", 0.2), ("mixed-16", 1.2))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from training.evaluate import Cell, evaluate, print_table
+from envs.sim.cells import Cell
+from training.evaluate import evaluate, print_table
 
 EXPERTS = Path(__file__).resolve().parents[3] / "training" / "configs" / "experts"
 

@@ -1,0 +1,125 @@
+"""Reference scores of the benchmark env ids (`envs.gym.benchmark`): the shipped table
+envs/data/benchmark_scores.json (and .md), read by `envs.gym.benchmark.reference_scores(env_id)`.
+
+For every id, on its fixed test episodes (`TEST_SEEDS`, the `split="test"` episodes of the env):
+random, rr, HexGen, HexGen with the league's per-cell tuned knobs (`hexgen-tuned`), the best
+heuristic (least-work+workflow, which is also what an agent dispatching like it scores in the env,
+see the envs.gym.benchmark docstring), optionally `lookahead` (`--lookahead-ids`: it forks the
+simulator at every decision, so a benchmark-length run of it costs minutes per seed), and the
+capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
+over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
+share of the bound. Each run is `envs.sim.scenario.simulate(env.run_spec(seed), policy)`.
+
+Run (about 3 minutes on 2 cores without lookahead):
+    PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py
+    PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py --lookahead-ids agentsched/Dispatch-paper-burst-v1 --lookahead-seeds 1
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from benchmarks.headroom import LOOKAHEAD, TUNED_HEXGEN, run_policy
+from envs.gym.benchmark import BENCHMARK_CELLS, BENCHMARK_VERSION, LOCAL_KNOBS, LOCAL_ORDER, SCORES_PATH, TEST_SEEDS
+from envs.sim.capacity import capacity_bound
+from training.evaluate import bootstrap_mean
+
+POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow")
+BEST_HEURISTIC = "least-work+workflow"
+BOUND = "capacity-bound"
+CONFIDENCE = 0.95
+
+app = typer.Typer(add_completion=False)
+
+
+def summarize(goodput: list[float], attainment: list[float] | None, seeds: list[int], bound_mean: float,
+              rng: np.random.Generator, **extra: Any) -> dict[str, Any]:
+    mean, lo, hi = bootstrap_mean(np.array(goodput), CONFIDENCE, rng)
+    out = {"goodput_qps": {"mean": mean, "lo": lo, "hi": hi}, "per_seed": goodput, "seeds": seeds,
+           "share_of_bound": mean / bound_mean if bound_mean > 0 else None, **extra}
+    if attainment is not None:
+        out["slo_attainment"] = float(np.mean(attainment))
+    return out
+
+
+@app.command()
+def main(
+    seeds: int = typer.Option(len(TEST_SEEDS), min=1, max=len(TEST_SEEDS), help="test seeds used (the first N)"),
+    lookahead_ids: str = typer.Option("", help="comma-separated ids where lookahead runs ('' for none)"),
+    lookahead_seeds: int = typer.Option(1, min=1, help="seeds lookahead runs on (the first N)"),
+    out: Path = typer.Option(SCORES_PATH, help="the JSON table (a .md table is written next to it)"),
+) -> None:
+    """Measure the reference scores of every benchmark id and write the table."""
+    seed_list = list(TEST_SEEDS[:seeds])
+    planned = set(filter(None, lookahead_ids.split(",")))
+    unknown = planned - set(BENCHMARK_CELLS)
+    if unknown:
+        raise typer.BadParameter(f"unknown id {sorted(unknown)[0]} (ids: {', '.join(BENCHMARK_CELLS)})",
+                                 param_hint="--lookahead-ids")
+    rng = np.random.default_rng(0)
+    table: dict[str, Any] = {
+        "version": BENCHMARK_VERSION, "metric": "SLO-goodput (q/s): SLO-met workflows per second of the run",
+        "confidence": CONFIDENCE, "test_seeds": seed_list, "best_heuristic": BEST_HEURISTIC,
+        "env_local_order": {"name": LOCAL_ORDER, **LOCAL_KNOBS}, "lookahead": LOOKAHEAD,
+        "command": "PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py"
+                   + (f" --lookahead-ids {lookahead_ids} --lookahead-seeds {lookahead_seeds}" if planned else ""),
+        "envs": {}}
+    for env_id, cell in BENCHMARK_CELLS.items():
+        started = time.perf_counter()
+        bounds = [capacity_bound(cell.run_spec(s)).goodput_bound_qps for s in seed_list]
+        bound_mean = float(np.mean(bounds))
+        entries: dict[str, Any] = {BOUND: summarize(bounds, None, seed_list, bound_mean, rng)}
+        for name in POLICIES:
+            runs = [run_policy(name, cell, s) for s in seed_list]
+            entries[name] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], seed_list,
+                                      bound_mean, rng)
+        if env_id in planned:
+            use = seed_list[:lookahead_seeds]
+            runs = [run_policy(LOOKAHEAD, cell, s) for s in use]
+            same_bound = float(np.mean(bounds[:len(use)]))
+            entries["lookahead"] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], use,
+                                             same_bound, rng,
+                                             decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
+                                             best_heuristic_same_seeds=float(np.mean(entries[BEST_HEURISTIC]["per_seed"][:len(use)])))
+        else:
+            entries["lookahead"] = {"measured": False,
+                                    "note": "not measured on this id (a benchmark-length lookahead run costs minutes per "
+                                            "seed); see experiments/headroom/table.md for lookahead on shorter runs"}
+        table["envs"][env_id] = {"cell": {**asdict(cell), "label": cell.label}, "policies": entries}
+        best = entries[BEST_HEURISTIC]["goodput_qps"]
+        print(f"{env_id}: bound {bound_mean:.4f}, {BEST_HEURISTIC} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}] "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(table))
+    print(markdown(table))
+
+
+def markdown(table: dict[str, Any]) -> str:
+    seeds = table["test_seeds"]
+    lines = [f"Reference SLO-goodput (q/s) of the benchmark ids: mean [{int(table['confidence'] * 100)}% BCa interval] "
+             f"over test seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} seeds), share of the capacity bound, SLO attainment. "
+             f"Written by `{table['command']}`.", "",
+             "| env id | policy | SLO-goodput | share of bound | attainment | seeds |", "|---|---|---|---|---|---|"]
+    for env_id, env in table["envs"].items():
+        for name, e in env["policies"].items():
+            if not e.get("measured", True):
+                lines.append(f"| {env_id} | {name} | not measured | | | |")
+                continue
+            g = e["goodput_qps"]
+            share = "" if e.get("share_of_bound") is None else f"{e['share_of_bound']:.2f}"
+            att = f"{e['slo_attainment']:.3f}" if "slo_attainment" in e else ""
+            lines.append(f"| {env_id} | {name} | {g['mean']:.4f} [{g['lo']:.4f}, {g['hi']:.4f}] | {share} | {att} | "
+                         f"{len(e['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app()
