@@ -18,7 +18,7 @@ from deploy.engines import engines_down, engines_up
 from deploy.gateway.core import PrefixCacheCounters, prefix_cache_counters
 from policies import load_policy
 from policies.base import Policy
-from tests.deploy_fixtures import VLLM_PYTHON, cluster_dict, free_port, thread_gateway, write_cluster
+from tests.deploy_fixtures import cluster_dict, free_port, require_vllm_venv, thread_gateway, write_cluster
 
 pytestmark = pytest.mark.engines
 
@@ -126,8 +126,7 @@ def test_cache_aware_policy_follows_the_prefix(live_cluster, tmp_path):
 @pytest.fixture(scope="module")
 def events_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One more `fast` engine, publishing its KV-cache events on a ZMQ socket of its own."""
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm (run `make vllm-venv`)")
+    require_vllm_venv()
     workdir = tmp_path_factory.mktemp("events-engine")
     data = cluster_dict(workdir)
     engine = data["engines"][0]
