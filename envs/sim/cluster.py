@@ -220,9 +220,6 @@ class ClusterSimulator:
         ready = self._ready
         engines = self.engines
         heappop = heapq.heappop
-        heappush = heapq.heappush
-        call_finished = self._call_finished
-        on_preempt = self._on_preempt
         try:
             while not ready:
                 if not events or events[0][0] > until_s:
@@ -235,23 +232,7 @@ class ClusterSimulator:
                     engine = engines[a]
                     if b != engine.version:
                         continue  # superseded plan
-                    # the engine's iteration/segment ends (`_engine_done`, inline: the commonest event)
-                    finished = engine.complete(t)
-                    if finished:
-                        overhead = engine.request_overhead_s
-                        ledger = engine.ledger
-                        for call in finished:
-                            ledger.finish(call.expected_s)
-                            if overhead > 0.0:  # response still travelling back (detokenise, HTTP)
-                                call.finish_time_s = t + overhead
-                                self._push(call.finish_time_s, EV_CALL_DONE, call.call_id, 0)
-                            else:
-                                call_finished(call, t)
-                    if engine.healthy and engine.busy_until_s != engine.busy_until_s:  # nan: idle
-                        end = engine.plan(t, on_preempt)
-                        if end is not None:
-                            self._seq += 1
-                            heappush(events, (end, self._seq, EV_ENGINE, a, engine.version))
+                    self._engine_done(engine, t)  # the engine's iteration/segment ends
                     if not ready:
                         continue  # no stage became ready: no decision to make
                 elif kind == EV_CALL_DONE:
@@ -305,18 +286,7 @@ class ClusterSimulator:
             self._push(engine.frontend_ready_s(now), EV_FRONTEND, call.call_id, call.attempts)
             return
         engine.enqueue(call, self._queue_key_of(call, engine))
-        # _kick, inline (once per call)
-        if engine.busy_until_s != engine.busy_until_s:  # nan: idle
-            end = engine.plan(now, self._on_preempt)
-            if end is not None:
-                self._seq += 1
-                heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine_id, engine.version))
-        else:
-            end = engine.interrupt(now)
-            if end is not None:
-                engine.version += 1
-                self._seq += 1
-                heapq.heappush(self._events, (end, self._seq, EV_ENGINE, engine_id, engine.version))
+        self._kick(engine, now)
 
     def _queue_key_of(self, call: LLMCall, engine: Engine) -> float:
         """The policy's queue key, behind every non-deferred workflow if the call's workflow is deferred."""
