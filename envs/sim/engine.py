@@ -513,18 +513,8 @@ class Engine(LedgerMixin):
             running = self.running
             for seq in finished:
                 running.remove(seq)  # identity: a call is in the batch once
-            cache = self.prefix_cache
             for seq in finished:
-                # _release_blocks(seq), inline
-                nodes = seq.cache_nodes
-                if nodes is not None:
-                    assert cache is not None, "a call holds cache nodes only on an engine with a prefix cache"
-                    self.free_blocks += seq.blocks - seq.shared_blocks + cache.release(nodes)
-                    seq.cache_nodes = None
-                    seq.shared_blocks = 0
-                else:
-                    self.free_blocks += seq.blocks
-                seq.blocks = 0
+                self._release_blocks(seq)
                 seq.finish_time_s = now_s
         self._plan_prefills = []
         self._plan_decodes = []
