@@ -101,49 +101,16 @@ class PrefixCache:
         cap = (prompt_tokens - 1) // bs
         return (hit_blocks if hit_blocks < cap else cap) * bs
 
-    def admission(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> tuple[int, int]:
-        """(`hit_tokens_for`, `blocks_to_take`) in one pass over the segments."""
+    def _scan(self, segments: Sequence[tuple[Hashable, int]],
+              prompt_tokens: int) -> tuple[int, int, list[tuple[Hashable, int, CacheNode | None]]]:
+        """One pass over a prompt's chain: (hit tokens, blocks it takes from the free pool, and per
+        segment holding full blocks its key, block count and node, None if not cached)."""
         bs = self.block_size
         nodes = self.nodes
         start = 0
         hit_blocks = 0
         hitting = True
         need = 0
-        for key, tokens in segments:
-            end = start + tokens
-            first = start // bs
-            last = end // bs
-            if last > first:
-                node = nodes.get(key)
-                if node is None:
-                    need += last - first
-                    hitting = False
-                else:
-                    if node.refs == 0:
-                        need += last - first
-                    if hitting:
-                        if node.cached < node.blocks:
-                            hit_blocks = first + node.cached
-                            hitting = False
-                        else:
-                            hit_blocks = last
-            start = end
-        cap = (prompt_tokens - 1) // bs
-        return (hit_blocks if hit_blocks < cap else cap) * bs, need
-
-    def admit(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int, free_blocks: int,
-              extra_blocks: int) -> tuple[int, int, list[CacheNode] | None]:
-        """Admit a call if its blocks fit: `admission`, then, when `blocks_to_take` +
-        `extra_blocks` (its private blocks) <= `free_blocks`, `acquire` and `evict_down_to` the
-        free blocks left, in one pass over the chain's nodes. Returns (hit tokens, blocks taken
-        from the free pool including the extra ones, the acquired nodes or None if it does not fit;
-        nothing changed then)."""
-        bs = self.block_size
-        nodes = self.nodes
-        start = 0
-        hit_blocks = 0
-        hitting = True
-        need = extra_blocks
         found: list[tuple[Hashable, int, CacheNode | None]] = []
         for key, tokens in segments:
             end = start + tokens
@@ -166,31 +133,25 @@ class PrefixCache:
                 found.append((key, last - first, node))
             start = end
         cap = (prompt_tokens - 1) // bs
-        hit = (hit_blocks if hit_blocks < cap else cap) * bs
+        return (hit_blocks if hit_blocks < cap else cap) * bs, need, found
+
+    def admission(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> tuple[int, int]:
+        """(`hit_tokens_for`, `blocks_to_take`) in one pass over the segments."""
+        hit, need, _ = self._scan(segments, prompt_tokens)
+        return hit, need
+
+    def admit(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int, free_blocks: int,
+              extra_blocks: int) -> tuple[int, int, list[CacheNode] | None]:
+        """Admit a call if its blocks fit: `admission`, then, when `blocks_to_take` +
+        `extra_blocks` (its private blocks) <= `free_blocks`, `acquire` and `evict_down_to` the
+        free blocks left, in one pass over the chain's nodes. Returns (hit tokens, blocks taken
+        from the free pool including the extra ones, the acquired nodes or None if it does not fit;
+        nothing changed then)."""
+        hit, need, found = self._scan(segments, prompt_tokens)
+        need += extra_blocks
         if need > free_blocks:
             return hit, need, None
-        # acquire
-        lru = self._lru
-        added = 0
-        reclaimed = 0
-        out: list[CacheNode] = []
-        for key, n, node in found:
-            if node is None:
-                node = nodes[key] = CacheNode(key, n, n, 1)
-                added += n
-            else:
-                if node.refs == 0:
-                    cached = node.cached
-                    if cached:
-                        del lru[key]
-                        reclaimed += cached
-                    added += n - cached
-                    node.cached = n
-                node.refs += 1
-            out.append(node)
-        self.cached_blocks += added
-        self.evictable_blocks -= reclaimed
-        self.refs_version += 1
+        out = self._take(found)
         free = free_blocks - need
         if self.evictable_blocks > free:
             self.evict_down_to(free)
@@ -200,38 +161,23 @@ class PrefixCache:
         """Blocks of the free pool that admitting the call's prompt takes: every block of its
         chain that no running call uses yet (cached ones are taken back out of the free queue,
         missing ones are allocated). The partial last block is not included."""
-        bs = self.block_size
-        nodes = self.nodes
-        start = 0
-        need = 0
-        for key, tokens in segments:
-            end = start + tokens
-            n = end // bs - start // bs
-            if n:
-                node = nodes.get(key)
-                if node is None or node.refs == 0:
-                    need += n
-            start = end
-        return need
+        return self._scan(segments, 1)[1]
 
     def acquire(self, segments: Sequence[tuple[Hashable, int]]) -> list[CacheNode]:
         """A call is admitted: its chain's nodes are in use (and registered, so later calls hit
         them). The caller has taken `blocks_to_take` blocks from the free pool and then calls
         `evict_down_to(free blocks)`. Returns the nodes, root first, for `release`."""
-        bs = self.block_size
+        return self._take(self._scan(segments, 1)[2])
+
+    def _take(self, found: list[tuple[Hashable, int, CacheNode | None]]) -> list[CacheNode]:
+        """`acquire` of the chain `_scan` found: missing nodes are created cached, unused cached
+        ones leave the LRU queue, every node gains a reference."""
         nodes = self.nodes
         lru = self._lru
-        start = 0
         added = 0  # blocks that become cached
         reclaimed = 0  # cached blocks taken back out of the free pool
         out: list[CacheNode] = []
-        for key, tokens in segments:
-            end = start + tokens
-            n = end // bs - start // bs
-            start = end
-            if not n:
-                continue
-            node = nodes.get(key)
+        for key, n, node in found:
             if node is None:
                 node = nodes[key] = CacheNode(key, n, n, 1)
                 added += n
