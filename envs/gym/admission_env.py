@@ -105,12 +105,7 @@ class AdmissionDispatchEnv(DispatchEnv):
         info: dict[str, Any] = {}
         terminated = truncated = False
         if self._call is None:
-            self._done = True
-            terminated = sim.done
-            truncated = not terminated
-            if self.episode_metrics:
-                info["metrics"] = self.metrics()
-            info["run_spec"] = self._spec
+            terminated, truncated = self._end_episode(info)
             span = sim.now_s
             if span > 0:
                 met_rate = sim.met_workflows * self._reward.completion_bonus / span  # rho of the plain reward

@@ -170,6 +170,16 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         return build_simulator(spec.model_copy(update={"cluster": resolve_cluster(spec.cluster)}),
                                queue_key=self._queue_key)
 
+    def _end_episode(self, info: dict[str, Any]) -> tuple[bool, bool]:
+        """No decision is left: (terminated, truncated); `info` gets the episode's metrics and spec.
+        Terminated when every workflow finished, truncated at the horizon."""
+        self._done = True
+        terminated = self._sim.done
+        if self.episode_metrics:
+            info["metrics"] = self.metrics()
+        info["run_spec"] = self._spec
+        return terminated, not terminated
+
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._done:
             raise RuntimeError("step() after the episode ended: call reset()")
@@ -181,12 +191,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         info: dict[str, Any] = {}
         terminated = truncated = False
         if call is None:
-            self._done = True
-            terminated = sim.done
-            truncated = not terminated
-            if self.episode_metrics:
-                info["metrics"] = self.metrics()
-            info["run_spec"] = self._spec
+            terminated, truncated = self._end_episode(info)
         obs = self._obs.build(call, sim)
         self._update_mask()
         info["action_mask"] = self._mask.copy()
