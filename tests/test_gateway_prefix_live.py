@@ -15,7 +15,8 @@ import pytest
 
 from deploy.cluster import Cluster, load_cluster
 from deploy.engines import engines_down, engines_up
-from deploy.gateway.core import PrefixCacheCounters, prefix_cache_counters
+from deploy.vllm_metrics import PrefixCacheCounters
+from deploy.vllm_metrics import parse_prefix_cache_counters as prefix_cache_counters
 from policies import load_policy
 from policies.base import Policy
 from tests.deploy_fixtures import cluster_dict, free_port, require_vllm_venv, thread_gateway, write_cluster

@@ -13,7 +13,7 @@ import yaml
 
 from deploy.cluster import Cluster, ClusterFile, load_cluster
 from deploy.engines import engine_command
-from deploy.gateway.core import Gateway, PrefixCacheCounters, parse_vllm_metrics, prefix_cache_counters
+from deploy.gateway.core import Gateway, parse_vllm_metrics
 from deploy.gateway.kv_events import KVEventIndex
 from deploy.gateway.prefix_index import (
     CHAT_ROOT_KEY,
@@ -24,6 +24,8 @@ from deploy.gateway.prefix_index import (
     text_segments,
     token_segments,
 )
+from deploy.vllm_metrics import PrefixCacheCounters
+from deploy.vllm_metrics import parse_prefix_cache_counters as prefix_cache_counters
 from envs.sim.errors import UserError
 from policies import load_policy
 

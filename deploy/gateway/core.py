@@ -39,7 +39,6 @@ from deploy.gateway.state import (
 from deploy.upstream import Upstream, UpstreamError
 from deploy.vllm_metrics import (
     PREFIX_CACHE_SAMPLE_PREFIXES,
-    PrefixCacheCounters,
     add_prefix_cache_sample,
     counters_from_samples,
 )
@@ -161,14 +160,6 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     if counters is not None:
         out[PREFIX_CACHE_QUERIES], out[PREFIX_CACHE_HITS] = counters.queries_tokens, counters.hits_tokens
     return out
-
-
-def prefix_cache_counters(metrics_text: str) -> PrefixCacheCounters | None:
-    """The prefix-cache counters of a vLLM /metrics page as the gateway's scrape reads them."""
-    values = parse_vllm_metrics(metrics_text)
-    if PREFIX_CACHE_QUERIES not in values:
-        return None
-    return PrefixCacheCounters(values[PREFIX_CACHE_QUERIES], values[PREFIX_CACHE_HITS])
 
 
 class GatewayMetrics:
