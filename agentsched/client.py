@@ -78,9 +78,15 @@ class WorkflowTags:
 
 def retry_after_s(exc: openai.APIStatusError, cap_s: float) -> float | None:
     """Seconds to wait before retrying `exc`, or None if it is not a 429/503 to retry."""
-    if exc.status_code not in RETRY_STATUS:
+    return retry_wait_s(exc.status_code, exc.response.headers.get("retry-after"), cap_s)
+
+
+def retry_wait_s(status: int, retry_after: str | None, cap_s: float) -> float | None:
+    """Seconds to wait before retrying an answer with this status and Retry-After header, or None
+    if it is not a 429/503 to retry (for clients that speak HTTP without the openai SDK)."""
+    if status not in RETRY_STATUS:
         return None
-    value = exc.response.headers.get("retry-after")
+    value = retry_after
     try:
         wait = float(value) if value is not None else DEFAULT_RETRY_WAIT_S
     except ValueError:
@@ -252,4 +258,4 @@ class AsyncGatewayClient:
 
 
 __all__ = ["GatewayClient", "AsyncGatewayClient", "Workflow", "AsyncWorkflow", "WorkflowTags", "StreamError",
-           "retry_after_s"]
+           "retry_after_s", "retry_wait_s"]

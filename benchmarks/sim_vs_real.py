@@ -275,7 +275,8 @@ def main() -> None:
                 profile.save(profiles[name])
                 print(f"calibrated {name}: {profile.iteration.model_dump()} engine time per call "
                       f"{profile.call_engine_s*1e3:.2f} ms, API server per call {profile.call_frontend_s*1e3:.2f} ms, overhead "
-                      f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms)")
+                      f"{profile.request_overhead_s*1e3:.1f} ms (direct {profile.fit.get('request_overhead_direct_s', 0)*1e3:.1f} ms), "
+                      f"idle wake-up {profile.idle_wake_s*1e3:.1f} ms (tau {profile.idle_wake_tau_s*1e3:.0f} ms)")
             for name, profile in by_name.items():
                 f = profile.fit
                 if "warm_prefill_saved_ratio" in f:

@@ -11,6 +11,10 @@ gateway and `replay` send them):
 - discovered from /metrics: KV capacity and KV block size (vLLM CPU pages in 128-token blocks),
   and whether the engine runs with automatic prefix caching. The token budget per iteration is
   vLLM CPU's API-server default, 2048, unless given.
+- idle wake-up: a short call after the engine sat idle for 0 .. 400 ms; the latency rises with the
+  idle time to a plateau (the worker's threads and the cores sleep when there is no work), fitted
+  as idle_wake_s x (1 - exp(-idle / idle_wake_tau_s)). Every other probe is sent back to back, so
+  its fit is the awake engine's; the simulator adds the wake-up to an idle engine's first iteration.
 - warm prefix (engines with prefix caching on): a prompt, then one of the same length sharing its
   first N blocks (`max_tokens=1`), against a cold prompt of that length; the engine's own
   counters give the hit tokens of the warm call. Not fitted: the profile fitted to the cold
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import curve_fit, nnls
 
 from deploy.engines import prefix_caching_enabled, read_prefix_cache_counters
 from deploy.gateway.core import parse_vllm_metrics
@@ -90,6 +94,9 @@ class CalibrationPlan:
     # prompts longer than the largest of prefill_tokens are skipped (the cold fit's range)
     warm_prefix_blocks: tuple[tuple[int, int], ...] = ((2, 1), (4, 1), (4, 3), (8, 4), (8, 7))
     warm_prefix_repeats: int = 5
+    # idle time before a short call (seconds), interleaved over the repeats
+    idle_gaps_s: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    idle_repeats: int = 5
     seed: int = 0
 
 
@@ -100,6 +107,7 @@ class Samples:
     burst: list[tuple[int, int, float]] = field(default_factory=list)  # (calls, prompt tokens, mean seconds)
     # (prompt tokens, hit tokens the engine counted, cold seconds, warm seconds): medians per probe
     warm_prefill: list[tuple[int, int, float, float]] = field(default_factory=list)
+    idle: list[tuple[float, float]] = field(default_factory=list)  # (idle seconds before the call, median seconds)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average while measuring
 
 
@@ -182,6 +190,7 @@ async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: in
     for _ in range(2):
         await asyncio.gather(*(prober.solo_latency_s(64, 8) for _ in range(plan.warmup_calls)))
     samples.loadavg.append(loadavg_1m())
+    await _measure_idle_wake(prober, plan, samples)
     # prefill: one call at a time, max_tokens=1 -> request overhead + one prefill iteration
     for n in plan.prefill_tokens:
         if n + 2 > max_len:
@@ -218,6 +227,38 @@ async def _measure(prober: EngineProber, plan: CalibrationPlan, max_num_seqs: in
     if prefix_block_size:
         await _measure_warm_prefix(prober, plan, prefix_block_size, max_len, samples)
     return samples
+
+
+async def _measure_idle_wake(prober: EngineProber, plan: CalibrationPlan, samples: Samples) -> None:
+    """A 16-token, one-output call after each idle time of the plan, the idle times interleaved
+    so that drift in the machine's load moves them alike."""
+    times: dict[float, list[float]] = {gap: [] for gap in plan.idle_gaps_s}
+    for _ in range(plan.idle_repeats):
+        for gap in plan.idle_gaps_s:
+            await asyncio.sleep(gap)
+            times[gap].append(await prober.solo_latency_s(16, 1))
+    samples.idle.extend((gap, statistics.median(ts)) for gap, ts in times.items() if ts)
+
+
+def fit_idle_wake(idle: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(idle_wake_s, idle_wake_tau_s, median |relative error|) of latency(idle) = awake latency +
+    idle_wake_s x (1 - exp(-idle / idle_wake_tau_s)); no wake-up (0 s) when the curve does not rise."""
+    if len({gap for gap, _ in idle}) < 3:
+        return 0.0, 0.03, float("nan")
+    gap = np.array([g for g, _ in idle], dtype=float)
+    lat = np.array([x for _, x in idle], dtype=float)
+
+    def curve(g: np.ndarray, awake_s: float, wake_s: float, tau_s: float) -> np.ndarray:
+        return awake_s + wake_s * -np.expm1(-g / tau_s)
+
+    start = (float(lat.min()), max(0.0, float(lat.max() - lat.min())), 0.03)
+    try:
+        (awake_s, wake_s, tau_s), _ = curve_fit(curve, gap, lat, p0=start,
+                                                bounds=([0.0, 0.0, 1e-3], [np.inf, np.inf, 2.0]))
+    except (RuntimeError, ValueError):
+        return 0.0, 0.03, float("nan")
+    err = float(np.median(np.abs(curve(gap, awake_s, wake_s, tau_s) - lat) / lat))
+    return float(wake_s), float(tau_s), err
 
 
 async def _measure_warm_prefix(prober: EngineProber, plan: CalibrationPlan, block_size: int, max_len: int,
@@ -288,6 +329,9 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
         fit["loadavg_1m_median"] = float(np.nanmedian(samples.loadavg))
     if samples.warm_prefill:
         fit.update(warm_prefill_check(samples.warm_prefill, coeffs, c0 - base_s))
+    wake_s, tau_s, wake_err = fit_idle_wake(samples.idle)
+    if samples.idle:
+        fit.update({"idle_wake_s": wake_s, "idle_wake_tau_s": tau_s, "idle_wake_median_abs_rel_err": wake_err})
     return PerfProfile(
         engine=f"{info.get('model')} @ {info.get('url')}",
         iteration=coeffs,
@@ -297,6 +341,8 @@ def fit_profile(samples: Samples, info: dict, max_num_seqs: int,
         block_size_tokens=info.get("block_size"),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        idle_wake_s=wake_s,
+        idle_wake_tau_s=tau_s,
         fit=fit,
     )
 

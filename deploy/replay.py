@@ -24,9 +24,14 @@ carries a choice is the call's `first_token_s`, so the result has `ttft_p50_s` /
 `tpot_*`) like the simulator's; the exact output token count comes from the usage of the final
 chunk. Non-streamed replays leave TTFT NaN (as the calibration's non-streamed calls measure).
 
-Calls go out through `agentsched.client` (the helper applications use): each workflow is one
-`workflow()` context with a fresh id, 429/503 answers wait for Retry-After, and a stream that the
-gateway ends with an error event (its engine failed mid-stream) is sent again.
+Calls go out as plain HTTP through one keep-alive connection pool (`deploy.upstream.Upstream`),
+the client the calibration measures the request path with, so the per-call time of the path the
+simulator is calibrated on is the replay's own. The openai SDK `agentsched.client` wraps costs
+client CPU that grows with the prompt (token-id prompts of a few hundred ids took ~8 ms more
+per call here), and on this 2-core machine the client shares the cores with the engines. The
+headers are `agentsched.client`'s (`WorkflowTags`): each workflow has a fresh id, 429/503 answers
+wait for Retry-After as that client does, and a stream that the gateway ends with an error event
+(its engine failed mid-stream) or a lost connection is sent again.
 """
 
 from __future__ import annotations
@@ -44,11 +49,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import openai
 
-from agentsched.client import AsyncGatewayClient, AsyncWorkflow, StreamError
+from agentsched.client import WorkflowTags, retry_wait_s
 from deploy.engines import read_prefix_cache_counters
-from deploy.upstream import Upstream, UpstreamError
+from deploy.upstream import StreamBroken, StreamErrorEvent, Upstream, UpstreamError, read_sse_completion
 from deploy.vllm_metrics import PrefixCacheCounters
 from envs.sim.errors import UserError
 from envs.sim.metrics import CallRecord, EngineRecord, WorkflowRecord, summarize
@@ -113,8 +117,6 @@ class Replayer:
         self._call_ids = 0
         self._t0 = 0.0
         self._auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        self.client = AsyncGatewayClient(cfg.gateway, api_key=cfg.api_key, tenant=cfg.tenant,
-                                         max_retries=CLIENT_MAX_TRIES, max_retry_wait_s=30.0, timeout_s=CALL_TIMEOUT_S)
         self._run_id = uuid.uuid4().hex[:8]  # workflow ids are never reused across replays (409)
         self.salt = cfg.prompt_salt if cfg.prompt_salt is not None else self._run_id
         # call id -> seconds the gateway waited on the engine for the answer (non-streamed calls:
@@ -140,49 +142,55 @@ class Replayer:
             return [self.rng.randrange(*TOKEN_ID_RANGE) for _ in range(call.input_tokens)]
         return prompt_token_ids(call, workflow_key, self.cfg.tenant, self.salt, self.rng)
 
-    async def _call(self, wf: AsyncWorkflow, wf_id: int, workflow_key: str, stage_index: int, fanout: int,
+    async def _call(self, tags: WorkflowTags, wf_id: int, workflow_key: str, stage_index: int, fanout: int,
                     last: bool, call: CallSpec) -> CallRecord:
-        """One call through `agentsched.client` (the application's helper): tagged with the
-        workflow's headers, 429/503 retried after Retry-After; failed attempts (a broken stream's
-        error event, a 502, a lost connection) are sent again, up to CLIENT_MAX_TRIES."""
+        """One call with the workflow's headers; 429/503 retried after Retry-After; failed attempts
+        (a broken stream, its error event, a 502, a lost connection) are sent again, up to
+        CLIENT_MAX_TRIES."""
         call_id = self._call_ids
         self._call_ids += 1
         step, n_in, n_out = call.step, call.input_tokens, call.output_tokens
         request: dict[str, Any] = {"model": "tiny", "prompt": self.prompt(call, workflow_key),
-                                   "max_tokens": n_out, "temperature": 0, "extra_body": {"ignore_eos": True}}
+                                   "max_tokens": n_out, "temperature": 0, "ignore_eos": True}
         if self.cfg.stream:
             request.update(stream=True, stream_options={"include_usage": True})
-        tags = {"stage_index": stage_index, "fanout": fanout, "last": last}
+        body = json.dumps(request).encode()
+        headers = {**self._auth, **tags.headers(step, last=last, stage_index=stage_index, fanout=fanout)}
         ready = self.now()
         engine, out_tokens, first, finish, tries = "", n_out, math.nan, math.nan, 0
         while tries < CLIENT_MAX_TRIES:
             tries += 1
             first = math.nan
+            wait_s = CLIENT_BACKOFF_S
             try:
-                result, headers = await wf.completion_with_headers(step, **tags, **request)
-                usage = None
-                if self.cfg.stream:
-                    async for chunk in result:
-                        if math.isnan(first) and chunk.choices:
-                            first = self.now()
-                        usage = chunk.usage or usage
-                else:
-                    usage = result.usage
+                resp = await self.pool.request("POST", "/v1/completions", body, headers, timeout_s=CALL_TIMEOUT_S)
+                try:
+                    if resp.status == 200 and self.cfg.stream:
+                        first, usage = await read_sse_completion(resp.chunks(), self.now)
+                    else:
+                        data = await resp.read()
+                        usage = json.loads(data).get("usage") if resp.status == 200 else None
+                finally:
+                    resp.release()
+                if resp.status != 200:
+                    if resp.status not in CLIENT_RETRY_STATUS:
+                        raise UserError(f"gateway answered {resp.status}: {data[:200].decode(errors='replace')}")
+                    wait_s = retry_wait_s(resp.status, resp.headers.get("retry-after"), 30.0) or CLIENT_BACKOFF_S
+                    await asyncio.sleep(wait_s)
+                    continue
                 finish = self.now()
-                engine = headers.get("x-agentsched-engine", "")
-                if "x-agentsched-upstream-s" in headers:
-                    self.upstream_s[call_id] = float(headers["x-agentsched-upstream-s"])
-                out_tokens = int(usage.completion_tokens) if usage is not None else n_out
+                engine = resp.headers.get("x-agentsched-engine", "")
+                if "x-agentsched-upstream-s" in resp.headers:
+                    self.upstream_s[call_id] = float(resp.headers["x-agentsched-upstream-s"])
+                out_tokens = int(usage["completion_tokens"]) if usage else n_out
                 break
-            except StreamError as exc:
-                self.stream_error_events += "error event" in str(exc)
-                self.streams_truncated += "error event" not in str(exc)
-            except openai.APIStatusError as exc:
-                if exc.status_code not in CLIENT_RETRY_STATUS:
-                    raise UserError(f"gateway answered {exc.status_code}: {exc.message[:200]}") from None
-            except openai.APIConnectionError:
+            except StreamErrorEvent:
+                self.stream_error_events += 1
+            except StreamBroken:
+                self.streams_truncated += 1
+            except UpstreamError:
                 pass
-            await asyncio.sleep(CLIENT_BACKOFF_S)
+            await asyncio.sleep(wait_s)
         rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, first, finish,
                          0, tries)
         self.calls.append(rec)
@@ -192,15 +200,15 @@ class Replayer:
         await asyncio.sleep(max(0.0, arrival_s - self.now()))
         arrival = self.now()
         key = f"replay-{self.cfg.seed}-{wf_id}-{self._run_id}"
+        tags = WorkflowTags(key, self.cfg.tenant, slo_s)
         failed = False
         n_stages = len(spec.stages)
-        async with self.client.workflow(workflow_id=key, slo_s=slo_s) as wf:
-            for si, stage in enumerate(spec.stages):
-                records = await asyncio.gather(*(
-                    self._call(wf, wf_id, key, si, len(stage), si == n_stages - 1, c) for c in stage))
-                if any(math.isnan(r.finish_s) for r in records):
-                    failed = True
-                    break
+        for si, stage in enumerate(spec.stages):
+            records = await asyncio.gather(*(
+                self._call(tags, wf_id, key, si, len(stage), si == n_stages - 1, c) for c in stage))
+            if any(math.isnan(r.finish_s) for r in records):
+                failed = True
+                break
         finish = self.now() if not failed else math.nan
         self.workflows.append(WorkflowRecord(wf_id, self.cfg.tenant, arrival, finish, slo_s, spec.n_calls, failed))
 
@@ -209,7 +217,6 @@ class Replayer:
             return await self._run()
         finally:
             await self.pool.close()
-            await self.client.close()
 
     async def _run(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -116,3 +116,24 @@ def test_fit_separates_engine_time_per_call_from_path_overhead() -> None:
     p = fit_profile(s, {"model": "tiny"}, max_num_seqs=32)
     assert p.call_engine_s == pytest.approx(call_s, rel=0.02)
     assert p.request_overhead_s == pytest.approx(overhead, rel=0.02)
+
+
+def test_idle_wake_fit_recovers_the_curve_and_finds_none_on_a_flat_one() -> None:
+    from deploy.calibrate import fit_idle_wake
+
+    gaps = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    curve = [(g, 0.006 + 0.004 * -np.expm1(-g / 0.03)) for g in gaps]
+    wake_s, tau_s, err = fit_idle_wake(curve)
+    assert wake_s == pytest.approx(0.004, rel=1e-3) and tau_s == pytest.approx(0.03, rel=1e-3) and err < 1e-6
+    flat_wake, _, _ = fit_idle_wake([(g, 0.006) for g in gaps])
+    assert flat_wake == pytest.approx(0.0, abs=1e-9)
+    assert fit_idle_wake([(0.0, 0.006), (0.1, 0.01)])[0] == 0.0  # too few idle times to fit
+
+
+def test_profile_fit_carries_the_idle_wake_to_the_simulator() -> None:
+    info = {"model": "tiny", "url": "http://x", "kv_cache_tokens": 131072, "block_size": 128}
+    s = _samples()
+    s.idle = [(g, 0.006 + 0.004 * -np.expm1(-g / 0.03)) for g in (0.0, 0.01, 0.05, 0.1, 0.4)]
+    p = fit_profile(s, info, max_num_seqs=32, max_num_batched_tokens=2048)
+    assert p.idle_wake_s == pytest.approx(0.004, rel=1e-3) and p.idle_wake_tau_s == pytest.approx(0.03, rel=1e-3)
+    assert fit_profile(_samples(), info, max_num_seqs=32).idle_wake_s == 0.0  # not measured: off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,36 @@ def test_calls_inside_a_failing_engines_api_server_go_back_to_dispatch(tmp_path:
     # the 2nd and 3rd were still in the failing engine's API server: both are sent again at once
     assert all(c.attempts == 2 and c.engine_id == 1 and c.dispatch_time_s == pytest.approx(1.5) for c in held)
     assert sim.workflows[0].finish_time_s == sim.workflows[0].finish_time_s
+
+
+def test_idle_wake_delays_the_first_iteration_after_idle_time(tmp_path: Path) -> None:
+    """An engine that sat idle for t pays idle_wake_s x (1 - exp(-t / tau)) on its next iteration;
+    a call that arrives while it is busy does not (the CPU engines' sleeping threads, see
+    PerfProfile.idle_wake_s); with idle_wake_s = 0 nothing changes."""
+    from envs.sim.cluster import ClusterSimulator
+    from envs.sim.workload import CallSpec, WorkflowSpec
+
+    wake_s, tau_s = 0.005, 0.02
+    cluster_path = _write(tmp_path)
+
+    def finishes(wake: float) -> list[float]:
+        profile = PerfProfile.load(tmp_path / "profile.yaml")
+        profile.idle_wake_s, profile.idle_wake_tau_s = wake, tau_s
+        profile.save(tmp_path / "profile.yaml")
+        specs = [WorkflowSpec(stages=((CallSpec("s", 16, 1),),)) for _ in range(3)]
+        # 0.5 s: the engine idle since the start; 0.5001 s: it is busy with the first call;
+        # 0.5 s + idle gap after both finished: it wakes again
+        arrivals = [0.5, 0.5001, 0.6]
+        sim = ClusterSimulator(load_cluster(cluster_path), specs, arrivals, slo_scale=1.0,
+                               step_tokens={"s": (16.0, 1.0)})
+        while (call := sim.next_decision()) is not None:
+            sim.dispatch(call, 0)
+        return [wf.finish_time_s for wf in sorted(sim.workflows, key=lambda w: w.arrival_time_s)]
+
+    plain, woken = finishes(0.0), finishes(wake_s)
+    first_wake = wake_s * -math.expm1(-0.5 / tau_s)
+    assert woken[0] == pytest.approx(plain[0] + first_wake)
+    assert woken[1] == pytest.approx(plain[1] + first_wake)  # queued behind the woken iteration, no wake of its own
+    idle_s = 0.6 - woken[1]
+    assert 0.0 < idle_s < 0.1
+    assert woken[2] == pytest.approx(plain[2] + wake_s * -math.expm1(-idle_s / tau_s))

@@ -119,6 +119,8 @@ class Engine(LedgerMixin):
         self.request_overhead_s = model.request_overhead_s
         self.call_engine_s = model.call_engine_s
         self.call_frontend_s = model.call_frontend_s
+        self.idle_wake_s = model.idle_wake_s
+        self.idle_wake_tau_s = model.idle_wake_tau_s
         self.max_num_seqs = model.max_num_seqs
         self.max_num_batched_tokens = model.max_num_batched_tokens
         self.block_size = model.block_size_tokens
@@ -138,6 +140,7 @@ class Engine(LedgerMixin):
         self.frontend_free_s = 0.0  # when the API server is done with the calls sent so far
         self.in_frontend: deque[LLMCall] = deque()  # sent here, not yet seen by the scheduler (FIFO)
         self.busy_until_s = math.nan  # end of the planned iteration/segment, nan when idle
+        self.idle_since_s = 0.0  # when the engine last ran out of work; nan while it has some
         self._enqueue_seq = 0
         # calls queued with a key at or above this are background work: admitted only into a batch
         # that runs no other call (the simulator sets it for deferred workflows; inf: none)
@@ -255,6 +258,8 @@ class Engine(LedgerMixin):
         if not running and not waiting:
             self.busy_until_s = math.nan
             self._seg_k = 0
+            if self.idle_since_s != self.idle_since_s:
+                self.idle_since_s = now_s
             return None
         budget = self.max_num_batched_tokens
         bs = self.block_size
@@ -427,7 +432,14 @@ class Engine(LedgerMixin):
         else:
             self.busy_until_s = math.nan
             self._seg_k = 0
+            if self.idle_since_s != self.idle_since_s:
+                self.idle_since_s = now_s
             return None
+        idle_since = self.idle_since_s
+        if idle_since == idle_since:  # the first iteration after idle time
+            self.idle_since_s = math.nan
+            if self.idle_wake_s > 0.0:
+                dur += self.idle_wake_s * -math.expm1((idle_since - now_s) / self.idle_wake_tau_s)
         end = now_s + dur
         self.busy_until_s = end
         return end

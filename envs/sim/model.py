@@ -90,13 +90,14 @@ class EngineModel:
     """
 
     __slots__ = ("name", "gpu", "engine_type", "price_per_hour", "perf", "step_tokens", "latency_table",
-                 "request_overhead_s", "call_engine_s", "call_frontend_s", "max_num_seqs", "max_num_batched_tokens",
+                 "request_overhead_s", "call_engine_s", "call_frontend_s", "idle_wake_s", "idle_wake_tau_s", "max_num_seqs", "max_num_batched_tokens",
                  "block_size_tokens", "kv_capacity_tokens", "_latency_cache", "_decode_cache", "_hits_cache")
 
     def __init__(self, *, name: str, gpu: str, engine_type: EngineType, price_per_hour: float,
                  perf: IterationModel | None, step_tokens: StepTokens, max_num_seqs: int, max_num_batched_tokens: int,
                  block_size_tokens: int, kv_capacity_tokens: int, request_overhead_s: float = 0.0,
                  call_engine_s: float = 0.0, call_frontend_s: float = 0.0,
+                 idle_wake_s: float = 0.0, idle_wake_tau_s: float = 0.03,
                  latency_table: Mapping[str, float] | None = None):
         if perf is None and not latency_table:
             raise ValueError("an engine model needs an iteration model or a latency table")
@@ -110,6 +111,8 @@ class EngineModel:
         self.request_overhead_s = request_overhead_s
         self.call_engine_s = call_engine_s
         self.call_frontend_s = call_frontend_s
+        self.idle_wake_s = idle_wake_s  # see PerfProfile.idle_wake_s
+        self.idle_wake_tau_s = idle_wake_tau_s
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size_tokens = block_size_tokens
@@ -250,6 +253,8 @@ def build_engine_model(config: EngineConfig, step_tokens: StepTokens, catalog: C
         request_overhead_s=profile.request_overhead_s if profile else 0.0,
         call_engine_s=profile.call_engine_s if profile else 0.0,
         call_frontend_s=profile.call_frontend_s if profile else 0.0,
+        idle_wake_s=profile.idle_wake_s if profile else 0.0,
+        idle_wake_tau_s=profile.idle_wake_tau_s if profile else 0.03,
         latency_table=latency_table)
 
 

@@ -201,6 +201,13 @@ class PerfProfile(BaseModel):
     # vLLM CPU engines here (a fan-out of 4 calls takes ~2x one call); 0 (off) on GPU engines,
     # whose API server has cores of its own
     call_frontend_s: float = Field(0.0, ge=0.0)
+    # extra time of the first iteration after the engine sat idle: on the CPU engines the worker's
+    # threads and the cores go to sleep when there is no work, and waking them delays that
+    # iteration by idle_wake_s x (1 - exp(-idle time / idle_wake_tau_s)). A call arriving at a
+    # busy engine does not pay it, so it is not a per-call overhead; back-to-back calibration
+    # probes never see it. 0 (off) on GPU engines
+    idle_wake_s: float = Field(0.0, ge=0.0)
+    idle_wake_tau_s: float = Field(0.03, gt=0.0)
     kv_capacity_tokens: PositiveInt | None = None  # overrides the memory-derived KV size
     max_num_seqs: PositiveInt | None = None
     max_num_batched_tokens: PositiveInt | None = None
