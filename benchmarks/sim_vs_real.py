@@ -255,8 +255,11 @@ def main() -> None:
             for name, profile in by_name.items():
                 if name in path:
                     profile.fit["request_overhead_direct_s"] = profile.request_overhead_s
+                    profile.fit["request_overhead_path_s"] = path[name]
                     profile.request_overhead_s = path[name]
                     profile.fit["request_overhead_s"] = path[name]
+            # a solo call's measured per-call time besides its iteration, which the load fit keeps
+            solo_per_call_s = {name: path[name] + by_name[name].call_engine_s for name in path if name in by_name}
             if not args.no_load_calibration:
                 # a generic synthetic call stream through the gateway (not the trace): the iteration
                 # cost scale and per-call overhead that hold with both engines, the gateway and the
@@ -266,7 +269,7 @@ def main() -> None:
                 samples = measure_under_load(f"http://127.0.0.1:{port}",
                                              replace(load_plan, duration_s=load_plan.duration_s * args.effort))
                 (args.out / "load-samples.json").write_text(json.dumps([asdict(x) for x in samples]))
-                for name, f in fit_under_load(samples, by_name).items():
+                for name, f in fit_under_load(samples, by_name, solo_per_call_s=solo_per_call_s).items():
                     by_name[name] = apply_load_fit(by_name[name], f)
                     print(f"load fit {name}: iteration x{f['scale']:.2f}, overhead {f['overhead_s']*1e3:.2f} ms, "
                           f"API server {f.get('frontend_s', 0.0)*1e3:.2f} ms per call "

@@ -577,7 +577,8 @@ def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
                    scales: tuple[float, ...] = tuple(np.round(np.arange(0.5, 5.01, 0.1), 2)),
                    overheads_ms: tuple[float, ...] = tuple(np.round(np.arange(0.0, 300.01, 0.25), 2)),
                    frontends_ms: tuple[float, ...] | None = tuple(float(x) for x in range(0, 9)),
-                   refine_step: float = 0.01, refine_frontend_ms: float = 0.25) -> dict[str, dict[str, float]]:
+                   refine_step: float = 0.01, refine_frontend_ms: float = 0.25,
+                   solo_per_call_s: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """Per engine, the iteration-cost scale, per-call overhead and API-server time per call
     (`frontends_ms`; None keeps the profiles' own per-call times) under which the simulator best
     reproduces the calls measured under load (least mean |log(sim / real)|). The engines are
@@ -585,7 +586,13 @@ def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
     coarse grid, each engine's scale (and API-server time) is refined in `refine_step`
     (`refine_frontend_ms`) steps around its best: small calls are a few base iterations plus the
     overhead, so a 0.1 step in scale or a 3 ms step in overhead alone moved their predicted median
-    by 10%."""
+    by 10%.
+
+    `solo_per_call_s` (per engine: what a solo call through the request path measured besides its
+    iteration, `measure_path_overhead` + the engine time per call) ties the overhead to the API-server
+    time: overhead = solo_per_call_s - API-server time, so every candidate reproduces the measured
+    solo calls and the stream only has to tell the per-call time outside the engine from the time
+    on the engine's CPU (which fan-outs wait for)."""
     real = np.array([s.latency_s for s in samples])
     names = sorted(profiles)
     mask = {n: np.array([s.engine == n for s in samples]) for n in names}
@@ -599,10 +606,14 @@ def fit_under_load(samples: list[LoadSample], profiles: dict[str, PerfProfile],
             m = mask[n]
             if not m.any():
                 continue
-            errs = np.mean(np.abs(np.log((base[m][None, :] + overheads_s[:, None]) / real[m][None, :])), axis=1)
+            candidates = overheads_s
+            if solo_per_call_s is not None and n in solo_per_call_s:
+                frontend_s = frontend_of[n] if frontend_of is not None else profiles[n].call_frontend_s
+                candidates = np.array([max(0.0, solo_per_call_s[n] - frontend_s)])
+            errs = np.mean(np.abs(np.log((base[m][None, :] + candidates[:, None]) / real[m][None, :])), axis=1)
             i = int(np.argmin(errs))
             if n not in best or errs[i] < best[n][2]:
-                best[n] = (float(scale_of[n]), float(overheads_s[i]), float(errs[i]),
+                best[n] = (float(scale_of[n]), float(candidates[i]), float(errs[i]),
                            None if frontend_of is None else frontend_of[n])
 
     for k in scales:

@@ -106,6 +106,30 @@ def test_load_fit_recovers_api_server_time_per_call_from_fan_outs() -> None:
     assert np.median(np.abs(again - truth) / truth) < 0.02
 
 
+def test_load_fit_with_a_measured_solo_call_ties_overhead_to_api_server_time() -> None:
+    """Given what a solo call measured besides its iteration, every candidate keeps overhead +
+    API-server time equal to it: the fit recovers the split from the fan-outs alone."""
+    from deploy.calibrate import LoadPlan, load_plan_calls
+
+    calls = load_plan_calls(LoadPlan(duration_s=12.0, seed=3))
+    samples = [LoadSample(t, "fast" if i % 2 else "slow", n_in, n_out, 0.0) for i, (t, n_in, n_out) in enumerate(calls)]
+    profiles = _profiles()
+    overhead, frontend = {"fast": 0.006, "slow": 0.004}, {"fast": 0.003, "slow": 0.0015}
+    truth = simulate_samples(samples, profiles, {"fast": 1.1, "slow": 0.9}, overhead, frontend)
+    for s, lat in zip(samples, truth):
+        s.latency_s = float(lat)
+    solo = {n: overhead[n] + frontend[n] for n in profiles}
+    fit = fit_under_load(samples, profiles, scales=(0.9, 1.0, 1.1), frontends_ms=(0.0, 1.0, 2.0, 3.0, 4.0),
+                         solo_per_call_s=solo)
+    for n in profiles:
+        assert fit[n]["overhead_s"] + fit[n]["frontend_s"] == pytest.approx(solo[n])
+        assert fit[n]["frontend_s"] == pytest.approx(frontend[n], abs=0.0003)
+    # a solo time too small for the API-server time leaves no negative overhead
+    tight = fit_under_load(samples, profiles, scales=(1.0,), frontends_ms=(3.0,), refine_step=0,
+                           solo_per_call_s={"fast": 0.001, "slow": 0.001})
+    assert tight["fast"]["overhead_s"] == 0.0
+
+
 def test_fit_separates_engine_time_per_call_from_path_overhead() -> None:
     """Bursts of k short calls rise by (call_engine_s + one prompt's prefill) per call; the fit
     recovers call_engine_s and leaves only the rest of the intercept as request_overhead_s."""
