@@ -176,7 +176,8 @@ def calibrate_cmd(
                f"ctx/token {c.context_token_s*1e9:.2f} ns, prefill/token {c.prefill_token_s*1e6:.2f} us, "
                f"overhead {profile.fit['request_overhead_s']*1e3:.2f} ms; fit errors decode "
                f"{profile.fit['decode_median_abs_rel_err']:.1%} prefill {profile.fit['prefill_median_abs_rel_err']:.1%}"
-               f"; KV block {profile.block_size_tokens} tokens")
+               f"; KV block {profile.block_size_tokens} tokens; idle wake-up {profile.idle_wake_s*1e3:.2f} ms "
+               f"(tau {profile.idle_wake_tau_s*1e3:.0f} ms)")
     if "warm_prefill_median_abs_rel_err" in profile.fit:
         f = profile.fit
         typer.echo(f"warm prefix: latency of prompts with cached prefixes predicted within "
