@@ -55,18 +55,12 @@ LOOKAHEAD_NAMES = ("lookahead", "lookahead-knobs")
 
 
 def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> float:
-    """Run `twin` with its own policy until `until_s`; the workflows from `first_open` on that met
+    """Run `twin` with its own policy (admission and dispatch) until `until_s`; the workflows from `first_open` on that met
     their SLO or are still on track (the standard workflow's remaining solo time, from `until_s`,
     fits before the deadline), minus LATENESS_WEIGHT_PER_S x their lateness (finish past the
     deadline; projected the same way for those still running). Counting the on-track ones makes
     a horizon shorter than a workflow meaningful."""
-    policy = twin.policy
-    assert policy is not None
-    while True:
-        call = twin.next_decision(until_s)
-        if call is None:
-            break
-        twin.dispatch(call, policy.dispatch(call, twin))
+    twin.run(until_s=until_s)
     met = 0
     late_s = 0.0
     for wf in twin.workflows[first_open:]:
@@ -109,6 +103,9 @@ class LookaheadPolicy(Policy):
         self.decision_ms: list[float] = []  # wall time of every planned decision
         self.changed = 0  # decisions where the plan overrode the base policy
         self._decisions = 0
+
+    def admit(self, call: CallView, cluster: ClusterView) -> bool:
+        return self.base.admit(call, cluster)
 
     def queue_key(self, call: CallView, engine: EngineView) -> float:
         return self.base.queue_key(call, engine)
@@ -241,6 +238,9 @@ class LookaheadKnobsPolicy(Policy):
         self.name = name or f"lookahead-knobs:{base.name}"
         self._initial = dict(base.dispatcher.get_knobs())
         self.log: list[dict[str, Any]] = []  # every decision: time, adopted knobs, predicted gain
+
+    def admit(self, call: CallView, cluster: ClusterView) -> bool:
+        return self.base.admit(call, cluster)
 
     def dispatch(self, call: CallView, cluster: ClusterView) -> int:
         return self.base.dispatch(call, cluster)

@@ -8,10 +8,11 @@ import pytest
 
 from envs.sim.capacity import capacity_bound
 from envs.sim.cells import Cell
+from envs.sim.fork import fork
 from envs.sim.scenario import build_simulator, simulate
 from policies import load_policy
-from policies.base import PolicyError
-from policies.lookahead import LookaheadKnobsPolicy, LookaheadPolicy
+from policies.base import Policy, PolicyError
+from policies.lookahead import LookaheadKnobsPolicy, LookaheadPolicy, first_open_workflow, rollout_score
 from training.evaluate import evaluate, markdown_table
 
 SMALL = Cell(cluster="paper", rate_qps=0.12, queries=30)
@@ -112,3 +113,33 @@ def test_evaluate_reports_share_of_the_bound() -> None:
         assert 0 <= share <= 1
         assert share == pytest.approx(p["metrics"]["goodput_qps"]["mean"] / bound)
     assert "share of bound" in markdown_table(results)
+
+
+def test_lookahead_planners_keep_the_base_admission_in_decisions_and_rollouts() -> None:
+    """`lookahead:B` and `lookahead-knobs:B` decide admission as B does, and their rollouts run
+    B's admission too (ClusterSimulator.run): a rollout under an admission rule that defers every
+    workflow defers the workflows it starts."""
+    base = load_policy("training/configs/experts/least-work+admit-paper.yaml")
+    spec = Cell(cluster="paper", rate_qps=0.6, queries=40).run_spec(3)
+    _, ref = simulate(spec, load_policy("training/configs/experts/least-work+admit-paper.yaml"))
+    assert any(wf.deferred for wf in ref.workflows)  # the rule defers at this load
+    for planner in (LookaheadPolicy(base, horizon_s=0.0), LookaheadKnobsPolicy(base, interval_s=1e9)):
+        _, sim = simulate(spec, planner)
+        assert [wf.deferred for wf in sim.workflows] == [wf.deferred for wf in ref.workflows]
+
+    class DeferEvery(Policy):
+        name = "defer-every"
+
+        def admit(self, call, cluster) -> bool:
+            return False
+
+        def dispatch(self, call, cluster) -> int:
+            return 0
+
+    sim = build_simulator(spec, policy=load_policy("rr"))
+    call = sim.next_decision()
+    sim.dispatch(call, 0)
+    twin = fork(sim, 0, resample=False, policy=DeferEvery())
+    rollout_score(twin, twin.now_s + 120.0, first_open_workflow(twin))
+    started = [wf for wf in twin.workflows[1:] if wf.arrival_time_s <= twin.now_s]
+    assert started and all(wf.deferred for wf in started)

@@ -333,9 +333,10 @@ class ClusterSimulator:
     def healthy_engines(self) -> list[int]:
         return [e.engine_id for e in self.engines if e.healthy]
 
-    def run(self, policy: SchedulingPolicy | None = None) -> None:
-        """Run to the end, answering every dispatch decision with `policy` (default: the run's own):
-        first its admission decision for the call's workflow (unless already deferred), then the engine."""
+    def run(self, policy: SchedulingPolicy | None = None, until_s: float = math.inf) -> None:
+        """Run to the end (or to `until_s`), answering every dispatch decision with `policy` (default:
+        the run's own): first its admission decision for the call's workflow (unless already
+        deferred), then the engine. Rollouts of the lookahead planners run the same loop."""
         policy = policy or self.policy
         if policy is None:
             raise SimulationError("run() needs a policy (pass it to the simulator or to run)")
@@ -348,7 +349,7 @@ class ClusterSimulator:
             admit = policy.admit
             workflows = self.workflows
             while True:
-                call = next_decision()
+                call = next_decision(until_s)
                 if call is None:
                     return
                 if not workflows[call.workflow_id].deferred and not admit(call, self):
