@@ -199,7 +199,7 @@ def test_paper_cluster_views_are_equal(tmp_path) -> None:
 
 def test_local_cpu_cluster_views_are_equal(tmp_path) -> None:
     """The shipped CPU cluster: measured profiles, scaled step tokens, explicit engine names."""
-    workflows = [[[("Information Retriever", 15, 3)], [("revise", 300, 8)]],
+    workflows = [[[("Information Retriever", 15, 30)], [("revise", 300, 8)]],
                  [[("generate_candidate", 500, 25)] * 3]]
     sim, sim_calls, live, live_calls = build_both(tmp_path, local_cpu_deploy(tmp_path), horizon_s=0.02,
                                                   workflows=workflows, placement=[[0], [1, 1, 0]])
