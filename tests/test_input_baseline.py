@@ -99,7 +99,6 @@ def test_config_refuses_groups_that_do_not_fit():
     assert TrainConfig.parse({}).baseline == "value"
 
 
-@pytest.mark.slow
 def test_input_baseline_training_runs_saves_and_loads(tmp_path):
     """A few hundred steps with baseline input_dependent: whole episodes per iteration, advantages
     from the groups, the policy directory loads and acts like the model it was saved from."""
