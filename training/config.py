@@ -123,6 +123,13 @@ class TrainConfig(BaseModel):
     ent_coef_final: float | None = Field(None, ge=0)
     curriculum_queries: list[PositiveInt] | None = Field(None, min_length=1)
     curriculum_fraction: float = Field(0.5, gt=0, le=1)
+    # what PPO's advantages are measured against (training/input_baseline.py): "value", the learned
+    # value function (GAE, SB3's default); "input_dependent", Decima's baseline: the envs form groups
+    # of `rollouts_per_input` that run the same episode (same seed), each iteration is one whole
+    # episode per env (hyperparams.n_steps is not used), a step's advantage is its return to go
+    # minus the group's mean return to go at the same simulated time (maskable_ppo on Dispatch only)
+    baseline: Literal["value", "input_dependent"] = "value"
+    rollouts_per_input: int = Field(2, ge=2)
 
     @field_validator("scenarios")
     @classmethod
@@ -153,6 +160,16 @@ class TrainConfig(BaseModel):
             if clash:
                 raise ValueError(f"eval.seeds {clash[:3]} overlap the training seeds [{lo}, {hi}); "
                                  f"use seeds >= {hi} (evaluation must be on held-out episodes)")
+        if self.baseline == "input_dependent":
+            if self.algo != "maskable_ppo" or self.env_id not in DISPATCH_ENV_IDS:
+                raise ValueError("baseline: input_dependent needs algo maskable_ppo on agentsched/Dispatch-v0 or -v1 "
+                                 "(use baseline: value for other algorithms and envs)")
+            groups, left = divmod(self.n_envs, self.rollouts_per_input)
+            if left or groups < len(self.scenarios):
+                need = self.rollouts_per_input * len(self.scenarios)
+                raise ValueError(f"n_envs: {self.n_envs} envs do not form whole groups of rollouts_per_input="
+                                 f"{self.rollouts_per_input} for each of the {len(self.scenarios)} scenarios "
+                                 f"(use a multiple of {need})")
         experts = self.warm_start.scenario_experts if self.warm_start else None
         if experts is not None and len(experts) != len(self.scenarios):
             raise ValueError(f"warm_start.scenario_experts has {len(experts)} entries for {len(self.scenarios)} scenarios "

@@ -55,10 +55,18 @@ def env_kwargs_for(config: TrainConfig, scenario: Any) -> dict[str, Any]:
     return kwargs
 
 
+def scenario_index(config: TrainConfig, rank: int) -> int:
+    """Which of `config.scenarios` env `rank` draws episodes from: `rank % len(scenarios)`; with the
+    input-dependent baseline, the group's (`rank // rollouts_per_input`), so the envs that replay
+    one episode seed (training.input_baseline) share the scenario and thus the whole episode."""
+    if config.baseline == "input_dependent":
+        return (rank // config.rollouts_per_input) % len(config.scenarios)
+    return rank % len(config.scenarios)
+
+
 def make_env(config: TrainConfig, rank: int, seed: int, monitor: bool = True) -> Callable[[], gym.Env]:
-    """A thunk building env `rank` (picklable for SubprocVecEnv): scenario `rank % len(scenarios)`."""
-    scenarios = config.scenarios
-    scenario = scenarios[rank % len(scenarios)]
+    """A thunk building env `rank` (picklable for SubprocVecEnv), on scenario `scenario_index`."""
+    scenario = config.scenarios[scenario_index(config, rank)]
 
     def _init() -> gym.Env:
         import envs.gym  # noqa: F401  (registers the env ids)

@@ -38,6 +38,7 @@ from training import bc
 from training.callbacks import CurriculumCallback, EntropyScheduleCallback, SimEvalCallback, write_custom_scalars
 from training.config import ADMISSION_ENV_ID, DISPATCH_ENV_ID, DISPATCH_ENV_IDS, TRAIN_SEED_BASE, TRAIN_SEED_COUNT, TrainConfig
 from training.envs import make_single_env, make_vec_env, max_engines_for
+from training.input_baseline import InputBaselineMaskablePPO
 from training.networks import N_ENGINE_FEATURES, POLICY_CLASSES, resolve_policy
 
 
@@ -49,6 +50,9 @@ def _say(console: Any) -> Callable[[str], None]:
 
 def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) -> Any:
     cls = algorithm_class(config.algo)
+    extra: dict[str, Any] = {}
+    if config.baseline == "input_dependent":  # a MaskablePPO that trains the same network (input_baseline.py)
+        cls, extra = InputBaselineMaskablePPO, {"rollouts_per_input": config.rollouts_per_input}
     policy_kwargs = dict(config.policy_kwargs)
     if config.policy in POLICY_CLASSES:  # the engine scorer needs the row width of this observation spec
         policy_kwargs.setdefault("engine_features", N_ENGINE_FEATURES)
@@ -56,7 +60,7 @@ def build_model(config: TrainConfig, venv: Any, tensorboard_dir: Path | None) ->
             policy_kwargs["scorer_admission"] = True  # the defer logit
     try:
         return cls(resolve_policy(config.policy, config.algo), venv, seed=config.seed, device="cpu", verbose=0,
-                   policy_kwargs=policy_kwargs or None, **config.hyperparams)
+                   policy_kwargs=policy_kwargs or None, **extra, **config.hyperparams)
     except TypeError as exc:
         raise UserError(f"config {config.name}: hyperparams: {exc} (see the {cls.__name__} documentation)") from None
 

@@ -102,7 +102,7 @@ class AdmissionDispatchEnv(DispatchEnv):
             reward -= self.reward_rate * (sim.now_s - self._t_s)
         self._t_s = sim.now_s
         self._episode_return += reward
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"sim_time_s": sim.now_s}
         terminated = truncated = False
         if self._call is None:
             terminated, truncated = self._end_episode(info)

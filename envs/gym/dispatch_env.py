@@ -117,6 +117,9 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
     `scenario.horizon_s` of simulated time. The final step's `info["metrics"]` is the dict of
     `agentsched simulate` for the episode (skip it with `episode_metrics=False`: it costs a few ms
     per episode; `metrics()` gives it on demand), `info["run_spec"]` the `RunSpec` that reproduces it.
+    Every `info` carries `sim_time_s`, the simulated time of the next decision (at the episode's
+    end: of its last event), so training code can align rollouts in simulated time
+    (`training.input_baseline`); the observation does not change.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -163,7 +166,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         self._full_mask = self._mask_for(tuple(True for _ in self._sim.engines))
         obs = self._obs.build(self._call, self._sim)
         self._update_mask()
-        return obs, {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed)}
+        return obs, {"action_mask": self._mask.copy(), "episode_seed": int(episode_seed), "sim_time_s": self._sim.now_s}
 
     def _build(self, spec: RunSpec) -> ClusterSimulator:
         # a parsed cluster instead of its name: the YAML is read once per process, not per episode
@@ -188,7 +191,7 @@ class DispatchEnv(gym.Env[np.ndarray, np.int64]):
         sim.dispatch(self._call, engine_id)
         call = self._call = sim.next_decision(until_s=self._horizon_s)
         reward = self._reward.update()
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"sim_time_s": sim.now_s}
         terminated = truncated = False
         if call is None:
             terminated, truncated = self._end_episode(info)
