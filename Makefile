@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # the simulator's hot modules compiled with mypyc (the list is envs/sim/native.py's COMPILED_MODULES;
 # tests/test_compiled.py checks they agree); an edit of any of them rebuilds. The old extensions go
 # first: `import envs.sim` refuses a compiled module older than its source
-NATIVE_SOURCES := envs/sim/perf.py envs/sim/prefix_cache.py envs/sim/engine.py
+NATIVE_SOURCES := envs/sim/prefix_cache.py envs/sim/engine.py envs/sim/cluster.py
 NATIVE_RECORD := envs/sim/_compiled.json
 
 $(NATIVE_RECORD): $(STAMP) $(NATIVE_SOURCES) envs/sim/native.py envs/sim/build_native.py

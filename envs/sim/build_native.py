@@ -44,7 +44,7 @@ def build() -> None:
     paths = [str(source_path(m).relative_to(root)) for m in COMPILED_MODULES]
     extensions = mypycify(paths, opt_level="3", group_name=GROUP_NAME, target_dir=BUILD_DIR)
     setup(name="agentsched-native", ext_modules=extensions,
-          script_args=["build_ext", "--inplace", "--build-temp", BUILD_DIR, "--quiet"])
+          script_args=["build_ext", "--inplace", "--build-temp", BUILD_DIR, "--build-lib", BUILD_DIR + "/lib", "--quiet"])
     if {m: source_sha256(m) for m in COMPILED_MODULES} != hashes:
         remove_compiled()
         raise SystemExit("a compiled source changed during the build: run `make compile` again")

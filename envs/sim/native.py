@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # the modules mypyc compiles, in import order (a module only imports earlier ones of the list)
-COMPILED_MODULES = ("envs.sim.perf", "envs.sim.prefix_cache", "envs.sim.engine")
+COMPILED_MODULES = ("envs.sim.prefix_cache", "envs.sim.engine", "envs.sim.cluster")
 # written by the build: {"sources": {module: sha256 of its .py}}
 MANIFEST_PATH = PACKAGE_DIR / "_compiled.json"
 # mypyc's shared library of the group (runtime and every module's code), named by the build
