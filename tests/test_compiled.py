@@ -24,13 +24,17 @@ import json, sys
 from envs.sim.native import compiled_modules_in_use
 from envs.sim.scenario import RunSpec, simulate
 from policies import load_policy
+def without_wall_clock(x):  # the simulator's own wall time differs run to run
+    if isinstance(x, dict):
+        return {k: without_wall_clock(v) for k, v in x.items() if not k.endswith("wall_s")}
+    return [without_wall_clock(v) for v in x] if isinstance(x, list) else x
 out = {}
 for policy in ("rr", "llmd-prefix", "least-work+workflow"):
     for cache in (True, False):
         spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.6, slo_scale=3.0, seed=3, queries=60,
                        prefix_cache=cache)
         result, sim = simulate(spec, load_policy(policy))
-        out[f"{policy}/{cache}"] = result
+        out[f"{policy}/{cache}"] = without_wall_clock(result)
 print(json.dumps({"compiled": compiled_modules_in_use(), "results": out}, sort_keys=True))
 """
 
@@ -91,7 +95,6 @@ def test_the_pure_python_modules_run_where_nothing_was_compiled(tmp_path: Path) 
     assert proc.stdout.strip() == "[] []"
 
 
-@pytest.mark.slow
 def test_compiled_and_pure_python_give_identical_results(tmp_path: Path) -> None:
     if not any(native.loadable_extension(m) for m in native.COMPILED_MODULES):
         pytest.skip("the simulator is not compiled in this checkout (`make compile`)")

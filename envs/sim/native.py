@@ -27,7 +27,7 @@ COMPILED_MODULES = ("envs.sim.prefix_cache", "envs.sim.engine", "envs.sim.cluste
 MANIFEST_PATH = PACKAGE_DIR / "_compiled.json"
 # mypyc's shared library of the group (runtime and every module's code), named by the build
 GROUP_NAME = "envs.sim._native"
-REBUILD_HINT = "run `make compile` (or delete the envs/sim/*.so files to run the pure-Python modules)"
+REBUILD_HINT = "run `make compile` (or `make clean-compiled` to run the pure-Python modules)"
 
 
 class StaleCompiledModule(ImportError):
