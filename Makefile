@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: install run test test-fast lint bench-quick clean
+.PHONY: install compile clean-compiled run test test-fast lint bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP)
+# the simulator's hot modules compiled with mypyc (the list is envs/sim/native.py's COMPILED_MODULES;
+# tests/test_compiled.py checks they agree); an edit of any of them rebuilds. The old extensions go
+# first: `import envs.sim` refuses a compiled module older than its source
+NATIVE_SOURCES := envs/sim/prefix_cache.py envs/sim/engine.py envs/sim/cluster.py
+NATIVE_RECORD := envs/sim/_compiled.json
+
+$(NATIVE_RECORD): $(STAMP) $(NATIVE_SOURCES) envs/sim/native.py envs/sim/build_native.py
+	rm -f envs/sim/*.so $(NATIVE_RECORD)
+	$(PY) -m envs.sim.build_native
+
+compile: $(NATIVE_RECORD)
+
+# back to the pure-Python modules (until the next `make compile`/`make install`)
+clean-compiled:
+	rm -rf envs/sim/*.so $(NATIVE_RECORD) build/mypyc
+
+install: $(STAMP) $(NATIVE_RECORD)
 
 -include deploy/vllm.mk
 
@@ -37,4 +53,4 @@ test-fast: install
 	$(PY) -m pytest -q -m "not engines and not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache envs/sim/*.so $(NATIVE_RECORD) build/mypyc

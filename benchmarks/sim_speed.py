@@ -7,6 +7,9 @@ and other clusters, on one core.
 both see the same load), and prints their ratio. Calls per CPU-second (process time) are printed
 beside the wall figure: other jobs on the machine slow the wall clock, much less the CPU time.
 
+The first line says whether the simulator's hot modules ran compiled with mypyc (`make compile`,
+`envs.sim.native`) or as pure Python (a checkout that was not built, e.g. a worktree on PYTHONPATH).
+
 Run: .venv/bin/python benchmarks/sim_speed.py [--cluster paper|wide-256|FILE] [--queries N] [--rate R]
      [--prefix-cache on|off|both] [--policy NAME] [--repeats K]"""
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from envs.sim.native import COMPILED_MODULES, compiled_modules_in_use
 from envs.sim.scenario import RunSpec, simulate
 from policies import load_policy
 
@@ -35,6 +39,10 @@ def main() -> None:
     parser.add_argument("--prefix-cache", choices=("on", "off", "both"), default="on")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    compiled = compiled_modules_in_use()
+    pure = [m for m in COMPILED_MODULES if m not in compiled]
+    print(f"simulator modules: compiled with mypyc: {', '.join(compiled) or 'none'}; "
+          f"pure Python: {', '.join(pure) or 'none'}" + (" (run `make compile`)" if pure else ""))
     modes = ("on", "off") if args.prefix_cache == "both" else (args.prefix_cache,)
     wall_rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu_rates: dict[str, list[float]] = {m: [] for m in modes}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from envs.sim.catalog import load_catalog
 from envs.sim.config import ClusterConfig
@@ -51,6 +52,8 @@ class Failure:
     duration_s: float
 
 
+# serializable: `envs.sim.fork` deep-copies the simulator (also when compiled with mypyc)
+@mypyc_attr(serializable=True)
 class Workflow:
     """A query in flight. Satisfies `WorkflowView`."""
 
@@ -94,10 +97,14 @@ class Workflow:
         return self.done and not self.failed and self.finish_time_s - self.arrival_time_s <= self.slo_s + 1e-9
 
 
+# an exception class stays a plain Python class when compiled (mypyc cannot subclass RuntimeError natively)
+@mypyc_attr(native_class=False)
 class SimulationError(RuntimeError):
     """A decision the simulator cannot carry out (e.g. dispatch to a failed engine)."""
 
 
+# allow_interpreted_subclasses: built from interpreted code (see `envs.sim.engine.LLMCall`)
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class ClusterSimulator:
     def __init__(
         self,

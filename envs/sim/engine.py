@@ -24,6 +24,8 @@ import math
 from collections import deque
 from typing import Callable, Hashable
 
+from mypy_extensions import mypyc_attr
+
 from envs.sim.config import EngineConfig
 from envs.sim.model import EngineModel, LedgerMixin, StepTokens, WorkLedger, build_engine_model
 from envs.sim.perf import DecodeSegmentCost, IterationModel
@@ -35,6 +37,10 @@ def _key_of(call: "LLMCall") -> float:
     return call.key
 
 
+# serializable: `envs.sim.fork` deep-copies it (also when compiled with mypyc). allow_interpreted_subclasses:
+# built from interpreted code too, and mypyc (2.4) runs __init__ of a serializable class built that way only
+# with it (its tp_init is otherwise empty); no interpreted subclass exists
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class LLMCall:
     """A call of a workflow, with its runtime state. Satisfies `CallView`."""
 
@@ -99,6 +105,7 @@ class LLMCall:
         return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # as LLMCall
 class Engine(LedgerMixin):
     """Satisfies `EngineView`. The simulator drives it through plan()/complete()/enqueue().
 

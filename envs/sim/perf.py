@@ -153,14 +153,15 @@ class RooflineModel(IterationModel):
             self.comm_s_per_token = 0.0
             self.comm_fixed_s = 0.0
 
-    def iteration_s(self, prefill_tokens, prefill_ctx_tokens, attn_pairs, decode_seqs, decode_ctx_tokens):
+    def iteration_s(self, prefill_tokens: int, prefill_ctx_tokens: float, attn_pairs: float,
+                    decode_seqs: int, decode_ctx_tokens: int) -> float:
         tokens = prefill_tokens + decode_seqs
         compute = tokens * self.s_per_token + (attn_pairs + decode_ctx_tokens) * self.s_per_attn_pair
         memory = self.weight_s + (prefill_ctx_tokens + decode_ctx_tokens) * self.s_per_ctx_token
         comm = self.comm_fixed_s + tokens * self.comm_s_per_token
         return self.overhead_s + comm + (compute if compute > memory else memory)
 
-    def decode_segment(self, decode_seqs, decode_ctx_tokens):
+    def decode_segment(self, decode_seqs: int, decode_ctx_tokens: int) -> DecodeSegmentCost:
         n, c0 = decode_seqs, decode_ctx_tokens
         base = self.overhead_s + self.comm_fixed_s + n * self.comm_s_per_token
         compute = (n * self.s_per_token + c0 * self.s_per_attn_pair, n * self.s_per_attn_pair)
@@ -238,12 +239,13 @@ class ProfileModel(IterationModel):
     def __init__(self, profile: PerfProfile):
         self.c = profile.iteration
 
-    def iteration_s(self, prefill_tokens, prefill_ctx_tokens, attn_pairs, decode_seqs, decode_ctx_tokens):
+    def iteration_s(self, prefill_tokens: int, prefill_ctx_tokens: float, attn_pairs: float,
+                    decode_seqs: int, decode_ctx_tokens: int) -> float:
         c = self.c
         return (c.base_s + c.prefill_token_s * prefill_tokens + c.decode_seq_s * decode_seqs
                 + c.context_token_s * (prefill_ctx_tokens + decode_ctx_tokens) + c.attn_pair_s * attn_pairs)
 
-    def decode_segment(self, decode_seqs, decode_ctx_tokens):
+    def decode_segment(self, decode_seqs: int, decode_ctx_tokens: int) -> DecodeSegmentCost:
         c = self.c
         base = c.base_s + c.decode_seq_s * decode_seqs
         return DecodeSegmentCost(base, ((c.context_token_s * decode_ctx_tokens, c.context_token_s * decode_seqs),))

@@ -34,7 +34,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
+from mypy_extensions import mypyc_attr
 
+
+# serializable: `envs.sim.fork` deep-copies engines' caches (also when compiled with mypyc)
+@mypyc_attr(serializable=True)
 class CacheNode:
     """The full blocks of one chain whose last token falls inside one segment."""
 
@@ -47,6 +51,8 @@ class CacheNode:
         self.refs = refs  # running calls that use them
 
 
+# allow_interpreted_subclasses: built from interpreted code too (see `envs.sim.engine.LLMCall`)
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class PrefixCache:
     """One engine's prefix cache over its KV block pool.
 
