@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Sequence
 
-from envs.sim.prefix_cache import CacheNode, PrefixCache
+from envs.sim.prefix_cache import CacheNode, PrefixCache, token_block_chain
 
 CHARS_PER_TOKEN = 4  # the gateway's rough prompt-size estimate for text (it does not tokenise)
 # roots of the three key chains, so that a token prompt, a text prompt and a chat prompt never share keys
@@ -65,19 +65,7 @@ def token_segments(token_ids: Sequence[int], block_tokens: int, root: int = TOKE
     """The block hash chain of a token-id prompt: one (key, block_tokens) segment per full block,
     key_i = hash((key_{i-1}, tuple(block i's ids))), key_{-1} = `root`; then the rest of the ids
     (fewer than a block) as one segment keyed the same way. Covers len(token_ids) tokens."""
-    ids = token_ids if isinstance(token_ids, list) else list(token_ids)
-    n = len(ids)
-    out: list[tuple[Hashable, int]] = []
-    append = out.append
-    key: int = root
-    end = n - n % block_tokens
-    # zip over one iterator cuts the blocks' tuples in C (a quarter faster than slicing each)
-    for block in zip(*[iter(ids[:end])] * block_tokens):
-        key = hash((key, block))
-        append((key, block_tokens))
-    if end < n:
-        out.append((hash((key, tuple(ids[end:]))), n - end))
-    return tuple(out)
+    return token_block_chain(token_ids if isinstance(token_ids, list) else list(token_ids), block_tokens, root)
 
 
 def text_segments(text: str, input_tokens: int, block_tokens: int, root: int = TEXT_ROOT_KEY,

@@ -38,6 +38,24 @@ from mypy_extensions import mypyc_attr
 
 
 # serializable: `envs.sim.fork` deep-copies engines' caches (also when compiled with mypyc)
+def token_block_chain(token_ids: list[int], block_tokens: int, root: int) -> tuple[tuple[Hashable, int], ...]:
+    """The segments of a token-id prompt keyed the way vLLM V1 keys its KV blocks: one
+    (key, block_tokens) segment per full block, key_i = hash((key_{i-1}, tuple(block i's ids))),
+    key_{-1} = `root`, then the ids that do not fill a last block as one more segment keyed the same
+    way. Here (compiled with the cache) because the gateway hashes every token prompt with it."""
+    n = len(token_ids)
+    out: list[tuple[Hashable, int]] = []
+    key: int = root
+    end = n - n % block_tokens
+    # zip over one iterator cuts the blocks' tuples in C (a quarter faster than slicing each)
+    for block in zip(*[iter(token_ids[:end])] * block_tokens):
+        key = hash((key, block))
+        out.append((key, block_tokens))
+    if end < n:
+        out.append((hash((key, tuple(token_ids[end:]))), n - end))
+    return tuple(out)
+
+
 @mypyc_attr(serializable=True)
 class CacheNode:
     """The full blocks of one chain whose last token falls inside one segment."""
