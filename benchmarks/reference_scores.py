@@ -4,7 +4,7 @@ envs/data/benchmark_scores.json (and .md), read by `envs.gym.benchmark.reference
 For every id, on its fixed test episodes (`TEST_SEEDS`, the `split="test"` episodes of the env):
 random, rr, HexGen, HexGen with the league's per-cell tuned knobs (`hexgen-tuned`), the best
 heuristic (least-work+workflow, which is also what an agent dispatching like it scores in the env,
-see the envs.gym.benchmark docstring), optionally `lookahead` (`--lookahead-ids`: it forks the
+see the envs.gym.benchmark docstring), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
 simulator at every decision, so a benchmark-length run of it costs minutes per seed), and the
 capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
 over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
@@ -31,7 +31,8 @@ from envs.gym.benchmark import BENCHMARK_CELLS, BENCHMARK_VERSION, LOCAL_KNOBS, 
 from envs.sim.capacity import capacity_bound
 from training.evaluate import bootstrap_mean
 
-POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow")
+LEARNED = "policies/pretrained/learned"  # the shipped learned policy (admission + dispatch network)
+POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow", LEARNED)
 BEST_HEURISTIC = "least-work+workflow"
 BOUND = "capacity-bound"
 CONFIDENCE = 0.95
