@@ -263,10 +263,7 @@ class Engine(LedgerMixin):
         running = self.running
         waiting = self.waiting
         if not running and not waiting:
-            self.busy_until_s = math.nan
-            self._seg_k = 0
-            if self.idle_since_s != self.idle_since_s:
-                self.idle_since_s = now_s
+            self._go_idle(now_s)
             return None
         budget = self.max_num_batched_tokens
         bs = self.block_size
@@ -437,10 +434,7 @@ class Engine(LedgerMixin):
             self._seg_k = k
             self._seg_cost = cost
         else:
-            self.busy_until_s = math.nan
-            self._seg_k = 0
-            if self.idle_since_s != self.idle_since_s:
-                self.idle_since_s = now_s
+            self._go_idle(now_s)
             return None
         idle_since = self.idle_since_s
         if idle_since == idle_since:  # the first iteration after idle time
@@ -450,6 +444,13 @@ class Engine(LedgerMixin):
         end = now_s + dur
         self.busy_until_s = end
         return end
+
+    def _go_idle(self, now_s: float) -> None:
+        """Nothing to run: no plan in flight, and the engine idle from now (if it was not already)."""
+        self.busy_until_s = math.nan
+        self._seg_k = 0
+        if self.idle_since_s != self.idle_since_s:
+            self.idle_since_s = now_s
 
     def _kv_limited_iterations(self, decodes: list[LLMCall], k: int) -> int:
         """Largest k' <= k such that the blocks the first k' iterations allocate fit (the first
