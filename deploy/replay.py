@@ -161,7 +161,6 @@ class Replayer:
         while tries < CLIENT_MAX_TRIES:
             tries += 1
             first = math.nan
-            wait_s = CLIENT_BACKOFF_S
             try:
                 resp = await self.pool.request("POST", "/v1/completions", body, headers, timeout_s=CALL_TIMEOUT_S)
                 try:
@@ -175,8 +174,8 @@ class Replayer:
                 if resp.status != 200:
                     if resp.status not in CLIENT_RETRY_STATUS:
                         raise UserError(f"gateway answered {resp.status}: {data[:200].decode(errors='replace')}")
-                    wait_s = retry_wait_s(resp.status, resp.headers.get("retry-after"), 30.0) or CLIENT_BACKOFF_S
-                    await asyncio.sleep(wait_s)
+                    await asyncio.sleep(retry_wait_s(resp.status, resp.headers.get("retry-after"), 30.0)
+                                        or CLIENT_BACKOFF_S)
                     continue
                 finish = self.now()
                 engine = resp.headers.get("x-agentsched-engine", "")
@@ -190,7 +189,7 @@ class Replayer:
                 self.streams_truncated += 1
             except UpstreamError:
                 pass
-            await asyncio.sleep(wait_s)
+            await asyncio.sleep(CLIENT_BACKOFF_S)
         rec = CallRecord(call_id, wf_id, step, engine, n_in, out_tokens, ready, ready, math.nan, first, finish,
                          0, tries)
         self.calls.append(rec)
