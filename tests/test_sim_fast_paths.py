@@ -5,9 +5,12 @@ over `total_s`, and engines configured alike share latency memos without changin
 from __future__ import annotations
 
 import copy
+import gc
 import random
+import threading
 
 from envs.sim.config import EngineConfig
+from envs.sim.gc_pause import cyclic_gc_paused
 from envs.sim.model import StepTokens, build_engine_model
 from envs.sim.perf import DecodeSegmentCost
 from envs.sim.prefix_cache import PrefixCache
@@ -98,3 +101,22 @@ def test_twin_engines_share_latency_memos_with_the_same_values() -> None:
         assert first.expected_latency_with_hits_s(step, prompt, hit) == alone.expected_latency_with_hits_s(step, prompt, hit)
         assert twin.expected_latency_with_hits_s(step, prompt, hit) == alone.expected_latency_with_hits_s(step, prompt, hit)
     assert twin.expected_latency_s("evaluate") == alone.expected_latency_s("evaluate")
+
+
+def test_the_cyclic_collector_is_paused_only_from_the_main_thread() -> None:
+    """gc is process-wide: a worker thread (the gateway's twin planner) must not switch it off for
+    the event loop's thread."""
+    assert gc.isenabled()
+    with cyclic_gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    seen: list[bool] = []
+
+    def worker() -> None:
+        with cyclic_gc_paused():
+            seen.append(gc.isenabled())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [True] and gc.isenabled()
