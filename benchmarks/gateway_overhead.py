@@ -11,7 +11,9 @@ processes on this 2-core machine.
     .venv/bin/python benchmarks/gateway_overhead.py [--policy hexgen] [--requests 3000]
 
 Prefix hashing: the same run sends `--long-requests` 10k-token prompts (an 8k-token template shared
-by all, then 2k tokens of each prompt's own) directly and through three gateways: prefix index off
+by all, then 2k tokens of each prompt's own) directly and through three fresh gateways, in
+`--long-rounds` interleaved rounds whose order rotates (one condition after another would let
+the machine's drift decide the comparison): prefix index off
 (`gateway.prefix_index: false`: no hashing), on with segments of the engine's block size, and on
 with `prefix_segment_tokens: 128` (each prompt hashed into its chain, looked up, acquired and
 released in the engine's index), and prints the added p50/p99 of each; the in-process time of
@@ -292,7 +294,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--engine", default=None, help="live vLLM engine URL: direct vs gateway comparison instead")
     parser.add_argument("--blocks", type=int, default=6, help="alternating blocks with --engine")
-    parser.add_argument("--long-requests", type=int, default=2000, help="10k-token prompts per prefix-hashing condition")
+    parser.add_argument("--long-requests", type=int, default=4000, help="10k-token prompts per prefix-hashing condition")
+    parser.add_argument("--long-rounds", type=int, default=8, help="interleaved rounds the 10k-token prompts are sent in")
     args = parser.parse_args()
     if args.engine:
         live_engine(args)
@@ -308,15 +311,13 @@ def main() -> None:
     cluster = workdir / "cluster.yaml"
     engines = [{"name": "stub", "url": up_url, "gpu": "stub", "latency_s": table, "max_num_seqs": 1024}]
     cluster.write_text(json.dumps({"name": "bench", "engines": engines}))
-    # the 10k-token conditions: a gateway each (the main one above has the index on, block-size segments)
+    # the 10k-token conditions: a fresh gateway each (not the one that served the phases above, whose
+    # heap and history would weigh on one condition only)
     conditions = {"off": {"prefix_index": False}, "on, block-size segments": {},
                   "on, 128-token segments": {"prefix_segment_tokens": 128}}
     ports: dict[str, int] = {}
     paths = [(cluster, gw_port)]
     for name, knobs in conditions.items():
-        if name == "on, block-size segments":
-            ports[name] = gw_port
-            continue
         ports[name] = free_port()
         path = workdir / f"cluster-{ports[name]}.yaml"
         path.write_text(json.dumps({"name": "bench", "engines": engines, "gateway": knobs}))
@@ -339,9 +340,17 @@ def main() -> None:
         # 10k-token prompts: direct, gateway without hashing, gateway with hashing (same run, same bodies)
         for port in ports.values():  # warm-up
             asyncio.run(open_loop(f"http://127.0.0.1:{port}", args.rate, 200, hdr, bodies=bodies))
-        long_direct = asyncio.run(open_loop(up_url, args.rate, args.long_requests, {}, bodies=bodies))
-        long_via = {name: asyncio.run(open_loop(f"http://127.0.0.1:{port}", args.rate, args.long_requests, hdr,
-                                                bodies=bodies)) for name, port in ports.items()}
+        # interleaved rounds, the order rotating, so drift of the machine's load weighs on every condition alike
+        targets = {"direct": (up_url, {})} | {name: (f"http://127.0.0.1:{port}", hdr) for name, port in ports.items()}
+        per_round = -(-args.long_requests // args.long_rounds)
+        long_parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+        order = list(targets)
+        for r in range(args.long_rounds):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                url, headers = targets[name]
+                long_parts[name].append(asyncio.run(open_loop(url, args.rate, per_round, headers, bodies=bodies)))
+        long_direct = np.concatenate(long_parts.pop("direct"))
+        long_via = {name: np.concatenate(parts) for name, parts in long_parts.items()}
     finally:
         for gateway in gateways:
             gateway.terminate()

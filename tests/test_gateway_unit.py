@@ -72,6 +72,22 @@ def test_good_headers_pass(one_engine):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("prompt", [[1, 2, True], [1, "two", 3], [], [1.5, 2]])
+def test_bad_prompt_is_400_naming_the_field(one_engine, prompt):
+    gw, engine = one_engine
+    r = httpx.post(gw.url + "/v1/completions", json=completion(prompt=prompt))
+    assert r.status_code == 400, r.text
+    assert "'prompt'" in r.json()["error"]["message"]
+    assert engine.received == 0
+
+
+def test_token_id_prompts_are_served(one_engine):
+    gw, engine = one_engine
+    for prompt in ([5, 6, 7], [[5, 6, 7]], ["a", "b"]):
+        assert httpx.post(gw.url + "/v1/completions", json=completion(prompt=prompt)).status_code == 200
+    assert engine.received == 3
+
+
 def test_reused_finished_workflow_id_is_409(one_engine):
     gw, _ = one_engine
     url = gw.url + "/v1/completions"

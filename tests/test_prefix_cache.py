@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.engine import Engine, LLMCall
 from envs.sim.metrics import chrome_trace
 from envs.sim.model import StepTokens
+from envs.sim.prefix_cache import PrefixCache
 from envs.sim.scenario import RunSpec, build_simulator, simulate
 from envs.sim.workload import CallSpec, WorkflowSpec, WorkflowTemplate, load_trace, warm_cache_hit_tokens, with_chess_segments
 from policies import load_policy
@@ -400,3 +402,41 @@ def test_observation_v2_has_the_cache_features_and_v1_is_still_built() -> None:
             seen_hit |= hit > 0
         sim.dispatch(call, policy.dispatch(call, sim))
     assert seen_hit
+
+
+def _cache_state(cache: PrefixCache) -> tuple:
+    return (cache.cached_blocks, cache.evictable_blocks, list(cache._lru),
+            sorted((repr(k), n.blocks, n.cached, n.refs) for k, n in cache.nodes.items()))
+
+
+def test_take_chain_is_admit_with_a_pool_that_never_runs_out() -> None:
+    """The gateway's one-loop acquire: same hits, blocks taken, nodes and cache state as `admit`
+    with an unbounded pool, over random chains sharing prefixes, releases and evictions."""
+    rng = random.Random(7)
+    a, b = PrefixCache(BS), PrefixCache(BS)
+    held: list[tuple[list, list]] = []
+    for step in range(400):
+        op = rng.random()
+        if op < 0.55 or not held:
+            n_shared = rng.randrange(0, 6)
+            chain = [(("root", i), rng.choice((8, 16, 40))) for i in range(n_shared)]
+            chain += [((step, i), rng.choice((5, 16, 33))) for i in range(rng.randrange(1, 4))]
+            key_tokens: dict = {}
+            for k, t in chain:  # a shared key always covers the same tokens
+                key_tokens.setdefault(k, t)
+            chain = [(k, key_tokens[k]) for k, _ in chain]
+            tokens = sum(t for _, t in chain)
+            hit_a, need_a, nodes_a = a.admit(chain, tokens, 2**62, 0)
+            hit_b, need_b, nodes_b = b.take_chain(chain, tokens)
+            assert nodes_a is not None
+            assert (hit_a, need_a) == (hit_b, need_b)
+            assert [n.key for n in nodes_a] == [n.key for n in nodes_b]
+            held.append((nodes_a, nodes_b))
+        elif op < 0.9:
+            nodes_a, nodes_b = held.pop(rng.randrange(len(held)))
+            assert a.release(nodes_a) == b.release(nodes_b)
+        else:
+            keep = rng.randrange(0, a.evictable_blocks + 1)
+            a.evict_down_to(keep)
+            b.evict_down_to(keep)
+        assert _cache_state(a) == _cache_state(b)

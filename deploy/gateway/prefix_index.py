@@ -166,8 +166,7 @@ class EnginePrefixIndex:
         full = prompt_tokens // bs
         blocks = -(-prompt_tokens // bs)
         self.version += 1
-        hit, take = cache.admission(segments, prompt_tokens)
-        nodes = cache.acquire(segments)
+        hit, take, nodes = cache.take_chain(segments, prompt_tokens)  # never refused: the engine queues
         self.free_blocks -= take + blocks - full
         free = self.free_blocks if self.free_blocks > 0 else 0  # over capacity: the engine queues, we keep nothing spare
         if cache.evictable_blocks > free:

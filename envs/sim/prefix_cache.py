@@ -181,6 +181,58 @@ class PrefixCache:
             self.evict_down_to(free)
         return hit, need, out
 
+    def take_chain(self, segments: Sequence[tuple[Hashable, int]], prompt_tokens: int) -> tuple[int, int, list[CacheNode]]:
+        """`admit` with a free pool that never runs out, in one loop: (hit tokens, blocks taken from
+        the free pool, the acquired nodes). For the gateway's index, which never refuses a call (the
+        engine queues what does not fit) and calls `evict_down_to` itself; a chain's keys are
+        distinct, so counting a node's blocks before taking it is what `_scan` then `_take` count."""
+        bs = self.block_size
+        nodes = self.nodes
+        lru = self._lru
+        start = 0
+        hit_blocks = 0
+        hitting = True
+        need = 0
+        added = 0
+        reclaimed = 0
+        out: list[CacheNode] = []
+        for key, tokens in segments:
+            end = start + tokens
+            first = start // bs
+            last = end // bs
+            start = end
+            if last <= first:
+                continue
+            n = last - first
+            node = nodes.get(key)
+            if node is None:
+                hitting = False
+                need += n
+                added += n
+                node = nodes[key] = CacheNode(key, n, n, 1)
+            else:
+                cached = node.cached
+                if hitting:
+                    if cached < node.blocks:
+                        hit_blocks = first + cached
+                        hitting = False
+                    else:
+                        hit_blocks = last
+                if node.refs == 0:
+                    need += n
+                    if cached:
+                        del lru[key]
+                        reclaimed += cached
+                    added += n - cached
+                    node.cached = n
+                node.refs += 1
+            out.append(node)
+        self.cached_blocks += added
+        self.evictable_blocks -= reclaimed
+        self.refs_version += 1
+        cap = (prompt_tokens - 1) // bs
+        return (hit_blocks if hit_blocks < cap else cap) * bs, need, out
+
     def blocks_to_take(self, segments: Sequence[tuple[Hashable, int]]) -> int:
         """Blocks of the free pool that admitting the call's prompt takes: every block of its
         chain that no running call uses yet (cached ones are taken back out of the free queue,
