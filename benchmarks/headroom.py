@@ -7,8 +7,9 @@ least-work+workflow misses a large share of SLOs at steady state while the capac
 well above what it reaches (the earlier heavy rates were chosen without the cache, which makes
 the same cluster sustain more). For each cell: the capacity bound (`envs.sim.capacity`), the
 clairvoyant lookahead (knows true output lengths and arrivals; where affordable), `lookahead`, and
-the baselines (`--policies`; `hexgen-tuned` is HexGen with the league's per-cell tuned knobs,
-heuristics/league/league.json): SLO-goodput means over test seeds with BCa bootstrap intervals
+the baselines (`--policies`; `least-work+workflow-tuned` and `hexgen-tuned` carry knobs tuned on the
+cell itself, envs/data/benchmark_tuned.json from benchmarks/tune_cells.py; hexgen-tuned falls back
+to the league's knobs, heuristics/league/league.json, on cells not tuned there): SLO-goodput means over test seeds with BCa bootstrap intervals
 (`training.evaluate.bootstrap_mean`) and as a share of the bound.
 
 Run length: `--choose-length` runs least-work+workflow on each cluster's cells with doubling query
@@ -48,6 +49,11 @@ from training.evaluate import bootstrap_mean, bootstrap_ratio
 
 LEAGUE_PATH = Path(__file__).resolve().parents[1] / "heuristics" / "league" / "league.json"
 TUNED_HEXGEN = "hexgen-tuned"
+TUNED_LEAST_WORK = "least-work+workflow-tuned"
+TUNED_ADMIT = "least-work+admit-tuned"  # the tuned least-work+workflow + defer-late admission, tuned on the cell
+TUNED_NAMES = {"hexgen": TUNED_HEXGEN, "least-work+workflow": TUNED_LEAST_WORK, "least-work+admit": TUNED_ADMIT}
+TUNED_BASES = {tuned: base for base, tuned in TUNED_NAMES.items()}
+TUNED_PATH = Path(__file__).resolve().parents[1] / "envs" / "data" / "benchmark_tuned.json"  # benchmarks/tune_cells.py
 LOOKAHEAD = "lookahead:least-work+workflow@horizon_s=20,samples=1,top_k=2"
 CLAIRVOYANT = LOOKAHEAD + ",clairvoyant=true"
 
@@ -71,9 +77,34 @@ def tuned_hexgen(cell: Cell, league_path: Path = LEAGUE_PATH) -> Policy:
     return policy_from_spec(spec, source=f"league {league_cell_name(cell)}")
 
 
+def cell_tuned(name: str, cell: Cell, tuned_path: Path = TUNED_PATH) -> Policy | None:
+    """`name` (a key of TUNED_NAMES) with the knobs benchmarks/tune_cells.py tuned on this very cell
+    (tuning seeds), or None if the cell was not tuned there."""
+    if not tuned_path.exists():
+        return None
+    for entry in json.loads(tuned_path.read_text())["envs"].values():
+        if entry["cell"] == cell.label and name in entry:
+            spec = dict(entry[name]["spec"])
+            spec["name"] = TUNED_NAMES[name]
+            return policy_from_spec(spec, source=f"{tuned_path.name} {cell.label}")
+    return None
+
+
 def policy_for(name: str, cell: Cell) -> Policy:
-    """A fresh policy for one run: `hexgen-tuned` is per cell, any other name goes to `load_policy`."""
-    return tuned_hexgen(cell) if name == TUNED_HEXGEN else load_policy(name)
+    """A fresh policy for one run. The names of TUNED_NAMES (`least-work+workflow-tuned`,
+    `hexgen-tuned`, `least-work+admit-tuned`) carry the knobs tuned on the cell itself
+    (benchmarks/tune_cells.py); hexgen-tuned falls back to the league's
+    knobs for the cell's cluster and load shape where the cell was not tuned. Any other name goes to
+    `load_policy`."""
+    if name in TUNED_BASES:
+        policy = cell_tuned(TUNED_BASES[name], cell)
+        if policy is not None:
+            return policy
+        if name == TUNED_HEXGEN:
+            return tuned_hexgen(cell)
+        raise typer.BadParameter(f"{name}: cell {cell.label} is not in {TUNED_PATH.name}; "
+                                 "run benchmarks/tune_cells.py or use least-work+workflow")
+    return load_policy(name)
 
 
 def run_policy(name: str, cell: Cell, seed: int) -> dict[str, Any]:
@@ -114,7 +145,8 @@ def main(
     queries_paper: int = typer.Option(BENCHMARK_QUERIES["paper"], help="queries per run on the paper cluster"),
     queries_mixed: int = typer.Option(BENCHMARK_QUERIES["mixed-16"], help="queries per run on mixed-16"),
     seeds: int = typer.Option(3, min=1, help=f"test seeds (from {TEST_SEED_BASE})"),
-    policies: str = typer.Option(f"least-work+workflow,{TUNED_HEXGEN},hexgen,rr", help="comma-separated baselines"),
+    policies: str = typer.Option(f"least-work+workflow,{TUNED_LEAST_WORK},{TUNED_HEXGEN},hexgen,rr",
+                                 help="comma-separated baselines"),
     lookahead: str = typer.Option(LOOKAHEAD, help="the lookahead policy ('' to skip)"),
     clairvoyant: str = typer.Option(CLAIRVOYANT, help="the clairvoyant reference ('' to skip)"),
     lookahead_cells: str = typer.Option("paper/burst,mixed-16/burst",

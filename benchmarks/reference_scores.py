@@ -2,9 +2,12 @@
 envs/data/benchmark_scores.json (and .md), read by `envs.gym.benchmark.reference_scores(env_id)`.
 
 For every id, on its fixed test episodes (`TEST_SEEDS`, the `split="test"` episodes of the env):
-random, rr, HexGen, HexGen with the league's per-cell tuned knobs (`hexgen-tuned`), the best
-heuristic (least-work+workflow, which is also what an agent dispatching like it scores in the env,
-see the envs.gym.benchmark docstring), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
+random, rr, HexGen, HexGen and the best heuristic (least-work+workflow, which is also what an agent
+dispatching like it scores in the env, see the envs.gym.benchmark docstring) with their shipped
+knobs and with knobs tuned on the id's own cell (`hexgen-tuned`, `least-work+workflow-tuned`:
+envs/data/benchmark_tuned.json, benchmarks/tune_cells.py, tuning seeds), the tuned
+least-work+workflow with the defer-late admission rule tuned on the cell (`least-work+admit-tuned`,
+the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
 simulator at every decision, so a benchmark-length run of it costs minutes per seed), and the
 capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
 over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
@@ -26,14 +29,15 @@ from typing import Any
 import numpy as np
 import typer
 
-from benchmarks.headroom import LOOKAHEAD, TUNED_HEXGEN, run_policy
+from benchmarks.headroom import LOOKAHEAD, TUNED_ADMIT, TUNED_HEXGEN, TUNED_LEAST_WORK, run_policy
 from envs.gym.benchmark import BENCHMARK_CELLS, BENCHMARK_VERSION, LOCAL_KNOBS, LOCAL_ORDER, SCORES_PATH, TEST_SEEDS
 from envs.sim.capacity import capacity_bound
-from training.evaluate import bootstrap_mean
+from training.evaluate import bootstrap_mean, bootstrap_ratio
 
 LEARNED = "policies/pretrained/learned"  # the shipped learned policy (admission + dispatch network)
-POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow", LEARNED)
+POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow", TUNED_LEAST_WORK, TUNED_ADMIT, LEARNED)
 BEST_HEURISTIC = "least-work+workflow"
+RATIO_BASES = (BEST_HEURISTIC, TUNED_LEAST_WORK, TUNED_ADMIT)  # what the learned policy's ratios are to
 BOUND = "capacity-bound"
 CONFIDENCE = 0.95
 
@@ -65,6 +69,7 @@ def main(
         raise typer.BadParameter(f"unknown id {sorted(unknown)[0]} (ids: {', '.join(BENCHMARK_CELLS)})",
                                  param_hint="--lookahead-ids")
     rng = np.random.default_rng(0)
+    previous = json.loads(out.read_text()) if out.exists() else {"envs": {}}
     table: dict[str, Any] = {
         "version": BENCHMARK_VERSION, "metric": "SLO-goodput (q/s): SLO-met workflows per second of the run",
         "confidence": CONFIDENCE, "test_seeds": seed_list, "best_heuristic": BEST_HEURISTIC,
@@ -81,6 +86,11 @@ def main(
             runs = [run_policy(name, cell, s) for s in seed_list]
             entries[name] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], seed_list,
                                       bound_mean, rng)
+        learned = np.array(entries[LEARNED]["per_seed"])
+        entries[LEARNED]["ratio_to"] = {}
+        for base in RATIO_BASES:
+            ratio, lo, hi = bootstrap_ratio(learned, np.array(entries[base]["per_seed"]), CONFIDENCE, rng)
+            entries[LEARNED]["ratio_to"][base] = {"mean": ratio, "lo": lo, "hi": hi}
         if env_id in planned:
             use = seed_list[:lookahead_seeds]
             runs = [run_policy(LOOKAHEAD, cell, s) for s in use]
@@ -89,6 +99,8 @@ def main(
                                              same_bound, rng,
                                              decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
                                              best_heuristic_same_seeds=float(np.mean(entries[BEST_HEURISTIC]["per_seed"][:len(use)])))
+        elif carried_lookahead(previous, env_id, cell) is not None:  # measured by an earlier run: minutes per seed
+            entries["lookahead"] = carried_lookahead(previous, env_id, cell)
         else:
             entries["lookahead"] = {"measured": False,
                                     "note": "not measured on this id (a benchmark-length lookahead run costs minutes per "
@@ -103,22 +115,47 @@ def main(
     print(markdown(table))
 
 
+def carried_lookahead(previous: dict[str, Any], env_id: str, cell: Any) -> dict[str, Any] | None:
+    """The lookahead entry an earlier table measured on this id's very cell, marked with the
+    command that measured it; None if it has none."""
+    env = previous["envs"].get(env_id)
+    if env is None or env["cell"] != {**asdict(cell), "label": cell.label}:
+        return None
+    entry = env["policies"].get("lookahead", {})
+    if not entry.get("measured", True):
+        return None
+    return {**entry, "measured_by": entry.get("measured_by", previous.get("command", ""))}
+
+
 def markdown(table: dict[str, Any]) -> str:
     seeds = table["test_seeds"]
     lines = [f"Reference SLO-goodput (q/s) of the benchmark ids: mean [{int(table['confidence'] * 100)}% BCa interval] "
              f"over test seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} seeds), share of the capacity bound, SLO attainment. "
              f"Written by `{table['command']}`.", "",
              "| env id | policy | SLO-goodput | share of bound | attainment | seeds |", "|---|---|---|---|---|---|"]
+    carried = []
     for env_id, env in table["envs"].items():
         for name, e in env["policies"].items():
             if not e.get("measured", True):
                 lines.append(f"| {env_id} | {name} | not measured | | | |")
                 continue
+            if "measured_by" in e:
+                carried.append(f"{env_id} {name}: `{e['measured_by']}`")
             g = e["goodput_qps"]
             share = "" if e.get("share_of_bound") is None else f"{e['share_of_bound']:.2f}"
             att = f"{e['slo_attainment']:.3f}" if "slo_attainment" in e else ""
             lines.append(f"| {env_id} | {name} | {g['mean']:.4f} [{g['lo']:.4f}, {g['hi']:.4f}] | {share} | {att} | "
                          f"{len(e['seeds'])} |")
+    if carried:
+        lines += ["", "Kept from the earlier run that measured them: " + "; ".join(carried) + "."]
+    lines += ["", f"SLO-goodput of {LEARNED} over least-work+workflow with its shipped knobs, with its per-cell tuned "
+              "knobs, and with those plus the defer-late admission rule tuned on the cell (ratio of means, paired BCa "
+              "interval over the same seeds):", "",
+              "| env id | " + " | ".join(f"/ {b}" for b in RATIO_BASES) + " |", "|---|" + "---|" * len(RATIO_BASES)]
+    for env_id, env in table["envs"].items():
+        ratios = env["policies"][LEARNED].get("ratio_to", {})
+        cells = [f"{r['mean']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" if r else "" for r in map(ratios.get, RATIO_BASES)]
+        lines.append(f"| {env_id} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,9 +6,11 @@ import json
 
 import gymnasium as gym
 import pytest
+import typer
 from gymnasium.utils.env_checker import check_env
 
 import envs.gym  # noqa: F401  (registers the ids)
+from benchmarks.headroom import TUNED_HEXGEN, TUNED_LEAST_WORK, TUNED_NAMES, TUNED_PATH, cell_tuned, policy_for
 from benchmarks.reference_scores import BOUND, POLICIES
 from envs.gym.benchmark import (
     BENCHMARK_CELLS,
@@ -122,3 +124,35 @@ def test_reference_table_is_current_for_the_best_heuristic():
     shipped = reference_scores(env_id)["least-work+workflow"]
     result, _ = simulate(BENCHMARK_CELLS[env_id].run_spec(shipped["seeds"][0]), load_policy("least-work+workflow"))
     assert result["goodput_qps"] == pytest.approx(shipped["per_seed"][0])
+
+
+def test_tuned_knobs_cover_every_id_and_reproduce_their_tuning_score():
+    table = json.loads(TUNED_PATH.read_text())
+    assert not set(table["tune_seeds"]) & set(TEST_SEEDS)  # tuned apart from the test episodes
+    for env_id, cell in BENCHMARK_CELLS.items():
+        entry = table["envs"][env_id]
+        assert entry["cell"] == cell.label
+        for name, tuned_name in TUNED_NAMES.items():
+            assert entry[name]["tune_goodput_qps"] >= entry[name]["start_goodput_qps"]  # shipped knobs: trial 0
+            policy = policy_for(tuned_name, cell)
+            assert policy.name == tuned_name
+            spec = policy.spec()
+            if name == "least-work+admit":  # defer-late's knobs on top of the cell's tuned least-work+workflow
+                tuned = policy_for(TUNED_LEAST_WORK, cell).spec()
+                assert (spec["dispatch"], spec["local"]) == (tuned["dispatch"], tuned["local"])
+                assert {k: v for k, v in spec.get("admission", {}).items() if k != "name"} == entry[name]["params"]
+                continue
+            knobs = {f"{section}.{k}": v for section in ("dispatch", "local") for k, v in spec[section].items()
+                     if k != "name"}
+            assert {k: knobs[k] for k in entry[name]["params"]} == pytest.approx(entry[name]["params"])
+    # the tuned policy scores on the tuning seeds what tuning recorded
+    env_id = "agentsched/Dispatch-paper-burst-v1"
+    cell, entry = BENCHMARK_CELLS[env_id], table["envs"][env_id]["least-work+workflow"]
+    runs = [simulate(cell.run_spec(s), policy_for(TUNED_LEAST_WORK, cell))[0]["goodput_qps"] for s in table["tune_seeds"]]
+    assert sum(runs) / len(runs) == pytest.approx(entry["tune_goodput_qps"])
+    # a cell that was not tuned: hexgen-tuned falls back to the league, least-work+workflow-tuned says what to run
+    other = Cell(trace="chess_trace1", cluster="paper", rate_qps=0.05, load="constant", queries=20)
+    assert cell_tuned("least-work+workflow", other) is None
+    assert policy_for(TUNED_HEXGEN, other).name == TUNED_HEXGEN
+    with pytest.raises(typer.BadParameter, match="tune_cells.py"):
+        policy_for(TUNED_LEAST_WORK, other)
