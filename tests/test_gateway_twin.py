@@ -130,7 +130,7 @@ def test_control_interval_adopts_logs_and_exports(cpu_cluster, caplog) -> None:
 
 
 def test_control_loop_plans_without_blocking_the_event_loop(cpu_cluster) -> None:
-    """The loop keeps serving (a 5 ms heartbeat) while a plan of a second or more runs."""
+    """The loop keeps serving (a 5 ms heartbeat) while a plan many heartbeats long runs."""
     heavy = POLICY.format(seed=0).replace("interval_s=5", "interval_s=0.05").replace("samples=2", "samples=4")
     gw, _ = loaded_gateway(cpu_cluster, load_policy(heavy))
     # a gateway process holds only its own objects; this one also holds what earlier tests left,
@@ -155,7 +155,9 @@ def test_control_loop_plans_without_blocking_the_event_loop(cpu_cluster) -> None
     finally:
         gc.unfreeze()
     plan_s = gw.twin_decisions[0]["plan_s"]
-    assert gw.interval_calls == 1 and plan_s > 0.3
+    # the plan must outlast a few heartbeats for the check to mean anything (0.4 s here, compiled;
+    # a faster machine shortens it, and the bound below scales with it)
+    assert gw.interval_calls == 1 and plan_s > 0.05
     assert worst_gap_s < plan_s / 3, (worst_gap_s, plan_s)
 
 
