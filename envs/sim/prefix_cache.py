@@ -188,13 +188,10 @@ class PrefixCache:
         distinct, so counting a node's blocks before taking it is what `_scan` then `_take` count."""
         bs = self.block_size
         nodes = self.nodes
-        lru = self._lru
         start = 0
         hit_blocks = 0
         hitting = True
         need = 0
-        added = 0
-        reclaimed = 0
         out: list[CacheNode] = []
         for key, tokens in segments:
             end = start + tokens
@@ -203,32 +200,20 @@ class PrefixCache:
             start = end
             if last <= first:
                 continue
-            n = last - first
             node = nodes.get(key)
             if node is None:
                 hitting = False
-                need += n
-                added += n
-                node = nodes[key] = CacheNode(key, n, n, 1)
+                need += last - first
             else:
-                cached = node.cached
                 if hitting:
-                    if cached < node.blocks:
-                        hit_blocks = first + cached
+                    if node.cached < node.blocks:
+                        hit_blocks = first + node.cached
                         hitting = False
                     else:
                         hit_blocks = last
                 if node.refs == 0:
-                    need += n
-                    if cached:
-                        del lru[key]
-                        reclaimed += cached
-                    added += n - cached
-                    node.cached = n
-                node.refs += 1
-            out.append(node)
-        self.cached_blocks += added
-        self.evictable_blocks -= reclaimed
+                    need += last - first
+            out.append(self._take_node(key, last - first, node))
         self.refs_version += 1
         cap = (prompt_tokens - 1) // bs
         return (hit_blocks if hit_blocks < cap else cap) * bs, need, out
@@ -246,31 +231,28 @@ class PrefixCache:
         return self._take(self._scan(segments, 1)[2])
 
     def _take(self, found: list[tuple[Hashable, int, CacheNode | None]]) -> list[CacheNode]:
-        """`acquire` of the chain `_scan` found: missing nodes are created cached, unused cached
-        ones leave the LRU queue, every node gains a reference."""
-        nodes = self.nodes
-        lru = self._lru
-        added = 0  # blocks that become cached
-        reclaimed = 0  # cached blocks taken back out of the free pool
-        out: list[CacheNode] = []
-        for key, n, node in found:
-            if node is None:
-                node = nodes[key] = CacheNode(key, n, n, 1)
-                added += n
-            else:
-                if node.refs == 0:
-                    cached = node.cached
-                    if cached:
-                        del lru[key]
-                        reclaimed += cached
-                    added += n - cached
-                    node.cached = n
-                node.refs += 1
-            out.append(node)
-        self.cached_blocks += added
-        self.evictable_blocks -= reclaimed
+        """`acquire` of the chain `_scan` found (see `_take_node`)."""
+        out = [self._take_node(key, n, node) for key, n, node in found]
         self.refs_version += 1
         return out
+
+    def _take_node(self, key: Hashable, n: int, node: CacheNode | None) -> CacheNode:
+        """One segment of an admitted chain, `n` full blocks: a missing node is created cached, an
+        unused cached one leaves the LRU queue (its blocks back out of the free pool), and the node
+        gains a reference. The caller bumps `refs_version` once per chain."""
+        if node is None:
+            node = self.nodes[key] = CacheNode(key, n, n, 1)
+            self.cached_blocks += n
+            return node
+        if node.refs == 0:
+            cached = node.cached
+            if cached:
+                del self._lru[key]
+                self.evictable_blocks -= cached
+            self.cached_blocks += n - cached
+            node.cached = n
+        node.refs += 1
+        return node
 
     def release(self, acquired: list[CacheNode]) -> int:
         """A call finished or was preempted: its nodes' references drop; nodes no running call uses
