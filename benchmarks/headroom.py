@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,16 @@ def league_cell_name(cell: Cell) -> str:
     return f"{CLUSTER_NAMES[cell.cluster]}-{SHAPE_NAMES[cell.load]}"
 
 
+@lru_cache(maxsize=None)
+def read_table(path: Path) -> dict[str, Any]:
+    """A shipped JSON table (league, tuned knobs), read once per process: every run asks for it."""
+    return json.loads(path.read_text())
+
+
 def tuned_hexgen(cell: Cell, league_path: Path = LEAGUE_PATH) -> Policy:
     """HexGen with the knobs the league tuned for this cluster and load shape (on tuning seeds;
     the league tuned them at its own heavy rate, so they are reused here, not re-tuned)."""
-    cells = {c["name"]: c for c in json.loads(league_path.read_text())["cells"]}
+    cells = {c["name"]: c for c in read_table(league_path)["cells"]}
     knobs = cells[league_cell_name(cell)]["policies"]["hexgen"]["knobs"]
     spec: dict[str, Any] = {"base": "hexgen", "name": TUNED_HEXGEN, "dispatch": {}, "local": {}}
     for key, value in knobs.items():
@@ -82,7 +89,7 @@ def cell_tuned(name: str, cell: Cell, tuned_path: Path = TUNED_PATH) -> Policy |
     (tuning seeds), or None if the cell was not tuned there."""
     if not tuned_path.exists():
         return None
-    for entry in json.loads(tuned_path.read_text())["envs"].values():
+    for entry in read_table(tuned_path)["envs"].values():
         if entry["cell"] == cell.label and name in entry:
             spec = dict(entry[name]["spec"])
             spec["name"] = TUNED_NAMES[name]

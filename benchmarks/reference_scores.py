@@ -99,8 +99,8 @@ def main(
                                              same_bound, rng,
                                              decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
                                              best_heuristic_same_seeds=float(np.mean(entries[BEST_HEURISTIC]["per_seed"][:len(use)])))
-        elif carried_lookahead(previous, env_id, cell) is not None:  # measured by an earlier run: minutes per seed
-            entries["lookahead"] = carried_lookahead(previous, env_id, cell)
+        elif (carried := carried_lookahead(previous, env_id, cell)) is not None:  # an earlier run's: minutes per seed
+            entries["lookahead"] = carried
         else:
             entries["lookahead"] = {"measured": False,
                                     "note": "not measured on this id (a benchmark-length lookahead run costs minutes per "

@@ -21,13 +21,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
 from benchmarks.headroom import TUNED_PATH
 from envs.gym.benchmark import BENCHMARK_CELLS
-from envs.sim.cells import Cell
-from heuristics.league import run_job, tune_job
+from heuristics.league import mean_goodput, tune_job
 
 TUNE_SEEDS = tuple(range(150000, 150005))  # the league's tuning seeds and two more; the test seeds start at 200000
 TUNED_POLICIES = ("least-work+workflow", "hexgen")
@@ -47,10 +45,6 @@ def admit_spec(base: dict[str, Any], knobs: dict[str, float] | None) -> dict[str
     if knobs is not None:
         spec["admission"] = {"name": "defer-late", **knobs}
     return spec
-
-
-def mean_goodput(spec: dict[str, Any], cell: Cell) -> float:
-    return float(np.mean([run_job(spec, cell, seed)["goodput_qps"] for seed in TUNE_SEEDS]))
 
 
 @app.command()
@@ -78,7 +72,7 @@ def main(
         for env_id in BENCHMARK_CELLS:
             base = table["envs"][env_id]["least-work+workflow"]
             specs = [admit_spec(base["spec"], knobs) for knobs in ADMISSION_GRID]
-            scores = [pool.submit(mean_goodput, spec, BENCHMARK_CELLS[env_id]) for spec in specs]
+            scores = [pool.submit(mean_goodput, spec, BENCHMARK_CELLS[env_id], TUNE_SEEDS) for spec in specs]
             values = [f.result() for f in scores]
             best = max(range(len(values)), key=values.__getitem__)
             table["envs"][env_id][ADMIT] = {"params": ADMISSION_GRID[best] or {}, "tune_goodput_qps": values[best],

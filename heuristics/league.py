@@ -112,6 +112,11 @@ def run_job(policy_ref: PolicyRef, cell: Cell, seed: int) -> dict[str, Any]:
     return out
 
 
+def mean_goodput(policy_ref: PolicyRef, cell: Cell, seeds: Sequence[int]) -> float:
+    """Tuning's objective: mean SLO-goodput over the seeds."""
+    return float(np.mean([run_job(policy_ref, cell, seed)["goodput_qps"] for seed in seeds]))
+
+
 def tune_job(policy: str, cell: Cell, seeds: Sequence[int], trials: int, sampler_seed: int) -> dict[str, Any]:
     """TPE over the policy's search space on the tuning seeds; the best spec and its score."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -122,7 +127,7 @@ def tune_job(policy: str, cell: Cell, seeds: Sequence[int], trials: int, sampler
 
     def objective(trial: Any) -> float:
         spec = spec_with(policy, {k: _suggest(trial, k, s) for k, s in space.items()})
-        return float(np.mean([run_job(spec, cell, seed)["goodput_qps"] for seed in seeds]))
+        return mean_goodput(spec, cell, seeds)
 
     study.optimize(objective, n_trials=trials)
     return {"params": dict(study.best_params), "tune_goodput_qps": study.best_value,
