@@ -8,9 +8,11 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 import envs.gym  # noqa: F401  (registers the envs)
 from envs.gym import InvalidActionError, Scenario
+from envs.sim.cells import Cell
 from envs.sim.scenario import simulate
 
 SMALL = {"queries": 12}
@@ -153,6 +155,23 @@ def test_scenario_run_spec_is_deterministic_and_randomized():
     assert {len(s.cluster_config().expanded()) for s in specs} <= set(range(2, 7))
     assert all(0.02 <= s.rate_qps <= 0.3 and 1.5 <= s.slo_scale <= 6.0 for s in specs)
 
+
+
+def test_scenarios_draw_the_evaluation_cells_shifting_loads():
+    """A scenario's "step" / "burst" arrivals are the evaluation cell's load shape at the same rate
+    and run length (one definition, envs.sim.cells), so training can see the shapes it is tested on."""
+    for shape in ("step", "burst"):
+        scenario = Scenario(cluster="mixed-16", queries=480, rate_qps=1.2, arrivals=shape)
+        cell = Cell(cluster="mixed-16", rate_qps=1.2, load=shape, queries=480)
+        assert scenario.run_spec(3).arrivals == cell.arrivals()
+        a, b = scenario.run_spec(3), cell.run_spec(3)
+        assert (a.arrivals, a.rate_qps, a.queries, a.cluster) == (b.arrivals, b.rate_qps, b.queries, b.cluster)
+    drawn = Scenario.model_validate({"queries": 40, "randomize": {"arrivals": ["step", "burst"]}})
+    kinds = {tuple(seg.rate_qps / spec.rate_qps for seg in spec.arrivals.segments)
+             for spec in (drawn.run_spec(s) for s in range(12))}
+    assert kinds == {(0.5, 1.5), (0.5, 3.0, 0.5)}
+    with pytest.raises(ValidationError, match="arrivals"):
+        Scenario.model_validate({"arrivals": "ramp"})
 
 # ---- vectorised envs ----------------------------------------------------------------------------
 

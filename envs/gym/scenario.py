@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
+from envs.sim.cells import shaped_arrivals
 from envs.sim.config import ClusterConfig, EngineConfig, load_cluster
 from envs.sim.errors import UserError
 from envs.sim.scenario import FailureSpec, RunSpec, TenantSpec, is_template
@@ -33,6 +34,8 @@ MAX_EPISODE_SEED = 2**31 - 1
 SCENARIO_RNG_STREAM = 7
 # Diurnal arrivals are built from this many constant-rate steps per period.
 DIURNAL_STEPS = 24
+# Arrival processes a scenario can draw; "step" and "burst" are the evaluation cells' load shapes.
+ArrivalKind = Literal["poisson", "gamma", "diurnal", "step", "burst"]
 # Scenarios shipped with the package, loadable by name (`Scenario.coerce("train-randomized")`).
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -100,7 +103,7 @@ class Randomization(BaseModel):
     rate_qps: Range | None = (0.02, 0.3)
     slo_scale: Range | None = (1.5, 6.0)
     burstiness_cv: Range | None = (1.0, 3.0)  # used when arrivals is "gamma"
-    arrivals: list[Literal["poisson", "gamma", "diurnal"]] | None = None  # drawn uniformly
+    arrivals: list[ArrivalKind] | None = None  # drawn uniformly
     clusters: list[str | ClusterConfig] | None = None  # drawn uniformly (ignored if random_cluster)
     random_cluster: RandomClusterSpec | None = None
 
@@ -131,7 +134,8 @@ class Scenario(BaseModel):
     # -- cluster
     cluster: str | ClusterConfig = "paper"
     # -- load
-    arrivals: Literal["poisson", "gamma", "diurnal"] = "poisson"
+    # "step" / "burst": the evaluation cells' shifting loads (envs.sim.cells) at mean rate `rate_qps`
+    arrivals: ArrivalKind = "poisson"
     rate_qps: PositiveFloat = 0.05
     burstiness_cv: PositiveFloat = 2.0  # CV of inter-arrival times, for "gamma"
     diurnal_amplitude: float = Field(0.8, ge=0.0, le=1.0)  # rate swings by +-amplitude x mean
@@ -278,6 +282,8 @@ class Scenario(BaseModel):
             process = GammaArrivals(rate_qps=rate, cv=cv)
         elif arrivals == "diurnal":
             process = PiecewiseArrivals.diurnal(rate, self.diurnal_amplitude, self.diurnal_period_s, DIURNAL_STEPS)
+        elif arrivals in ("step", "burst"):
+            process = shaped_arrivals(arrivals, rate, self.queries)
         else:
             process = PoissonArrivals(rate_qps=rate)
         return RunSpec(

@@ -12,13 +12,30 @@ Load shapes (the "shifting" load):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from envs.sim.errors import UserError
 from envs.sim.scenario import RunSpec
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, RateSegment
 
 LOADS = ("constant", "step", "burst")
+
+
+def shaped_arrivals(load: str, rate_qps: float, queries: int) -> PoissonArrivals | PiecewiseArrivals:
+    """The arrival process of a load shape (module docstring) at mean rate `rate_qps` for a run of
+    `queries`: the shape's phases are fractions of the run's expected span, so a shorter run has
+    the same shape, compressed. Training scenarios draw the same shapes (`Scenario.arrivals`)."""
+    if load not in LOADS:
+        raise UserError(f"load: unknown load shape {load!r} (use {', '.join(LOADS)})")
+    r = rate_qps
+    span_s = queries / r  # expected span of the arrivals at the mean rate
+    if load == "constant":
+        return PoissonArrivals(rate_qps=r)
+    if load == "step":
+        return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 2, rate_qps=0.5 * r),
+                                           RateSegment(duration_s=100 * span_s, rate_qps=1.5 * r)])
+    return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 3, rate_qps=0.5 * r),
+                                       RateSegment(duration_s=span_s / 6, rate_qps=3.0 * r),
+                                       RateSegment(duration_s=100 * span_s, rate_qps=0.5 * r)])
 
 
 @dataclass(frozen=True)
@@ -42,17 +59,8 @@ class Cell:
     def label(self) -> str:
         return f"{self.cluster}/{self.trace}/{self.load}@{self.rate_qps:g}"
 
-    def arrivals(self) -> Any:
-        r = self.rate_qps
-        span_s = self.queries / r  # expected span of the arrivals at the mean rate
-        if self.load == "constant":
-            return PoissonArrivals(rate_qps=r)
-        if self.load == "step":
-            return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 2, rate_qps=0.5 * r),
-                                               RateSegment(duration_s=100 * span_s, rate_qps=1.5 * r)])
-        return PiecewiseArrivals(segments=[RateSegment(duration_s=span_s / 3, rate_qps=0.5 * r),
-                                           RateSegment(duration_s=span_s / 6, rate_qps=3.0 * r),
-                                           RateSegment(duration_s=100 * span_s, rate_qps=0.5 * r)])
+    def arrivals(self) -> PoissonArrivals | PiecewiseArrivals:
+        return shaped_arrivals(self.load, self.rate_qps, self.queries)
 
     def run_spec(self, seed: int) -> RunSpec:
         return RunSpec(trace=self.trace, cluster=self.cluster, rate_qps=self.rate_qps, slo_scale=self.slo_scale,
