@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import bootstrap
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -67,6 +68,17 @@ def call_keys(records: list[dict]) -> dict[tuple, float]:
     return out
 
 
+def median_ratio_interval(sim: np.ndarray, real: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Paired bootstrap interval (matched workflows resampled together) of median(sim) / median(real).
+    With ~30 workflows the median sits where one or two workflows fall, and the trace's workflow
+    latencies have gaps (workflows with and without revision loops), so the median error of one
+    run moves by several points with the run's noise; the interval says how much."""
+    res = bootstrap((sim, real), lambda a, b, axis: np.median(a, axis=axis) / np.median(b, axis=axis),
+                    paired=True, vectorized=True, n_resamples=4000, confidence_level=confidence,
+                    method="percentile", random_state=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def compare(real_calls: list[dict], sim_calls: list[dict], real_wfs: list[dict], sim_wfs: list[dict]) -> dict:
     rc, sc = call_keys(real_calls), call_keys(sim_calls)
     common = sorted(set(rc) & set(sc))
@@ -90,6 +102,8 @@ def compare(real_calls: list[dict], sim_calls: list[dict], real_wfs: list[dict],
         "call_p90_err": rel_err(float(np.percentile(sl, 90)), float(np.percentile(rl, 90))),
         "workflow_p50_err": rel_err(float(np.median(swl)), float(np.median(rwl))),
         "workflow_p90_err": rel_err(float(np.percentile(swl, 90)), float(np.percentile(rwl, 90))),
+        "workflow_p50_ratio_interval": median_ratio_interval(swl, rwl),
+        "workflow_mean_ratio": float(np.mean(swl) / np.mean(rwl)),
         "call_pairwise_err_median": float(np.median(pair)), "call_pairwise_err_p90": float(np.percentile(pair, 90)),
         "workflow_pairwise_err_median": float(np.median(wpair)),
         "workflow_pairwise_err_p90": float(np.percentile(wpair, 90)),
@@ -347,7 +361,10 @@ def main() -> None:
     r, s = report["real"], report["sim"]
     print(f"  call latency     p50 real {r['call_p50_s']*1e3:7.1f} ms  sim {s['call_p50_s']*1e3:7.1f} ms  error {report['call_p50_err']:.1%}")
     print(f"  call latency     p90 real {r['call_p90_s']*1e3:7.1f} ms  sim {s['call_p90_s']*1e3:7.1f} ms  error {report['call_p90_err']:.1%}")
-    print(f"  workflow latency p50 real {r['workflow_p50_s']:7.2f} s   sim {s['workflow_p50_s']:7.2f} s   error {report['workflow_p50_err']:.1%}")
+    lo, hi = report["workflow_p50_ratio_interval"]
+    print(f"  workflow latency p50 real {r['workflow_p50_s']:7.2f} s   sim {s['workflow_p50_s']:7.2f} s   error {report['workflow_p50_err']:.1%}"
+          f"  (sim/real {s['workflow_p50_s'] / r['workflow_p50_s']:.3f}, paired bootstrap 95% [{lo:.3f}, {hi:.3f}];"
+          f" mean sim/real {report['workflow_mean_ratio']:.3f})")
     print(f"  workflow latency p90 real {r['workflow_p90_s']:7.2f} s   sim {s['workflow_p90_s']:7.2f} s   error {report['workflow_p90_err']:.1%}")
     print(f"  pairwise |sim-real|/real: calls median {report['call_pairwise_err_median']:.1%} p90 {report['call_pairwise_err_p90']:.1%};"
           f" workflows median {report['workflow_pairwise_err_median']:.1%} p90 {report['workflow_pairwise_err_p90']:.1%}")

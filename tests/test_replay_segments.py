@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.sim_vs_real import median_ratio_interval
 from deploy.calibrate import warm_prefill_check
 from deploy.engines import prefix_caching_enabled
 from deploy.replay import TOKEN_ID_RANGE, prompt_token_ids
@@ -290,3 +291,18 @@ def test_warm_prefill_check_compares_probes_with_the_simulators_prefill_of_hits(
     fit = warm_prefill_check(slower, coeffs, per_call_s)
     assert fit["warm_prefill_median_rel_err"] == pytest.approx(-0.1 / 1.1)
     assert fit["warm_prefill_saved_ratio"] < 1.0
+
+
+def test_workflow_median_ratio_interval_is_paired_and_brackets_the_run() -> None:
+    """sim_vs_real's interval of median(sim) / median(real) resamples matched workflows together:
+    a simulator off by a constant factor gets exactly that factor, and a gap in the latencies
+    at the median (what moves one run's median error by points) widens the interval."""
+    rng = np.random.default_rng(1)
+    real = rng.uniform(0.3, 0.6, 31)
+    assert median_ratio_interval(real * 1.1, real) == pytest.approx((1.1, 1.1))
+    noisy = real * rng.normal(1.0, 0.05, real.size)
+    lo, hi = median_ratio_interval(noisy, real)
+    assert lo < np.median(noisy) / np.median(real) < hi and hi - lo < 0.3
+    gap = np.concatenate([np.full(15, 0.40), np.full(16, 0.46)])  # two modes, the median at the upper
+    lo_gap, hi_gap = median_ratio_interval(gap, gap[::-1].copy())
+    assert hi_gap - lo_gap > 0.1
