@@ -117,21 +117,24 @@ def mean_goodput(policy_ref: PolicyRef, cell: Cell, seeds: Sequence[int]) -> flo
     return float(np.mean([run_job(policy_ref, cell, seed)["goodput_qps"] for seed in seeds]))
 
 
-def tune_job(policy: str, cell: Cell, seeds: Sequence[int], trials: int, sampler_seed: int) -> dict[str, Any]:
-    """TPE over the policy's search space on the tuning seeds; the best spec and its score."""
+def tune_job(policy: PolicyRef, cell: Cell, seeds: Sequence[int], trials: int, sampler_seed: int,
+             starts: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """TPE over the policy's search space on the tuning seeds; the best spec and its score. The
+    policy's own knobs are the first trial, then those of each spec in `starts` (same sections)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = search_space(policy)
-    start = make_policy(policy).spec()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=sampler_seed))
-    study.enqueue_trial({k: start[k.split(".")[0]][k.split(".", 1)[1]] for k in space})
+    for start in (make_policy(ref).spec() for ref in (policy, *starts)):
+        study.enqueue_trial({k: start[k.split(".")[0]][k.split(".", 1)[1]] for k in space})
 
     def objective(trial: Any) -> float:
         spec = spec_with(policy, {k: _suggest(trial, k, s) for k, s in space.items()})
         return mean_goodput(spec, cell, seeds)
 
     study.optimize(objective, n_trials=trials)
+    name = policy if isinstance(policy, str) else str(policy["name"])
     return {"params": dict(study.best_params), "tune_goodput_qps": study.best_value,
-            "start_goodput_qps": study.trials[0].value, "spec": spec_with(policy, dict(study.best_params), name=policy)}
+            "start_goodput_qps": study.trials[0].value, "spec": spec_with(policy, dict(study.best_params), name=name)}
 
 
 # ---- statistics ----------------------------------------------------------------------------------

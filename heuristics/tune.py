@@ -62,12 +62,15 @@ class TuneConfig:
 
 
 def search_space(policy_ref: PolicyRef) -> dict[str, tuple[Any, ...]]:
-    """"section.knob" -> space, from the policy's dispatcher and local order classes."""
+    """"section.knob" -> space, from the policy's dispatcher, local order and admission classes."""
     policy = make_policy(policy_ref)
     if not hasattr(policy, "dispatcher"):
         raise UserError(f"--policy: {policy_ref} is not a heuristic policy; only heuristic knobs can be tuned")
     space = {}
-    for section, part in (("dispatch", policy.dispatcher), ("local", policy.local)):
+    parts = [("dispatch", policy.dispatcher), ("local", policy.local)]
+    if policy.admission is not None:
+        parts.append(("admission", policy.admission))
+    for section, part in parts:
         for knob, spec in type(part).search_space.items():
             space[f"{section}.{knob}"] = spec
     return space

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from envs.sim.cells import Cell
+from heuristics.league import tune_job
+from heuristics.tune import search_space
 from policies import load_policy
 from tests.test_bench import run_main
 
@@ -129,3 +132,19 @@ def test_pbt_explore_keeps_hyperparameters_in_their_bounds():
     explored = clip_to_bounds({"learning_rate": 2e-3, "clip_range": 0.04, "ent_coef": 1e-3, "other": 7}, bounds)
     assert explored == {"learning_rate": bounds["learning_rate"][1], "clip_range": bounds["clip_range"][0],
                         "ent_coef": 1e-3, "other": 7}
+
+
+def test_a_policy_with_admission_tunes_its_admission_knobs_too():
+    """search_space covers the admission rule's knobs, and tune_job starts from every given spec
+    (the joint least-work+admit search of benchmarks/tune_cells.py)."""
+    spec = {"kind": "heuristic", "name": "lw+admit", "dispatch": {"name": "least-work"}, "local": {"name": "workflow-first"},
+            "admission": {"name": "defer-late", "margin": 1.0, "queue_weight": 0.0, "active_per_engine": 4.0}}
+    space = search_space(spec)
+    assert {"admission.margin", "admission.queue_weight", "admission.active_per_engine"} <= set(space)
+    assert "dispatch.backlog_weight" in space and "local.margin" in space
+    assert not any(k.startswith("admission.") for k in search_space("least-work+workflow"))
+    other = {**spec, "admission": {**spec["admission"], "active_per_engine": 2.0}}
+    result = tune_job(spec, Cell(cluster="paper", rate_qps=0.2, queries=12), [5], trials=2, sampler_seed=0, starts=[other])
+    assert result["spec"]["name"] == "lw+admit" and result["spec"]["admission"]["name"] == "defer-late"
+    assert set(result["params"]) == set(space)
+    assert result["params"]["admission.active_per_engine"] in (4.0, 2.0)  # both trials were the given starts
