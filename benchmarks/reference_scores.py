@@ -6,8 +6,8 @@ random, rr, HexGen, HexGen and the best heuristic (least-work+workflow, which is
 dispatching like it scores in the env, see the envs.gym.benchmark docstring) with their shipped
 knobs and with knobs tuned on the id's own cell (`hexgen-tuned`, `least-work+workflow-tuned`:
 envs/data/benchmark_tuned.json, benchmarks/tune_cells.py, tuning seeds), the tuned
-least-work+workflow with the defer-late admission rule tuned on the cell (`least-work+admit-tuned`,
-the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
+least-work+workflow with the defer-late admission rule, every knob of both tuned together on the cell
+(`least-work+admit-tuned`, the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
 simulator at every decision, so a benchmark-length run of it costs minutes per seed), and the
 capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
 over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
@@ -149,7 +149,8 @@ def markdown(table: dict[str, Any]) -> str:
     if carried:
         lines += ["", "Kept from the earlier run that measured them: " + "; ".join(carried) + "."]
     lines += ["", f"SLO-goodput of {LEARNED} over least-work+workflow with its shipped knobs, with its per-cell tuned "
-              "knobs, and with those plus the defer-late admission rule tuned on the cell (ratio of means, paired BCa "
+              "knobs, and with the defer-late admission rule added and every knob tuned together on the cell (ratio of "
+              "means, paired BCa "
               "interval over the same seeds):", "",
               "| env id | " + " | ".join(f"/ {b}" for b in RATIO_BASES) + " |", "|---|" + "---|" * len(RATIO_BASES)]
     for env_id, env in table["envs"].items():
