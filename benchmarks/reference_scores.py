@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def main(
     seeds: int = typer.Option(len(TEST_SEEDS), min=1, max=len(TEST_SEEDS), help="test seeds used (the first N)"),
     lookahead_ids: str = typer.Option("", help="comma-separated ids where lookahead runs ('' for none)"),
     lookahead_seeds: int = typer.Option(1, min=1, help="seeds lookahead runs on (the first N)"),
+    workers: int = typer.Option(2, min=1, help="processes the lookahead runs share (they run beside the rest)"),
     out: Path = typer.Option(SCORES_PATH, help="the JSON table (a .md table is written next to it)"),
 ) -> None:
     """Measure the reference scores of every benchmark id and write the table."""
@@ -77,6 +79,9 @@ def main(
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py"
                    + (f" --lookahead-ids {lookahead_ids} --lookahead-seeds {lookahead_seeds}" if planned else ""),
         "envs": {}}
+    pool = ProcessPoolExecutor(workers)  # the lookahead runs (minutes per seed) start at once, beside the rest
+    planned_runs = {(env_id, s): pool.submit(run_policy, LOOKAHEAD, cell, s)
+                    for env_id, cell in BENCHMARK_CELLS.items() if env_id in planned for s in seed_list[:lookahead_seeds]}
     for env_id, cell in BENCHMARK_CELLS.items():
         started = time.perf_counter()
         bounds = [capacity_bound(cell.run_spec(s)).goodput_bound_qps for s in seed_list]
@@ -93,7 +98,7 @@ def main(
             entries[LEARNED]["ratio_to"][base] = {"mean": ratio, "lo": lo, "hi": hi}
         if env_id in planned:
             use = seed_list[:lookahead_seeds]
-            runs = [run_policy(LOOKAHEAD, cell, s) for s in use]
+            runs = [planned_runs[(env_id, s)].result() for s in use]
             same_bound = float(np.mean(bounds[:len(use)]))
             entries["lookahead"] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], use,
                                              same_bound, rng,
@@ -109,6 +114,7 @@ def main(
         best = entries[BEST_HEURISTIC]["goodput_qps"]
         print(f"{env_id}: bound {bound_mean:.4f}, {BEST_HEURISTIC} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}] "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+    pool.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(table))
