@@ -154,6 +154,15 @@ def markdown(table: dict[str, Any]) -> str:
                          f"{len(e['seeds'])} |")
     if carried:
         lines += ["", "Kept from the earlier run that measured them: " + "; ".join(carried) + "."]
+    planned = [(env_id, e) for env_id, env in table["envs"].items()
+               if (e := env["policies"].get("lookahead")) and e.get("measured", True)]
+    if planned:
+        lines += ["", f"`{table['lookahead']}` against its base on the same seeds, and its mean decision time:", "",
+                  "| env id | seeds | lookahead | least-work+workflow | ratio | decision ms |", "|---|---|---|---|---|---|"]
+        for env_id, e in planned:
+            base = e["best_heuristic_same_seeds"]
+            lines.append(f"| {env_id} | {', '.join(map(str, e['seeds']))} | {e['goodput_qps']['mean']:.4f} | {base:.4f} | "
+                         f"{e['goodput_qps']['mean'] / base:.3f} | {e['decision_ms_mean']:.0f} |")
     lines += ["", f"SLO-goodput of {LEARNED} over least-work+workflow with its shipped knobs, with its per-cell tuned "
               "knobs, and with the defer-late admission rule added and every knob tuned together on the cell (ratio of "
               "means, paired BCa "
