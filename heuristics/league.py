@@ -41,7 +41,7 @@ from envs.sim.errors import UserError
 from envs.sim.scenario import simulate
 from heuristics.bench import PolicyRef, jsonable, make_executor, make_policy
 from heuristics.registry import PEERS
-from heuristics.tune import _suggest, search_space, spec_with
+from heuristics.tune import _suggest, knob_values, search_space, spec_with
 
 OURS = "least-work+workflow"
 SHIPPED_SUFFIX = " (shipped)"
@@ -125,7 +125,7 @@ def tune_job(policy: PolicyRef, cell: Cell, seeds: Sequence[int], trials: int, s
     space = search_space(policy)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=sampler_seed))
     for start in (make_policy(ref).spec() for ref in (policy, *starts)):
-        study.enqueue_trial({k: start[k.split(".")[0]][k.split(".", 1)[1]] for k in space})
+        study.enqueue_trial(knob_values(start, space))
 
     def objective(trial: Any) -> float:
         spec = spec_with(policy, {k: _suggest(trial, k, s) for k, s in space.items()})

@@ -87,7 +87,7 @@ from envs.sim.perf import solo_call_latency_s
 from envs.sim.scenario import RunSpec, build_simulator, simulate, workload_for
 from envs.sim.workload import step_mean_tokens
 from heuristics.bench import MIN_SPAN_SLOS, PolicyRef, make_policy
-from heuristics.tune import search_space, spec_with
+from heuristics.tune import knob_values, search_space, spec_with
 from policies.loader import RECOMMENDED_POLICY
 
 TP_DEGREES = (1, 2, 4, 8)
@@ -335,7 +335,7 @@ def run_candidate(cluster: ClusterConfig, policy_ref: PolicyRef, cell: Cell, see
     space = search_space(policy_ref)
     start = make_policy(policy_ref).spec()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=sampler_seed))
-    study.enqueue_trial({k: start[k.split(".")[0]][k.split(".", 1)[1]] for k in space})
+    study.enqueue_trial(knob_values(start, space))
     pooled: dict[int, tuple[int, int]] = {}
 
     def objective(trial: optuna.Trial) -> float:

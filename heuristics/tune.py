@@ -87,6 +87,11 @@ def spec_with(policy_ref: PolicyRef, params: dict[str, Any], name: str | None = 
     return spec
 
 
+def knob_values(spec: dict[str, Any], space: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """The spec's value of every "section.knob" of `space` (the inverse of `spec_with`): a trial to enqueue."""
+    return {k: spec[k.split(".")[0]][k.split(".", 1)[1]] for k in space}
+
+
 class Evaluator:
     """Pooled SLO attainment of a policy spec over seeds (and rates), in worker processes."""
 
@@ -132,7 +137,7 @@ def run_tpe(cfg: TuneConfig, console: Any) -> dict[str, Any]:
     if not space:
         raise UserError(f"--policy: {cfg.policy} has no tunable knobs (try hexgen, hexgen-outstanding, llmd, rr+urgency)")
     start_spec = make_policy(cfg.policy).spec()
-    start_params = {k: start_spec[k.split(".")[0]][k.split(".", 1)[1]] for k in space}
+    start_params = knob_values(start_spec, space)
     study = optuna.create_study(study_name=cfg.study_name("tpe"), storage=cfg.storage, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed), load_if_exists=True)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
