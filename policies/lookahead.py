@@ -152,7 +152,8 @@ class LookaheadPolicy(Policy):
         for s in range(self.samples):
             sample_seed = (self.seed * 1_000_003 + self._decisions) * 64 + s
             for j, engine_id in enumerate(engines):
-                twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=copy.deepcopy(base_policy))
+                twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=copy.deepcopy(base_policy),
+                            until_s=until_s)
                 ready = twin.next_decision()
                 assert ready is not None, "the fork holds the copy of `call`, still first in line"
                 twin.dispatch(ready, engine_id)
@@ -281,7 +282,7 @@ class LookaheadKnobsPolicy(Policy):
                 candidate = copy.deepcopy(base)
                 for knob, value in knobs.items():
                     setattr(candidate.dispatcher, knob, value)
-                fork_sim = fork(twin, sample_seed, resample=not self.clairvoyant, policy=candidate)
+                fork_sim = fork(twin, sample_seed, resample=not self.clairvoyant, policy=candidate, until_s=until_s)
                 scores[j] += rollout_score(fork_sim, until_s, first_open)
         scores /= self.samples
         best = int(np.argmax(scores))  # first maximum: the current setting on ties

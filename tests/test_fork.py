@@ -77,6 +77,61 @@ def test_clairvoyant_fork_reproduces_the_run() -> None:
     assert [c.finish_time_s for c in twin.calls] == [c.finish_time_s for c in sim.calls]
 
 
+def fields(obj) -> dict:
+    """Every attribute of a slotted (pure) or mypyc-compiled object, as its pickle state has them."""
+    got = obj.__getstate__()
+    return got[1] if isinstance(got, tuple) else got
+
+
+def values(obj, skip: str) -> dict[str, str]:
+    """The fields but `skip`, by repr (so that NaN equals NaN)."""
+    return {name: repr(value) for name, value in fields(obj).items() if name != skip}
+
+
+def test_field_by_field_copies_keep_every_field_and_the_cache_nodes_of_the_copy() -> None:
+    """Calls, workflows and cache nodes copy themselves for a fork (a generic deep copy was most of
+    its cost): every field equal, and a call's cache nodes are the copied cache's, not the original's."""
+    sim = advanced()
+    twin = fork(sim, seed=0, resample=False)
+    admitted = [c for c in sim.calls if c.cache_nodes]
+    assert admitted, "the fork point must have admitted calls holding cache nodes"
+    for original, copied in zip(sim.calls, twin.calls):
+        assert copied is not original or sim.workflows[original.workflow_id].done
+        assert values(copied, "cache_nodes") == values(original, "cache_nodes")
+    twin_nodes = {id(n) for e in twin.engines for n in e.prefix_cache.nodes.values()}
+    sim_nodes = {id(n) for e in sim.engines for n in e.prefix_cache.nodes.values()}
+    for call in admitted:
+        copied = twin.calls[call.call_id]
+        assert [fields(n) for n in copied.cache_nodes] == [fields(n) for n in call.cache_nodes]
+        assert all(id(n) in twin_nodes and id(n) not in sim_nodes for n in copied.cache_nodes)
+    for engine, copied_engine in zip(sim.engines, twin.engines):
+        cache, copied = engine.prefix_cache, copied_engine.prefix_cache
+        assert copied is not cache
+        assert {k: v for k, v in fields(copied).items() if k not in ("nodes", "_lru")} == \
+            {k: v for k, v in fields(cache).items() if k not in ("nodes", "_lru")}
+        assert [(k, fields(n)) for k, n in copied.nodes.items()] == [(k, fields(n)) for k, n in cache.nodes.items()]
+        assert list(copied._lru) == list(cache._lru)
+        assert all(node is copied.nodes[key] for key, node in copied._lru.items())
+    for original, copied in zip(sim.workflows, twin.workflows):
+        assert values(copied, "stages") == values(original, "stages")
+        assert [[c.call_id for c in st] for st in copied.stages] == [[c.call_id for c in st] for st in original.stages]
+        assert all(c is twin.calls[c.call_id] for st in copied.stages for c in st)
+
+
+def test_a_fork_to_a_horizon_draws_only_the_arrivals_before_it() -> None:
+    sim = advanced()
+    until_s = sim.now_s + 30.0
+    bounded, full = fork(sim, 4, until_s=until_s), fork(sim, 4)
+    first = sim._next_arrival
+    arrivals = bounded._arrivals[first:]
+    assert 0 < len(arrivals) < len(full._arrivals[first:])
+    assert (arrivals <= until_s).all() and full._arrivals[first + len(arrivals)] > until_s
+    assert arrivals.tolist() == full._arrivals[first:first + len(arrivals)].tolist()  # the same draws
+    assert len(bounded._specs) == first + len(arrivals) == len(bounded._tenant_of)
+    bounded.run(until_s=until_s)
+    assert len(bounded.workflows) == first + len(arrivals)
+
+
 def test_conditional_outputs_follow_the_fit() -> None:
     """Draws with no progress look like the step's outputs; a lower bound is always kept."""
     specs, _ = workload_for(CELL.run_spec(0))

@@ -16,7 +16,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from mypy_extensions import mypyc_attr
@@ -43,6 +43,15 @@ class Tenant:
     slo_scale: float = 1.0  # multiplies the scenario's SLO scale
     priority: int = 0  # lower is more important
     share: float = 1.0  # share of arrivals
+
+
+def _copied_call(call: LLMCall, memo: dict[int, Any]) -> LLMCall:
+    """`copy.deepcopy(call, memo)` without its generic dispatch (a fork copies thousands of calls)."""
+    twin = memo.get(id(call))
+    return twin if twin is not None else call.__deepcopy__(memo)
+
+
+_COPY_TENANT = Tenant()  # what `Workflow.__deepcopy__` builds with before it sets the copied fields
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,29 @@ class Workflow:
         # given up on by the policy's admission decision (`ClusterSimulator.defer_workflow`): it still
         # runs, behind every workflow that is not deferred, and counts as missed if it ends late
         self.deferred = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Workflow":
+        """The copy a fork (`envs.sim.fork`) takes, field by field (see `LLMCall.__deepcopy__`);
+        its calls are copied through `memo`, so they stay the very calls of the engines' copied queues."""
+        twin = Workflow(self.workflow_id, _COPY_TENANT, self.arrival_time_s, self.slo_s, [])
+        memo[id(self)] = twin
+        twin.tenant = self.tenant
+        twin.priority = self.priority
+        twin.deadline_s = self.deadline_s
+        twin.stages = [[_copied_call(call, memo) for call in stage] for stage in self.stages]
+        twin.stage_index = self.stage_index
+        twin.pending_in_stage = self.pending_in_stage
+        twin.calls_done = self.calls_done
+        twin.finish_time_s = self.finish_time_s
+        twin.failed = self.failed
+        twin.pointer = self.pointer
+        twin.expected_remaining_s = self.expected_remaining_s
+        twin.n_calls = self.n_calls
+        twin.attained_service_s = self.attained_service_s
+        twin.critical_path_service_s = self.critical_path_service_s
+        twin.stage_ready_critical_path_s = self.stage_ready_critical_path_s
+        twin.deferred = self.deferred
+        return twin
 
     @property
     def done(self) -> bool:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from mypy_extensions import mypyc_attr
 
 from envs.sim.config import EngineConfig
 from envs.sim.model import EngineModel, LedgerMixin, StepTokens, WorkLedger, build_engine_model
 from envs.sim.perf import DecodeSegmentCost, IterationModel
-from envs.sim.prefix_cache import CacheNode, PrefixCache
+from envs.sim.prefix_cache import CacheNode, PrefixCache, copied_node
 from envs.sim.view import CallView
 
 
@@ -100,6 +100,37 @@ class LLMCall:
         self.blocks = 0
         self.cache_nodes = None
         self.shared_blocks = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LLMCall":
+        """The copy a fork (`envs.sim.fork`) takes, field by field: a generic deep copy goes through
+        a state dict per call and was most of a fork's time. Every field is immutable but the cache
+        nodes, which are copied through `memo`, so they stay the very nodes of the engine's copied
+        cache."""
+        twin = LLMCall(self.call_id, self.workflow_id, self.tenant, self.step, self.stage_index, self.fanout,
+                       self.input_tokens, self.output_tokens, self.priority, self.segments)
+        memo[id(self)] = twin
+        twin.position = self.position
+        twin.ready_time_s = self.ready_time_s
+        twin.deadline_s = self.deadline_s
+        twin.workflow_deadline_s = self.workflow_deadline_s
+        twin.engine_id = self.engine_id
+        twin.dispatch_time_s = self.dispatch_time_s
+        twin.admit_time_s = self.admit_time_s
+        twin.first_token_time_s = self.first_token_time_s
+        twin.finish_time_s = self.finish_time_s
+        twin.expected_s = self.expected_s
+        twin.key = self.key
+        twin.preemptions = self.preemptions
+        twin.attempts = self.attempts
+        twin.prefill_left = self.prefill_left
+        twin.generated = self.generated
+        twin.kv_tokens = self.kv_tokens
+        twin.blocks = self.blocks
+        twin.shared_blocks = self.shared_blocks
+        twin.cached_tokens = self.cached_tokens
+        if self.cache_nodes is not None:
+            twin.cache_nodes = [copied_node(node, memo) for node in self.cache_nodes]
+        return twin
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"LLMCall({self.call_id}, wf={self.workflow_id}, {self.step}, in={self.input_tokens}, out={self.output_tokens})"

@@ -18,7 +18,9 @@ arrivals), and a rollout of the fork with the original's policy reproduces the o
 The copy is a `copy.deepcopy` of the dynamic state; the static parts (engine models and their
 iteration models, the SLO model, the configuration, the workload specs, finished workflows and
 their calls) are shared, so a fork costs what is in flight, not the length of the run so far
-(benchmarks/headroom.py reports the time per fork).
+(benchmarks/fork_speed.py reports the time per fork). Calls, workflows and cache nodes copy
+themselves field by field (their `__deepcopy__`), and a fork that knows where its rollout stops
+(`until_s`) draws only the arrivals before it.
 
 `simulator_from_view(view, calls, ...)` builds such a simulator from a view that is not a
 simulator (the gateway's `ClusterState`): the gateway's digital twin. The twin can be forked like
@@ -172,16 +174,23 @@ def _static_memo(sim: ClusterSimulator) -> dict[int, Any]:
 
 
 def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: SchedulingPolicy | None = None,
-         generator: TraceGenerator | None = None, arrival_rate_qps: float | None = None) -> ClusterSimulator:
+         generator: TraceGenerator | None = None, arrival_rate_qps: float | None = None,
+         until_s: float = math.inf) -> ClusterSimulator:
     """An independent copy of `sim` in its current state, with the unknowns redrawn (see the module
     docstring); `sim` is left untouched.
 
     `policy` becomes the copy's policy (run(), queue order of new placements, ticks); by default a
     deep copy of the original's, so a rollout never moves the original policy's state. `generator`
     is the workload model to draw from (default: fitted to the run's workflows); `arrival_rate_qps`
-    overrides the rate of future arrivals (default: the view's recent rate)."""
+    overrides the rate of future arrivals (default: the view's recent rate). `until_s`: the time a
+    rollout of the copy stops at; redrawn workflows that would arrive later are not drawn at all
+    (drawing them was most of a fork's cost on a long run), so the copy's run ends with the last
+    arrival before it."""
     memo = _static_memo(sim)
+    calls: list[LLMCall] = []  # every call of the run: filled below, not element by element by deepcopy
+    memo[id(sim.calls)] = calls
     twin: ClusterSimulator = copy.deepcopy(sim, memo)
+    calls.extend([memo[id(call)] for call in sim.calls])  # each is shared (finished) or copied with its workflow
     own_policy = policy if policy is not None else (copy.deepcopy(sim.policy) if sim.policy is not None else None)
     if own_policy is not None:
         if sim.policy is not None and sim.queue_key == sim.policy.queue_key:
@@ -194,7 +203,7 @@ def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: Schedu
         rng = np.random.default_rng([seed, 16])
         _resample_outputs(twin, generator or workload_generator(sim._specs), rng)
         _resample_arrivals(twin, generator or workload_generator(sim._specs), rng,
-                           arrival_rate_qps if arrival_rate_qps is not None else sim.recent_arrival_rate_qps)
+                           arrival_rate_qps if arrival_rate_qps is not None else sim.recent_arrival_rate_qps, until_s)
     return twin
 
 
@@ -235,25 +244,25 @@ def _resample_outputs(sim: ClusterSimulator, generator: TraceGenerator, rng: np.
 
 
 def _resample_arrivals(sim: ClusterSimulator, generator: TraceGenerator, rng: np.random.Generator,
-                       rate_qps: float) -> None:
-    """New workflows for the ones not arrived yet, arriving as a Poisson process from now."""
+                       rate_qps: float, until_s: float) -> None:
+    """New workflows for the ones not arrived yet, arriving as a Poisson process from now; only
+    those arriving by `until_s` (the run's remaining count at most)."""
     first = sim._next_arrival
     n_future = len(sim._specs) - first
     if n_future <= 0:
         return
     rate = max(rate_qps, MIN_ARRIVAL_RATE_QPS)
-    future = generator.sample(n_future, rng, prompt_segments=sim.prefix_cache)
-    sim._specs = list(sim._specs[:first]) + future
-    arrivals = sim._arrivals.copy()
-    arrivals[first:] = sim.now_s + np.cumsum(rng.exponential(1.0 / rate, size=n_future))
-    sim._arrivals = arrivals
+    times = sim.now_s + np.cumsum(rng.exponential(1.0 / rate, size=n_future))
     shares = np.array([t.share for t in sim.tenants], dtype=float)
-    tenant_of = sim._tenant_of.copy()
-    tenant_of[first:] = rng.choice(len(sim.tenants), size=n_future, p=shares / shares.sum())
-    sim._tenant_of = tenant_of
+    tenants = rng.choice(len(sim.tenants), size=n_future, p=shares / shares.sum())
+    drawn = int(np.searchsorted(times, until_s, side="right"))
+    sim._specs = list(sim._specs[:first]) + generator.sample(drawn, rng, prompt_segments=sim.prefix_cache)
+    sim._arrivals = np.concatenate([sim._arrivals[:first], times[:drawn]])
+    sim._tenant_of = np.concatenate([sim._tenant_of[:first], tenants[:drawn]])
     sim._events = [ev for ev in sim._events if ev[2] != EV_ARRIVAL]
     heapq.heapify(sim._events)
-    sim._push(float(arrivals[first]), EV_ARRIVAL, first, 0)
+    if drawn:
+        sim._push(float(times[0]), EV_ARRIVAL, first, 0)
 
 
 def simulator_from_view(view: ModelledClusterView, calls: Sequence[PlacedCallView], engine_configs: Sequence[EngineConfig],

@@ -32,7 +32,7 @@ hits on its own prompt, as in vLLM); an engine failure drops the whole cache (`c
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 from mypy_extensions import mypyc_attr
 
@@ -68,6 +68,18 @@ class CacheNode:
         self.cached = cached  # how many of them (from the segment's start) hold cached KV
         self.refs = refs  # running calls that use them
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "CacheNode":
+        """A fork copies many nodes; their fields are immutable values (see `LLMCall.__deepcopy__`)."""
+        twin = CacheNode(self.key, self.blocks, self.cached, self.refs)
+        memo[id(self)] = twin
+        return twin
+
+
+def copied_node(node: CacheNode, memo: dict[int, Any]) -> CacheNode:
+    """`copy.deepcopy(node, memo)` without its generic dispatch."""
+    twin = memo.get(id(node))
+    return twin if twin is not None else node.__deepcopy__(memo)
+
 
 # allow_interpreted_subclasses: built from interpreted code too (see `envs.sim.engine.LLMCall`)
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
@@ -93,6 +105,25 @@ class PrefixCache:
         # bumped whenever the set of nodes running calls use changes (acquire, release, clear):
         # what `blocks_to_take` answers for a chain depends on nothing else
         self.refs_version = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PrefixCache":
+        """The copy a fork (`envs.sim.fork`) takes of each engine's cache: every node copied once
+        (through `memo`, which the calls holding nodes share), both tables rebuilt in their order."""
+        twin = PrefixCache(self.block_size)
+        memo[id(self)] = twin
+        nodes = twin.nodes
+        for key, node in self.nodes.items():
+            nodes[key] = copied_node(node, memo)
+        lru = twin._lru
+        for key, node in self._lru.items():
+            lru[key] = copied_node(node, memo)
+        twin.evictable_blocks = self.evictable_blocks
+        twin.cached_blocks = self.cached_blocks
+        twin.hit_tokens = self.hit_tokens
+        twin.query_tokens = self.query_tokens
+        twin.evicted_blocks = self.evicted_blocks
+        twin.refs_version = self.refs_version
+        return twin
 
     def clear(self) -> None:
         """Drop every cached block (engine failure); counters stay."""
