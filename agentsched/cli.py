@@ -14,7 +14,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import typer
 
@@ -101,22 +102,34 @@ def _group_at(path: Sequence[str]) -> typer.Typer:
     return group
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line; user mistakes exit 2 with one line, bugs keep their traceback (exit 1)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    _register_all()
+def run_typer(command: typer.Typer, args: list[str], prog_name: str, hint: Callable[[str], str] | None = None) -> None:
+    """Run a typer app on `args` with the one error path: user mistakes exit 2 with one line
+    (`hint(message)` appended to typer's usage errors), bugs keep their traceback (exit 1)."""
     try:
-        code = app(args=args, prog_name=PROG, standalone_mode=False)
+        code = command(args=args, prog_name=prog_name, standalone_mode=False)
     except Exception as exc:
         message = format_user_error(exc)
         if message is None:
             raise
-        if isinstance(exc, USAGE_ERRORS):
-            message += usage_hint(args, message)
+        if isinstance(exc, USAGE_ERRORS) and hint is not None:
+            message += hint(message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     if isinstance(code, int) and code:  # typer.Exit(n) and Ctrl-C (130) return their code here
         sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line; user mistakes exit 2 with one line, bugs keep their traceback (exit 1)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _register_all()
+    run_typer(app, args, PROG, lambda message: usage_hint(args, message))
+
+
+def run_script(script: typer.Typer) -> None:
+    """A benchmark's or experiment's typer app, run from its `__main__` with the command's error path."""
+    run_typer(script, sys.argv[1:], Path(sys.argv[0]).name,
+              lambda _: f" (see '{Path(sys.argv[0]).name} --help')")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agentsched.cli import run_script
 from envs.gym.benchmark import BENCHMARK_CELLS
+from envs.sim.cluster import ClusterSimulator
 from envs.sim.fork import fork
 from envs.sim.gc_pause import cyclic_gc_paused
 from envs.sim.native import compiled_modules_in_use
 from envs.sim.scenario import build_simulator
 from policies import load_policy
+from policies.base import Policy
 
 HORIZON_S = 20.0
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -36,11 +39,19 @@ BASE = "least-work+workflow"
 app = typer.Typer(add_completion=False)
 
 
-def timed_ms(repeats: int, work) -> float:
-    started = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    return (time.perf_counter() - started) * 1e3 / repeats
+def measure(sim: ClusterSimulator, policy: Policy, until_s: float, repeats: int) -> tuple[float, float, float]:
+    """ms per fork to `until_s`, per fork drawing every future arrival, per rollout to `until_s`."""
+    with cyclic_gc_paused():  # as inside a run, where the planners fork
+        started = time.perf_counter()
+        twins = [fork(sim, 1, policy=copy.deepcopy(policy), until_s=until_s) for _ in range(repeats)]
+        forked = time.perf_counter()
+        for _ in range(repeats):
+            fork(sim, 1, policy=copy.deepcopy(policy))
+        full = time.perf_counter()
+        for twin in twins:
+            twin.run(until_s=until_s)
+        done = time.perf_counter()
+    return ((forked - started) * 1e3 / repeats, (full - forked) * 1e3 / repeats, (done - full) * 1e3 / repeats)
 
 
 @app.command()
@@ -65,15 +76,11 @@ def main(ids: str = typer.Option(",".join(BENCHMARK_CELLS), help="comma-separate
             sim.run(until_s=fraction * span_s)
             until_s = sim.now_s + HORIZON_S
             in_flight = sum(len(s) for wf in sim.workflows if not wf.done for s in wf.stages)
-            with cyclic_gc_paused():  # as inside a run, where the planners fork
-                fork_ms = timed_ms(repeats, lambda: fork(sim, 1, policy=copy.deepcopy(policy), until_s=until_s))
-                full_ms = timed_ms(repeats, lambda: fork(sim, 1, policy=copy.deepcopy(policy)))
-                twins = [fork(sim, 1, policy=copy.deepcopy(policy), until_s=until_s) for _ in range(repeats)]
-                rollout_ms = timed_ms(1, lambda: [t.run(until_s=until_s) for t in twins]) / repeats
+            fork_ms, full_ms, rollout_ms = measure(sim, policy, until_s, repeats)
             table.add_row(env_id.removeprefix("agentsched/"), f"{sim.now_s:.0f}", str(in_flight), f"{fork_ms:.1f}",
                           f"{full_ms:.1f}", f"{rollout_ms:.1f}", f"{2 * (fork_ms + rollout_ms):.0f}")
     console.print(table)
 
 
 if __name__ == "__main__":
-    app()
+    run_script(app)

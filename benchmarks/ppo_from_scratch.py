@@ -34,6 +34,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 import envs.gym  # noqa: F401  (registers the benchmark ids)
+from agentsched.cli import run_script
 from envs import DISPATCH_ENV_ID
 from envs.gym.benchmark import BENCHMARK_ENV_IDS, LOCAL_KNOBS, LOCAL_ORDER, reference_scores
 from envs.seeds import EVAL_SEED_BASE
@@ -121,4 +122,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_script(app)

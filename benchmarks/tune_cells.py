@@ -24,6 +24,7 @@ from typing import Any
 
 import typer
 
+from agentsched.cli import run_script
 from benchmarks.headroom import TUNED_PATH
 from envs.gym.benchmark import BENCHMARK_CELLS
 from heuristics.league import mean_goodput, tune_job
@@ -109,4 +110,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run_script(app)

@@ -8,6 +8,7 @@ subprocess, since that is what users run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,20 @@ def test_real_entry_point_one_line_exit_2(args, needle):
     proc = _subprocess("-m", "agentsched.cli", *args)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("benchmarks/fork_speed.py", ["--ids", "nope"], "--ids"),
+    ("benchmarks/reference_scores.py", ["--planners", "foo"], "--planners"),
+    ("benchmarks/tune_cells.py", ["--no-such-flag"], "--no-such-flag"),
+])
+def test_benchmark_scripts_one_line_exit_2(script, args, needle):
+    """The typer scripts under benchmarks/ take the command's error path (`agentsched.cli.run_script`)."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and needle in proc.stderr
+    assert f"see '{Path(script).name} --help'" in proc.stderr
 
 
 def test_real_entry_point_bug_is_traceback_exit_1():
