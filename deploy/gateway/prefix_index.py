@@ -168,9 +168,7 @@ class EnginePrefixIndex:
         self.version += 1
         hit, take, nodes = cache.take_chain(segments, prompt_tokens)  # never refused: the engine queues
         self.free_blocks -= take + blocks - full
-        free = self.free_blocks if self.free_blocks > 0 else 0  # over capacity: the engine queues, we keep nothing spare
-        if cache.evictable_blocks > free:
-            cache.evict_down_to(free)
+        self._fit_cached_blocks()
         cache.hit_tokens += hit
         cache.query_tokens += prompt_tokens
         self._held[call_id] = (nodes, blocks, full)
@@ -184,11 +182,7 @@ class EnginePrefixIndex:
         nodes, blocks, shared = held
         self.version += 1
         self.free_blocks += blocks - shared + self.cache.release(nodes)
-        # calls sent beyond the engine's capacity (it queues them; the index cannot see that) may
-        # have left more cached blocks than the pool has room for: keep the simulator's invariant
-        free = self.free_blocks if self.free_blocks > 0 else 0
-        if self.cache.evictable_blocks > free:
-            self.cache.evict_down_to(free)
+        self._fit_cached_blocks()
 
     def clear(self) -> None:
         """The engine restarted (or went down): its cache is empty; calls held so far are forgotten
@@ -206,6 +200,12 @@ class EnginePrefixIndex:
         self.version += 1
         self.free_blocks += total - self.total_blocks
         self.total_blocks = total
+        self._fit_cached_blocks()
+
+    def _fit_cached_blocks(self) -> None:
+        """Keep the simulator's invariant (cached blocks no call uses fit in the free pool): evict
+        the least recently released ones that do not. Calls sent beyond the engine's capacity (it
+        queues them; the index cannot see that) drive the pool below zero: then nothing is spare."""
         free = self.free_blocks if self.free_blocks > 0 else 0
         if self.cache.evictable_blocks > free:
             self.cache.evict_down_to(free)
