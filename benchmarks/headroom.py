@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from agentsched.cli import run_script
 from envs.gym.benchmark import BENCHMARK_QUERIES, CLUSTER_NAMES, HEAVY_RATES_QPS, SHAPE_NAMES
 from envs.seeds import TEST_SEED_BASE
 from envs.sim.capacity import capacity_bound
@@ -45,7 +46,7 @@ from envs.sim.scenario import simulate
 from policies import load_policy
 from policies.base import Policy
 from policies.loader import policy_from_spec
-from policies.lookahead import LookaheadPolicy
+from policies.lookahead import LookaheadPolicy, is_lookahead_name, lookahead_from_name
 from training.evaluate import bootstrap_mean, bootstrap_ratio
 
 LEAGUE_PATH = Path(__file__).resolve().parents[1] / "heuristics" / "league" / "league.json"
@@ -57,6 +58,7 @@ TUNED_BASES = {tuned: base for base, tuned in TUNED_NAMES.items()}
 TUNED_PATH = Path(__file__).resolve().parents[1] / "envs" / "data" / "benchmark_tuned.json"  # benchmarks/tune_cells.py
 LOOKAHEAD = "lookahead:least-work+workflow@horizon_s=20,samples=1,top_k=2"
 CLAIRVOYANT = LOOKAHEAD + ",clairvoyant=true"
+LOOKAHEAD_ADMIT = "lookahead:least-work+admit-tuned@horizon_s=20,samples=1,top_k=2"  # over the best hand-written rule
 
 app = typer.Typer(add_completion=False)
 
@@ -102,7 +104,9 @@ def policy_for(name: str, cell: Cell) -> Policy:
     `hexgen-tuned`, `least-work+admit-tuned`) carry the knobs tuned on the cell itself
     (benchmarks/tune_cells.py); hexgen-tuned falls back to the league's
     knobs for the cell's cluster and load shape where the cell was not tuned. Any other name goes to
-    `load_policy`."""
+    `load_policy`; a lookahead name's base may be one of them (`lookahead:least-work+admit-tuned@...`)."""
+    if is_lookahead_name(name):
+        return lookahead_from_name(name, lambda base: policy_for(base, cell))
     if name in TUNED_BASES:
         policy = cell_tuned(TUNED_BASES[name], cell)
         if policy is not None:
@@ -234,6 +238,8 @@ def label(name: str) -> str:
         return "clairvoyant"
     if name == LOOKAHEAD:
         return "lookahead"
+    if name == LOOKAHEAD_ADMIT:
+        return "lookahead-admit"
     return name
 
 
@@ -255,4 +261,4 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    app()
+    run_script(app)

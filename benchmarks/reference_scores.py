@@ -7,19 +7,26 @@ dispatching like it scores in the env, see the envs.gym.benchmark docstring) wit
 knobs and with knobs tuned on the id's own cell (`hexgen-tuned`, `least-work+workflow-tuned`:
 envs/data/benchmark_tuned.json, benchmarks/tune_cells.py, tuning seeds), the tuned
 least-work+workflow with the defer-late admission rule, every knob of both tuned together on the cell
-(`least-work+admit-tuned`, the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally `lookahead` (`--lookahead-ids`: it forks the
-simulator at every decision, so a benchmark-length run of it costs minutes per seed), and the
+(`least-work+admit-tuned`, the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally the planners (`--planner-ids`:
+they fork the simulator at every decision, so a benchmark-length run costs minutes per seed):
+`lookahead` over least-work+workflow, its `clairvoyant` twin (true output lengths and arrivals: not
+deployable, the empirical upper reference) and `lookahead-admit`, lookahead over
+least-work+admit-tuned; each is also compared to its base on the same seeds. And the
 capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
 over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
 share of the bound. Each run is `envs.sim.scenario.simulate(env.run_spec(seed), policy)`.
 
-Run (about 3 minutes on 2 cores without lookahead):
+Run (about 3 minutes on 2 cores without planners; a planner run takes 2-6 minutes per id and seed):
     PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py
-    PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py --lookahead-ids agentsched/Dispatch-paper-burst-v1 --lookahead-seeds 1
+    PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py --planner-ids all --planner-seeds 2
+
+Planner entries an earlier table measured on the same cell are kept (marked with their command)
+where this run does not measure them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +37,8 @@ from typing import Any
 import numpy as np
 import typer
 
-from benchmarks.headroom import LOOKAHEAD, TUNED_ADMIT, TUNED_HEXGEN, TUNED_LEAST_WORK, run_policy
+from agentsched.cli import run_script
+from benchmarks.headroom import CLAIRVOYANT, LOOKAHEAD, LOOKAHEAD_ADMIT, TUNED_ADMIT, TUNED_HEXGEN, TUNED_LEAST_WORK, run_policy
 from envs.gym.benchmark import BENCHMARK_CELLS, BENCHMARK_VERSION, LOCAL_KNOBS, LOCAL_ORDER, SCORES_PATH, TEST_SEEDS
 from envs.sim.capacity import capacity_bound
 from training.evaluate import bootstrap_mean, bootstrap_ratio
@@ -40,6 +48,9 @@ POLICIES = ("random", "rr", "hexgen", TUNED_HEXGEN, "least-work+workflow", TUNED
 BEST_HEURISTIC = "least-work+workflow"
 RATIO_BASES = (BEST_HEURISTIC, TUNED_LEAST_WORK, TUNED_ADMIT)  # what the learned policy's ratios are to
 BOUND = "capacity-bound"
+# planner label -> (policy name, the base it is compared with on the same seeds)
+PLANNERS = {"lookahead": (LOOKAHEAD, BEST_HEURISTIC), "clairvoyant": (CLAIRVOYANT, BEST_HEURISTIC),
+            "lookahead-admit": (LOOKAHEAD_ADMIT, TUNED_ADMIT)}
 CONFIDENCE = 0.95
 
 app = typer.Typer(add_completion=False)
@@ -58,77 +69,90 @@ def summarize(goodput: list[float], attainment: list[float] | None, seeds: list[
 @app.command()
 def main(
     seeds: int = typer.Option(len(TEST_SEEDS), min=1, max=len(TEST_SEEDS), help="test seeds used (the first N)"),
-    lookahead_ids: str = typer.Option("", help="comma-separated ids where lookahead runs ('' for none)"),
-    lookahead_seeds: int = typer.Option(1, min=1, help="seeds lookahead runs on (the first N)"),
-    workers: int = typer.Option(2, min=1, help="processes the lookahead runs share (they run beside the rest)"),
+    planner_ids: str = typer.Option("", help="comma-separated ids where the planners run, 'all', or '' for none"),
+    planners: str = typer.Option(",".join(PLANNERS), help=f"comma-separated planners ({', '.join(PLANNERS)})"),
+    planner_seeds: int = typer.Option(1, min=1, max=len(TEST_SEEDS), help="seeds the planners run on (the first N)"),
+    workers: int = typer.Option(2, min=1, help="processes the planner runs share (they run beside the rest)"),
     out: Path = typer.Option(SCORES_PATH, help="the JSON table (a .md table is written next to it)"),
 ) -> None:
     """Measure the reference scores of every benchmark id and write the table."""
     seed_list = list(TEST_SEEDS[:seeds])
-    planned = set(filter(None, lookahead_ids.split(",")))
+    planned = set(BENCHMARK_CELLS) if planner_ids == "all" else set(filter(None, planner_ids.split(",")))
     unknown = planned - set(BENCHMARK_CELLS)
     if unknown:
-        raise typer.BadParameter(f"unknown id {sorted(unknown)[0]} (ids: {', '.join(BENCHMARK_CELLS)})",
-                                 param_hint="--lookahead-ids")
+        raise typer.BadParameter(f"unknown id {sorted(unknown)[0]} (ids: all, {', '.join(BENCHMARK_CELLS)})",
+                                 param_hint="--planner-ids")
+    chosen = [p for p in planners.split(",") if p]
+    if not chosen or (bad := [p for p in chosen if p not in PLANNERS]):
+        raise typer.BadParameter(f"unknown planner {bad[0] if chosen else repr(planners)} "
+                                 f"(planners: {', '.join(PLANNERS)})", param_hint="--planners")
     rng = np.random.default_rng(0)
     previous = json.loads(out.read_text()) if out.exists() else {"envs": {}}
     table: dict[str, Any] = {
         "version": BENCHMARK_VERSION, "metric": "SLO-goodput (q/s): SLO-met workflows per second of the run",
         "confidence": CONFIDENCE, "test_seeds": seed_list, "best_heuristic": BEST_HEURISTIC,
-        "env_local_order": {"name": LOCAL_ORDER, **LOCAL_KNOBS}, "lookahead": LOOKAHEAD,
+        "env_local_order": {"name": LOCAL_ORDER, **LOCAL_KNOBS},
+        "planners": {label: {"policy": name, "base": base} for label, (name, base) in PLANNERS.items()},
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py"
-                   + (f" --lookahead-ids {lookahead_ids} --lookahead-seeds {lookahead_seeds}" if planned else ""),
+                   + (f" --planner-ids {planner_ids} --planners {','.join(chosen)} --planner-seeds {planner_seeds}"
+                      if planned else ""),
         "envs": {}}
-    pool = ProcessPoolExecutor(workers)  # the lookahead runs (minutes per seed) start at once, beside the rest
-    planned_runs = {(env_id, s): pool.submit(run_policy, LOOKAHEAD, cell, s)
-                    for env_id, cell in BENCHMARK_CELLS.items() if env_id in planned for s in seed_list[:lookahead_seeds]}
-    for env_id, cell in BENCHMARK_CELLS.items():
-        started = time.perf_counter()
-        bounds = [capacity_bound(cell.run_spec(s)).goodput_bound_qps for s in seed_list]
-        bound_mean = float(np.mean(bounds))
-        entries: dict[str, Any] = {BOUND: summarize(bounds, None, seed_list, bound_mean, rng)}
-        for name in POLICIES:
-            runs = [run_policy(name, cell, s) for s in seed_list]
-            entries[name] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], seed_list,
-                                      bound_mean, rng)
-        learned = np.array(entries[LEARNED]["per_seed"])
-        entries[LEARNED]["ratio_to"] = {}
-        for base in RATIO_BASES:
-            ratio, lo, hi = bootstrap_ratio(learned, np.array(entries[base]["per_seed"]), CONFIDENCE, rng)
-            entries[LEARNED]["ratio_to"][base] = {"mean": ratio, "lo": lo, "hi": hi}
-        if env_id in planned:
-            use = seed_list[:lookahead_seeds]
-            runs = [planned_runs[(env_id, s)].result() for s in use]
-            same_bound = float(np.mean(bounds[:len(use)]))
-            entries["lookahead"] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], use,
-                                             same_bound, rng,
-                                             decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
-                                             best_heuristic_same_seeds=float(np.mean(entries[BEST_HEURISTIC]["per_seed"][:len(use)])))
-        elif (carried := carried_lookahead(previous, env_id, cell)) is not None:  # an earlier run's: minutes per seed
-            entries["lookahead"] = carried
-        else:
-            entries["lookahead"] = {"measured": False,
-                                    "note": "not measured on this id (a benchmark-length lookahead run costs minutes per "
-                                            "seed); see experiments/headroom/table.md for lookahead on shorter runs"}
-        table["envs"][env_id] = {"cell": {**asdict(cell), "label": cell.label}, "policies": entries}
-        best = entries[BEST_HEURISTIC]["goodput_qps"]
-        print(f"{env_id}: bound {bound_mean:.4f}, {BEST_HEURISTIC} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}] "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-    pool.shutdown()
+    planner_seed_list = seed_list[:planner_seeds]
+    # the planner runs (minutes per seed) start at once, beside the rest; none: no pool at all
+    with ProcessPoolExecutor(workers) if planned else contextlib.nullcontext() as pool:
+        planned_runs = {(env_id, label, s): pool.submit(run_policy, PLANNERS[label][0], cell, s)
+                        for env_id, cell in BENCHMARK_CELLS.items() if env_id in planned
+                        for label in chosen for s in planner_seed_list}
+        for env_id, cell in BENCHMARK_CELLS.items():
+            started = time.perf_counter()
+            bounds = [capacity_bound(cell.run_spec(s)).goodput_bound_qps for s in seed_list]
+            bound_mean = float(np.mean(bounds))
+            entries: dict[str, Any] = {BOUND: summarize(bounds, None, seed_list, bound_mean, rng)}
+            for name in POLICIES:
+                runs = [run_policy(name, cell, s) for s in seed_list]
+                entries[name] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], seed_list,
+                                          bound_mean, rng)
+            learned = np.array(entries[LEARNED]["per_seed"])
+            entries[LEARNED]["ratio_to"] = {}
+            for base in RATIO_BASES:
+                ratio, lo, hi = bootstrap_ratio(learned, np.array(entries[base]["per_seed"]), CONFIDENCE, rng)
+                entries[LEARNED]["ratio_to"][base] = {"mean": ratio, "lo": lo, "hi": hi}
+            for label, (_, base) in PLANNERS.items():
+                if env_id in planned and label in chosen:
+                    use = planner_seed_list
+                    runs = [planned_runs[(env_id, label, s)].result() for s in use]
+                    entries[label] = summarize(
+                        [r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], use,
+                        float(np.mean(bounds[:len(use)])), rng, base=base,
+                        base_same_seeds=float(np.mean(entries[base]["per_seed"][:len(use)])),
+                        decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
+                        changed_share=float(sum(r["changed_decisions"] for r in runs)
+                                            / max(1, sum(r["planned_decisions"] for r in runs))))
+                elif (carried := carried_planner(previous, env_id, cell, label)) is not None:  # minutes per seed
+                    entries[label] = carried
+                else:
+                    entries[label] = {"measured": False, "note": "not measured on this id (a benchmark-length planner run "
+                                                                 "costs minutes per seed)"}
+            table["envs"][env_id] = {"cell": {**asdict(cell), "label": cell.label}, "policies": entries}
+            best = entries[BEST_HEURISTIC]["goodput_qps"]
+            print(f"{env_id}: bound {bound_mean:.4f}, {BEST_HEURISTIC} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}] "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(table))
     print(markdown(table))
 
 
-def carried_lookahead(previous: dict[str, Any], env_id: str, cell: Any) -> dict[str, Any] | None:
-    """The lookahead entry an earlier table measured on this id's very cell, marked with the
-    command that measured it; None if it has none."""
+def carried_planner(previous: dict[str, Any], env_id: str, cell: Any, label: str) -> dict[str, Any] | None:
+    """The planner's entry an earlier table measured on this id's very cell with the same planner,
+    marked with the command that measured it; None if it has none."""
     env = previous["envs"].get(env_id)
     if env is None or env["cell"] != {**asdict(cell), "label": cell.label}:
         return None
-    entry = env["policies"].get("lookahead", {})
-    if not entry.get("measured", True):
+    entry = env["policies"].get(label, {})
+    if not entry.get("measured", True) or "base_same_seeds" not in entry:
+        return None
+    if previous.get("planners", {}).get(label, {}).get("policy") != PLANNERS[label][0]:
         return None
     return {**entry, "measured_by": entry.get("measured_by", previous.get("command", ""))}
 
@@ -154,15 +178,19 @@ def markdown(table: dict[str, Any]) -> str:
                          f"{len(e['seeds'])} |")
     if carried:
         lines += ["", "Kept from the earlier run that measured them: " + "; ".join(carried) + "."]
-    planned = [(env_id, e) for env_id, env in table["envs"].items()
-               if (e := env["policies"].get("lookahead")) and e.get("measured", True)]
+    planned = [(env_id, label, e) for env_id, env in table["envs"].items() for label in table["planners"]
+               if (e := env["policies"].get(label)) and e.get("measured", True)]
     if planned:
-        lines += ["", f"`{table['lookahead']}` against its base on the same seeds, and its mean decision time:", "",
-                  "| env id | seeds | lookahead | least-work+workflow | ratio | decision ms |", "|---|---|---|---|---|---|"]
-        for env_id, e in planned:
-            base = e["best_heuristic_same_seeds"]
-            lines.append(f"| {env_id} | {', '.join(map(str, e['seeds']))} | {e['goodput_qps']['mean']:.4f} | {base:.4f} | "
-                         f"{e['goodput_qps']['mean'] / base:.3f} | {e['decision_ms_mean']:.0f} |")
+        lines += ["", "The planners against their base on the same seeds, their mean decision time and the share "
+                  "of decisions where the plan overrode the base (" + "; ".join(
+                      f"{label} = `{p['policy']}`" for label, p in table["planners"].items()) + "):", "",
+                  "| env id | planner | seeds | SLO-goodput | base | base SLO-goodput | ratio | decision ms | overrode |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for env_id, label, e in planned:
+            base = e["base_same_seeds"]
+            lines.append(f"| {env_id} | {label} | {', '.join(map(str, e['seeds']))} | {e['goodput_qps']['mean']:.4f} | "
+                         f"{e['base']} | {base:.4f} | {e['goodput_qps']['mean'] / base:.3f} | "
+                         f"{e['decision_ms_mean']:.0f} | {e['changed_share']:.1%} |")
     lines += ["", f"SLO-goodput of {LEARNED} over least-work+workflow with its shipped knobs, with its per-cell tuned "
               "knobs, and with the defer-late admission rule added and every knob tuned together on the cell (ratio of "
               "means, paired BCa "
@@ -176,4 +204,4 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    app()
+    run_script(app)

@@ -11,7 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs.gym  # noqa: F401  (registers the ids)
 from benchmarks.headroom import TUNED_HEXGEN, TUNED_LEAST_WORK, TUNED_NAMES, TUNED_PATH, cell_tuned, policy_for
-from benchmarks.reference_scores import BOUND, POLICIES
+from benchmarks.reference_scores import BOUND, PLANNERS, POLICIES
 from envs.gym.benchmark import (
     BENCHMARK_CELLS,
     BENCHMARK_ENV_IDS,
@@ -28,6 +28,7 @@ from envs.sim.cells import Cell
 from envs.sim.scenario import simulate
 from envs.sim.workload import PiecewiseArrivals, PoissonArrivals
 from policies import load_policy
+from policies.lookahead import LookaheadPolicy
 
 
 def run_episode(env: gym.Env, policy) -> dict:
@@ -107,13 +108,18 @@ def test_reference_table_has_every_id_every_policy_and_the_bound():
     assert table["test_seeds"] == list(TEST_SEEDS[:len(table["test_seeds"])])
     for env_id in BENCHMARK_ENV_IDS:
         scores = reference_scores(env_id)
-        assert set(POLICIES) | {BOUND, "lookahead"} <= set(scores)
+        assert set(POLICIES) | {BOUND} | set(PLANNERS) <= set(scores)
         bound = scores[BOUND]["goodput_qps"]["mean"]
         for name in POLICIES:
             g = scores[name]["goodput_qps"]
             assert g["lo"] <= g["mean"] <= g["hi"] and len(scores[name]["per_seed"]) == len(table["test_seeds"])
             assert g["mean"] <= bound + 1e-9  # nothing beats the capacity bound
         assert table["envs"][env_id]["cell"]["queries"] == BENCHMARK_CELLS[env_id].queries
+        for label, (_, base) in PLANNERS.items():
+            entry = scores[label]
+            if entry.get("measured", True):  # compared with its base on its own seeds
+                same = scores[base]["per_seed"][:len(entry["seeds"])]
+                assert entry["base"] == base and entry["base_same_seeds"] == pytest.approx(sum(same) / len(same))
     with pytest.raises(KeyError, match="no reference scores"):
         reference_scores("agentsched/Dispatch-v0")
 
@@ -155,3 +161,13 @@ def test_tuned_knobs_cover_every_id_and_reproduce_their_tuning_score():
     assert policy_for(TUNED_HEXGEN, other).name == TUNED_HEXGEN
     with pytest.raises(typer.BadParameter, match="tune_cells.py"):
         policy_for(TUNED_LEAST_WORK, other)
+
+
+def test_a_planner_over_a_tuned_rule_plans_with_the_cells_own_knobs():
+    """`lookahead-admit` of the reference table: lookahead whose base (its rollouts' policy and its
+    admission) is the rule tuned on the very cell."""
+    cell = BENCHMARK_CELLS["agentsched/Dispatch-mixed16-step-v1"]
+    planner = policy_for(PLANNERS["lookahead-admit"][0], cell)
+    assert isinstance(planner, LookaheadPolicy)
+    assert planner.base.spec() == policy_for("least-work+admit-tuned", cell).spec()
+    assert (planner.horizon_s, planner.samples, planner.top_k) == (20.0, 1, 2)
