@@ -18,7 +18,7 @@ from envs.sim import native
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# a few runs that exercise admission, preemption, the prefix cache, eviction and failures
+# a few runs that exercise admission, preemption, the prefix cache, eviction, failures and forks
 RUNS = """
 import json, sys
 from envs.sim.native import compiled_modules_in_use
@@ -35,6 +35,10 @@ for policy in ("rr", "llmd-prefix", "least-work+workflow"):
                        prefix_cache=cache)
         result, sim = simulate(spec, load_policy(policy))
         out[f"{policy}/{cache}"] = without_wall_clock(result)
+# the lookahead planner forks at every decision: the copies (`__deepcopy__` of calls, workflows, caches)
+spec = RunSpec(trace="chess_trace1", cluster="paper", rate_qps=0.6, slo_scale=3.0, seed=3, queries=20)
+result, sim = simulate(spec, load_policy("lookahead:least-work+workflow@horizon_s=10,samples=1,top_k=2"))
+out["lookahead"] = without_wall_clock(result)
 print(json.dumps({"compiled": compiled_modules_in_use(), "results": out}, sort_keys=True))
 """
 
