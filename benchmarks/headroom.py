@@ -59,6 +59,7 @@ TUNED_PATH = Path(__file__).resolve().parents[1] / "envs" / "data" / "benchmark_
 LOOKAHEAD = "lookahead:least-work+workflow@horizon_s=20,samples=1,top_k=2"
 CLAIRVOYANT = LOOKAHEAD + ",clairvoyant=true"
 LOOKAHEAD_ADMIT = "lookahead:least-work+admit-tuned@horizon_s=20,samples=1,top_k=2"  # over the best hand-written rule
+PLANNER_LABELS = {LOOKAHEAD: "lookahead", CLAIRVOYANT: "clairvoyant", LOOKAHEAD_ADMIT: "lookahead-admit"}  # in tables
 
 app = typer.Typer(add_completion=False)
 
@@ -234,13 +235,7 @@ def run_cell(cell: Cell, baselines: list[str], planners: list[str], seed_list: l
 
 
 def label(name: str) -> str:
-    if name == CLAIRVOYANT:
-        return "clairvoyant"
-    if name == LOOKAHEAD:
-        return "lookahead"
-    if name == LOOKAHEAD_ADMIT:
-        return "lookahead-admit"
-    return name
+    return PLANNER_LABELS.get(name, name)
 
 
 def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:

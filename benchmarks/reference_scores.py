@@ -38,7 +38,16 @@ import numpy as np
 import typer
 
 from agentsched.cli import run_script
-from benchmarks.headroom import CLAIRVOYANT, LOOKAHEAD, LOOKAHEAD_ADMIT, TUNED_ADMIT, TUNED_HEXGEN, TUNED_LEAST_WORK, run_policy
+from benchmarks.headroom import (
+    CLAIRVOYANT,
+    LOOKAHEAD,
+    LOOKAHEAD_ADMIT,
+    PLANNER_LABELS,
+    TUNED_ADMIT,
+    TUNED_HEXGEN,
+    TUNED_LEAST_WORK,
+    run_policy,
+)
 from envs.gym.benchmark import BENCHMARK_CELLS, BENCHMARK_VERSION, LOCAL_KNOBS, LOCAL_ORDER, SCORES_PATH, TEST_SEEDS
 from envs.sim.capacity import capacity_bound
 from training.evaluate import bootstrap_mean, bootstrap_ratio
@@ -49,8 +58,8 @@ BEST_HEURISTIC = "least-work+workflow"
 RATIO_BASES = (BEST_HEURISTIC, TUNED_LEAST_WORK, TUNED_ADMIT)  # what the learned policy's ratios are to
 BOUND = "capacity-bound"
 # planner label -> (policy name, the base it is compared with on the same seeds)
-PLANNERS = {"lookahead": (LOOKAHEAD, BEST_HEURISTIC), "clairvoyant": (CLAIRVOYANT, BEST_HEURISTIC),
-            "lookahead-admit": (LOOKAHEAD_ADMIT, TUNED_ADMIT)}
+PLANNERS = {PLANNER_LABELS[name]: (name, base)
+            for name, base in ((LOOKAHEAD, BEST_HEURISTIC), (CLAIRVOYANT, BEST_HEURISTIC), (LOOKAHEAD_ADMIT, TUNED_ADMIT))}
 CONFIDENCE = 0.95
 
 app = typer.Typer(add_completion=False)
