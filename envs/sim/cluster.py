@@ -27,7 +27,7 @@ from envs.sim.engine import Engine, LLMCall
 from envs.sim.gc_pause import cyclic_gc_paused
 from envs.sim.model import ArrivalWindow, EngineModel, StepTokens, build_engine_model, cluster_slo_model
 from envs.sim.view import SchedulingPolicy
-from envs.sim.workload import CallSpec, WorkflowSpec, step_mean_tokens
+from envs.sim.workload import ArrivalProcess, CallSpec, WorkflowSpec, step_mean_tokens
 
 EV_ARRIVAL, EV_ENGINE, EV_FAIL, EV_RECOVER, EV_TICK, EV_CALL_DONE, EV_FRONTEND = range(7)
 
@@ -156,13 +156,16 @@ class ClusterSimulator:
         policy: SchedulingPolicy | None = None,
         prefix_cache: bool = True,
         deferred_background: bool = True,
+        arrival_model: ArrivalProcess | None = None,
     ):
         """`policy`, when given, is the one policy of the run: its queue_key orders every engine's
         queue, its on_interval ticks every interval_s, and `run()` asks it for every dispatch
         (the Gymnasium env passes no policy and answers dispatch decisions itself).
         `deferred_background`: a deferred workflow's calls are background work, admitted into an
         engine's batch only when it runs nothing else (else they only queue last, and fill free
-        batch slots, slowing the batch for everyone)."""
+        batch slots, slowing the batch for everyone).
+        `arrival_model`: the process the arrival times were drawn from, the forecast a fork of the
+        run draws its future arrivals from (`envs.sim.fork`); None: the recent arrival rate."""
         if len(arrival_times_s) != len(workflows):
             raise ValueError("one arrival time per workflow")
         catalog = load_catalog()
@@ -199,6 +202,7 @@ class ClusterSimulator:
         self.calls: list[LLMCall] = []
         self._specs = list(workflows)
         self._arrivals = np.asarray(arrival_times_s, dtype=float)
+        self.arrival_model = arrival_model
         rng = np.random.default_rng(tenant_seed)
         shares = np.array([t.share for t in self.tenants], dtype=float)
         self._tenant_of = rng.choice(len(self.tenants), size=len(workflows), p=shares / shares.sum())

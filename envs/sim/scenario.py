@@ -63,7 +63,7 @@ class RunSpec(BaseModel):
     def cluster_config(self) -> ClusterConfig:
         return self.cluster if isinstance(self.cluster, ClusterConfig) else load_cluster(self.cluster)
 
-    def arrival_process(self) -> Any:
+    def arrival_process(self) -> ArrivalProcess:
         if self.arrivals is not None:
             return self.arrivals
         if self.burstiness_cv != 1.0:
@@ -136,7 +136,7 @@ def build_simulator(spec: RunSpec, queue_key: Callable | None = None, record_tim
         tenants=[Tenant(t.name, t.slo_scale, t.priority, t.share) for t in spec.tenants],
         failures=[Failure(f.engine, f.at_s, f.duration_s) for f in spec.failures],
         step_tokens=step_tokens, tenant_seed=spec.seed, record_timeline=record_timeline,
-        prefix_cache=spec.prefix_cache, **kwargs)
+        prefix_cache=spec.prefix_cache, arrival_model=spec.arrival_process(), **kwargs)
 
 
 def simulate(spec: RunSpec, policy: Any, record_timeline: bool = False) -> tuple[dict[str, Any], ClusterSimulator]:

@@ -571,7 +571,9 @@ class WorkflowTemplate(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Arrival processes (seeded): times in seconds from 0.
+# Arrival processes (seeded): times in seconds from 0. `times_after(start_s, n, rng)` is the
+# process's forecast from a point in a run: the next n arrivals after `start_s`, given nothing of
+# the arrivals before it (what a fork of a running simulator draws, `envs.sim.fork`).
 
 
 class PoissonArrivals(BaseModel):
@@ -581,6 +583,9 @@ class PoissonArrivals(BaseModel):
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return np.cumsum(rng.exponential(1.0 / self.rate_qps, size=n))
+
+    def times_after(self, start_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
+        return start_s + self.times(n, rng)  # memoryless
 
 
 class GammaArrivals(BaseModel):
@@ -596,6 +601,10 @@ class GammaArrivals(BaseModel):
         shape = 1.0 / (self.cv ** 2)
         scale = 1.0 / (self.rate_qps * shape)
         return np.cumsum(rng.gamma(shape, scale, size=n))
+
+    def times_after(self, start_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
+        """A renewal process restarted at `start_s` (the time since the last arrival is not used)."""
+        return start_s + self.times(n, rng)
 
 
 class RateSegment(BaseModel):
@@ -627,7 +636,28 @@ class PiecewiseArrivals(BaseModel):
 
     def times(self, n: int, rng: np.random.Generator) -> np.ndarray:
         # time change: unit-rate Poisson points mapped through the inverse cumulative rate
-        unit = np.cumsum(rng.exponential(1.0, size=n))
+        return self._inverse_cumulative(np.cumsum(rng.exponential(1.0, size=n)))
+
+    def times_after(self, start_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
+        """The next `n` arrivals after `start_s` (a Poisson process's future does not depend on
+        its past): unit-rate points from the cumulative rate at `start_s` on."""
+        return self._inverse_cumulative(self._cumulative(start_s) + np.cumsum(rng.exponential(1.0, size=n)))
+
+    def _cumulative(self, t_s: float) -> float:
+        """Expected arrivals in [0, t_s]."""
+        t0, cum, seg_i = 0.0, 0.0, 0
+        segs = self.segments
+        while True:
+            seg = segs[seg_i % len(segs)]
+            if t0 + seg.duration_s >= t_s:
+                return cum + seg.rate_qps * (t_s - t0)
+            cum += seg.rate_qps * seg.duration_s
+            t0 += seg.duration_s
+            seg_i += 1
+
+    def _inverse_cumulative(self, unit: np.ndarray) -> np.ndarray:
+        """The times at which the cumulative rate reaches each of the sorted `unit` values."""
+        n = len(unit)
         out = np.empty(n)
         t0, cum, seg_i, k = 0.0, 0.0, 0, 0
         segs = self.segments
@@ -665,6 +695,13 @@ class ReplayArrivals(BaseModel):
         if n > len(self.timestamps_s):
             raise UserError(f"arrivals.timestamps_s: {len(self.timestamps_s)} timestamps for {n} queries (give more timestamps or fewer queries)")
         return np.asarray(self.timestamps_s[:n], dtype=float)
+
+    def times_after(self, start_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Poisson at the replay's mean rate from `start_s`: its timestamps are the run's data, not
+        a forecast of it."""
+        ts = self.timestamps_s
+        rate = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 1.0
+        return start_s + np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
 ArrivalProcess = PoissonArrivals | GammaArrivals | PiecewiseArrivals | ReplayArrivals
