@@ -3,7 +3,10 @@
 `lookahead` answers a dispatch decision by trying it: for the candidate engines (the base policy's
 own choice first, then the best others by the base's earliest-finish score, `top_k` in all) it forks
 the simulator `samples` times (`envs.sim.fork.fork`: unknown output lengths and future arrivals
-redrawn, the same seeds for every candidate: common random numbers), places the call on the
+redrawn, the same seeds for every candidate: common random numbers; future arrivals from the
+run's arrival process with `arrivals=model`, the default, or at the recent rate with
+`arrivals=recent`; the unknown output lengths of arrived workflows at their conditional median
+with `lengths=median`, the default, or drawn with `lengths=sample`), places the call on the
 candidate, rolls the fork forward `horizon_s` simulated seconds with the base policy, and scores
 the objective: SLO-met workflows among those in flight or arriving within the horizon (unfinished
 ones count if still on track), with their lateness as tie-breaker. The best mean wins if it beats
@@ -52,6 +55,8 @@ LOG = logging.getLogger(__name__)
 DEFAULT_BASE = "least-work+workflow"
 LATENESS_WEIGHT_PER_S = 1e-4  # a workflow met outweighs any lateness a horizon of minutes can add
 LOOKAHEAD_NAMES = ("lookahead", "lookahead-knobs")
+ARRIVAL_SOURCES = ("model", "recent", "known")
+LENGTH_SOURCES = ("sample", "median")
 
 
 def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> float:
@@ -88,9 +93,21 @@ class LookaheadPolicy(Policy):
     """Per-decision rollouts over forked simulators (see the module docstring)."""
 
     def __init__(self, base: Policy, horizon_s: float = 30.0, samples: int = 2, top_k: int = 2, seed: int = 0,
-                 clairvoyant: bool = False, margin: float = 0.5, name: str | None = None) -> None:
+                 clairvoyant: bool = False, margin: float = 0.5, name: str | None = None,
+                 arrivals: str = "model", lengths: str = "median") -> None:
+        """`arrivals`: where a fork's future arrivals come from (`envs.sim.fork.fork`): "model", the
+        run's arrival process (a step or burst forecast), "recent", Poisson at the recent rate, or
+        "known", the run's true future arrivals (not deployable: an experiment). `lengths`: "sample"
+        draws unknown output lengths, "median" uses their conditional median (a point forecast)."""
         if horizon_s < 0 or samples < 1 or top_k < 1 or margin < 0:
             raise PolicyError("lookahead: needs horizon_s >= 0, samples >= 1, top_k >= 1 and margin >= 0")
+        if arrivals not in ARRIVAL_SOURCES:
+            raise PolicyError(f"lookahead: arrivals must be one of {', '.join(ARRIVAL_SOURCES)}, got {arrivals!r}")
+        if lengths not in LENGTH_SOURCES:
+            raise PolicyError(f"lookahead: lengths must be one of {', '.join(LENGTH_SOURCES)}, got {lengths!r}")
+        self.lengths: Literal["sample", "median"] = "median" if lengths == "median" else "sample"
+        self.arrivals: Literal["model", "recent", "known"] = (
+            "model" if arrivals == "model" else "recent" if arrivals == "recent" else "known")
         self.margin = float(margin)
         self.base = base
         self.horizon_s = float(horizon_s)
@@ -153,7 +170,7 @@ class LookaheadPolicy(Policy):
             sample_seed = (self.seed * 1_000_003 + self._decisions) * 64 + s
             for j, engine_id in enumerate(engines):
                 twin = fork(cluster, sample_seed, resample=not self.clairvoyant, policy=copy.deepcopy(base_policy),
-                            until_s=until_s)
+                            until_s=until_s, arrivals=self.arrivals, lengths=self.lengths)
                 ready = twin.next_decision()
                 assert ready is not None, "the fork holds the copy of `call`, still first in line"
                 twin.dispatch(ready, engine_id)
@@ -169,7 +186,8 @@ class LookaheadPolicy(Policy):
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.name, "horizon_s": self.horizon_s, "samples": self.samples,
-                "top_k": self.top_k, "seed": self.seed, "clairvoyant": self.clairvoyant, "margin": self.margin}
+                "top_k": self.top_k, "seed": self.seed, "clairvoyant": self.clairvoyant, "margin": self.margin,
+                "arrivals": self.arrivals, "lengths": self.lengths}
 
 
 def knob_grid(policy: HeuristicPolicy) -> list[dict[str, float]]:
@@ -321,11 +339,11 @@ def _flag(text: str) -> bool:
 
 _KNOB_TYPES: dict[str, Callable[[str], Any]] = {
     "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float, "margin": float,
-    "clairvoyant": _flag,
+    "clairvoyant": _flag, "arrivals": str, "lengths": str,
 }
 
 
-_KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin"),
+_KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin", "arrivals", "lengths"),
                "lookahead-knobs": ("interval_s", "horizon_s", "samples", "seed", "clairvoyant", "margin")}
 
 

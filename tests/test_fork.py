@@ -16,7 +16,7 @@ from envs.sim.cells import Cell
 from envs.sim.fork import conditional_output_tokens, fork, simulator_from_view, workload_generator
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.scenario import build_simulator, workload_for
-from envs.sim.workload import TraceGenerator
+from envs.sim.workload import PiecewiseArrivals, TraceGenerator
 from policies import load_policy
 
 CELL = Cell(cluster="paper", rate_qps=0.12, queries=40)
@@ -145,6 +145,9 @@ def test_conditional_outputs_follow_the_fit() -> None:
     assert np.median(bound) > np.median(free)
     observed = [c.output_tokens for w in specs for s in w.stages for c in s if c.step == step]
     assert 0.5 < np.median(free) / np.median(observed) < 2.0
+    median = conditional_output_tokens(gen, step, ins[:3], np.array([1.0, 1.0, 600.0]), rng, median=True)
+    assert median[0] == median[1] == pytest.approx(np.median(free), rel=0.05)  # the draws' median, no noise
+    assert median[2] == pytest.approx(np.median(bound), rel=0.05) and median[2] >= 600
 
 
 PAPER_DEPLOY = {
@@ -195,3 +198,47 @@ def test_simulator_from_gateway_state_runs(tmp_path) -> None:
                                 policy=load_policy("least-work"), slo=gw.state.slo)
     again.run()
     assert metrics(again) == metrics(twin)
+
+
+def test_piecewise_forecast_from_a_point_follows_the_rate_ahead() -> None:
+    burst = Cell(cluster="paper", rate_qps=0.12, load="burst", queries=60).arrivals()
+    assert isinstance(burst, PiecewiseArrivals)
+    low, high = burst.segments[0], burst.segments[1]  # 0.5x until a third of the span, then 3x
+    assert burst.times_after(0.0, 50, np.random.default_rng(1)).tolist() == burst.times(50, np.random.default_rng(1)).tolist()
+    start_s = low.duration_s - 20.0  # 20 s before the burst starts
+    rng = np.random.default_rng(2)
+    draws = [burst.times_after(start_s, 80, rng) for _ in range(300)]
+    assert all((d > start_s).all() and (np.diff(d) >= 0).all() for d in draws)
+    before = np.mean([np.sum(d < low.duration_s) for d in draws])
+    inside = np.mean([np.sum((d >= low.duration_s) & (d < low.duration_s + high.duration_s)) for d in draws])
+    assert before == pytest.approx(low.rate_qps * 20.0, rel=0.15)
+    assert inside == pytest.approx(high.rate_qps * high.duration_s, rel=0.1)
+
+
+def test_a_fork_draws_future_arrivals_from_the_runs_arrival_model() -> None:
+    cell = Cell(cluster="paper", rate_qps=0.12, load="burst", queries=60)
+    sim = build_simulator(cell.run_spec(3), policy=load_policy("least-work+workflow"))
+    assert sim.arrival_model == cell.arrivals()
+    burst = cell.arrivals().segments
+    start_s, end_s = burst[0].duration_s, burst[0].duration_s + burst[1].duration_s
+    sim.run(until_s=start_s - 40.0)  # in the quiet phase: the recent rate reads half the mean
+
+    def in_burst(arrivals: str) -> float:
+        counts = []
+        for seed in range(20):
+            twin = fork(sim, seed, arrivals=arrivals)
+            future = twin._arrivals[sim._next_arrival:]
+            counts.append(np.sum((future >= start_s) & (future < end_s)))
+        return float(np.mean(counts))
+
+    forecast, recent = in_burst("model"), in_burst("recent")
+    assert forecast == pytest.approx(burst[1].rate_qps * burst[1].duration_s, rel=0.2)
+    assert forecast > 3 * recent
+
+
+def test_a_fork_with_known_arrivals_redraws_only_the_lengths() -> None:
+    sim = advanced()
+    known = fork(sim, 5, arrivals="known")
+    assert known._arrivals.tolist() == sim._arrivals.tolist() and known._specs == sim._specs
+    assert [c.output_tokens for c in known.calls] == [c.output_tokens for c in fork(sim, 5).calls]
+    assert [c.output_tokens for c in known.calls] != [c.output_tokens for c in sim.calls]

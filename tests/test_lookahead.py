@@ -28,6 +28,12 @@ def test_names_load_through_the_loader() -> None:
     assert isinstance(policy, LookaheadPolicy)
     assert (policy.base.name, policy.horizon_s, policy.samples, policy.top_k) == ("least-work", 5.0, 1, 3)
     assert isinstance(load_policy("lookahead"), LookaheadPolicy)
+    assert load_policy("lookahead").spec()["arrivals"] == "model"
+    assert load_policy("lookahead@arrivals=recent").spec()["arrivals"] == "recent"
+    assert load_policy("lookahead").spec()["lengths"] == "median"
+    assert load_policy("lookahead@lengths=sample").spec()["lengths"] == "sample"
+    with pytest.raises(PolicyError, match="arrivals must be one of model, recent, known, got 'poisson'"):
+        load_policy("lookahead@arrivals=poisson")
     assert isinstance(load_policy("lookahead-knobs:hexgen"), LookaheadKnobsPolicy)
     with pytest.raises(PolicyError, match="bad knob"):
         load_policy("lookahead@depth=3")

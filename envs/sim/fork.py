@@ -8,8 +8,11 @@ touched) whose unknowns are redrawn from the workload's models, seeded:
   on the call's known input length and on the tokens it has generated (at least generated + 1,
   counting the iterations of a decode segment already done by now);
 - the workflows that have not arrived yet, from the workload's generator;
-- their arrival times, from the arrival model: Poisson at the recent arrival rate the view shows
-  (`recent_arrival_rate_qps`), starting now. A piecewise or bursty process is not extrapolated.
+- their arrival times, from the arrival model: the process the run's arrivals come from
+  (`ClusterSimulator.arrival_model`, the forecast of a load step or burst: its `times_after` now),
+  or, for a simulator without one or with `arrivals="recent"`, Poisson at the recent arrival rate
+  the view shows (`recent_arrival_rate_qps`), starting now, which does not extrapolate a step or
+  burst.
 
 The same seed gives the same draws: candidates compared from one state with one seed see common
 random numbers. With `resample=False` nothing is redrawn (the clairvoyant fork: true lengths and
@@ -34,7 +37,7 @@ import copy
 import heapq
 import math
 from collections import OrderedDict
-from typing import Any, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -45,7 +48,7 @@ from envs.sim.engine import Engine, LLMCall
 from envs.sim.model import ARRIVAL_RATE_WINDOW_S, ArrivalWindow, EngineModel
 from envs.sim.slo import SLOModel
 from envs.sim.view import CallView, SchedulingPolicy, WorkflowView
-from envs.sim.workload import CallSpec, TraceGenerator, WorkflowSpec
+from envs.sim.workload import ArrivalProcess, CallSpec, TraceGenerator, WorkflowSpec
 
 MIN_ARRIVAL_RATE_QPS = 1e-3  # a view that saw no arrival yet: (almost) none expected
 _GENERATORS: "OrderedDict[int, tuple[Sequence[WorkflowSpec], TraceGenerator]]" = OrderedDict()
@@ -132,11 +135,12 @@ def arrival_window_at_rate(rate_qps: float, now_s: float) -> ArrivalWindow:
 
 
 def conditional_output_tokens(generator: TraceGenerator, step: str, input_tokens: np.ndarray,
-                              at_least: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+                              at_least: np.ndarray, rng: np.random.Generator, median: bool = False) -> np.ndarray | None:
     """Output lengths of calls of `step` drawn from the step's fitted bivariate log-normal given
     their input lengths, truncated below at `at_least` (inverse-CDF sampling of the truncated
-    conditional normal) and capped at the fit's largest output (never below `at_least`). None when
-    the generator knows no such step."""
+    conditional normal) and capped at the fit's largest output (never below `at_least`); with
+    `median`, the truncated conditional's median instead of a draw (the same random numbers are
+    used up). None when the generator knows no such step."""
     fit = generator.token_fits.get(step)
     if fit is None:
         return None
@@ -146,7 +150,7 @@ def conditional_output_tokens(generator: TraceGenerator, step: str, input_tokens
     sd = math.sqrt(max(var_out - cov * cov / var_in, 1e-12))
     # P(round(exp(X)) >= m) ~ P(X >= log(m - 0.5))
     low = ndtr((np.log(np.maximum(at_least - 0.5, 0.5)) - mean) / sd)
-    u = low + rng.random(len(mean)) * (1.0 - low)
+    u = low + (0.5 if median else rng.random(len(mean))) * (1.0 - low)
     draws = np.exp(mean + sd * ndtri(np.clip(u, 1e-12, 1.0 - 1e-12)))
     out = np.minimum(np.rint(draws), fit.max_tokens[1])
     return np.maximum(out, at_least).astype(int)
@@ -155,7 +159,7 @@ def conditional_output_tokens(generator: TraceGenerator, step: str, input_tokens
 def _static_memo(sim: ClusterSimulator) -> dict[int, Any]:
     """Objects the copy shares with the original: nothing in them changes while a run goes on."""
     shared: list[Any] = [sim.config, sim.slo, sim.step_tokens, sim.tenants, sim._specs, sim.policy, sim.queue_key,
-                         sim._on_tick]
+                         sim._on_tick, sim.arrival_model]
     for engine in sim.engines:
         shared += [engine.model, engine.perf, engine.config, engine.expected_latency_s]
     for tenant in sim.tenants:
@@ -175,14 +179,21 @@ def _static_memo(sim: ClusterSimulator) -> dict[int, Any]:
 
 def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: SchedulingPolicy | None = None,
          generator: TraceGenerator | None = None, arrival_rate_qps: float | None = None,
-         until_s: float = math.inf) -> ClusterSimulator:
+         until_s: float = math.inf, arrivals: Literal["model", "recent", "known"] = "model",
+         lengths: Literal["sample", "median"] = "sample") -> ClusterSimulator:
     """An independent copy of `sim` in its current state, with the unknowns redrawn (see the module
     docstring); `sim` is left untouched.
 
     `policy` becomes the copy's policy (run(), queue order of new placements, ticks); by default a
     deep copy of the original's, so a rollout never moves the original policy's state. `generator`
     is the workload model to draw from (default: fitted to the run's workflows); `arrival_rate_qps`
-    overrides the rate of future arrivals (default: the view's recent rate). `until_s`: the time a
+    overrides the rate of future arrivals; otherwise `arrivals` says where they come from: "model",
+    the simulator's arrival model when it has one, "recent", Poisson at the view's recent rate, or
+    "known", the run's own future arrivals (clairvoyant about arrivals only: an experiment that
+    separates what redrawing the lengths costs a planner from what redrawing the arrivals costs).
+    `lengths`: "sample" draws each unfinished call's output length, "median" sets it to the median
+    of the same conditional distribution (a point forecast: no sampling noise between forks).
+    `until_s`: the time a
     rollout of the copy stops at; redrawn workflows that would arrive later are not drawn at all
     (drawing them was most of a fork's cost on a long run), so the copy's run ends with the last
     arrival before it."""
@@ -201,13 +212,17 @@ def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: Schedu
     twin.wall_s = 0.0
     if resample:
         rng = np.random.default_rng([seed, 16])
-        _resample_outputs(twin, generator or workload_generator(sim._specs), rng)
-        _resample_arrivals(twin, generator or workload_generator(sim._specs), rng,
-                           arrival_rate_qps if arrival_rate_qps is not None else sim.recent_arrival_rate_qps, until_s)
+        _resample_outputs(twin, generator or workload_generator(sim._specs), rng, lengths == "median")
+        model = sim.arrival_model if arrivals == "model" and arrival_rate_qps is None else None
+        if arrivals != "known" or arrival_rate_qps is not None:
+            _resample_arrivals(twin, generator or workload_generator(sim._specs), rng,
+                               arrival_rate_qps if arrival_rate_qps is not None else sim.recent_arrival_rate_qps,
+                               until_s, model)
     return twin
 
 
-def _resample_outputs(sim: ClusterSimulator, generator: TraceGenerator, rng: np.random.Generator) -> None:
+def _resample_outputs(sim: ClusterSimulator, generator: TraceGenerator, rng: np.random.Generator,
+                      median: bool = False) -> None:
     """Redraw the output length of every unfinished call of an arrived workflow, then cut the
     decode segments in flight at the iteration in progress so engines replan with the new lengths."""
     now = sim.now_s
@@ -230,7 +245,7 @@ def _resample_outputs(sim: ClusterSimulator, generator: TraceGenerator, rng: np.
         calls = by_step[step]
         inputs = np.array([c.input_tokens for c in calls], dtype=float)
         at_least = np.array([at_least_of.get(c.call_id, c.generated + 1) for c in calls], dtype=float)
-        drawn = conditional_output_tokens(generator, step, inputs, at_least, rng)
+        drawn = conditional_output_tokens(generator, step, inputs, at_least, rng, median)
         if drawn is None:
             continue
         for call, out in zip(calls, drawn.tolist()):
@@ -244,15 +259,19 @@ def _resample_outputs(sim: ClusterSimulator, generator: TraceGenerator, rng: np.
 
 
 def _resample_arrivals(sim: ClusterSimulator, generator: TraceGenerator, rng: np.random.Generator,
-                       rate_qps: float, until_s: float) -> None:
-    """New workflows for the ones not arrived yet, arriving as a Poisson process from now; only
-    those arriving by `until_s` (the run's remaining count at most)."""
+                       rate_qps: float, until_s: float, model: ArrivalProcess | None) -> None:
+    """New workflows for the ones not arrived yet, arriving from now as `model` forecasts, or as a
+    Poisson process at `rate_qps` without one; only those arriving by `until_s` (the run's
+    remaining count at most)."""
     first = sim._next_arrival
     n_future = len(sim._specs) - first
     if n_future <= 0:
         return
-    rate = max(rate_qps, MIN_ARRIVAL_RATE_QPS)
-    times = sim.now_s + np.cumsum(rng.exponential(1.0 / rate, size=n_future))
+    if model is not None:
+        times = model.times_after(sim.now_s, n_future, rng)
+    else:
+        rate = max(rate_qps, MIN_ARRIVAL_RATE_QPS)
+        times = sim.now_s + np.cumsum(rng.exponential(1.0 / rate, size=n_future))
     shares = np.array([t.share for t in sim.tenants], dtype=float)
     tenants = rng.choice(len(sim.tenants), size=n_future, p=shares / shares.sum())
     drawn = int(np.searchsorted(times, until_s, side="right"))
