@@ -337,10 +337,20 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
+def _one_of(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+    return parse
+
+
 _KNOB_TYPES: dict[str, Callable[[str], Any]] = {
     "horizon_s": float, "samples": int, "top_k": int, "seed": int, "interval_s": float, "margin": float,
-    "clairvoyant": _flag, "arrivals": str, "lengths": str,
+    "clairvoyant": _flag, "arrivals": _one_of(ARRIVAL_SOURCES), "lengths": _one_of(LENGTH_SOURCES),
 }
+_KNOB_VALUES = {"clairvoyant": "true or false", "arrivals": "one of " + ", ".join(ARRIVAL_SOURCES),
+                "lengths": "one of " + ", ".join(LENGTH_SOURCES)}  # default: a number
 
 
 _KIND_KNOBS = {"lookahead": ("horizon_s", "samples", "top_k", "seed", "clairvoyant", "margin", "arrivals", "lengths"),
@@ -364,7 +374,7 @@ def lookahead_from_name(text: str, load_base: Callable[[str], Policy]) -> Policy
         try:
             knobs[key] = _KNOB_TYPES[key](value)
         except ValueError:
-            kind_of = "true or false" if key == "clairvoyant" else "a number"
+            kind_of = _KNOB_VALUES.get(key, "a number")
             raise PolicyError(f"policy: {text}: knob {key} needs {kind_of}, got {value!r}") from None
     allowed = _KIND_KNOBS[kind]
     for key in knobs:

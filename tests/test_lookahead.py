@@ -32,7 +32,7 @@ def test_names_load_through_the_loader() -> None:
     assert load_policy("lookahead@arrivals=recent").spec()["arrivals"] == "recent"
     assert load_policy("lookahead").spec()["lengths"] == "median"
     assert load_policy("lookahead@lengths=sample").spec()["lengths"] == "sample"
-    with pytest.raises(PolicyError, match="arrivals must be one of model, recent, known, got 'poisson'"):
+    with pytest.raises(PolicyError, match="knob arrivals needs one of model, recent, known, got 'poisson'"):
         load_policy("lookahead@arrivals=poisson")
     assert isinstance(load_policy("lookahead-knobs:hexgen"), LookaheadKnobsPolicy)
     with pytest.raises(PolicyError, match="bad knob"):
