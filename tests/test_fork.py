@@ -16,7 +16,7 @@ from envs.sim.cells import Cell
 from envs.sim.fork import conditional_output_tokens, fork, simulator_from_view, workload_generator
 from envs.sim.metrics import records_from_simulator, summarize
 from envs.sim.scenario import build_simulator, workload_for
-from envs.sim.workload import PiecewiseArrivals, TraceGenerator
+from envs.sim.workload import PiecewiseArrivals, PoissonArrivals, ReplayArrivals, TraceGenerator
 from policies import load_policy
 
 CELL = Cell(cluster="paper", rate_qps=0.12, queries=40)
@@ -213,6 +213,12 @@ def test_piecewise_forecast_from_a_point_follows_the_rate_ahead() -> None:
     inside = np.mean([np.sum((d >= low.duration_s) & (d < low.duration_s + high.duration_s)) for d in draws])
     assert before == pytest.approx(low.rate_qps * 20.0, rel=0.15)
     assert inside == pytest.approx(high.rate_qps * high.duration_s, rel=0.1)
+    poisson = PoissonArrivals(rate_qps=0.5)
+    assert (poisson.times_after(100.0, 5, np.random.default_rng(3)) - 100.0).tolist() == pytest.approx(
+        poisson.times(5, np.random.default_rng(3)).tolist())
+    replay = ReplayArrivals(timestamps_s=[0.0, 10.0, 20.0, 30.0, 40.0])  # 0.1 q/s; its data, not a forecast
+    gaps = np.diff(replay.times_after(40.0, 4000, np.random.default_rng(4)), prepend=40.0)
+    assert (gaps > 0).all() and gaps.mean() == pytest.approx(10.0, rel=0.05)
 
 
 def test_a_fork_draws_future_arrivals_from_the_runs_arrival_model() -> None:

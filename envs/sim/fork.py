@@ -193,10 +193,9 @@ def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: Schedu
     separates what redrawing the lengths costs a planner from what redrawing the arrivals costs).
     `lengths`: "sample" draws each unfinished call's output length, "median" sets it to the median
     of the same conditional distribution (a point forecast: no sampling noise between forks).
-    `until_s`: the time a
-    rollout of the copy stops at; redrawn workflows that would arrive later are not drawn at all
-    (drawing them was most of a fork's cost on a long run), so the copy's run ends with the last
-    arrival before it."""
+    `until_s`: the time a rollout of the copy stops at; redrawn workflows that would arrive later
+    are not drawn at all (drawing them was most of a fork's cost on a long run), so the copy's run
+    ends with the last arrival before it."""
     memo = _static_memo(sim)
     calls: list[LLMCall] = []  # every call of the run: filled below, not element by element by deepcopy
     memo[id(sim.calls)] = calls
