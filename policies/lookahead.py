@@ -39,13 +39,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from envs.sim.cluster import ClusterSimulator
-from envs.sim.fork import fork
+from envs.sim.fork import ARRIVAL_SOURCES, LENGTH_SOURCES, ArrivalSource, LengthSource, fork
 from envs.sim.view import CallView, ClusterView, EngineView
 from heuristics.dispatch import LeastWork, WorkloadBalanced
 from policies.base import IntervalDecision, Policy, PolicyError
@@ -55,8 +55,6 @@ LOG = logging.getLogger(__name__)
 DEFAULT_BASE = "least-work+workflow"
 LATENESS_WEIGHT_PER_S = 1e-4  # a workflow met outweighs any lateness a horizon of minutes can add
 LOOKAHEAD_NAMES = ("lookahead", "lookahead-knobs")
-ARRIVAL_SOURCES = ("model", "recent", "known")
-LENGTH_SOURCES = ("sample", "median")
 
 
 def rollout_score(twin: ClusterSimulator, until_s: float, first_open: int) -> float:
@@ -105,9 +103,8 @@ class LookaheadPolicy(Policy):
             raise PolicyError(f"lookahead: arrivals must be one of {', '.join(ARRIVAL_SOURCES)}, got {arrivals!r}")
         if lengths not in LENGTH_SOURCES:
             raise PolicyError(f"lookahead: lengths must be one of {', '.join(LENGTH_SOURCES)}, got {lengths!r}")
-        self.lengths: Literal["sample", "median"] = "median" if lengths == "median" else "sample"
-        self.arrivals: Literal["model", "recent", "known"] = (
-            "model" if arrivals == "model" else "recent" if arrivals == "recent" else "known")
+        self.lengths = cast(LengthSource, lengths)
+        self.arrivals = cast(ArrivalSource, arrivals)
         self.margin = float(margin)
         self.base = base
         self.horizon_s = float(horizon_s)

@@ -37,7 +37,7 @@ import copy
 import heapq
 import math
 from collections import OrderedDict
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -50,6 +50,10 @@ from envs.sim.slo import SLOModel
 from envs.sim.view import CallView, SchedulingPolicy, WorkflowView
 from envs.sim.workload import ArrivalProcess, CallSpec, TraceGenerator, WorkflowSpec
 
+ArrivalSource = Literal["model", "recent", "known"]  # where a fork's future arrivals come from (`fork`)
+LengthSource = Literal["sample", "median"]  # how a fork sets unknown output lengths
+ARRIVAL_SOURCES: tuple[ArrivalSource, ...] = get_args(ArrivalSource)
+LENGTH_SOURCES: tuple[LengthSource, ...] = get_args(LengthSource)
 MIN_ARRIVAL_RATE_QPS = 1e-3  # a view that saw no arrival yet: (almost) none expected
 _GENERATORS: "OrderedDict[int, tuple[Sequence[WorkflowSpec], TraceGenerator]]" = OrderedDict()
 _GENERATOR_CACHE_SIZE = 8
@@ -139,8 +143,8 @@ def conditional_output_tokens(generator: TraceGenerator, step: str, input_tokens
     """Output lengths of calls of `step` drawn from the step's fitted bivariate log-normal given
     their input lengths, truncated below at `at_least` (inverse-CDF sampling of the truncated
     conditional normal) and capped at the fit's largest output (never below `at_least`); with
-    `median`, the truncated conditional's median instead of a draw (the same random numbers are
-    used up). None when the generator knows no such step."""
+    `median`, the truncated conditional's median instead of a draw (no random numbers used). None
+    when the generator knows no such step."""
     fit = generator.token_fits.get(step)
     if fit is None:
         return None
@@ -179,8 +183,7 @@ def _static_memo(sim: ClusterSimulator) -> dict[int, Any]:
 
 def fork(sim: ClusterSimulator, seed: int, resample: bool = True, policy: SchedulingPolicy | None = None,
          generator: TraceGenerator | None = None, arrival_rate_qps: float | None = None,
-         until_s: float = math.inf, arrivals: Literal["model", "recent", "known"] = "model",
-         lengths: Literal["sample", "median"] = "sample") -> ClusterSimulator:
+         until_s: float = math.inf, arrivals: ArrivalSource = "model", lengths: LengthSource = "sample") -> ClusterSimulator:
     """An independent copy of `sim` in its current state, with the unknowns redrawn (see the module
     docstring); `sim` is left untouched.
 
