@@ -19,6 +19,11 @@ Procedure (CleanRL-style, one function per stage):
 
 `agreement` measures the share of states on which the network's most probable valid action equals
 the expert's, on expert episodes of *other* seeds than the training data.
+
+Distilling a planner (issue 16): the expert may be a `lookahead` policy, which labels every state
+with its planned choice. It departs from its base policy on few states, and those departures are
+all the planner adds, so `override_weight` weights them up in the loss and the report gives the
+clone's agreement on them apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.gym.admission_env import AdmissionDispatchEnv
+from policies.lookahead import LookaheadPolicy
 
 MASKED_LOGIT = -1e8
 
@@ -42,6 +48,7 @@ class Dataset:
     actions: list[int] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)  # discounted return from the state (expert episodes only)
     has_return: list[bool] = field(default_factory=list)
+    overrides: list[bool] = field(default_factory=list)  # a lookahead expert overrode its base policy here
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -52,6 +59,7 @@ class Dataset:
         self.actions += other.actions
         self.returns += other.returns
         self.has_return += other.has_return
+        self.overrides += other.overrides
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return (np.asarray(self.obs, dtype=np.float32), np.asarray(self.masks, dtype=bool),
@@ -94,7 +102,9 @@ def collect(env: Any, expert: Any, seeds: list[int], gamma: float, learner: Any 
         done = False
         while not done:
             mask = np.asarray(info["action_mask"], dtype=bool)
+            overrides_before = expert.changed if isinstance(expert, LookaheadPolicy) else 0
             expert_action = base.heuristic_action(expert)
+            data.overrides.append(isinstance(expert, LookaheadPolicy) and expert.changed > overrides_before)
             data.obs.append(obs)
             data.masks.append(mask.copy())
             data.actions.append(expert_action)
@@ -117,10 +127,15 @@ def collect(env: Any, expert: Any, seeds: list[int], gamma: float, learner: Any 
 
 def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int,
         value_pretrain: bool = True, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-        log: Callable[[str, float], None] | None = None, class_weights: np.ndarray | None = None) -> dict[str, float]:
+        log: Callable[[str, float], None] | None = None, class_weights: np.ndarray | None = None,
+        override_weight: float = 1.0) -> dict[str, float]:
     """Supervised fit of the policy (and value) head; returns the final losses and accuracy.
-    `class_weights` (one per action) weights the cross-entropy, e.g. a rare action up."""
+    `class_weights` (one per action) weights the cross-entropy, e.g. a rare action up;
+    `override_weight` weights the states where a lookahead expert overrode its base."""
     obs, masks, actions, returns, has_ret = data.arrays()
+    state_weight_t = None
+    if override_weight != 1.0 and any(data.overrides):
+        state_weight_t = torch.as_tensor(np.where(data.overrides, override_weight, 1.0), dtype=torch.float32)
     obs = normalise(obs)
     obs_t = torch.as_tensor(obs)
     masks_t = torch.as_tensor(masks)
@@ -139,7 +154,12 @@ def fit(policy: Any, data: Dataset, epochs: int, batch_size: int, learning_rate:
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             logits = masked_logits(policy, obs_t[idx], masks_t[idx])
-            ce = F.cross_entropy(logits, actions_t[idx], weight=weight_t)
+            if state_weight_t is None:
+                ce = F.cross_entropy(logits, actions_t[idx], weight=weight_t)
+            else:  # a weighted mean, as F.cross_entropy's own with class weights
+                w = state_weight_t[idx] * (weight_t[actions_t[idx]] if weight_t is not None else 1.0)
+                ce = (F.cross_entropy(logits, actions_t[idx], weight=weight_t, reduction="none")
+                      * state_weight_t[idx]).sum() / w.sum()
             loss = ce
             v_loss = torch.zeros(())
             if value_pretrain and has_ret_t[idx].any():
@@ -169,6 +189,17 @@ def agreement(policy: Any, data: Dataset, normalise: Callable[[np.ndarray], np.n
     return float((learner_actions(policy, obs, masks, normalise) == actions).mean())
 
 
+def agreement_on_overrides(policy: Any, data: Dataset,
+                           normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> tuple[float, int]:
+    """Share of the states where a lookahead expert overrode its base on which the policy takes the
+    planner's action (what distilling the planner adds over cloning its base), and their count."""
+    obs, masks, actions, _, _ = data.arrays()
+    sel = np.asarray(data.overrides, dtype=bool)
+    if not sel.any():
+        return float("nan"), 0
+    return float((learner_actions(policy, obs[sel], masks[sel], normalise) == actions[sel]).mean()), int(sel.sum())
+
+
 def agreement_on(policy: Any, data: Dataset, action: int,
                  normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> tuple[float, int]:
     """Share of the states where the expert took `action` on which the policy takes it too (e.g.
@@ -184,11 +215,12 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
                holdout_seeds: list[int], epochs: int, batch_size: int, learning_rate: float, dagger_rounds: int,
                value_pretrain: bool, seed: int, normalise: Callable[[np.ndarray], np.ndarray] = lambda x: x,
                log: Callable[[str, float], None] | None = None, progress: Callable[[str], None] | None = None,
-               defer_weight: float = 1.0) -> dict[str, Any]:
+               defer_weight: float = 1.0, override_weight: float = 1.0) -> dict[str, Any]:
     """Clone `expert` into `model.policy` (+ DAgger rounds). Episodes rotate over the scenarios
     (`make_env(i)` builds an env of scenario i); `expert` may be a list with one expert per
     scenario. Returns a report with the agreement figures. `defer_weight`: Dispatch-v1's defer
-    action's weight in the loss."""
+    action's weight in the loss; `override_weight`: that of the states where a lookahead expert
+    overrode its base."""
     gamma = float(getattr(model, "gamma", 0.99))
     say = progress or (lambda s: None)
     envs = [make_env(i) for i in range(scenarios)]
@@ -214,7 +246,8 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
     holdout, _ = run(holdout_seeds)
     names = [getattr(e, "name", str(e)) for e in experts]
     report: dict[str, Any] = {"expert": names[0] if len(set(names)) == 1 else names, "rounds": []}
-    stats = fit(model.policy, data, epochs, batch_size, learning_rate, seed, value_pretrain, normalise, log, weights)
+    stats = fit(model.policy, data, epochs, batch_size, learning_rate, seed, value_pretrain, normalise, log, weights,
+                override_weight)
     agree = agreement(model.policy, holdout, normalise)
     report["rounds"].append({"round": 0, "samples": len(data), **stats, "holdout_agreement": agree})
     say(f"warm start: BC on {len(data)} states, holdout agreement {agree:.3f}")
@@ -223,7 +256,7 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
         on_policy_agree = agreement(model.policy, visited, normalise)
         data.extend(visited)
         stats = fit(model.policy, data, max(1, epochs // 2), batch_size, learning_rate, seed + r, value_pretrain,
-                    normalise, log, weights)
+                    normalise, log, weights, override_weight)
         agree = agreement(model.policy, holdout, normalise)
         report["rounds"].append({"round": r, "samples": len(data), **stats, "holdout_agreement": agree,
                                  "learner_states_agreement_before_refit": on_policy_agree})
@@ -235,6 +268,11 @@ def warm_start(model: Any, make_env: Callable[[int], Any], expert: Any | list[An
         recall, n = agreement_on(model.policy, holdout, envs[0].unwrapped.defer_action, normalise)
         report["holdout_defer_agreement"], report["holdout_defer_states"] = recall, n
         say(f"warm start: holdout defer agreement {recall:.3f} on {n} states the expert deferred")
+    if any(data.overrides):
+        recall, n = agreement_on_overrides(model.policy, holdout, normalise)
+        report["holdout_override_agreement"], report["holdout_override_states"] = recall, n
+        report["train_override_states"] = int(sum(data.overrides))
+        say(f"warm start: holdout agreement {recall:.3f} on {n} states where the planner overrode its base")
     report["expert_goodput_qps"] = float(np.mean([m["goodput_qps"] for m in expert_metrics]))
     for env in envs:
         env.close()

@@ -96,6 +96,9 @@ class WarmStartConfig(BaseModel):
     # Dispatch-v1: weight of the "defer" action in the cloning loss (the expert defers on a few % of
     # the states; > 1 trades precision of the clone's deferrals for recall)
     defer_weight: float = Field(1.0, gt=0)
+    # a lookahead expert (planner distillation): weight of the states where the planner overrode its
+    # base policy's choice (few, and all that distilling the planner adds over cloning its base)
+    override_weight: float = Field(1.0, gt=0)
 
 
 class TrainConfig(BaseModel):

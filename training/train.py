@@ -164,7 +164,8 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True, conso
             model, lambda i: make_single_env(config, i), expert, scenarios=len(config.scenarios),
             seeds=seeds[:ws.episodes], holdout_seeds=seeds[ws.episodes:], epochs=ws.epochs,
             batch_size=ws.batch_size, learning_rate=ws.learning_rate, dagger_rounds=ws.dagger_rounds,
-            value_pretrain=ws.value_pretrain, seed=config.seed, log=None, progress=say, defer_weight=ws.defer_weight)
+            value_pretrain=ws.value_pretrain, seed=config.seed, log=None, progress=say, defer_weight=ws.defer_weight,
+            override_weight=ws.override_weight)
         report["wall_s"] = time.time() - t0
         model.logger.record("warm_start/holdout_agreement", report["holdout_agreement"])
         model.logger.record("warm_start/samples", report["rounds"][-1]["samples"])
