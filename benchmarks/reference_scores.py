@@ -21,7 +21,10 @@ Run (about 3 minutes on 2 cores without planners; a planner run takes 2-6 minute
     PYTHONPATH=. .venv/bin/python benchmarks/reference_scores.py --planner-ids all --planner-seeds 2
 
 Planner entries an earlier table measured on the same cell are kept (marked with their command)
-where this run does not measure them.
+where this run does not measure them. Every entry's bootstrap draws from its own generator, seeded
+by the id and the entry's name, so its interval does not depend on which other entries a run
+measured; `--intervals-only` recomputes the intervals of the shipped table from its per-seed values
+(no simulation).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -65,10 +69,39 @@ CONFIDENCE = 0.95
 app = typer.Typer(add_completion=False)
 
 
+def entry_rng(env_id: str, *names: str) -> np.random.Generator:
+    """The bootstrap generator of one table entry (an id's policy, or a ratio of two), seeded by
+    its names alone: the entry's interval is the same whatever else the run measured."""
+    return np.random.default_rng(zlib.crc32("/".join((env_id, *names)).encode()))
+
+
+def goodput_interval(goodput: list[float], env_id: str, name: str) -> dict[str, float]:
+    mean, lo, hi = bootstrap_mean(np.array(goodput), CONFIDENCE, entry_rng(env_id, name))
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def ratio_interval(policy: list[float], base: list[float], env_id: str, name: str, base_name: str) -> dict[str, float]:
+    ratio, lo, hi = bootstrap_ratio(np.array(policy), np.array(base), CONFIDENCE, entry_rng(env_id, name, base_name))
+    return {"mean": ratio, "lo": lo, "hi": hi}
+
+
+def refresh_intervals(table: dict[str, Any]) -> None:
+    """Recompute every interval of `table` from its per-seed values (the means stay)."""
+    for env_id, env in table["envs"].items():
+        entries = env["policies"]
+        for name, entry in entries.items():
+            if "per_seed" in entry:
+                entry["goodput_qps"] = goodput_interval(entry["per_seed"], env_id, name)
+        for base in entries[LEARNED].get("ratio_to", {}):
+            entries[LEARNED]["ratio_to"][base] = ratio_interval(entries[LEARNED]["per_seed"], entries[base]["per_seed"],
+                                                                env_id, LEARNED, base)
+
+
 def summarize(goodput: list[float], attainment: list[float] | None, seeds: list[int], bound_mean: float,
-              rng: np.random.Generator, **extra: Any) -> dict[str, Any]:
-    mean, lo, hi = bootstrap_mean(np.array(goodput), CONFIDENCE, rng)
-    out = {"goodput_qps": {"mean": mean, "lo": lo, "hi": hi}, "per_seed": goodput, "seeds": seeds,
+              env_id: str, name: str, **extra: Any) -> dict[str, Any]:
+    interval = goodput_interval(goodput, env_id, name)
+    mean = interval["mean"]
+    out = {"goodput_qps": interval, "per_seed": goodput, "seeds": seeds,
            "share_of_bound": mean / bound_mean if bound_mean > 0 else None, **extra}
     if attainment is not None:
         out["slo_attainment"] = float(np.mean(attainment))
@@ -83,8 +116,17 @@ def main(
     planner_seeds: int = typer.Option(1, min=1, max=len(TEST_SEEDS), help="seeds the planners run on (the first N)"),
     workers: int = typer.Option(2, min=1, help="processes the planner runs share (they run beside the rest)"),
     out: Path = typer.Option(SCORES_PATH, help="the JSON table (a .md table is written next to it)"),
+    intervals_only: bool = typer.Option(False, help="recompute the intervals of the table at --out from its "
+                                                    "per-seed values, run nothing"),
 ) -> None:
     """Measure the reference scores of every benchmark id and write the table."""
+    if intervals_only:
+        if not out.exists():
+            raise typer.BadParameter(f"{out} does not exist (measure the table first)", param_hint="--out")
+        shipped = json.loads(out.read_text())
+        refresh_intervals(shipped)
+        write_table(shipped, out)
+        return
     seed_list = list(TEST_SEEDS[:seeds])
     planned = set(BENCHMARK_CELLS) if planner_ids == "all" else set(filter(None, planner_ids.split(",")))
     unknown = planned - set(BENCHMARK_CELLS)
@@ -95,7 +137,6 @@ def main(
     if not chosen or (bad := [p for p in chosen if p not in PLANNERS]):
         raise typer.BadParameter(f"unknown planner {bad[0] if chosen else repr(planners)} "
                                  f"(planners: {', '.join(PLANNERS)})", param_hint="--planners")
-    rng = np.random.default_rng(0)
     previous = json.loads(out.read_text()) if out.exists() else {"envs": {}}
     table: dict[str, Any] = {
         "version": BENCHMARK_VERSION, "metric": "SLO-goodput (q/s): SLO-met workflows per second of the run",
@@ -116,29 +157,27 @@ def main(
             started = time.perf_counter()
             bounds = [capacity_bound(cell.run_spec(s)).goodput_bound_qps for s in seed_list]
             bound_mean = float(np.mean(bounds))
-            entries: dict[str, Any] = {BOUND: summarize(bounds, None, seed_list, bound_mean, rng)}
+            entries: dict[str, Any] = {BOUND: summarize(bounds, None, seed_list, bound_mean, env_id, BOUND)}
             for name in POLICIES:
                 runs = [run_policy(name, cell, s) for s in seed_list]
                 entries[name] = summarize([r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], seed_list,
-                                          bound_mean, rng)
-            learned = np.array(entries[LEARNED]["per_seed"])
-            entries[LEARNED]["ratio_to"] = {}
-            for base in RATIO_BASES:
-                ratio, lo, hi = bootstrap_ratio(learned, np.array(entries[base]["per_seed"]), CONFIDENCE, rng)
-                entries[LEARNED]["ratio_to"][base] = {"mean": ratio, "lo": lo, "hi": hi}
+                                          bound_mean, env_id, name)
+            entries[LEARNED]["ratio_to"] = {
+                base: ratio_interval(entries[LEARNED]["per_seed"], entries[base]["per_seed"], env_id, LEARNED, base)
+                for base in RATIO_BASES}
             for label, (_, base) in PLANNERS.items():
                 if env_id in planned and label in chosen:
                     use = planner_seed_list
                     runs = [planned_runs[(env_id, label, s)].result() for s in use]
                     entries[label] = summarize(
                         [r["goodput_qps"] for r in runs], [r["slo_attainment"] for r in runs], use,
-                        float(np.mean(bounds[:len(use)])), rng, base=base,
+                        float(np.mean(bounds[:len(use)])), env_id, label, base=base,
                         base_same_seeds=float(np.mean(entries[base]["per_seed"][:len(use)])),
                         decision_ms_mean=float(np.mean([r["decision_ms_mean"] for r in runs])),
                         changed_share=float(sum(r["changed_decisions"] for r in runs)
                                             / max(1, sum(r["planned_decisions"] for r in runs))))
                 elif (carried := carried_planner(previous, env_id, cell, label)) is not None:  # minutes per seed
-                    entries[label] = carried
+                    entries[label] = {**carried, "goodput_qps": goodput_interval(carried["per_seed"], env_id, label)}
                 else:
                     entries[label] = {"measured": False, "note": "not measured on this id (a benchmark-length planner run "
                                                                  "costs minutes per seed)"}
@@ -146,6 +185,10 @@ def main(
             best = entries[BEST_HEURISTIC]["goodput_qps"]
             print(f"{env_id}: bound {bound_mean:.4f}, {BEST_HEURISTIC} {best['mean']:.4f} [{best['lo']:.4f}, {best['hi']:.4f}] "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
+    write_table(table, out)
+
+
+def write_table(table: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(table))

@@ -11,7 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs.gym  # noqa: F401  (registers the ids)
 from benchmarks.headroom import TUNED_HEXGEN, TUNED_LEAST_WORK, TUNED_NAMES, TUNED_PATH, cell_tuned, policy_for
-from benchmarks.reference_scores import BOUND, PLANNERS, POLICIES
+from benchmarks.reference_scores import BOUND, PLANNERS, POLICIES, refresh_intervals
 from envs.gym.benchmark import (
     BENCHMARK_CELLS,
     BENCHMARK_ENV_IDS,
@@ -171,3 +171,18 @@ def test_a_planner_over_a_tuned_rule_plans_with_the_cells_own_knobs():
     assert isinstance(planner, LookaheadPolicy)
     assert planner.base.spec() == policy_for("least-work+admit-tuned", cell).spec()
     assert (planner.horizon_s, planner.samples, planner.top_k) == (20.0, 1, 2)
+
+
+def test_shipped_intervals_are_the_codes_and_do_not_depend_on_other_entries() -> None:
+    """Every interval of the shipped table is what benchmarks/reference_scores.py computes from the
+    entry's own per-seed values, and it stays so when another entry (a planner) is left out."""
+    shipped = json.loads(SCORES_PATH.read_text())
+    refreshed = json.loads(SCORES_PATH.read_text())
+    refresh_intervals(refreshed)
+    assert refreshed == shipped
+    for env in refreshed["envs"].values():
+        env["policies"].pop("lookahead")
+    refresh_intervals(refreshed)
+    for env_id, env in refreshed["envs"].items():
+        for name, entry in env["policies"].items():
+            assert entry == shipped["envs"][env_id]["policies"][name]
