@@ -98,6 +98,7 @@ def collect(env: Any, expert: Any, seeds: list[int], gamma: float, learner: Any 
     metrics = []
     for seed in seeds:
         obs, info = env.reset(options={"episode_seed": int(seed)})
+        expert.reset()  # as the env does at its first use this episode: a planner's override count starts at 0 now
         rewards: list[float] = []
         done = False
         while not done:
