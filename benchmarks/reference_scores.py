@@ -10,8 +10,9 @@ least-work+workflow with the defer-late admission rule, every knob of both tuned
 (`least-work+admit-tuned`, the best hand-written policy here), the shipped learned policy (policies/pretrained/learned), optionally the planners (`--planner-ids`:
 they fork the simulator at every decision, so a benchmark-length run costs minutes per seed):
 `lookahead` over least-work+workflow, its `clairvoyant` twin (true output lengths and arrivals: not
-deployable, the empirical upper reference) and `lookahead-admit`, lookahead over
-least-work+admit-tuned; each is also compared to its base on the same seeds. And the
+deployable, the empirical upper reference), `lookahead-admit`, lookahead over
+least-work+admit-tuned, and its `clairvoyant-admit` twin (what knowing the future adds to the best
+rule's dispatch); each is also compared to its base on the same seeds. And the
 capacity bound (`envs.sim.capacity`): mean SLO-goodput (q/s) with a 95% BCa bootstrap interval
 over the seeds (`training.evaluate.bootstrap_mean`), per-seed values, mean SLO attainment and the
 share of the bound. Each run is `envs.sim.scenario.simulate(env.run_spec(seed), policy)`.
@@ -44,6 +45,7 @@ import typer
 from agentsched.cli import run_script
 from benchmarks.headroom import (
     CLAIRVOYANT,
+    CLAIRVOYANT_ADMIT,
     LOOKAHEAD,
     LOOKAHEAD_ADMIT,
     PLANNER_LABELS,
@@ -63,7 +65,8 @@ RATIO_BASES = (BEST_HEURISTIC, TUNED_LEAST_WORK, TUNED_ADMIT)  # what the learne
 BOUND = "capacity-bound"
 # planner label -> (policy name, the base it is compared with on the same seeds)
 PLANNERS = {PLANNER_LABELS[name]: (name, base)
-            for name, base in ((LOOKAHEAD, BEST_HEURISTIC), (CLAIRVOYANT, BEST_HEURISTIC), (LOOKAHEAD_ADMIT, TUNED_ADMIT))}
+            for name, base in ((LOOKAHEAD, BEST_HEURISTIC), (CLAIRVOYANT, BEST_HEURISTIC), (LOOKAHEAD_ADMIT, TUNED_ADMIT),
+                               (CLAIRVOYANT_ADMIT, TUNED_ADMIT))}
 CONFIDENCE = 0.95
 
 app = typer.Typer(add_completion=False)
