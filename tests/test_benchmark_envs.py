@@ -178,11 +178,14 @@ def test_shipped_intervals_are_the_codes_and_do_not_depend_on_other_entries() ->
     entry's own per-seed values, and it stays so when another entry (a planner) is left out."""
     shipped = json.loads(SCORES_PATH.read_text())
     refreshed = json.loads(SCORES_PATH.read_text())
-    refresh_intervals(refreshed)
-    assert refreshed == shipped
     for env in refreshed["envs"].values():
         env["policies"].pop("lookahead")
+        for entry in env["policies"].values():
+            entry.pop("goodput_qps", None)  # recomputed from the per-seed values alone
+            if "ratio_to" in entry:
+                entry["ratio_to"] = dict.fromkeys(entry["ratio_to"])
     refresh_intervals(refreshed)
     for env_id, env in refreshed["envs"].items():
+        assert len(env["policies"]) == len(shipped["envs"][env_id]["policies"]) - 1
         for name, entry in env["policies"].items():
             assert entry == shipped["envs"][env_id]["policies"][name]
