@@ -99,6 +99,7 @@ def test_the_pure_python_modules_run_where_nothing_was_compiled(tmp_path: Path) 
     assert proc.stdout.strip() == "[] []"
 
 
+@pytest.mark.slow  # a subprocess per run: make test runs it, the fast tier does not
 def test_compiled_and_pure_python_give_identical_results(tmp_path: Path) -> None:
     if not any(native.loadable_extension(m) for m in native.COMPILED_MODULES):
         message = "the simulator is not compiled in this checkout (`make compile`)"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN_IN_SIM = {"gymnasium", "stable_baselines3", "sb3_contrib", "torch", "click", "typer", "fastapi", "uvicorn",
                     "starlette", "ray", "optuna", "tensorboard", "httpx", "aiohttp"}
@@ -80,6 +82,7 @@ def _base_install(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # a subprocess per run: make test runs it, the fast tier does not
 def test_base_install_simulates_benches_and_tunes(tmp_path) -> None:
     for args in (["--help"], ["policies"],
                  ["simulate", "--policy", "least-work+workflow", "--queries", "4", "--out", str(tmp_path / "r.json")],
