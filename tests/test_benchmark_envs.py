@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env
 import envs.gym  # noqa: F401  (registers the ids)
 from benchmarks.headroom import TUNED_HEXGEN, TUNED_LEAST_WORK, TUNED_NAMES, TUNED_PATH, cell_tuned, policy_for
 from benchmarks.reference_scores import BOUND, PLANNERS, POLICIES, refresh_intervals
+from benchmarks.reference_scores import main as write_reference_table
 from envs.gym.benchmark import (
     BENCHMARK_CELLS,
     BENCHMARK_ENV_IDS,
@@ -189,3 +190,15 @@ def test_shipped_intervals_are_the_codes_and_do_not_depend_on_other_entries() ->
         assert len(env["policies"]) == len(shipped["envs"][env_id]["policies"]) - 1
         for name, entry in env["policies"].items():
             assert entry == shipped["envs"][env_id]["policies"][name]
+
+
+def test_intervals_only_rewrites_a_table_from_its_per_seed_values(tmp_path, capsys) -> None:
+    shipped = json.loads(SCORES_PATH.read_text())
+    table = json.loads(SCORES_PATH.read_text())
+    entry = table["envs"]["agentsched/Dispatch-paper-heavy-v1"]["policies"]["rr"]
+    entry["goodput_qps"] = {"mean": entry["goodput_qps"]["mean"], "lo": 0.0, "hi": 1.0}  # a stale interval
+    out = tmp_path / "scores.json"
+    out.write_text(json.dumps(table))
+    write_reference_table(intervals_only=True, out=out)
+    assert json.loads(out.read_text()) == shipped
+    assert out.with_suffix(".md").read_text() == SCORES_PATH.with_suffix(".md").read_text()

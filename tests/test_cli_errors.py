@@ -260,6 +260,7 @@ def test_real_entry_point_one_line_exit_2(args, needle):
 @pytest.mark.parametrize("script,args,needle", [
     ("benchmarks/fork_speed.py", ["--ids", "nope"], "--ids"),
     ("benchmarks/reference_scores.py", ["--planners", "foo"], "--planners"),
+    ("benchmarks/reference_scores.py", ["--intervals-only", "--out", "runs/no-such-table.json"], "--out"),
     ("benchmarks/tune_cells.py", ["--no-such-flag"], "--no-such-flag"),
 ])
 def test_benchmark_scripts_one_line_exit_2(script, args, needle):
