@@ -11,11 +11,12 @@ and the fix, with exit code 2. Anything else is a bug: its traceback is kept and
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import typer
 
@@ -113,8 +114,7 @@ def run_typer(command: typer.Typer, args: list[str], prog_name: str, hint: Calla
             raise
         if isinstance(exc, USAGE_ERRORS) and hint is not None:
             message += hint(message)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(message)
     if isinstance(code, int) and code:  # typer.Exit(n) and Ctrl-C (130) return their code here
         sys.exit(code)
 
@@ -124,6 +124,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _register_all()
     run_typer(app, args, PROG, lambda message: usage_hint(args, message))
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """The one line of a user mistake, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ScriptArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts under benchmarks/ that use it: its own usage errors (an unknown
+    option, a value of the wrong type) take the command's one-line path instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        exit_with_error(f"{message} (see '{self.prog} --help')")
+
+
+def run_argparse_script(main: Callable[[], None]) -> None:
+    """An argparse script's `main`, run from its `__main__` with the command's error path: user
+    mistakes exit 2 with one line, bugs keep their traceback."""
+    try:
+        main()
+    except Exception as exc:
+        message = format_user_error(exc)
+        if message is None:
+            raise
+        exit_with_error(f"{message} (see '{Path(sys.argv[0]).name} --help')")
 
 
 def run_script(script: typer.Typer) -> None:

@@ -10,10 +10,10 @@ hexgen decision. Run: .venv/bin/python benchmarks/decision_speed.py [--engines 6
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.sim.config import ClusterConfig, EngineConfig
 from envs.sim.engine import LLMCall
 from envs.sim.scenario import RunSpec, build_simulator
@@ -85,7 +85,7 @@ def time_policy(name: str, sim, calls, decisions: int, repeats: int = 5) -> tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ScriptArgumentParser(description=__doc__)
     parser.add_argument("--engines", type=int, default=64)
     parser.add_argument("--decisions", type=int, default=20000)
     args = parser.parse_args()
@@ -106,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

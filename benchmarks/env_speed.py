@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs.gym  # noqa: F401  (registers the envs)
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.gym.scenario import Scenario
 from envs.sim.scenario import build_simulator
 
@@ -80,7 +81,7 @@ def knobs_speed(scenario: Scenario, steps: int, seed: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50_000, help="Dispatch-v0 steps to time (over all rounds)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="alternate simulator and env timings in this many rounds; report the best and median "
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script  # noqa: E402
+
 COMPLETION = json.dumps({"id": "cmpl-0", "object": "text_completion", "model": "tiny",
                          "choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
                          "usage": {"prompt_tokens": 16, "completion_tokens": 1, "total_tokens": 17}}).encode()
@@ -285,7 +287,7 @@ def live_engine(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="hexgen")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--requests", type=int, default=3000)
@@ -402,4 +404,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

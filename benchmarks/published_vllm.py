@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.optimize import least_squares
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.sim.calibration import LOWER, REFERENCE_WEIGHT_BITS, UPPER, write_factors
 from envs.sim.catalog import DATA_DIR, Efficiency, load_catalog, weight_class_of
 from envs.sim.cluster import ClusterSimulator
@@ -254,7 +255,7 @@ def _load_label(point: PublishedPoint) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", default="", help="comma-separated point ids (default: all)")
     parser.add_argument("--json", default="", help="also write the per-point figures to this JSON file")
     parser.add_argument("--fit", action="store_true",
@@ -330,4 +331,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

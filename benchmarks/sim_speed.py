@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.sim.native import COMPILED_MODULES, compiled_modules_in_use
 from envs.sim.scenario import RunSpec, simulate
 from policies import load_policy
@@ -31,7 +32,7 @@ def _median(values: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=2.0, help="queries/s")
     parser.add_argument("--cluster", default="paper", help="shipped cluster name (paper, wide-256, ...) or YAML file")
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

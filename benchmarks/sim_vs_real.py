@@ -21,7 +21,6 @@ Steps (all on this machine, real vLLM CPU engines from deploy/clusters/local-cpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from scipy.stats import bootstrap
+
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -145,7 +146,7 @@ def set_nice(groups: list[int], pids: list[int], value: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", default=str(REPO / "deploy" / "clusters" / "local-cpu.yaml"))
     parser.add_argument("--trace", default="chess_trace1")
     parser.add_argument("--queries", type=int, default=30)
@@ -376,4 +377,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

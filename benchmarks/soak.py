@@ -22,7 +22,6 @@ sustain at token scale 0.05 with both up (measure yours with `agentsched replay`
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script  # noqa: E402
 from deploy.cluster import load_cluster  # noqa: E402
 from deploy.engines import (  # noqa: E402
     engines_down,
@@ -65,7 +65,7 @@ def answered_total(gateway_url: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", default=str(REPO / "deploy" / "clusters" / "local-cpu.yaml"))
     parser.add_argument("--policy", default="hexgen")
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -192,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

@@ -12,7 +12,6 @@ writes the curves as rows (run, timesteps, eval goodput, baseline goodput).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -22,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.gym.benchmark import reference_scores  # noqa: E402
 
 # reference lines drawn with --reference (the random and rr scores are ~0 on every id)
@@ -30,7 +30,7 @@ REFERENCE_LINES = {"capacity-bound": "black", "least-work+workflow": "tab:green"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = ScriptArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("curves.png"))
     ap.add_argument("--baseline-label", default="hexgen (same episodes)", help="legend of the baseline curve")
@@ -69,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

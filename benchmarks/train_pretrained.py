@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
+
 AGENTSCHED = [sys.executable, "-m", "agentsched.cli"]
 
 
@@ -52,7 +54,7 @@ def named_copy(src: Path, dst: Path, name: str, local: dict | None = None) -> Pa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/pretrained"))
     ap.add_argument("--ship", action="store_true",
                     help="write experiments/policies/dispatch-heavy, dispatch-paper-triage, dispatch-overload and dispatch-overload-2t")
@@ -106,4 +108,4 @@ def train_and_report(out: Path, name: str, report_args: list[str], ship: bool) -
     return policy
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

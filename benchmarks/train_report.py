@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from agentsched.cli import ScriptArgumentParser, run_argparse_script
 from envs.sim.cells import Cell
 from envs.sim.errors import UserError
 from policies.loader import policy_label
@@ -96,7 +97,7 @@ def tune_hexgen(cell: Cell, out: Path, trials: int = 30, n_seeds: int = 4) -> Pa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ScriptArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", action="append", required=True, help="trained policy (repeatable; the first is the main one)")
     ap.add_argument("--out", type=Path, default=Path("runs/report"))
     ap.add_argument("--seeds", type=int, default=10, help="test seeds per cell")
@@ -158,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_argparse_script(main)

@@ -262,9 +262,12 @@ def test_real_entry_point_one_line_exit_2(args, needle):
     ("benchmarks/reference_scores.py", ["--planners", "foo"], "--planners"),
     ("benchmarks/reference_scores.py", ["--intervals-only", "--out", "runs/no-such-table.json"], "--out"),
     ("benchmarks/tune_cells.py", ["--no-such-flag"], "--no-such-flag"),
+    ("benchmarks/sim_speed.py", ["--repeats", "abc"], "--repeats"),  # argparse's own usage error
+    ("benchmarks/sim_vs_real.py", ["--cluster", "runs/no-such-cluster.yaml"], "--cluster"),  # a UserError
 ])
 def test_benchmark_scripts_one_line_exit_2(script, args, needle):
-    """The typer scripts under benchmarks/ take the command's error path (`agentsched.cli.run_script`)."""
+    """The scripts under benchmarks/ take the command's error path: `agentsched.cli.run_script` for
+    the typer ones, `ScriptArgumentParser` and `run_argparse_script` for the argparse ones."""
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2, proc.stderr
