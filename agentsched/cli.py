@@ -149,13 +149,16 @@ def run_argparse_script(main: Callable[[], None]) -> None:
         message = format_user_error(exc)
         if message is None:
             raise
-        exit_with_error(f"{message} (see '{Path(sys.argv[0]).name} --help')")
+        exit_with_error(message + _script_help_hint())
+
+
+def _script_help_hint() -> str:
+    return f" (see '{Path(sys.argv[0]).name} --help')"
 
 
 def run_script(script: typer.Typer) -> None:
     """A benchmark's or experiment's typer app, run from its `__main__` with the command's error path."""
-    run_typer(script, sys.argv[1:], Path(sys.argv[0]).name,
-              lambda _: f" (see '{Path(sys.argv[0]).name} --help')")
+    run_typer(script, sys.argv[1:], Path(sys.argv[0]).name, lambda _: _script_help_hint())
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def main(
                         changed_share=float(sum(r["changed_decisions"] for r in runs)
                                             / max(1, sum(r["planned_decisions"] for r in runs))))
                 elif (carried := carried_planner(previous, env_id, cell, label)) is not None:  # minutes per seed
-                    entries[label] = {**carried, "goodput_qps": goodput_interval(carried["per_seed"], env_id, label)}
+                    entries[label] = carried
                 else:
                     entries[label] = {"measured": False, "note": "not measured on this id (a benchmark-length planner run "
                                                                  "costs minutes per seed)"}
@@ -200,7 +200,8 @@ def write_table(table: dict[str, Any], out: Path) -> None:
 
 def carried_planner(previous: dict[str, Any], env_id: str, cell: Any, label: str) -> dict[str, Any] | None:
     """The planner's entry an earlier table measured on this id's very cell with the same planner,
-    marked with the command that measured it; None if it has none."""
+    marked with the command that measured it and its interval from its own generator; None if it
+    has none."""
     env = previous["envs"].get(env_id)
     if env is None or env["cell"] != {**asdict(cell), "label": cell.label}:
         return None
@@ -209,7 +210,8 @@ def carried_planner(previous: dict[str, Any], env_id: str, cell: Any, label: str
         return None
     if previous.get("planners", {}).get(label, {}).get("policy") != PLANNERS[label][0]:
         return None
-    return {**entry, "measured_by": entry.get("measured_by", previous.get("command", ""))}
+    return {**entry, "goodput_qps": goodput_interval(entry["per_seed"], env_id, label),
+            "measured_by": entry.get("measured_by", previous.get("command", ""))}
 
 
 def markdown(table: dict[str, Any]) -> str:

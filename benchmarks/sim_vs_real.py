@@ -34,10 +34,10 @@ import numpy as np
 import yaml
 from scipy.stats import bootstrap
 
-from agentsched.cli import ScriptArgumentParser, run_argparse_script
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from agentsched.cli import ScriptArgumentParser, run_argparse_script  # noqa: E402
 
 STEP_NAMES_FAN_OUT = ("generate_candidate", "evaluate")
 
